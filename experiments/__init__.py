@@ -1,0 +1,1 @@
+"""qjax experiments: runnable studies built on the library."""

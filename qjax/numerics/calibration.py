@@ -1,0 +1,105 @@
+"""Calibration: the range ``[lo, hi]`` of every block, and the quantization parameters from it.
+
+* ``minmax``: :math:`lo = \\min x`, :math:`hi = \\max x` per block (the formats take the absolute
+  maximum when symmetric).
+* ``percentile``: symmetric: :math:`\\pm P_p(|x|)`; asymmetric: :math:`[P_{100-p}(x), P_p(x)]`
+  (linear interpolation between order statistics, as ``numpy.percentile``).
+* ``mse``: the min-max range shrunk by the ratio :math:`c \\in \\{1/G, 2/G, \\dots, 1\\}` that
+  minimises :math:`\\|x - Q_c(x)\\|^2` in each block (nearest rounding during the search; ties go
+  to the larger ratio).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.numerics import tiling
+from qjax.numerics.formats import QParams
+from qjax.numerics.rounding import Rounding
+from qjax.numerics.spec import Calibration, QuantSpec
+
+
+def tiled_qparams(qp: QParams, block: tuple[int, ...]) -> QParams:
+    """Grid-shaped parameters reshaped to broadcast against a tiled tensor (scalars stay)."""
+    def expand(p: jax.Array | None) -> jax.Array | None:
+        return p if p is None or p.ndim == 0 else tiling.expand(p, block)
+
+    return QParams(expand(qp.scale), expand(qp.zero_point), expand(qp.tensor_scale))  # type: ignore[arg-type]
+
+
+def check_finite(x: jax.Array, arg: str = "x") -> None:
+    """Raise if a concrete (not traced) ``x`` holds NaN or Inf; a no-op under ``jit``."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    if not bool(jnp.all(jnp.isfinite(x))):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
+        raise ValueError(
+            f"{arg} holds {bad} NaN or Inf value(s), found during calibration; quantization needs "
+            "finite inputs: check the data or the model for overflow before quantizing"
+        )
+
+
+def check_float_input(x: jax.Array, arg: str = "x") -> None:
+    """Quantizers take real-valued floating-point tensors."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(
+            f"{arg} has dtype {jnp.result_type(x)}, but quantization needs a floating-point "
+            f"tensor; convert it first, e.g. {arg}.astype(jnp.float32)"
+        )
+
+
+def block_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Per-block ``(lo, hi)`` of float32 ``x`` by ``spec.calibration``, grid-shaped."""
+    if spec.calibration == Calibration.PERCENTILE:
+        flat = tiling.blocks_last(x, block)
+        if spec.symmetric:
+            amax = jnp.percentile(jnp.abs(flat), spec.percentile, axis=-1)
+            return -amax, amax
+        lo = jnp.percentile(flat, 100.0 - spec.percentile, axis=-1)
+        return lo, jnp.percentile(flat, spec.percentile, axis=-1)
+    t = tiling.tile(x, block)
+    inner = tiling.inner_axes(x.ndim)
+    lo, hi = jnp.min(t, axis=inner), jnp.max(t, axis=inner)
+    if spec.calibration == Calibration.MSE:
+        lo, hi = _mse_search(t, lo, hi, spec)
+    return lo, hi
+
+
+def _mse_search(t: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Shrink each block's range by the ratio with the least squared quantization error."""
+    fmt = spec.affine_format
+    block = tuple(t.shape[1::2])
+    inner = tiling.inner_axes(lo.ndim)
+
+    def error(ratio: jax.Array) -> jax.Array:
+        qp = fmt.qparams(ratio * lo, ratio * hi, spec.symmetric)
+        qp_t = tiled_qparams(qp, block)
+        x_hat = fmt.decode(fmt.encode(t, qp_t, Rounding.NEAREST, None), qp_t)
+        return jnp.sum(jnp.square(t - x_hat), axis=inner)
+
+    def step(i: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        best_err, best_ratio = carry
+        ratio = (spec.mse_grid - i) / spec.mse_grid  # from 1 downwards: ties keep the larger
+        err = error(jnp.asarray(ratio, jnp.float32))
+        better = err < best_err
+        return jnp.where(better, err, best_err), jnp.where(better, ratio, best_ratio)
+
+    init = (jnp.full(lo.shape, jnp.inf, jnp.float32), jnp.ones(lo.shape, jnp.float32))
+    _, ratio = jax.lax.fori_loop(0, spec.mse_grid, step, init)
+    return ratio * lo, ratio * hi
+
+
+def calibrate(x: jax.Array, spec: QuantSpec) -> QParams:
+    """Quantization parameters of ``x`` under ``spec``: grid-shaped (one entry per block).
+
+    Raises on non-float input, on a spec that does not fit ``x``'s shape, and on NaN/Inf when
+    called eagerly.
+    """
+    check_float_input(x)
+    fmt = spec.affine_format
+    check_finite(x)
+    block = tiling.block_shape(x.shape, spec)
+    lo, hi = block_range(jnp.asarray(x, jnp.float32), spec, block)
+    return fmt.qparams(lo, hi, spec.symmetric)

@@ -1,0 +1,312 @@
+"""Number formats: what a quantized value can be, and how a scaled value is rounded into it.
+
+Every format answers three questions for the rest of :mod:`qjax.numerics`:
+
+* ``qparams(lo, hi, symmetric)``: the scale (and zero point) of each block from its range,
+* ``encode(x, qparams, rounding, noise)``: the quantized values of ``x`` (pure math, no storage),
+* ``decode(values, qparams)``: the real values they stand for.
+
+The arrays given to these methods are *tiled* (see :mod:`qjax.numerics.tiling`): the quantization
+parameters broadcast against ``x``, one entry per block.
+
+Integer formats follow the affine convention of the design notes:
+
+.. math::
+
+    q = \\operatorname{clip}(\\operatorname{round}(r / S) + Z, q_{min}, q_{max}), \\qquad
+    \\hat r = S (q - Z).
+
+Symmetric: :math:`Z = 0`, the narrow signed range :math:`[-(2^{b-1}-1), 2^{b-1}-1]` and
+:math:`S = \\max|r| / q_{max}`. Asymmetric: the full range, the range widened to include 0,
+:math:`S = (r_{max} - r_{min}) / (q_{max} - q_{min})` and an integer
+:math:`Z \\in [q_{min}, q_{max}]`, so 0.0 is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.numerics.rounding import round_to_float_grid, round_to_integer
+
+# The smallest positive normal float32: every scale is at least this, so that no finite input
+# (all zeros, constants, subnormals) ever divides by zero.
+MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
+class QParams(NamedTuple):
+    """Quantization parameters of a tensor, one entry per block.
+
+    ``scale`` has the dtype the format stores it in (float32 for integer and float formats,
+    float8_e8m0fnu for MX, float8_e4m3fn for NVFP4); ``tensor_scale`` is the second-level float32
+    scale of NVFP4 and ``None`` otherwise; ``zero_point`` is ``None`` where it is 0 by definition.
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array | None = None
+    tensor_scale: jax.Array | None = None
+
+
+class Format(Protocol):
+    """What every format provides (see the module docstring)."""
+
+    name: str
+
+    @property
+    def container_bits(self) -> int: ...
+
+    @property
+    def value_dtype(self) -> jnp.dtype: ...
+
+    def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams: ...
+
+    def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array: ...
+
+    def decode(self, values: jax.Array, qp: QParams) -> jax.Array: ...
+
+    def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]: ...
+
+
+def _container_bits(bits: int) -> int:
+    """Storage bits of one value: 2-bit values pack four per byte, 3- and 4-bit two per byte."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+@dataclasses.dataclass(frozen=True)
+class IntFormat:
+    """A signed or unsigned integer of 2..8 bits."""
+
+    bits: int
+    signed: bool
+
+    @property
+    def name(self) -> str:
+        return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+    @property
+    def container_bits(self) -> int:
+        return _container_bits(self.bits)
+
+    @property
+    def value_dtype(self) -> jnp.dtype:
+        return jnp.dtype(jnp.int8 if self.signed else jnp.uint8)
+
+    def qrange(self, symmetric: bool) -> tuple[int, int]:
+        """``(qmin, qmax)``: narrow signed range when symmetric, full range otherwise."""
+        if not self.signed:
+            return 0, 2**self.bits - 1
+        qmax = 2 ** (self.bits - 1) - 1
+        return (-qmax if symmetric else -qmax - 1), qmax
+
+    def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
+        qmin, qmax = self.qrange(symmetric)
+        if symmetric:
+            # Unsigned symmetric means Z = 0 over [0, qmax]: negative values clip to 0.
+            amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if self.signed else jnp.maximum(hi, 0.0)
+            return QParams(scale=jnp.maximum(amax / qmax, MIN_SCALE))
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+        levels = float(qmax - qmin)
+        # hi/levels - lo/levels rather than (hi - lo)/levels: no overflow for ranges near 3e38.
+        scale = jnp.maximum(hi / levels - lo / levels, MIN_SCALE)
+        zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(self.value_dtype)
+        return QParams(scale=scale, zero_point=zero_point)
+
+    def _zero(self, qp: QParams) -> jax.Array:
+        return jnp.zeros((), jnp.int32) if qp.zero_point is None else qp.zero_point.astype(jnp.int32)
+
+    def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        qmin, qmax = self.qrange(qp.zero_point is None and self.signed)
+        q = round_to_integer(x / qp.scale, rounding, noise).astype(jnp.int32) + self._zero(qp)
+        return jnp.clip(q, qmin, qmax)
+
+    def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
+        return (values.astype(jnp.int32) - self._zero(qp)).astype(jnp.float32) * qp.scale
+
+    def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
+        qmin, qmax = self.qrange(qp.zero_point is None and self.signed)
+        z = self._zero(qp).astype(jnp.float32)
+        return (qmin - z) * qp.scale, (qmax - z) * qp.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatFormat:
+    """A low-precision float (fp8 e4m3fn / e5m2, fp4 e2m1fn) with one float32 scale per block.
+
+    The scale maps the block's absolute maximum onto the format's largest finite value,
+    :math:`S = \\max|r| / f_{max}`; values are rounded onto the format's grid and saturate at
+    :math:`\\pm f_{max}` (never NaN: e4m3fn has no infinity).
+    """
+
+    name: str
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(getattr(jnp, self.name))
+
+    @property
+    def container_bits(self) -> int:
+        return int(jnp.finfo(self.dtype).bits)
+
+    @property
+    def value_dtype(self) -> jnp.dtype:
+        return self.dtype
+
+    @functools.cached_property
+    def max(self) -> float:
+        return float(jnp.finfo(self.dtype).max)
+
+    @functools.cached_property
+    def emax(self) -> int:
+        """Exponent of the largest finite value (8 for e4m3fn, 15 for e5m2, 2 for e2m1fn)."""
+        return int(np.floor(np.log2(self.max)))
+
+    def round(self, y: jax.Array, rounding: str, noise: jax.Array | None) -> jax.Array:
+        """Round float32 ``y`` onto this format's grid, saturating at the largest value."""
+        fi = jnp.finfo(self.dtype)
+        y = round_to_float_grid(y, int(fi.nmant), int(fi.minexp), rounding, noise)
+        return jnp.clip(y, -self.max, self.max)
+
+    def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
+        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        return QParams(scale=jnp.maximum(amax / self.max, MIN_SCALE))
+
+    def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        return self.round(x / qp.scale, rounding, noise)
+
+    def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
+        return values.astype(jnp.float32) * qp.scale
+
+    def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
+        return -self.max * qp.scale, self.max * qp.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFloatFormat:
+    """MX (OCP Microscaling) and NVFP4 block formats: low-precision floats sharing a block scale.
+
+    * MXFP8 / MXFP4: blocks of 32 e4m3fn / e2m1fn elements with a power-of-two (E8M0) scale
+      :math:`S = 2^{\\lfloor \\log_2 \\max|r| \\rfloor - e_{max}}`, where :math:`e_{max}` is the
+      exponent of the element format's largest value; elements saturate at :math:`\\pm f_{max}`.
+    * NVFP4: blocks of 16 e2m1fn elements with an e4m3fn block scale and a float32 tensor scale
+      :math:`S_t = \\max|r| / (448 \\cdot 6)`, block scale :math:`\\mathrm{fp8}(\\max_b|r| / (6 S_t))`.
+    """
+
+    name: str
+    element: FloatFormat
+    block_size: int
+    scale_dtype_name: str  # "float8_e8m0fnu" or "float8_e4m3fn"
+
+    @property
+    def container_bits(self) -> int:
+        return self.element.container_bits
+
+    @property
+    def value_dtype(self) -> jnp.dtype:
+        return self.element.dtype
+
+    @property
+    def scale_dtype(self) -> jnp.dtype:
+        return jnp.dtype(getattr(jnp, self.scale_dtype_name))
+
+    def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
+        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        if self.scale_dtype_name == "float8_e8m0fnu":
+            exponent = jnp.floor(jnp.log2(jnp.maximum(amax, MIN_SCALE))) - self.element.emax
+            scale = jnp.exp2(jnp.clip(exponent, -127, 127))
+            return QParams(scale=scale.astype(self.scale_dtype))
+        scale_max = float(jnp.finfo(self.scale_dtype).max)
+        tensor_scale = jnp.maximum(jnp.max(amax) / (scale_max * self.element.max), MIN_SCALE)
+        block = jnp.clip(amax / (self.element.max * tensor_scale), 0.0, scale_max)
+        return QParams(scale=block.astype(self.scale_dtype), tensor_scale=tensor_scale)
+
+    def _scale(self, qp: QParams) -> jax.Array:
+        scale = qp.scale.astype(jnp.float32)
+        if qp.tensor_scale is not None:
+            scale = scale * qp.tensor_scale
+        return jnp.maximum(scale, MIN_SCALE)  # an all-zero NVFP4 block has a zero fp8 scale
+
+    def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        return self.element.round(x / self._scale(qp), rounding, noise)
+
+    def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
+        return values.astype(jnp.float32) * self._scale(qp)
+
+    def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
+        s = self._scale(qp)
+        return -self.element.max * s, self.element.max * s
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookFormat:
+    """Non-linear quantization: ``2**bits`` centroids found by k-means; values are indices.
+
+    The codebook plays the role of the scale: ``decode(i) = codebook[i]`` per block.
+    """
+
+    bits: int
+
+    @property
+    def name(self) -> str:
+        return f"kmeans{self.bits}"
+
+    @property
+    def container_bits(self) -> int:
+        return _container_bits(self.bits)
+
+    @property
+    def value_dtype(self) -> jnp.dtype:
+        return jnp.dtype(jnp.uint8)
+
+
+AffineFormat = IntFormat | FloatFormat | BlockFloatFormat
+AnyFormat = AffineFormat | CodebookFormat
+
+_FLOATS = ("float8_e4m3fn", "float8_e5m2", "float4_e2m1fn")
+_BLOCK_FLOATS = {
+    "mxfp8": ("float8_e4m3fn", 32, "float8_e8m0fnu"),
+    "mxfp4": ("float4_e2m1fn", 32, "float8_e8m0fnu"),
+    "nvfp4": ("float4_e2m1fn", 16, "float8_e4m3fn"),
+}
+FORMAT_NAMES: tuple[str, ...] = (
+    *(f"int{b}" for b in range(2, 9)),
+    *(f"uint{b}" for b in range(2, 9)),
+    *_FLOATS,
+    *_BLOCK_FLOATS,
+    *(f"kmeans{b}" for b in range(1, 9)),
+)
+
+
+@functools.cache
+def parse_format(name: str) -> AnyFormat:
+    """The format called ``name`` (``"int4"``, ``"uint8"``, ``"float8_e4m3fn"``, ``"mxfp4"``,
+    ``"nvfp4"``, ``"kmeans3"``, ...); a clear ``ValueError`` for anything else."""
+    if not isinstance(name, str):
+        raise TypeError(f"dtype={name!r} must be a string such as 'int8'; got {type(name).__name__}")
+    if name not in FORMAT_NAMES:
+        hint = difflib.get_close_matches(name, FORMAT_NAMES, n=1)
+        bits_hint = ""
+        for prefix in ("uint", "int", "kmeans"):
+            if name.startswith(prefix) and name[len(prefix) :].isdigit():
+                low = 1 if prefix == "kmeans" else 2
+                bits_hint = f"; {prefix} formats have {low}..8 bits"
+                break
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(
+            f"dtype={name!r} is not a known format{bits_hint}{did_you_mean} "
+            f"Known formats: {', '.join(FORMAT_NAMES)}"
+        )
+    if name in _FLOATS:
+        return FloatFormat(name)
+    if name in _BLOCK_FLOATS:
+        element, block, scale = _BLOCK_FLOATS[name]
+        return BlockFloatFormat(name, FloatFormat(element), block, scale)
+    if name.startswith("kmeans"):
+        return CodebookFormat(int(name[len("kmeans") :]))
+    signed = name.startswith("int")
+    return IntFormat(int(name[3 if signed else 4 :]), signed)

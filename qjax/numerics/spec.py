@@ -1,0 +1,230 @@
+"""``QuantSpec``: everything that defines a quantizer, as a frozen, validated value.
+
+A spec is hashable (a static argument under ``jax.jit``) and round-trips through the plain
+dictionaries of config files: ``QuantSpec.from_dict(spec.to_dict()) == spec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+from qjax.numerics.formats import (
+    AffineFormat,
+    AnyFormat,
+    BlockFloatFormat,
+    CodebookFormat,
+    FloatFormat,
+    IntFormat,
+    parse_format,
+)
+from qjax.numerics.rounding import Rounding
+
+
+class Granularity(enum.StrEnum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+    PER_TOKEN = "per_token"
+    PER_GROUP = "per_group"
+    PER_BLOCK = "per_block"
+
+
+class Calibration(enum.StrEnum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+def _as_enum(cls: type[enum.StrEnum], value: Any, arg: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        names = [m.value for m in cls]
+        hint = difflib.get_close_matches(str(value), names, n=1)
+        did = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(f"{arg}={value!r} is not one of {names}{did}") from None
+
+
+def _as_axes(value: Any, arg: str) -> int | tuple[int, ...] | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return tuple(value) if len(value) > 1 else value[0]
+    raise TypeError(f"{arg}={value!r} must be an int or a non-empty list of ints")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How to quantize one tensor.
+
+    Attributes:
+      dtype: the format: ``int2..int8``, ``uint2..uint8``, ``float8_e4m3fn``, ``float8_e5m2``,
+        ``float4_e2m1fn``, ``mxfp8``, ``mxfp4``, ``nvfp4`` or ``kmeans1..kmeans8``.
+      granularity: which elements share a scale (see :mod:`qjax.numerics.tiling`).
+      axis: the channel axis or axes (``per_channel``), or the grouped axis (``per_group``).
+      group_size: elements per group along ``axis`` (``per_group``; 32 for MX, 16 for NVFP4).
+      block_shape: tile extents on the trailing axes (``per_block``), e.g. ``(128, 128)``.
+      symmetric: ``Z = 0`` with the narrow signed range; ``False`` = full range, integer ``Z``.
+      rounding: ``nearest`` (half to even), ``stochastic`` (needs a key), ``floor``, ``ceil``.
+      calibration: how each block's range is chosen: ``minmax`` (absmax when symmetric),
+        ``percentile`` (of ``|x|``, or both tails when asymmetric) or ``mse`` (grid search
+        of the clipping ratio minimising :math:`\\|x - Q(x)\\|^2`).
+      percentile: the percentile used by ``calibration='percentile'``, in (50, 100].
+      mse_grid: clipping ratios tried by ``calibration='mse'``: ``i / mse_grid``, i = 1..grid.
+      kmeans_iters: Lloyd iterations for ``kmeans`` formats.
+    """
+
+    dtype: str = "int8"
+    granularity: Granularity | str = Granularity.PER_TENSOR
+    axis: int | tuple[int, ...] | None = None
+    group_size: int | None = None
+    block_shape: tuple[int, ...] | None = None
+    symmetric: bool = True
+    rounding: Rounding | str = Rounding.NEAREST
+    calibration: Calibration | str = Calibration.MINMAX
+    percentile: float = 99.99
+    mse_grid: int = 100
+    kmeans_iters: int = 30
+
+    def __post_init__(self) -> None:
+        fmt = parse_format(self.dtype)
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        set_("granularity", _as_enum(Granularity, self.granularity, "granularity"))
+        set_("rounding", _as_enum(Rounding, self.rounding, "rounding"))
+        set_("calibration", _as_enum(Calibration, self.calibration, "calibration"))
+        set_("axis", _as_axes(self.axis, "axis"))
+        if self.block_shape is not None:
+            set_("block_shape", tuple(self.block_shape))
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric={self.symmetric!r} must be true or false")
+        self._check_granularity(fmt)
+        self._check_format(fmt)
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile={self.percentile} must be in (50, 100], e.g. 99.99 for the 99.99th")
+        if not isinstance(self.mse_grid, int) or self.mse_grid < 2:
+            raise ValueError(f"mse_grid={self.mse_grid!r} must be an int >= 2, e.g. 100")
+        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters={self.kmeans_iters!r} must be an int >= 1, e.g. 30")
+
+    def _check_granularity(self, fmt: AnyFormat) -> None:
+        g = self.granularity
+        if isinstance(fmt, BlockFloatFormat):
+            if g != Granularity.PER_GROUP:
+                raise ValueError(
+                    f"dtype={self.dtype!r} shares one scale per {fmt.block_size} elements: set "
+                    f"granularity='per_group', group_size={fmt.block_size} and axis=<contraction axis>"
+                )
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", fmt.block_size)
+            if self.group_size != fmt.block_size:
+                raise ValueError(
+                    f"group_size={self.group_size} does not match dtype={self.dtype!r}, whose "
+                    f"blocks hold {fmt.block_size} elements; set group_size={fmt.block_size}"
+                )
+        if g in (Granularity.PER_CHANNEL, Granularity.PER_GROUP) and self.axis is None:
+            what = (
+                "channel axis (e.g. -1 for the output features of a kernel)"
+                if (g == Granularity.PER_CHANNEL)
+                else "axis to group along (the contraction axis)"
+            )
+            raise ValueError(f"granularity={str(g)!r} needs axis=<{what}>")
+        if g == Granularity.PER_GROUP:
+            if not isinstance(self.axis, int):
+                raise ValueError(f"granularity='per_group' groups along one axis; got axis={self.axis}")
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(
+                    f"granularity='per_group' needs group_size=<positive int>, e.g. 32 or 128; "
+                    f"got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size} only applies to granularity='per_group' "
+                f"(granularity is {str(g)!r}); remove it or switch granularity"
+            )
+        if g == Granularity.PER_BLOCK:
+            bs = self.block_shape
+            if not bs or not all(isinstance(b, int) and b >= 1 for b in bs):
+                raise ValueError(
+                    f"granularity='per_block' needs block_shape=<positive ints>, e.g. (128, 128); got {bs!r}"
+                )
+        elif self.block_shape is not None:
+            raise ValueError(
+                f"block_shape={self.block_shape} only applies to granularity='per_block'; "
+                "remove it or switch granularity"
+            )
+        if g in (Granularity.PER_TENSOR, Granularity.PER_TOKEN) and self.axis is not None:
+            raise ValueError(f"axis={self.axis!r} has no meaning for granularity={str(g)!r}; remove it")
+
+    def _check_format(self, fmt: AnyFormat) -> None:
+        if isinstance(fmt, FloatFormat | BlockFloatFormat) and not self.symmetric:
+            raise ValueError(
+                f"dtype={self.dtype!r} is a float format, symmetric by construction; "
+                "set symmetric=True or use an integer format for asymmetric quantization"
+            )
+        if isinstance(fmt, CodebookFormat):
+            if self.granularity not in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL):
+                raise ValueError(
+                    f"dtype={self.dtype!r} (k-means codebook) supports granularity 'per_tensor' "
+                    f"or 'per_channel'; got {str(self.granularity)!r}"
+                )
+            if self.rounding != Rounding.NEAREST or self.calibration != Calibration.MINMAX:
+                raise ValueError(
+                    f"dtype={self.dtype!r} assigns each value to its nearest centroid: set "
+                    "rounding='nearest' and calibration='minmax' (the defaults)"
+                )
+
+    @property
+    def format(self) -> AnyFormat:
+        """The typed format behind ``dtype``."""
+        return parse_format(self.dtype)
+
+    @property
+    def affine_format(self) -> AffineFormat:
+        """The format, for the scale-based paths; k-means formats are refused with a clear error."""
+        fmt = self.format
+        if isinstance(fmt, CodebookFormat):
+            raise ValueError(
+                f"dtype={self.dtype!r} has a codebook, not a scale and zero point; use "
+                "qjax.quantize / qjax.fake_quant(estimator='ste'), which run k-means"
+            )
+        return fmt
+
+    @property
+    def bits(self) -> float:
+        """Bits of one value as the format defines it (not counting scales)."""
+        fmt = self.format
+        if isinstance(fmt, IntFormat | CodebookFormat):
+            return float(fmt.bits)
+        return float(fmt.container_bits)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        """Build a spec from a config file's mapping; unknown keys are named with a suggestion."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a QuantSpec needs a mapping of its fields; got {type(d).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields:
+                hint = difflib.get_close_matches(str(key), fields, n=1)
+                did = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ValueError(f"unknown QuantSpec field {key!r}{did} Fields: {', '.join(fields)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-friendly values (strings, ints, lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, enum.Enum):
+                v = v.value
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out

@@ -1,0 +1,282 @@
+"""Straight-through estimators: differentiable fake quantization for QAT.
+
+``fake_quant(x, spec, estimator)`` returns :math:`\\hat x = Q(x)` (quantize then dequantize, in
+``x.dtype``) with one of these gradients:
+
+* ``ste``: :math:`\\partial \\hat x / \\partial x = 1` (Bengio et al. 2013).
+* ``clipped_ste``: :math:`\\partial \\hat x / \\partial x = 1` where :math:`x` lies inside the
+  representable range :math:`[S(q_{min} - Z), S(q_{max} - Z)]`, else 0.
+* ``lsq`` (Esser et al. 2019): the step size :math:`s` is an input. With :math:`v = x / s`,
+
+  .. math::
+
+      \\frac{\\partial \\hat x}{\\partial s} = g \\cdot \\begin{cases}
+          -v + \\lfloor v \\rceil & q_{min} < v < q_{max} \\\\
+          q_{min} & v \\le q_{min} \\\\ q_{max} & v \\ge q_{max} \\end{cases}, \\qquad
+      g = \\frac{1}{\\sqrt{N q_{max}}},
+
+  summed over the :math:`N` elements that share :math:`s`; :math:`\\partial \\hat x/\\partial x`
+  is 1 inside the range and 0 outside.
+* ``pact`` (Choi et al. 2018): the clipping value :math:`\\alpha` is an input;
+  :math:`y = \\operatorname{clip}(x, 0, \\alpha)` (or :math:`[-\\alpha, \\alpha]` for a signed
+  format), quantized with :math:`S = \\alpha / q_{max}`;
+  :math:`\\partial \\hat x / \\partial \\alpha = 1` where :math:`x \\ge \\alpha` (:math:`-1` where
+  :math:`x \\le -\\alpha` when signed), else 0; :math:`\\partial \\hat x / \\partial x = 1` strictly
+  inside the clipping range, else 0.
+
+The scales of ``ste`` and ``clipped_ste`` are calibrated from ``x`` (dynamic) unless ``qparams``
+gives them (static); either way they are constants to the gradient.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qjax.numerics import tiling
+from qjax.numerics.calibration import block_range, check_float_input
+from qjax.numerics.formats import MIN_SCALE, IntFormat, QParams
+from qjax.numerics.quantize import clip_bounds, decode, encode, noise_for, quantize_dequantize
+from qjax.numerics.spec import QuantSpec, _as_enum
+
+
+class Estimator(enum.StrEnum):
+    STE = "ste"
+    CLIPPED_STE = "clipped_ste"
+    LSQ = "lsq"
+    PACT = "pact"
+
+
+def fake_quant(
+    x: jax.Array,
+    spec: QuantSpec,
+    estimator: Estimator | str = Estimator.STE,
+    *,
+    key: jax.Array | None = None,
+    qparams: QParams | None = None,
+    scale: jax.Array | None = None,
+    clip: jax.Array | None = None,
+    grad_scale: float | None = None,
+) -> jax.Array:
+    """Simulated quantization of ``x`` with the gradient of ``estimator``.
+
+    Args:
+      x: float tensor.
+      spec: the quantizer.
+      estimator: ``ste``, ``clipped_ste``, ``lsq`` or ``pact``.
+      key: PRNG key for ``rounding='stochastic'``.
+      qparams: static parameters for ``ste``/``clipped_ste`` (else calibrated from ``x``).
+      scale: the learned step size for ``lsq``, grid-shaped or a scalar.
+      clip: the learned clipping value for ``pact``, grid-shaped or a scalar.
+      grad_scale: LSQ's gradient scale; defaults to :math:`1/\\sqrt{N q_{max}}` with :math:`N`
+        the elements per scale in ``x`` (pass :math:`1/\\sqrt{N_F q_{max}}` with the features per
+        example to follow the paper exactly for batched activations).
+    """
+    est = _as_enum(Estimator, estimator, "estimator")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a qjax.QuantSpec; got {type(spec).__name__}")
+    check_float_input(x)
+    x = jnp.asarray(x)
+    block = tiling.block_shape(x.shape, spec)
+    noise = noise_for(key, x.shape, spec)
+    learned = {"scale": scale, "clip": clip}
+    wanted = {Estimator.LSQ: "scale", Estimator.PACT: "clip"}.get(est)
+    for name, value in learned.items():
+        if value is not None and name != wanted:
+            raise ValueError(
+                f"{name}= is a learned parameter of estimator "
+                f"{'lsq' if name == 'scale' else 'pact'!r}, not of {str(est)!r}; remove it"
+            )
+    if est == Estimator.STE:
+        x_hat = quantize_dequantize(x, spec, key=key, qparams=qparams)
+        return x + jax.lax.stop_gradient(x_hat - x)
+    if est == Estimator.CLIPPED_STE:
+        fmt = spec.affine_format
+        if qparams is None:
+            lo, hi = block_range(x.astype(jnp.float32), spec, block)
+            qparams = fmt.qparams(lo, hi, spec.symmetric)
+        qp = jax.tree_util.tree_map(jax.lax.stop_gradient, QParams(*qparams))
+        return _clipped_ste(spec, x, qp, noise)
+    fmt = _integer_format(spec, est)
+    _qmin, qmax = fmt.qrange(spec.symmetric)
+    grid = tiling.grid_shape(x.shape, block)
+    if est == Estimator.LSQ:
+        if scale is None:
+            raise ValueError(
+                "estimator='lsq' needs scale=<learned step size>; initialise it with "
+                "qjax.lsq_init_scale(x, spec) and hold it as a parameter"
+            )
+        _check_param_shape(scale, grid, "scale")
+        if grad_scale is None:
+            grad_scale = 1.0 / math.sqrt(tiling.block_size(block) * qmax)
+        return _lsq(spec, float(grad_scale), x, jnp.asarray(scale), noise)
+    if clip is None:
+        raise ValueError(
+            "estimator='pact' needs clip=<learned clipping value alpha>, e.g. a parameter "
+            "initialised to 6.0 or to a calibrated activation maximum"
+        )
+    _check_param_shape(clip, grid, "clip")
+    return _pact(spec, x, jnp.asarray(clip), noise)
+
+
+def _integer_format(spec: QuantSpec, est: Estimator) -> IntFormat:
+    fmt = spec.format
+    if not isinstance(fmt, IntFormat):
+        raise ValueError(
+            f"estimator={str(est)!r} learns an integer grid; dtype={spec.dtype!r} is not an "
+            "integer format: use int2..int8 / uint2..uint8, or estimator 'ste'/'clipped_ste'"
+        )
+    if fmt.signed and not spec.symmetric:
+        raise ValueError(
+            f"estimator={str(est)!r} learns a scale with zero point 0: set symmetric=True, or "
+            "use an unsigned dtype for non-negative activations"
+        )
+    return fmt
+
+
+def _check_param_shape(p: jax.Array, grid: tuple[int, ...], name: str) -> None:
+    shape = jnp.shape(p)
+    try:
+        ok = jnp.broadcast_shapes(shape, grid) == grid
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} has shape {shape}, which does not broadcast to the per-block grid {grid} "
+            f"of this spec; give a scalar or an array of shape {grid}"
+        )
+    if not jnp.issubdtype(jnp.result_type(p), jnp.floating):
+        raise TypeError(f"{name} must be a float array; got dtype {jnp.result_type(p)}")
+
+
+def _sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum a grid-shaped cotangent down to the (broadcastable) shape of its parameter."""
+    lead = g.ndim - len(shape)
+    g = jnp.sum(g, axis=tuple(range(lead)))
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and g.shape[a] != 1)
+    return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
+
+
+def _to_grid(values: jax.Array, spec: QuantSpec) -> jax.Array:
+    """Per-element values summed over each block: grid-shaped."""
+    block = tiling.block_shape(values.shape, spec)
+    return jnp.sum(tiling.tile(values, block), axis=tiling.inner_axes(values.ndim))
+
+
+def _grid_param(p: jax.Array, x: jax.Array, spec: QuantSpec) -> jax.Array:
+    grid = tiling.grid_shape(x.shape, tiling.block_shape(x.shape, spec))
+    return jnp.broadcast_to(p.astype(jnp.float32), grid)
+
+
+# --- clipped STE -------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _clipped_ste(spec: QuantSpec, x: jax.Array, qp: QParams, noise: jax.Array | None) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return decode(encode(x32, spec, qp, noise), spec, qp).astype(x.dtype)
+
+
+def _clipped_ste_fwd(spec, x, qp, noise):  # type: ignore[no-untyped-def]
+    lo, hi = clip_bounds(x.shape, spec, qp)
+    x32 = x.astype(jnp.float32)
+    return _clipped_ste(spec, x, qp, noise), (x32 >= lo) & (x32 <= hi)
+
+
+def _clipped_ste_bwd(spec, inside, g):  # type: ignore[no-untyped-def]
+    return jnp.where(inside, g, jnp.zeros_like(g)), None, None
+
+
+_clipped_ste.defvjp(_clipped_ste_fwd, _clipped_ste_bwd)
+
+
+# --- LSQ ---------------------------------------------------------------------------------------
+
+
+def _lsq_parts(spec, x, scale, noise):  # type: ignore[no-untyped-def]
+    qp = QParams(scale=jnp.maximum(_grid_param(scale, x, spec), MIN_SCALE))
+    x32 = x.astype(jnp.float32)
+    q = encode(x32, spec, qp, noise)
+    return qp, x32, q
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lsq(
+    spec: QuantSpec, grad_scale: float, x: jax.Array, scale: jax.Array, noise: jax.Array | None
+) -> jax.Array:
+    qp, _, q = _lsq_parts(spec, x, scale, noise)
+    return decode(q, spec, qp).astype(x.dtype)
+
+
+def _lsq_fwd(spec, grad_scale, x, scale, noise):  # type: ignore[no-untyped-def]
+    qp, x32, q = _lsq_parts(spec, x, scale, noise)
+    qmin, qmax = spec.format.qrange(spec.symmetric)
+    block = tiling.block_shape(x.shape, spec)
+    v = x32 / tiling.per_element(qp.scale, x.shape, block)
+    inside = (v > qmin) & (v < qmax)
+    ds = jnp.where(inside, q.astype(jnp.float32) - v, jnp.where(v <= qmin, float(qmin), float(qmax)))
+    return decode(q, spec, qp).astype(x.dtype), (inside, ds, jnp.zeros_like(scale))
+
+
+def _lsq_bwd(spec, grad_scale, res, g):  # type: ignore[no-untyped-def]
+    inside, ds, scale_like = res
+    g32 = g.astype(jnp.float32)
+    g_scale = _sum_to_shape(_to_grid(g32 * ds, spec) * grad_scale, scale_like.shape)
+    g_scale = g_scale.astype(scale_like.dtype)
+    return jnp.where(inside, g, jnp.zeros_like(g)), g_scale, None
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+# --- PACT --------------------------------------------------------------------------------------
+
+
+def _pact_parts(spec, x, clip):  # type: ignore[no-untyped-def]
+    alpha = _grid_param(clip, x, spec)
+    qmin, qmax = spec.format.qrange(spec.symmetric)
+    qp = QParams(scale=jnp.maximum(alpha / qmax, MIN_SCALE))
+    upper = tiling.per_element(alpha, x.shape, tiling.block_shape(x.shape, spec))
+    lower = -upper if qmin < 0 else jnp.zeros_like(upper)
+    return qp, x.astype(jnp.float32), lower, upper
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pact(spec: QuantSpec, x: jax.Array, clip: jax.Array, noise: jax.Array | None) -> jax.Array:
+    qp, x32, lower, upper = _pact_parts(spec, x, clip)
+    y = jnp.clip(x32, lower, upper)
+    return decode(encode(y, spec, qp, noise), spec, qp).astype(x.dtype)
+
+
+def _pact_fwd(spec, x, clip, noise):  # type: ignore[no-untyped-def]
+    _, x32, lower, upper = _pact_parts(spec, x, clip)
+    inside = (x32 > lower) & (x32 < upper)
+    d_alpha = (x32 >= upper).astype(jnp.float32)
+    if spec.format.qrange(spec.symmetric)[0] < 0:
+        d_alpha = d_alpha - (x32 <= lower).astype(jnp.float32)
+    return _pact(spec, x, clip, noise), (inside, d_alpha, jnp.zeros_like(clip))
+
+
+def _pact_bwd(spec, res, g):  # type: ignore[no-untyped-def]
+    inside, d_alpha, clip_like = res
+    g_clip = _sum_to_shape(_to_grid(g.astype(jnp.float32) * d_alpha, spec), clip_like.shape)
+    g_clip = g_clip.astype(clip_like.dtype)
+    return jnp.where(inside, g, jnp.zeros_like(g)), g_clip, None
+
+
+_pact.defvjp(_pact_fwd, _pact_bwd)
+
+
+def lsq_init_scale(x: jax.Array, spec: QuantSpec) -> jax.Array:
+    """LSQ's initial step size per block: :math:`2\\,\\mathbb{E}|x| / \\sqrt{q_{max}}`."""
+    fmt = _integer_format(spec, Estimator.LSQ)
+    check_float_input(x)
+    x = jnp.asarray(x, jnp.float32)
+    block = tiling.block_shape(x.shape, spec)
+    mean_abs = jnp.mean(tiling.tile(jnp.abs(x), block), axis=tiling.inner_axes(x.ndim))
+    _, qmax = fmt.qrange(spec.symmetric)
+    return jnp.maximum(2.0 * mean_abs / math.sqrt(qmax), MIN_SCALE)
