@@ -19,6 +19,11 @@ def _check_bits(bits: int) -> int:
     return 8 // bits
 
 
+def _shifts(per: int, bits: int, ndim: int) -> jax.Array:
+    """Bit offsets of the values in a byte, shaped to broadcast over the last axis of rank ``ndim``."""
+    return (jnp.arange(per, dtype=jnp.int32) * bits).reshape((1,) * (ndim - 1) + (per,))
+
+
 def packed_length(n: int, bits: int) -> int:
     """Bytes along the last axis after packing ``n`` values."""
     per = _check_bits(bits)
@@ -39,7 +44,7 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
         v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)])
     v = v.reshape((*v.shape[:-1], -1, per))
     shifts = jnp.arange(per, dtype=jnp.int32) * bits
-    return jnp.sum(v << shifts, axis=-1).astype(jnp.uint8)
+    return jnp.sum(v << _shifts(per, bits, v.ndim), axis=-1).astype(jnp.uint8)
 
 
 def unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
@@ -47,7 +52,7 @@ def unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
     per = _check_bits(bits)
     if packed.dtype != jnp.uint8:
         raise TypeError(f"unpack needs uint8 packed data; got dtype {packed.dtype}")
-    shifts = jnp.arange(per, dtype=jnp.int32) * bits
+    shifts = _shifts(per, bits, packed.ndim + 1)
     v = (packed.astype(jnp.int32)[..., None] >> shifts) & (2**bits - 1)
     v = v.reshape((*packed.shape[:-1], -1))[..., :n]
     if signed:
