@@ -40,7 +40,14 @@ import jax.numpy as jnp
 from qjax.numerics import tiling
 from qjax.numerics.calibration import block_range, check_float_input
 from qjax.numerics.formats import MIN_SCALE, IntFormat, QParams
-from qjax.numerics.quantize import clip_bounds, decode, encode, noise_for, quantize_dequantize
+from qjax.numerics.quantize import (
+    check_qparams,
+    clip_bounds,
+    decode,
+    encode,
+    noise_for,
+    quantize_dequantize,
+)
 from qjax.numerics.spec import QuantSpec, _as_enum
 
 
@@ -93,12 +100,15 @@ def fake_quant(
             )
     if est == Estimator.STE:
         x_hat = quantize_dequantize(x, spec, key=key, qparams=qparams)
-        return x + jax.lax.stop_gradient(x_hat - x)
+        # Q(x) exactly in the forward pass (x - x is exactly 0), identity in the backward pass.
+        return jax.lax.stop_gradient(x_hat) + (x - jax.lax.stop_gradient(x))
     if est == Estimator.CLIPPED_STE:
         fmt = spec.affine_format
         if qparams is None:
             lo, hi = block_range(x.astype(jnp.float32), spec, block)
             qparams = fmt.qparams(lo, hi, spec.symmetric)
+        else:
+            qparams = check_qparams(QParams(*qparams), tiling.grid_shape(x.shape, block))
         qp = jax.tree_util.tree_map(jax.lax.stop_gradient, QParams(*qparams))
         return _clipped_ste(spec, x, qp, noise)
     fmt = _integer_format(spec, est)
@@ -111,8 +121,9 @@ def fake_quant(
                 "qjax.lsq_init_scale(x, spec) and hold it as a parameter"
             )
         _check_param_shape(scale, grid, "scale")
-        if grad_scale is None:
-            grad_scale = 1.0 / math.sqrt(tiling.block_size(block) * qmax)
+        if grad_scale is None:  # N = elements that share one entry of `scale`
+            n = math.prod(x.shape) // max(1, math.prod(jnp.shape(scale)))
+            grad_scale = 1.0 / math.sqrt(n * qmax)
         return _lsq(spec, float(grad_scale), x, jnp.asarray(scale), noise)
     if clip is None:
         raise ValueError(

@@ -23,6 +23,7 @@ from qjax.numerics.spec import Calibration, QuantSpec
 
 def tiled_qparams(qp: QParams, block: tuple[int, ...]) -> QParams:
     """Grid-shaped parameters reshaped to broadcast against a tiled tensor (scalars stay)."""
+
     def expand(p: jax.Array | None) -> jax.Array | None:
         return p if p is None or p.ndim == 0 else tiling.expand(p, block)
 

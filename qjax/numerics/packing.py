@@ -43,7 +43,6 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
     if pad:
         v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)])
     v = v.reshape((*v.shape[:-1], -1, per))
-    shifts = jnp.arange(per, dtype=jnp.int32) * bits
     return jnp.sum(v << _shifts(per, bits, v.ndim), axis=-1).astype(jnp.uint8)
 
 

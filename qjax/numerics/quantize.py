@@ -27,7 +27,7 @@ def _check_spec(spec: QuantSpec) -> None:
         )
 
 
-def _check_qparams(qp: QParams, grid: tuple[int, ...]) -> QParams:
+def check_qparams(qp: QParams, grid: tuple[int, ...]) -> QParams:
     for name, p in (("scale", qp.scale), ("zero_point", qp.zero_point)):
         if p is not None and p.ndim and tuple(p.shape) != grid:
             raise ValueError(
@@ -46,7 +46,7 @@ def _prepare(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, tuple[int, ...]]
 
 def _params(x32: jax.Array, spec: QuantSpec, block: tuple[int, ...], qparams: QParams | None) -> QParams:
     if qparams is not None:
-        return _check_qparams(QParams(*qparams), tiling.grid_shape(x32.shape, block))
+        return check_qparams(QParams(*qparams), tiling.grid_shape(x32.shape, block))
     check_finite(x32)
     lo, hi = block_range(x32, spec, block)
     return spec.affine_format.qparams(lo, hi, spec.symmetric)
