@@ -36,6 +36,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.numerics import tiling
 from qjax.numerics.calibration import block_range, check_float_input
@@ -227,7 +228,7 @@ def _lsq_fwd(spec, grad_scale, x, scale, noise):  # type: ignore[no-untyped-def]
     qp, x32, q = _lsq_parts(spec, x, scale, noise)
     qmin, qmax = spec.format.qrange(spec.symmetric)
     block = tiling.block_shape(x.shape, spec)
-    v = x32 / tiling.per_element(qp.scale, x.shape, block)
+    v = x32 * tiling.per_element(1.0 / qp.scale, x.shape, block)
     inside = (v > qmin) & (v < qmax)
     ds = jnp.where(inside, q.astype(jnp.float32) - v, jnp.where(v <= qmin, float(qmin), float(qmax)))
     return decode(q, spec, qp).astype(x.dtype), (inside, ds, jnp.zeros_like(scale))
@@ -250,7 +251,7 @@ _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 def _pact_parts(spec, x, clip):  # type: ignore[no-untyped-def]
     alpha = _grid_param(clip, x, spec)
     qmin, qmax = spec.format.qrange(spec.symmetric)
-    qp = QParams(scale=jnp.maximum(alpha / qmax, MIN_SCALE))
+    qp = QParams(scale=jnp.maximum(alpha * float(np.float32(1.0 / qmax)), MIN_SCALE))
     upper = tiling.per_element(alpha, x.shape, tiling.block_shape(x.shape, spec))
     lower = -upper if qmin < 0 else jnp.zeros_like(upper)
     return qp, x.astype(jnp.float32), lower, upper

@@ -20,6 +20,12 @@ Symmetric: :math:`Z = 0`, the narrow signed range :math:`[-(2^{b-1}-1), 2^{b-1}-
 :math:`S = \\max|r| / q_{max}`. Asymmetric: the full range, the range widened to include 0,
 :math:`S = (r_{max} - r_{min}) / (q_{max} - q_{min})` and an integer
 :math:`Z \\in [q_{min}, q_{max}]`, so 0.0 is exact.
+
+Division is carried out as multiplication by a reciprocal rounded once to float32:
+:math:`r / S` is :math:`r \\cdot \\mathrm{fl}(1/S)` and :math:`\\max|r| / q_{max}` is
+:math:`\\max|r| \\cdot \\mathrm{fl}(1/q_{max})`. XLA rewrites divisions by broadcast or constant
+divisors into such products anyway; writing them out makes eager, jitted, simulated and stored
+paths agree bit for bit.
 """
 
 from __future__ import annotations
@@ -73,6 +79,11 @@ class Format(Protocol):
     def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]: ...
 
 
+def _inverse(c: float) -> float:
+    """``1/c`` rounded once to float32: scales multiply by it, so eager and jitted code agree."""
+    return float(np.float32(1.0 / c))
+
+
 def _container_bits(bits: int) -> int:
     """Storage bits of one value: 2-bit values pack four per byte, 3- and 4-bit two per byte."""
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
@@ -109,21 +120,23 @@ class IntFormat:
         if symmetric:
             # Unsigned symmetric means Z = 0 over [0, qmax]: negative values clip to 0.
             amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if self.signed else jnp.maximum(hi, 0.0)
-            return QParams(scale=jnp.maximum(amax / qmax, MIN_SCALE))
+            return QParams(scale=jnp.maximum(amax * _inverse(qmax), MIN_SCALE))
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-        levels = float(qmax - qmin)
-        # hi/levels - lo/levels rather than (hi - lo)/levels: no overflow for ranges near 3e38.
-        scale = jnp.maximum(hi / levels - lo / levels, MIN_SCALE)
-        zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(self.value_dtype)
-        return QParams(scale=scale, zero_point=zero_point)
+        # Halves first: no overflow for ranges near 3e38, and exact products (no FMA ambiguity).
+        scale = jnp.maximum((hi * 0.5 - lo * 0.5) * _inverse((qmax - qmin) / 2), MIN_SCALE)
+        # Z = round(qmin - lo/S) = qmin - round(lo/S): half-to-even rounding is odd-symmetric.
+        zero_point = jnp.clip(qmin - jnp.round(lo * (1.0 / scale)), qmin, qmax)
+        return QParams(scale=scale, zero_point=zero_point.astype(self.value_dtype))
 
     def _zero(self, qp: QParams) -> jax.Array:
         return jnp.zeros((), jnp.int32) if qp.zero_point is None else qp.zero_point.astype(jnp.int32)
 
     def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
         qmin, qmax = self.qrange(qp.zero_point is None and self.signed)
-        q = round_to_integer(x / qp.scale, rounding, noise).astype(jnp.int32) + self._zero(qp)
-        return jnp.clip(q, qmin, qmax)
+        z = self._zero(qp).astype(jnp.float32)
+        # Clip while still float: a huge x / S must saturate, not overflow the int32 cast.
+        q = jnp.clip(round_to_integer(x * (1.0 / qp.scale), rounding, noise) + z, qmin, qmax)
+        return q.astype(jnp.int32)
 
     def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
         return (values.astype(jnp.int32) - self._zero(qp)).astype(jnp.float32) * qp.scale
@@ -174,10 +187,10 @@ class FloatFormat:
 
     def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        return QParams(scale=jnp.maximum(amax / self.max, MIN_SCALE))
+        return QParams(scale=jnp.maximum(amax * _inverse(self.max), MIN_SCALE))
 
     def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
-        return self.round(x / qp.scale, rounding, noise)
+        return self.round(x * (1.0 / qp.scale), rounding, noise)
 
     def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
         return values.astype(jnp.float32) * qp.scale
@@ -217,12 +230,14 @@ class BlockFloatFormat:
     def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         if self.scale_dtype_name == "float8_e8m0fnu":
-            exponent = jnp.floor(jnp.log2(jnp.maximum(amax, MIN_SCALE))) - self.element.emax
-            scale = jnp.exp2(jnp.clip(exponent, -127, 127))
+            _, e = jnp.frexp(jnp.maximum(amax, MIN_SCALE))  # amax = f 2^e, f in [0.5, 1): exact
+            # 2^-126 at least (E8M0 reaches 2^-127, a float32 subnormal that CPUs may flush to 0).
+            exponent = jnp.clip(e - 1 - self.element.emax, -126, 127)
+            scale = jnp.ldexp(jnp.ones_like(amax), exponent)
             return QParams(scale=scale.astype(self.scale_dtype))
         scale_max = float(jnp.finfo(self.scale_dtype).max)
-        tensor_scale = jnp.maximum(jnp.max(amax) / (scale_max * self.element.max), MIN_SCALE)
-        block = jnp.clip(amax / (self.element.max * tensor_scale), 0.0, scale_max)
+        tensor_scale = jnp.maximum(jnp.max(amax) * _inverse(scale_max * self.element.max), MIN_SCALE)
+        block = jnp.clip(amax * (1.0 / (self.element.max * tensor_scale)), 0.0, scale_max)
         return QParams(scale=block.astype(self.scale_dtype), tensor_scale=tensor_scale)
 
     def _scale(self, qp: QParams) -> jax.Array:
@@ -232,7 +247,7 @@ class BlockFloatFormat:
         return jnp.maximum(scale, MIN_SCALE)  # an all-zero NVFP4 block has a zero fp8 scale
 
     def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
-        return self.element.round(x / self._scale(qp), rounding, noise)
+        return self.element.round(x * (1.0 / self._scale(qp)), rounding, noise)
 
     def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
         return values.astype(jnp.float32) * self._scale(qp)
