@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.size, args.repeats)
     device = jax.devices()[0]
-    print(f"{args.size}x{args.size} float32 on {device.platform} ({device.device_kind}), jax {jax.__version__}")
+    where = f"{device.platform} ({device.device_kind}), jax {jax.__version__}"
+    print(f"{args.size}x{args.size} float32 on {where}")
     print(to_markdown(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.numerics import tiling
-from qjax.numerics.calibration import block_range, check_float_input
+from qjax.numerics.calibration import block_range, check_finite, check_float_input
 from qjax.numerics.formats import MIN_SCALE, IntFormat, QParams
 from qjax.numerics.quantize import (
     check_qparams,
@@ -106,6 +106,7 @@ def fake_quant(
     if est == Estimator.CLIPPED_STE:
         fmt = spec.affine_format
         if qparams is None:
+            check_finite(x)
             lo, hi = block_range(x.astype(jnp.float32), spec, block)
             qparams = fmt.qparams(lo, hi, spec.symmetric)
         else:

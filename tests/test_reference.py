@@ -432,7 +432,9 @@ def float32_values(x: np.ndarray, scale: np.ndarray, case: dict):
         zp = np.clip(f32(qmin) - np.round(lo * (f32(1) / scale)), qmin, qmax).astype(np.int32)
     rounding = {"nearest": np.round, "floor": np.floor, "ceil": np.ceil}[case["rounding"]]
     with np.errstate(over="ignore"):  # x / TINY overflows to inf (an all-negative unsigned block)
-        rounded = rounding(x * repeat_blocks(f32(1) / scale, block))
+        y = x * repeat_blocks(f32(1) / scale, block)
+    y = np.where(np.abs(y) < f32(TINY), np.copysign(f32(0), y), y)  # XLA on CPU flushes subnormals to 0
+    rounded = rounding(y)
     rounded = np.clip(rounded, qmin - 256, qmax + 256)  # the clip below decides; keeps the cast defined
     return np.clip(rounded.astype(np.int32) + repeat_blocks(zp, block), qmin, qmax), zp
 

@@ -44,6 +44,7 @@ from qjax.numerics.rounding import round_to_float_grid, round_to_integer
 # The smallest positive normal float32: every scale is at least this, so that no finite input
 # (all zeros, constants, subnormals) ever divides by zero.
 MIN_SCALE = float(np.finfo(np.float32).tiny)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class QParams(NamedTuple):
@@ -139,12 +140,15 @@ class IntFormat:
         return q.astype(jnp.int32)
 
     def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
-        return (values.astype(jnp.int32) - self._zero(qp)).astype(jnp.float32) * qp.scale
+        r = (values.astype(jnp.int32) - self._zero(qp)).astype(jnp.float32) * qp.scale
+        # A rounded Z can put the grid's edge up to S/2 beyond a range near 3.4e38: saturate.
+        return jnp.clip(r, -FLOAT32_MAX, FLOAT32_MAX)
 
     def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
         qmin, qmax = self.qrange(qp.zero_point is None and self.signed)
         z = self._zero(qp).astype(jnp.float32)
-        return (qmin - z) * qp.scale, (qmax - z) * qp.scale
+        lo, hi = (qmin - z) * qp.scale, (qmax - z) * qp.scale
+        return jnp.clip(lo, -FLOAT32_MAX, FLOAT32_MAX), jnp.clip(hi, -FLOAT32_MAX, FLOAT32_MAX)
 
 
 @dataclasses.dataclass(frozen=True)

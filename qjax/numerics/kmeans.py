@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax.numerics.formats import MIN_SCALE
+
 
 def assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
     """Index of the nearest of the sorted ``centroids`` (shape ``(K,)``) for every ``x``."""
@@ -26,6 +28,14 @@ def assign(x: jax.Array, centroids: jax.Array) -> jax.Array:
 
 
 def _kmeans_block(x: jax.Array, k: int, iters: int) -> tuple[jax.Array, jax.Array]:
+    # Cluster x / max|x| (in [-1, 1]): sums and spans of values near 3e38 would overflow.
+    norm = jnp.maximum(jnp.max(jnp.abs(x)), MIN_SCALE)
+    centroids, idx = _lloyd(x * (1.0 / norm), k, iters)
+    # Means lie inside the data's range; clipping undoes the rescaling's last-bit overshoot.
+    return jnp.clip(centroids * norm, jnp.min(x), jnp.max(x)), idx
+
+
+def _lloyd(x: jax.Array, k: int, iters: int) -> tuple[jax.Array, jax.Array]:
     lo, hi = jnp.min(x), jnp.max(x)
     centroids = lo + (hi - lo) * jnp.linspace(0.0, 1.0, k, dtype=jnp.float32)
 
