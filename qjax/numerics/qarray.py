@@ -61,7 +61,8 @@ class QArray:
 
     @property
     def qparams(self) -> QParams:
-        assert self.scale is not None, "k-means QArrays have a codebook, not a scale"
+        if self.scale is None:
+            raise ValueError(f"a {self.spec.dtype} QArray has a codebook, not a scale; use q.codebook")
         return QParams(self.scale, self.zero_point, self.tensor_scale)
 
     @property
