@@ -1,5 +1,6 @@
 """qjax: quantization research for JAX."""
 
+from qjax import nn
 from qjax.numerics import (
     FORMAT_NAMES,
     Calibration,
@@ -34,6 +35,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "lsq_init_scale",
+    "nn",
     "pack",
     "parse_format",
     "quantize",

@@ -43,6 +43,14 @@ class QArray:
     spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
     last_dim: int = dataclasses.field(metadata=dict(static=True))
 
+    def __getitem__(self, key: object) -> QArray:
+        """``q[...]`` is ``q`` (how Flax layers read a variable's value); other indexing is refused."""
+        if key is Ellipsis:
+            return self
+        raise TypeError(
+            f"QArray supports only q[...], not q[{key!r}]: dequantize it first, e.g. qjax.dequantize(q)[...]"
+        )
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Logical shape of the quantized tensor."""

@@ -1,0 +1,291 @@
+"""Quantize a Flax NNX model by rules, switch its mode, calibrate it, convert it for serving.
+
+.. code-block:: python
+
+    rules = [qjax.nn.Rule(path=r".*attn.*", weights=spec_w4, activations=spec_a8),
+             qjax.nn.Rule(path=r".*", weights=spec_w8)]          # first match wins
+    qmodel = qjax.nn.quantize_model(model, rules, mode="qat")   # model itself is left unchanged
+
+The model's own layer objects are kept: each matched ``nnx.Linear``, ``nnx.Conv`` or ``nnx.Einsum``
+gets a :class:`~qjax.nn.ops.QuantizedOp` as its contraction hook, each ``nnx.Embed`` a
+:class:`~qjax.nn.ops.QuantizedEmbedding` as its ``promote_dtype`` hook. Converting replaces a
+kernel ``nnx.Param`` by a :class:`QuantizedWeight` variable holding a packed ``QArray``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+
+from qjax.nn.ops import (
+    MODES,
+    QuantizedEmbedding,
+    QuantizedOp,
+    promote_keeping_quantized,
+    quantize_kernel,
+)
+from qjax.nn.rules import ActivationScale, Rule, first_match
+from qjax.nn.stats import lsq_scale_from_stats, static_qparams
+from qjax.numerics import QArray, tiling
+from qjax.ste import Estimator
+
+logger = logging.getLogger("qjax")
+
+# layer type -> (hook attribute, kernel attribute, QuantizedOp kind)
+_HOOKS: dict[type, tuple[str, str, str]] = {
+    nnx.Linear: ("dot_general", "kernel", "dot_general"),
+    nnx.Conv: ("conv_general_dilated", "kernel", "conv"),
+    nnx.Einsum: ("einsum_op", "kernel", "einsum"),
+    nnx.Embed: ("promote_dtype", "embedding", "embed"),
+}
+
+
+class QuantizedWeight(nnx.Variable):
+    """A converted layer's stored weight: a ``QArray`` (packed values, scales, zero points)."""
+
+
+class UnusedRuleWarning(UserWarning):
+    """A rule matched no layer (often a typo in its path)."""
+
+
+def _path(parts: Sequence[Any]) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+def quantizable_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """``(path, layer)`` for every Linear, Conv, Einsum and Embed in the model, in graph order."""
+    out = []
+    for parts, node in nnx.iter_graph(model):
+        if type(node) in _HOOKS or any(isinstance(node, t) for t in _HOOKS):
+            out.append((_path(parts), node))
+    return out
+
+
+def _hook_spec(layer: nnx.Module) -> tuple[str, str, str]:
+    for t, spec in _HOOKS.items():
+        if isinstance(layer, t):
+            return spec
+    raise TypeError(f"{type(layer).__name__} is not a quantizable layer")
+
+
+def quantized_ops(model: nnx.Module) -> list[tuple[str, nnx.Module, QuantizedOp | QuantizedEmbedding]]:
+    """``(path, layer, op)`` of every quantized layer."""
+    out = []
+    for path, layer in quantizable_layers(model):
+        op = getattr(layer, _hook_spec(layer)[0])
+        if isinstance(op, QuantizedOp | QuantizedEmbedding):
+            out.append((path, layer, op))
+    return out
+
+
+def _as_rules(rules: Iterable[Rule | Mapping[str, Any]]) -> list[Rule]:
+    if isinstance(rules, Rule | Mapping):
+        raise TypeError("rules must be a list of qjax.nn.Rule (or mappings); wrap a single rule in a list")
+    return [r if isinstance(r, Rule) else Rule.from_dict(r) for r in rules]
+
+
+def _check_kernel(path: str, rule: Rule, kernel: jax.Array) -> None:
+    if rule.weights is None:
+        return
+    try:
+        tiling.block_shape(kernel.shape, rule.weights)
+    except ValueError as e:
+        raise ValueError(f"layer {path!r} (kernel {tuple(kernel.shape)}), rule {rule.path!r}: {e}") from None
+
+
+def quantize_model(
+    model: nnx.Module,
+    rules: Iterable[Rule | Mapping[str, Any]],
+    mode: str = "qat",
+    *,
+    seed: int = 0,
+) -> nnx.Module:
+    """A quantized copy of ``model`` (``model`` is left unchanged).
+
+    Args:
+      model: any NNX module; its Linear, Conv, Einsum and Embed layers are candidates.
+      rules: :class:`Rule` list; the first rule whose ``path`` matches a layer applies.
+      mode: ``qat`` (fake quantization, trainable), ``calibrate`` (collect activation statistics)
+        or ``convert`` (stored integer weights, ready to serve; static activation scales need a
+        calibrated model: use :func:`convert` on it).
+      seed: seed of the stochastic-rounding streams.
+
+    Warns :class:`UnusedRuleWarning` for rules that matched nothing; logs the layers left in float.
+    """
+    if mode not in ("qat", "calibrate", "convert"):
+        hint = " ('serve' runs a converted model: use mode='convert')" if mode == "serve" else ""
+        raise ValueError(f"mode={mode!r} is not one of 'qat', 'calibrate', 'convert'{hint}")
+    rules = _as_rules(rules)
+    for path, _, _ in quantized_ops(model):
+        raise ValueError(
+            f"layer {path!r} is already quantized; quantize the float model (quantize_model leaves "
+            "its input unchanged, so keep a reference to it)"
+        )
+    qmodel = nnx.clone(model)
+    used, float_layers = set(), []
+    for path, layer in quantizable_layers(qmodel):
+        match = first_match(rules, path)
+        if match is None or match[1].is_exclusion:
+            float_layers.append(path)
+            if match is not None:
+                used.add(match[0])
+            continue
+        index, rule = match
+        used.add(index)
+        hook, kernel_name, kind = _hook_spec(layer)
+        kernel = getattr(layer, kernel_name)[...]
+        _check_kernel(path, rule, kernel)
+        if kind == "embed":
+            if rule.activations is not None:
+                raise ValueError(f"layer {path!r} is an Embed: its input is integer ids; give weights only")
+            op: nnx.Module = QuantizedEmbedding(path, rule, kernel, "qat" if mode == "convert" else mode)
+        else:
+            op = QuantizedOp(kind, path, rule, kernel, "qat" if mode == "convert" else mode, seed=seed)
+        setattr(layer, hook, nnx.data(op))
+    for i, rule in enumerate(rules):
+        if i not in used:
+            warnings.warn(f"rule {i} (path={rule.path!r}) matched no layer", UnusedRuleWarning, stacklevel=2)
+    if float_layers:
+        logger.info("layers left in float: %s", ", ".join(float_layers))
+    return convert(qmodel) if mode == "convert" else qmodel
+
+
+def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
+    """Switch every quantized layer to ``qat`` or ``calibrate`` (in place; returns ``model``).
+
+    Leaving ``calibrate`` for ``qat`` fixes static activation scales from the statistics and
+    initialises learned LSQ scales (:math:`2\\mathbb{E}|x|/\\sqrt{q_{max}}`) and PACT clips (the
+    calibrated max) that have not been trained yet.
+    """
+    if mode not in ("qat", "calibrate"):
+        hint = "; serving needs qjax.nn.convert(model)" if mode == "serve" else ""
+        raise ValueError(f"mode={mode!r} cannot be set in place: use 'qat' or 'calibrate'{hint}")
+    for path, _layer, op in quantized_ops(model):
+        if op.mode == "serve":
+            raise ValueError(f"layer {path!r} is converted (mode 'serve'); quantize the float model again")
+        if isinstance(op, QuantizedOp) and op.mode == "calibrate" and mode == "qat":
+            _finish_calibration(op)
+        op.mode = mode
+    return model
+
+
+def _finish_calibration(op: QuantizedOp) -> None:
+    if op.stats is None or int(op.stats.value["count"]) == 0:
+        return
+    rule, stats = op.rule, op.stats.value
+    spec = rule.activations
+    assert spec is not None
+    if rule.activation_scale == ActivationScale.STATIC:
+        op.static.value = tuple(static_qparams(stats, rule.observer, spec))
+    fmt = spec.format
+    if op.act_scale is not None and hasattr(fmt, "qrange"):
+        op.act_scale.value = lsq_scale_from_stats(stats, fmt.qrange(spec.symmetric)[1])
+    if op.act_clip is not None:
+        op.act_clip.value = stats["max"].reshape(())
+
+
+def calibrate(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+) -> nnx.Module:
+    """Run ``batches`` through ``model`` in calibrate mode, then return it in qat mode.
+
+    ``forward(model, batch)`` defaults to ``model(batch)``; it runs under ``nnx.jit``.
+    """
+    fwd = nnx.jit(forward if forward is not None else (lambda m, b: m(b)))
+    set_mode(model, "calibrate")
+    n = 0
+    for batch in batches:
+        fwd(model, batch)
+        n += 1
+    if n == 0:
+        raise ValueError("calibrate got no batches; pass an iterable of at least one input batch")
+    return set_mode(model, "qat")
+
+
+def convert(model: nnx.Module) -> nnx.Module:
+    """A serving copy of a quantized model: kernels stored as ``QArray`` (int4 packed), activation
+    parameters fixed where the rule asks for static (or learned) scales. ``model`` is unchanged."""
+    served = nnx.clone(model)
+    ops = quantized_ops(served)
+    if not ops:
+        raise ValueError("the model has no quantized layers; call qjax.nn.quantize_model first")
+    for path, layer, op in ops:
+        if op.mode == "serve":
+            raise ValueError(f"layer {path!r} is already converted")
+        if isinstance(op, QuantizedOp) and op.mode == "calibrate":
+            _finish_calibration(op)
+        if isinstance(op, QuantizedOp):
+            op.mode = "qat"
+            op.input_qparams()  # fails here, naming the layer, if static scales were never calibrated
+        _hook, kernel_name, kind = _hook_spec(layer)
+        if op.rule.weights is not None:
+            if kind == "conv" and getattr(layer, "mask", None) is not None:
+                raise ValueError(f"layer {path!r}: fold the Conv mask into the kernel before converting")
+            kernel = getattr(layer, kernel_name)[...]
+            setattr(layer, kernel_name, QuantizedWeight(quantize_kernel(op, kernel)))
+            if kind != "embed":
+                layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
+        op.mode = "serve"
+    return served
+
+
+def summary(model: nnx.Module) -> list[dict[str, Any]]:
+    """One row per quantizable layer: path, type, mode, formats, estimators, storage."""
+    rows = []
+    ops = {path: op for path, _, op in quantized_ops(model)}
+    for path, layer in quantizable_layers(model):
+        op = ops.get(path)
+        row: dict[str, Any] = {"path": path, "layer": type(layer).__name__, "mode": "float"}
+        if op is not None:
+            rule = op.rule
+            row.update(
+                mode=op.mode,
+                weights=None if rule.weights is None else rule.weights.dtype,
+                weight_granularity=None if rule.weights is None else str(rule.weights.granularity),
+                activations=None if rule.activations is None else rule.activations.dtype,
+                activation_scale=None if rule.activations is None else str(rule.activation_scale),
+                weight_estimator=str(rule.weight_estimator),
+                activation_estimator=str(rule.activation_estimator) if rule.activations is not None else None,
+            )
+            kernel = getattr(layer, _hook_spec(layer)[1])[...]
+            if isinstance(kernel, QArray):
+                row["weight_bytes"] = kernel.nbytes
+        rows.append(row)
+    return rows
+
+
+def learned_quantizer_params(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
+    """The learned LSQ scales and PACT clips of every quantized layer, by layer path."""
+    out: dict[str, dict[str, jax.Array]] = {}
+    for path, _, op in quantized_ops(model):
+        params = {}
+        for name in ("weight_scale", "act_scale", "act_clip"):
+            var = getattr(op, name, None)
+            if var is not None:
+                params[name] = var[...]
+        if params:
+            out[path] = params
+    return out
+
+
+__all__ = [
+    "MODES",
+    "Estimator",
+    "QuantizedWeight",
+    "UnusedRuleWarning",
+    "calibrate",
+    "convert",
+    "learned_quantizer_params",
+    "quantizable_layers",
+    "quantize_model",
+    "quantized_ops",
+    "set_mode",
+    "summary",
+]

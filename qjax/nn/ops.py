@@ -1,0 +1,279 @@
+"""The quantized contraction a layer calls through its own hook.
+
+``nnx.Linear.dot_general``, ``nnx.Conv.conv_general_dilated`` and ``nnx.Einsum.einsum_op`` are
+injectable; :class:`QuantizedOp` is an ``nnx.Module`` installed there, so the layer object, its
+code and its variable paths stay Flax's own. The op owns the quantizer state: learned LSQ scales
+and PACT clips (``nnx.Param``), calibration statistics (:class:`~qjax.nn.stats.QuantStats`) and
+static activation parameters. Its ``mode`` decides what a call does:
+
+* ``qat``: fake-quantize input and kernel with the rule's estimators, contract in float;
+* ``calibrate``: record input statistics, contract in float;
+* ``serve``: quantize the input (dynamic or static scales), contract it with the stored ``QArray``
+  kernel through :mod:`qjax.kernels` (int8 x int8 -> int32, fp8, or weight-only).
+
+``nnx.Embed`` has no contraction hook; :class:`QuantizedEmbedding` is installed as its
+``promote_dtype`` hook and quantizes the table (weight-only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+from flax.nnx.nn.dtypes import promote_dtype
+
+from qjax import kernels
+from qjax.nn.rules import ActivationScale, Rule
+from qjax.nn.stats import QuantStats, StaticQParams, init_stats, update_stats
+from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize
+from qjax.numerics.formats import IntFormat
+from qjax.numerics.rounding import Rounding
+from qjax.ste import Estimator, fake_quant, lsq_init_scale
+
+MODES = ("qat", "calibrate", "serve")
+
+
+class QuantizedOp(nnx.Module):
+    """A layer's quantized contraction (see the module docstring).
+
+    Attributes:
+      kind: ``dot_general``, ``conv`` or ``einsum``: which hook of the layer this replaces.
+      path: the layer's path in the model (for error messages and reports).
+      rule: the :class:`~qjax.nn.Rule` that selected the layer.
+      mode: ``qat``, ``calibrate`` or ``serve``.
+    """
+
+    def __init__(self, kind: str, path: str, rule: Rule, kernel: jax.Array, mode: str, seed: int = 0):
+        self.kind = kind
+        self.path = path
+        self.rule = rule
+        self.mode = mode
+        w, a = rule.weights, rule.activations
+        self.weight_scale = (
+            nnx.Param(lsq_init_scale(kernel, w)) if w is not None and rule.weight_estimator == "lsq" else None
+        )
+        self.stats = QuantStats(init_stats(rule.histogram_bins)) if a is not None else None
+        self.act_scale = nnx.Param(jnp.ones((), jnp.float32)) if _learns(rule, Estimator.LSQ) else None
+        self.act_clip = nnx.Param(jnp.full((), 6.0, jnp.float32)) if _learns(rule, Estimator.PACT) else None
+        self.static = StaticQParams(None)
+        stochastic = any(s is not None and s.rounding == Rounding.STOCHASTIC for s in (w, a))
+        self.rngs = nnx.Rngs(quantize=seed) if stochastic else None
+
+    # -- the hook ---------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        if self.kind == "einsum":
+            equation, lhs, rhs = args[0], args[1], args[2]
+            float_op: Any = functools.partial(jnp.einsum, equation, **kwargs)
+            rest: tuple[Any, ...] = ()
+        else:
+            lhs, rhs, rest = args[0], args[1], args[2:]
+            lax_op = jax.lax.dot_general if self.kind == "dot_general" else jax.lax.conv_general_dilated
+            float_op = lambda x, w: lax_op(x, w, *rest, **kwargs)
+        if self.mode == "calibrate":
+            if self.stats is not None:
+                self.stats.value = update_stats(self.stats.value, lhs, self.rule.ema_decay)
+            return float_op(lhs, rhs)
+        if self.mode == "qat":
+            return float_op(self._fake_input(lhs), self._fake_kernel(rhs))
+        if self.mode != "serve":
+            raise ValueError(f"layer {self.path!r}: unknown mode {self.mode!r}; use one of {MODES}")
+        return self._serve(lhs, rhs, args, rest, kwargs, float_op)
+
+    # -- QAT --------------------------------------------------------------------------------------
+
+    def _key(self) -> jax.Array | None:
+        return None if self.rngs is None else self.rngs.quantize()
+
+    def _fake_kernel(self, w: jax.Array) -> jax.Array:
+        spec = self.rule.weights
+        if spec is None:
+            return w
+        scale = None if self.weight_scale is None else self.weight_scale[...]
+        return self._checked(
+            lambda: fake_quant(w, spec, self.rule.weight_estimator, key=self._key(), scale=scale), "kernel"
+        )
+
+    def _fake_input(self, x: jax.Array) -> jax.Array:
+        spec = self.rule.activations
+        if spec is None:
+            return x
+        est = self.rule.activation_estimator
+
+        def run() -> jax.Array:
+            if est == Estimator.LSQ:
+                assert self.act_scale is not None
+                n = math.prod(x.shape[1:]) if x.ndim > 1 else x.size  # features per example (LSQ)
+                _, qmax = _int_format(spec, self.path).qrange(spec.symmetric)
+                return fake_quant(
+                    x,
+                    spec,
+                    est,
+                    key=self._key(),
+                    scale=self.act_scale[...],
+                    grad_scale=1.0 / math.sqrt(n * qmax),
+                )
+            if est == Estimator.PACT:
+                assert self.act_clip is not None
+                return fake_quant(x, spec, est, key=self._key(), clip=self.act_clip[...])
+            return fake_quant(x, spec, est, key=self._key(), qparams=self._static_qparams())
+
+        return self._checked(run, "input")
+
+    def _static_qparams(self) -> QParams | None:
+        if self.rule.activation_scale != ActivationScale.STATIC:
+            return None
+        if self.static.value is None:
+            raise ValueError(
+                f"layer {self.path!r} uses static activation scales but has no calibration: run "
+                "qjax.nn.calibrate(model, batches) (or mode 'calibrate' on a few batches) first"
+            )
+        return QParams(*self.static.value)
+
+    def _checked(self, fn: Any, what: str) -> jax.Array:
+        try:
+            return fn()
+        except (ValueError, TypeError) as e:
+            if str(e).startswith("layer "):
+                raise
+            raise type(e)(f"layer {self.path!r} ({what}): {e}") from None
+
+    # -- serve ------------------------------------------------------------------------------------
+
+    def input_qparams(self) -> QParams | None:
+        """Fixed activation parameters for serving: static calibration, LSQ or PACT; else None."""
+        if self.act_scale is not None:
+            return QParams(self.act_scale[...])
+        if self.act_clip is not None:
+            spec = self.rule.activations
+            assert spec is not None
+            _, qmax = _int_format(spec, self.path).qrange(spec.symmetric)
+            return QParams(self.act_clip[...] * (1.0 / qmax))
+        return self._static_qparams()
+
+    def _serve(self, lhs, rhs, args, rest, kwargs, float_op):  # type: ignore[no-untyped-def]
+        if self.rule.weights is not None and not isinstance(rhs, QArray):
+            raise ValueError(
+                f"layer {self.path!r} is in mode 'serve' but its kernel is float: convert the model "
+                "first with qjax.nn.convert(model)"
+            )
+        spec = self.rule.activations
+        x: jax.Array | QArray = lhs
+        if spec is not None:
+            x = self._checked(
+                lambda: quantize(lhs, spec, key=self._key(), qparams=self.input_qparams()), "input"
+            )
+        if not isinstance(rhs, QArray):  # activation-only rule: the simulated input meets a float kernel
+            return float_op(dequantize(x, lhs.dtype) if isinstance(x, QArray) else x, rhs)
+        out_dtype = jnp.result_type(lhs)
+        if self.kind == "dot_general":
+            return kernels.quantized_dot_general(x, rhs, rest[0], out_dtype=out_dtype)
+        if self.kind == "conv":
+            conv_kwargs = _conv_kwargs(rest, kwargs)
+            return self._checked(
+                lambda: kernels.quantized_conv(x, rhs, out_dtype=out_dtype, **conv_kwargs), "convolution"
+            )
+        dn, perm = einsum_dimension_numbers(args[0], lhs.ndim, rhs.data.ndim)
+        y = kernels.quantized_dot_general(x, rhs, dn, out_dtype=out_dtype)
+        return jnp.transpose(y, perm)
+
+
+def _learns(rule: Rule, est: Estimator) -> bool:
+    return rule.activations is not None and rule.activation_estimator == est
+
+
+def _int_format(spec: QuantSpec, path: str) -> IntFormat:
+    fmt = spec.format
+    if not isinstance(fmt, IntFormat):
+        raise ValueError(
+            f"layer {path!r}: learned activation quantizers need an integer dtype; got {spec.dtype}"
+        )
+    return fmt
+
+
+_CONV_ARGS = ("window_strides", "padding")
+
+
+def _conv_kwargs(rest: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(zip(_CONV_ARGS, rest, strict=False))
+    out.update(
+        {k: v for k, v in kwargs.items() if k not in ("precision", "out_sharding", "preferred_element_type")}
+    )
+    return out
+
+
+def einsum_dimension_numbers(equation: str, lhs_ndim: int, rhs_ndim: int):  # type: ignore[no-untyped-def]
+    """``dot_general`` dimension numbers of a two-operand einsum, and the output permutation.
+
+    Labels in both operands and the output are batch axes; in both but not the output, contracted.
+    """
+    equation = equation.replace(" ", "")
+    inputs, _, out = equation.partition("->")
+    try:
+        lhs, rhs = inputs.split(",")
+    except ValueError:
+        raise ValueError(f"einsum {equation!r} must have exactly two operands") from None
+    if "." in equation or len(lhs) != lhs_ndim or len(rhs) != rhs_ndim or len(set(lhs)) != len(lhs):
+        raise ValueError(f"einsum {equation!r}: the serve path needs explicit labels, each once per operand")
+    batch = [c for c in lhs if c in rhs and c in out]
+    contract = [c for c in lhs if c in rhs and c not in out]
+    dn = (
+        (tuple(lhs.index(c) for c in contract), tuple(rhs.index(c) for c in contract)),
+        (tuple(lhs.index(c) for c in batch), tuple(rhs.index(c) for c in batch)),
+    )
+    produced = batch + [c for c in lhs if c not in rhs] + [c for c in rhs if c not in lhs]
+    if sorted(produced) != sorted(out):
+        raise ValueError(f"einsum {equation!r}: labels that appear in one operand only must be in the output")
+    return dn, tuple(produced.index(c) for c in out)
+
+
+def promote_keeping_quantized(args: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
+    """Flax's ``promote_dtype`` for the float operands; stored ``QArray`` kernels pass through."""
+    floats = [a for a in args if not isinstance(a, QArray)]
+    promoted = iter(promote_dtype(tuple(floats), dtype=dtype, inexact=inexact))
+    return tuple(a if isinstance(a, QArray) else next(promoted) for a in args)
+
+
+class QuantizedEmbedding(nnx.Module):
+    """``nnx.Embed``'s ``promote_dtype`` hook: fake-quantizes (qat) or dequantizes (serve) the table.
+
+    The table is the last operand in both ``Embed.__call__`` and ``Embed.attend``.
+    """
+
+    def __init__(self, path: str, rule: Rule, table: jax.Array, mode: str):
+        self.path = path
+        self.rule = rule
+        self.mode = mode
+        spec = rule.weights
+        self.weight_scale = (
+            nnx.Param(lsq_init_scale(table, spec))
+            if spec is not None and rule.weight_estimator == "lsq"
+            else None
+        )
+
+    def __call__(self, args: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
+        *rest, table = args
+        spec = self.rule.weights
+        if isinstance(table, QArray):
+            table = dequantize(table, jnp.float32)
+        elif self.mode == "serve" and spec is not None:
+            raise ValueError(
+                f"layer {self.path!r} is in mode 'serve' but its table is float: convert the model "
+                "first with qjax.nn.convert(model)"
+            )
+        elif self.mode == "qat" and spec is not None:
+            scale = None if self.weight_scale is None else self.weight_scale[...]
+            table = fake_quant(table, spec, self.rule.weight_estimator, scale=scale)
+        return promote_dtype((*rest, table), dtype=dtype, inexact=inexact)
+
+
+def quantize_kernel(op: QuantizedOp | QuantizedEmbedding, kernel: jax.Array) -> QArray:
+    """The stored kernel of a converted layer (with its learned LSQ scale, if any)."""
+    spec = op.rule.weights
+    assert spec is not None
+    qparams = None if op.weight_scale is None else QParams(op.weight_scale[...])
+    return quantize(kernel, spec, qparams=qparams, key=jax.random.key(0))

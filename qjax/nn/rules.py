@@ -1,0 +1,126 @@
+"""Rules: which layers of a model get which quantizers.
+
+A rule's ``path`` is a regular expression matched (``re.fullmatch``) against a layer's path in the
+module graph, written with ``/`` between attribute names and list indices (``"blocks/0/attn/query"``).
+The first rule that matches a layer applies to it; a rule with neither ``weights`` nor
+``activations`` keeps the layers it matches in float (an exclusion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from qjax.numerics.spec import Granularity, QuantSpec, _as_enum
+from qjax.ste import Estimator
+
+
+class ActivationScale(enum.StrEnum):
+    DYNAMIC = "dynamic"  # from each batch (per-tensor or per-token) at run time
+    STATIC = "static"  # from calibration statistics, fixed afterwards
+
+
+class Observer(enum.StrEnum):
+    """How calibration statistics become a static range."""
+
+    MINMAX = "minmax"  # the running min / max over all calibration batches
+    MOVING_AVERAGE = "moving_average"  # exponential moving average of per-batch min / max
+    HISTOGRAM = "histogram"  # a histogram of |x|: percentile or MSE range (spec.calibration)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Quantizers for the layers whose path matches ``path``.
+
+    Attributes:
+      path: regular expression for the layer paths this rule covers (full match).
+      weights: the spec of the layer's kernel (``None``: kernel stays float).
+      activations: the spec of the layer's input (``None``: weight-only).
+      weight_estimator: gradient of the weight quantizer in QAT (``ste``, ``clipped_ste``,
+        ``lsq``).
+      activation_estimator: gradient of the activation quantizer in QAT (``ste``,
+        ``clipped_ste``, ``lsq``, ``pact``).
+      activation_scale: ``dynamic`` (each batch's range, per-tensor or per-token) or ``static``
+        (calibrated; needs a ``calibrate`` pass before ``convert``).
+      observer: how calibration statistics become a static range.
+      ema_decay: decay of the moving average observer.
+      histogram_bins: bins of the histogram observer.
+    """
+
+    path: str
+    weights: QuantSpec | None = None
+    activations: QuantSpec | None = None
+    weight_estimator: Estimator | str = Estimator.STE
+    activation_estimator: Estimator | str = Estimator.STE
+    activation_scale: ActivationScale | str = ActivationScale.DYNAMIC
+    observer: Observer | str = Observer.MINMAX
+    ema_decay: float = 0.9
+    histogram_bins: int = 2048
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        if not isinstance(self.path, str):
+            raise TypeError(f"Rule path={self.path!r} must be a regular expression string")
+        try:
+            re.compile(self.path)
+        except re.error as e:
+            raise ValueError(
+                f"Rule path={self.path!r} is not a valid regular expression ({e}); escape special "
+                "characters, e.g. r'blocks/0/attn\\.query' or use '.*' as a wildcard"
+            ) from None
+        for name in ("weights", "activations"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                set_(name, QuantSpec.from_dict(value))
+            elif value is not None and not isinstance(value, QuantSpec):
+                raise TypeError(f"Rule {name}={value!r} must be a qjax.QuantSpec, a mapping or None")
+        set_("weight_estimator", _as_enum(Estimator, self.weight_estimator, "weight_estimator"))
+        set_("activation_estimator", _as_enum(Estimator, self.activation_estimator, "activation_estimator"))
+        set_("activation_scale", _as_enum(ActivationScale, self.activation_scale, "activation_scale"))
+        set_("observer", _as_enum(Observer, self.observer, "observer"))
+        if self.weight_estimator == Estimator.PACT:
+            raise ValueError(
+                f"Rule {self.path!r}: weight_estimator='pact' learns an activation clip; "
+                "use 'lsq' to learn weight scales"
+            )
+        if self.activation_scale == ActivationScale.STATIC and self.activations is not None:
+            g = self.activations.granularity
+            if g != Granularity.PER_TENSOR:
+                raise ValueError(
+                    f"Rule {self.path!r}: static activation scales are per-tensor; got "
+                    f"granularity={str(g)!r}. Use activation_scale='dynamic' for per-token scales"
+                )
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"Rule {self.path!r}: ema_decay={self.ema_decay} must be in (0, 1)")
+        if self.histogram_bins < 16:
+            raise ValueError(f"Rule {self.path!r}: histogram_bins={self.histogram_bins} must be >= 16")
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.path, path) is not None
+
+    @property
+    def is_exclusion(self) -> bool:
+        return self.weights is None and self.activations is None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Rule:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            import difflib
+
+            hint = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+            did = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"unknown Rule field {unknown[0]!r}{did} Fields: {', '.join(sorted(fields))}")
+        return cls(**d)
+
+
+def first_match(rules: Sequence[Rule], path: str) -> tuple[int, Rule] | None:
+    """The index and rule that applies to ``path`` (the first that matches), or ``None``."""
+    for i, rule in enumerate(rules):
+        if rule.matches(path):
+            return i, rule
+    return None
