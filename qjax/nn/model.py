@@ -175,18 +175,18 @@ def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
 
 
 def _finish_calibration(op: QuantizedOp) -> None:
-    if op.stats is None or int(op.stats.value["count"]) == 0:
+    if op.stats is None or int(op.stats.get_value()["count"]) == 0:
         return
-    rule, stats = op.rule, op.stats.value
+    rule, stats = op.rule, op.stats.get_value()
     spec = rule.activations
     assert spec is not None
     if rule.activation_scale == ActivationScale.STATIC:
-        op.static.value = tuple(static_qparams(stats, rule.observer, spec))
+        op.static.set_value(tuple(static_qparams(stats, rule.observer, spec)))
     fmt = spec.format
     if op.act_scale is not None and hasattr(fmt, "qrange"):
-        op.act_scale.value = lsq_scale_from_stats(stats, fmt.qrange(spec.symmetric)[1])
+        op.act_scale.set_value(lsq_scale_from_stats(stats, fmt.qrange(spec.symmetric)[1]))
     if op.act_clip is not None:
-        op.act_clip.value = stats["max"].reshape(())
+        op.act_clip.set_value(stats["max"].reshape(()))
 
 
 def calibrate(

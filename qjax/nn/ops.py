@@ -76,7 +76,7 @@ class QuantizedOp(nnx.Module):
             float_op = lambda x, w: lax_op(x, w, *rest, **kwargs)
         if self.mode == "calibrate":
             if self.stats is not None:
-                self.stats.value = update_stats(self.stats.value, lhs, self.rule.ema_decay)
+                self.stats.set_value(update_stats(self.stats.get_value(), lhs, self.rule.ema_decay))
             return float_op(lhs, rhs)
         if self.mode == "qat":
             return float_op(self._fake_input(lhs), self._fake_kernel(rhs))
@@ -127,12 +127,12 @@ class QuantizedOp(nnx.Module):
     def _static_qparams(self) -> QParams | None:
         if self.rule.activation_scale != ActivationScale.STATIC:
             return None
-        if self.static.value is None:
+        if self.static.get_value() is None:
             raise ValueError(
                 f"layer {self.path!r} uses static activation scales but has no calibration: run "
                 "qjax.nn.calibrate(model, batches) (or mode 'calibrate' on a few batches) first"
             )
-        return QParams(*self.static.value)
+        return QParams(*self.static.get_value())
 
     def _checked(self, fn: Any, what: str) -> jax.Array:
         try:

@@ -1,0 +1,1 @@
+"""Tasks: datasets and the small models the experiments train."""
