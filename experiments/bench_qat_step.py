@@ -25,7 +25,6 @@ from typing import Any
 
 import flax.nnx as nnx
 import jax
-import jax.numpy as jnp
 import optax
 
 import qjax
@@ -78,7 +77,9 @@ def qwix_model(model: nnx.Module, x: jax.Array) -> nnx.Module:
     return qwix.quantize_model(nnx.clone(model), qwix.QtProvider(rules), x)
 
 
-def time_variants(steps: dict[str, Callable[[], Any]], x: jax.Array, y: jax.Array, rounds: int) -> dict[str, float]:
+def time_variants(
+    steps: dict[str, Callable[[], Any]], x: jax.Array, y: jax.Array, rounds: int
+) -> dict[str, float]:
     """Median seconds per step of each variant, timed in interleaved rounds of 5 steps."""
     for fn in steps.values():  # compile + warm up
         for _ in range(3):
@@ -98,7 +99,12 @@ def run(rounds: int) -> list[dict[str, Any]]:
     key = jax.random.key(0)
     cases = [
         ("digits CNN, batch 256", CNN(rngs=nnx.Rngs(0)), jax.random.uniform(key, (256, 8, 8, 1)), 0),
-        ("MLP 784-1024-1024-10, batch 256", WideMLP(rngs=nnx.Rngs(0)), jax.random.normal(key, (256, 784)), None),
+        (
+            "MLP 784-1024-1024-10, batch 256",
+            WideMLP(rngs=nnx.Rngs(0)),
+            jax.random.normal(key, (256, 784)),
+            None,
+        ),
     ]
     y = jax.random.randint(key, (256,), 0, 10)
     results = []

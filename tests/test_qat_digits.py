@@ -57,7 +57,9 @@ def w4a4(model, data):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda s: digits.MLP(32, rngs=nnx.Rngs(s)), lambda s: digits.CNN(rngs=nnx.Rngs(s))], ids=["mlp", "cnn"]
+    "make",
+    [lambda s: digits.MLP(32, rngs=nnx.Rngs(s)), lambda s: digits.CNN(rngs=nnx.Rngs(s))],
+    ids=["mlp", "cnn"],
 )
 def test_qat_beats_ptq_at_w4a4(make, data):
     _, _, xte, yte = data
