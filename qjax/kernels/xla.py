@@ -219,11 +219,12 @@ def quantized_conv(
     xl, zl, sl = _operands(lhs)
     xr, zr, sr = _operands(rhs)
     acc = conv(xl, xr, jnp.int32)
+    channels = (1,) * (acc.ndim - 1) + (-1,)  # per-output-channel parameters, broadcast over NHW
     if zl is not None:
         acc = acc - zl.reshape(()) * conv(jnp.ones_like(xl), xr, jnp.int32)
     if zr is not None:
-        zr_c = zr.reshape(-1)
+        zr_c = zr.reshape(channels)
         acc = acc - zr_c * conv(xl, jnp.ones_like(xr), jnp.int32)
         if zl is not None:
             acc = acc + zl.reshape(()) * zr_c * conv(jnp.ones_like(xl), jnp.ones_like(xr), jnp.int32)
-    return (acc.astype(jnp.float32) * (sl.reshape(()) * sr.reshape(-1))).astype(out_dtype)
+    return (acc.astype(jnp.float32) * (sl.reshape(()) * sr.reshape(channels))).astype(out_dtype)

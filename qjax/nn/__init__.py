@@ -1,5 +1,21 @@
 """Flax NNX integration: rule-based model quantization, QAT / calibrate / serve modes."""
 
+from qjax.nn.diagnostics import (
+    HookCall,
+    channel_outliers,
+    format_table,
+    kurtosis,
+    layer_diagnostics,
+    record_hook_calls,
+    sqnr_db,
+)
+from qjax.nn.fold import (
+    FoldedBatchNorm,
+    bias_correction,
+    fold_batchnorm,
+    fold_batchnorm_params,
+    mean_output_error,
+)
 from qjax.nn.linen import FakeQuantDotGeneral
 from qjax.nn.model import (
     QuantizedWeight,
@@ -20,6 +36,8 @@ from qjax.nn.stats import QuantStats, StaticQParams
 __all__ = [
     "ActivationScale",
     "FakeQuantDotGeneral",
+    "FoldedBatchNorm",
+    "HookCall",
     "Observer",
     "QuantStats",
     "QuantizedEmbedding",
@@ -28,12 +46,22 @@ __all__ = [
     "Rule",
     "StaticQParams",
     "UnusedRuleWarning",
+    "bias_correction",
     "calibrate",
+    "channel_outliers",
     "convert",
+    "fold_batchnorm",
+    "fold_batchnorm_params",
+    "format_table",
+    "kurtosis",
+    "layer_diagnostics",
     "learned_quantizer_params",
+    "mean_output_error",
     "quantizable_layers",
     "quantize_model",
     "quantized_ops",
+    "record_hook_calls",
     "set_mode",
+    "sqnr_db",
     "summary",
 ]
