@@ -42,7 +42,7 @@ class WideMLP(nnx.Module):
         return self.head(jax.nn.relu(self.fc2(x)))
 
 
-def make_step(model: nnx.Module) -> Callable[[], Any]:
+def make_step(model: nnx.Module) -> Callable[[jax.Array, jax.Array], Any]:
     """A closure running one jitted Adam step of ``model`` on a fixed batch."""
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 
@@ -78,7 +78,7 @@ def qwix_model(model: nnx.Module, x: jax.Array) -> nnx.Module:
 
 
 def time_variants(
-    steps: dict[str, Callable[[], Any]], x: jax.Array, y: jax.Array, rounds: int
+    steps: dict[str, Callable[[jax.Array, jax.Array], Any]], x: jax.Array, y: jax.Array, rounds: int
 ) -> dict[str, float]:
     """Median seconds per step of each variant, timed in interleaved rounds of 5 steps."""
     for fn in steps.values():  # compile + warm up

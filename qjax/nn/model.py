@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import flax.nnx as nnx
 import jax
@@ -35,6 +35,8 @@ from qjax.numerics import QArray, tiling
 from qjax.ste import Estimator
 
 logger = logging.getLogger("qjax")
+
+M = TypeVar("M", bound=nnx.Module)
 
 # layer type -> (hook attribute, kernel attribute, QuantizedOp kind)
 _HOOKS: dict[type, tuple[str, str, str]] = {
@@ -99,12 +101,12 @@ def _check_kernel(path: str, rule: Rule, kernel: jax.Array) -> None:
 
 
 def quantize_model(
-    model: nnx.Module,
+    model: M,
     rules: Iterable[Rule | Mapping[str, Any]],
     mode: str = "qat",
     *,
     seed: int = 0,
-) -> nnx.Module:
+) -> M:
     """A quantized copy of ``model`` (``model`` is left unchanged).
 
     Args:
@@ -155,7 +157,7 @@ def quantize_model(
     return convert(qmodel) if mode == "convert" else qmodel
 
 
-def set_mode(model: nnx.Module, mode: str) -> nnx.Module:
+def set_mode(model: M, mode: str) -> M:
     """Switch every quantized layer to ``qat`` or ``calibrate`` (in place; returns ``model``).
 
     Leaving ``calibrate`` for ``qat`` fixes static activation scales from the statistics and
@@ -190,10 +192,10 @@ def _finish_calibration(op: QuantizedOp) -> None:
 
 
 def calibrate(
-    model: nnx.Module,
+    model: M,
     batches: Iterable[Any],
-    forward: Callable[[nnx.Module, Any], Any] | None = None,
-) -> nnx.Module:
+    forward: Callable[[M, Any], Any] | None = None,
+) -> M:
     """Run ``batches`` through ``model`` in calibrate mode, then return it in qat mode.
 
     ``forward(model, batch)`` defaults to ``model(batch)``; it runs under ``nnx.jit``.
@@ -209,7 +211,7 @@ def calibrate(
     return set_mode(model, "qat")
 
 
-def convert(model: nnx.Module) -> nnx.Module:
+def convert(model: M) -> M:
     """A serving copy of a quantized model: kernels stored as ``QArray`` (int4 packed), activation
     parameters fixed where the rule asks for static (or learned) scales. ``model`` is unchanged."""
     served = nnx.clone(model)
@@ -229,11 +231,30 @@ def convert(model: nnx.Module) -> nnx.Module:
             if kind == "conv" and getattr(layer, "mask", None) is not None:
                 raise ValueError(f"layer {path!r}: fold the Conv mask into the kernel before converting")
             kernel = getattr(layer, kernel_name)[...]
+            if kind == "conv" and op.rule.activations is not None:
+                _check_integer_conv(path, op.rule, kernel)
             setattr(layer, kernel_name, QuantizedWeight(quantize_kernel(op, kernel)))
             if kind != "embed":
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
         op.mode = "serve"
     return served
+
+
+def _check_integer_conv(path: str, rule: Rule, kernel: jax.Array) -> None:
+    """An integer convolution applies one scale per output channel and one per input tensor."""
+    assert rule.weights is not None and rule.activations is not None
+    grid = tiling.grid_shape(kernel.shape, tiling.block_shape(kernel.shape, rule.weights))
+    if any(n > 1 for n in grid[:-1]):
+        raise ValueError(
+            f"layer {path!r}: a convolution's kernel scales must vary along the output channels only "
+            f"(axis -1), but {rule.weights.granularity} gives the grid {grid}; use per_tensor or "
+            "per_channel with axis=-1 (or drop the activation spec for weight-only serving)"
+        )
+    if str(rule.activations.granularity) != "per_tensor":
+        raise ValueError(
+            f"layer {path!r}: a convolution's input needs one scale (granularity='per_tensor'); "
+            f"got {str(rule.activations.granularity)!r}"
+        )
 
 
 def summary(model: nnx.Module) -> list[dict[str, Any]]:
