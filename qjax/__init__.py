@@ -1,6 +1,6 @@
 """qjax: quantization research for JAX."""
 
-from qjax import nn
+from qjax import nn, training
 from qjax.numerics import (
     FORMAT_NAMES,
     Calibration,
@@ -40,5 +40,6 @@ __all__ = [
     "parse_format",
     "quantize",
     "quantize_dequantize",
+    "training",
     "unpack",
 ]

@@ -24,26 +24,44 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from qjax.numerics import QArray, dequantize
-from qjax.numerics.formats import BlockFloatFormat, FloatFormat, IntFormat
+from qjax.numerics.formats import BlockFloatFormat, IntFormat
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 
 
-def _int8_operand(q: QArray) -> tuple[jax.Array, jax.Array | None]:
-    """Values as int8 and the zero point (int32 grid, or None when 0), unsigned shifted by -128."""
-    fmt = q.spec.format
-    assert isinstance(fmt, IntFormat)
-    v = q.values
-    z = None if q.zero_point is None else q.zero_point.astype(jnp.int32)
-    if not fmt.signed:
-        v = (v.astype(jnp.int16) - 128).astype(jnp.int8)
+class Operand(NamedTuple):
+    """One side of a low-precision contraction: ``real = scale * (values - zero_point)``.
+
+    ``values`` are int8 (or fp8); ``zero_point`` (int32) and ``scale`` (float32) are grids with
+    the operand's rank, broadcast block-wise; ``zero_point`` is ``None`` when it is 0.
+    """
+
+    values: jax.Array
+    zero_point: jax.Array | None
+    scale: jax.Array
+
+
+def int8_operand(values: jax.Array, zero_point: jax.Array | None, scale: jax.Array, signed: bool) -> Operand:
+    """An integer operand in int8; unsigned values are shifted by -128 into the zero point."""
+    z = None if zero_point is None else zero_point.astype(jnp.int32)
+    if not signed:
+        values = values.astype(jnp.int16) - 128
         z = (jnp.zeros((), jnp.int32) if z is None else z) - 128
-    return v.astype(jnp.int8), z
+    return Operand(values.astype(jnp.int8), z, scale.astype(jnp.float32))
+
+
+def operand(q: QArray) -> Operand:
+    """The contraction operand of a stored integer or fp8 ``QArray``."""
+    fmt = q.spec.format
+    if isinstance(fmt, IntFormat):
+        return int8_operand(q.values, q.zero_point, q.qparams.scale, fmt.signed)
+    return Operand(q.values, None, q.qparams.scale.astype(jnp.float32))
 
 
 def _grid(p: jax.Array, operand_shape: tuple[int, ...], batch_axes: Sequence[int]) -> jax.Array:
@@ -68,11 +86,11 @@ def _split_groups(x: jax.Array, g: jax.Array, axis: int, groups: int) -> tuple[j
     return x, jnp.broadcast_to(g, (groups, *g.shape[1:]))
 
 
-def _contracted_groups(ql: QArray, qr: QArray, lc: Sequence[int], rc: Sequence[int]) -> int:
+def _contracted_groups(lhs: Operand, rhs: Operand, lc: Sequence[int], rc: Sequence[int]) -> int:
     """Number of scale groups along the contraction (1 when both grids are constant along it)."""
     groups = 1
-    for name, q, axes in (("activations", ql, lc), ("weights", qr, rc)):
-        scale = q.scale if q.scale is not None and q.scale.ndim else None
+    for name, op, axes in (("activations", lhs, lc), ("weights", rhs, rc)):
+        scale = op.scale if op.scale.ndim else None
         extents = [1 if scale is None else scale.shape[a] for a in axes]
         g = max(extents, default=1)
         if g > 1 and len(axes) != 1:
@@ -124,15 +142,6 @@ def _scaled_dot(
     return acc.astype(jnp.float32) * scale
 
 
-def _operands(q: QArray) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    fmt = q.spec.format
-    if isinstance(fmt, IntFormat):
-        v, z = _int8_operand(q)
-        return v, z, q.scale.astype(jnp.float32)  # type: ignore[union-attr]
-    assert isinstance(fmt, FloatFormat)
-    return q.values, None, q.scale.astype(jnp.float32)  # type: ignore[union-attr]
-
-
 def quantized_dot_general(
     lhs: jax.Array | QArray,
     rhs: QArray,
@@ -158,14 +167,18 @@ def quantized_dot_general(
         )
     if isinstance(fl, BlockFloatFormat) or isinstance(fr, BlockFloatFormat):
         raise ValueError("MX/NVFP4 operands run weight-only here; drop the activation spec")
+    return contract(operand(lhs), operand(rhs), dimension_numbers).astype(out_dtype)
+
+
+def contract(lhs: Operand, rhs: Operand, dimension_numbers: DimensionNumbers) -> jax.Array:
+    """The float32 contraction of two low-precision operands (int8 -> int32, or fp8 -> f32)."""
     (lc, rc), (lb, rb) = dimension_numbers
-    xl, zl, sl = _operands(lhs)
-    xr, zr, sr = _operands(rhs)
-    accumulate = jnp.int32 if isinstance(fl, IntFormat) else jnp.float32
+    xl, zl, sl = lhs
+    xr, zr, sr = rhs
+    accumulate = jnp.int32 if jnp.issubdtype(xl.dtype, jnp.integer) else jnp.float32
     groups = _contracted_groups(lhs, rhs, lc, rc)
     if groups == 1:
-        y = _scaled_dot(xl, zl, sl, xr, zr, sr, dimension_numbers, accumulate)
-        return y.astype(out_dtype)
+        return _scaled_dot(xl, zl, sl, xr, zr, sr, dimension_numbers, accumulate)
     # Group partial sums: the group index becomes the leading batch axis of both operands.
     (a,), (b,) = lc, rc
 
@@ -179,7 +192,7 @@ def quantized_dot_general(
     xr, zr, sr = split(xr, zr, sr, b)
     shift = lambda axes: tuple(i + 1 if i >= 0 else i for i in axes)
     dn = (((a + 1,), (b + 1,)), ((0, *shift(lb)), (0, *shift(rb))))
-    return jnp.sum(_scaled_dot(xl, zl, sl, xr, zr, sr, dn, accumulate), axis=0).astype(out_dtype)
+    return jnp.sum(_scaled_dot(xl, zl, sl, xr, zr, sr, dn, accumulate), axis=0)
 
 
 def quantized_conv(
@@ -216,8 +229,8 @@ def quantized_conv(
                 f"the {name} scale grid {tuple(s.shape)} varies along axes a convolution mixes; "
                 f"use per-tensor activations and per-output-channel (axis=-1) kernel scales"
             )
-    xl, zl, sl = _operands(lhs)
-    xr, zr, sr = _operands(rhs)
+    xl, zl, sl = operand(lhs)
+    xr, zr, sr = operand(rhs)
     acc = conv(xl, xr, jnp.int32)
     channels = (1,) * (acc.ndim - 1) + (-1,)  # per-output-channel parameters, broadcast over NHW
     if zl is not None:

@@ -1,0 +1,37 @@
+"""Training utilities for any NNX model, quantized or not: an optax train step, orbax checkpoints
+that resume exactly, and data-parallel / FSDP sharding that covers quantizer state and QArrays."""
+
+from qjax.training.checkpoint import RestoredCheckpoint, TrainingCheckpointer
+from qjax.training.data import DataPosition, batch_indices, epoch_order
+from qjax.training.sharding import (
+    follow_spec,
+    fsdp_spec,
+    largest_divisible_axis,
+    make_mesh,
+    partition_specs,
+    shard_batch,
+    shard_model,
+    shard_optimizer,
+    state_shardings,
+)
+from qjax.training.step import make_eval_step, make_optimizer, make_train_step
+
+__all__ = [
+    "DataPosition",
+    "RestoredCheckpoint",
+    "TrainingCheckpointer",
+    "batch_indices",
+    "epoch_order",
+    "follow_spec",
+    "fsdp_spec",
+    "largest_divisible_axis",
+    "make_eval_step",
+    "make_mesh",
+    "make_optimizer",
+    "make_train_step",
+    "partition_specs",
+    "shard_batch",
+    "shard_model",
+    "shard_optimizer",
+    "state_shardings",
+]

@@ -1,0 +1,78 @@
+"""Jitted train and eval steps for any NNX model, quantized or not.
+
+One step with optimizer :math:`(\\mathrm{init}, \\mathrm{update})` (optax) on the variables selected
+by the optimizer's ``wrt`` filter (``nnx.Param``: weights, biases, LSQ scales, PACT clips):
+
+.. math::  \\ell, g = \\mathcal{L}(\\theta; b),\\ \\nabla_\\theta \\mathcal{L}(\\theta; b), \\qquad
+           u, s \\leftarrow \\mathrm{update}(g, s, \\theta), \\qquad \\theta \\leftarrow \\theta + u.
+
+Variables outside the filter (``qjax.nn.QuantStats``, ``StaticQParams``, batch statistics, RNG
+counters) get no gradient and are never touched by optax; mutations the forward pass makes to them
+(an RNG stream advancing, a statistic updating) are kept, as everywhere in NNX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+
+
+def make_optimizer(model: nnx.Module, tx: Any, *, wrt: Any = nnx.Param) -> nnx.Optimizer:
+    """``nnx.Optimizer`` over the ``wrt`` variables of ``model`` (``nnx.Param`` by default: the
+    trainable weights and the learned quantizer parameters, not the calibration statistics)."""
+    return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def _pin(node: Any, shardings: Any) -> None:
+    nnx.update(node, jax.lax.with_sharding_constraint(nnx.state(node), shardings))
+
+
+def make_train_step(
+    loss_fn: Callable[[Any, Any], Any],
+    *,
+    has_aux: bool = False,
+    shardings: tuple[Any, Any] | None = None,
+) -> Callable[[Any, nnx.Optimizer, Any], Any]:
+    """A jitted ``train_step(model, optimizer, batch)`` that updates both in place.
+
+    Args:
+      loss_fn: ``loss_fn(model, batch) -> loss`` (a scalar), or ``-> (loss, aux)`` with ``has_aux``.
+      has_aux: whether ``loss_fn`` returns auxiliary outputs (metrics, logits).
+      shardings: ``(model_shardings, optimizer_shardings)`` from
+        :func:`~qjax.training.state_shardings`; the updated state is constrained to them, so a
+        sharded model keeps its layout step after step (GSPMD would otherwise pick the layout of
+        the outputs). ``None`` on one device.
+
+    Returns ``loss`` (or ``(loss, aux)``). Gradients are taken with respect to the optimizer's
+    ``wrt`` filter, so they match what the optimizer updates.
+    """
+
+    def train_step(model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=has_aux)
+        out, grads = grad_fn(model, batch)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+            optimizer.update(model, grads)
+        if shardings is not None:
+            _pin(model, shardings[0])
+            _pin(optimizer, shardings[1])
+        return out
+
+    return nnx.jit(train_step)
+
+
+def make_eval_step(metric_fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """A jitted ``eval_step(model, batch) -> metric_fn(model, batch)`` (no gradients, no update).
+
+    Put stochastic layers in inference behaviour first (e.g. ``model.eval()`` for ``nnx.Dropout``).
+    """
+
+    def eval_step(model: Any, batch: Any) -> Any:
+        return metric_fn(model, batch)
+
+    return nnx.jit(eval_step)
+
+
+__all__ = ["make_eval_step", "make_optimizer", "make_train_step"]
