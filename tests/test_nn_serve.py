@@ -101,9 +101,16 @@ def each_layer(model, xs):
     return model.each(xs)
 
 
-def rules_for(weights, acts, prefix="layers"):
+def rules_for(weights, acts, prefix="layers", integer_forward=False):
+    """Rules layer by layer; the qat reference is the simulated (fake-quant, float) forward."""
     return [
-        Rule(path=f"{prefix}/{i}", weights=weights, activations=a, activation_scale=scale)
+        Rule(
+            path=f"{prefix}/{i}",
+            weights=weights,
+            activations=a,
+            activation_scale=scale,
+            integer_forward=integer_forward,
+        )
         for i, (a, scale) in enumerate(acts)
     ]
 
@@ -230,7 +237,10 @@ def test_serve_lowers_to_int8_contractions(model, weights, acts, x_shape, patter
     x = jnp.ones(x_shape, jnp.float32)
     served_hlo = lowered_text(qjax.nn.convert(q), x)
     assert len(pattern.findall(served_hlo)) >= 4, served_hlo[:2000]
-    assert not pattern.search(lowered_text(q, x))  # the qat forward contracts floats
+    assert not pattern.search(lowered_text(q, x))  # the simulated qat forward contracts floats
+    if model is MLP:  # QAT with an integer forward contracts in int8 as well
+        q_int = qjax.nn.quantize_model(model(nnx.Rngs(0)), rules_for(weights, acts, integer_forward=True))
+        assert len(pattern.findall(lowered_text(q_int, x))) >= 4
 
 
 # --- stored weights ----------------------------------------------------------------------------

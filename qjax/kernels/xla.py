@@ -77,6 +77,20 @@ def _ones(operand_shape: tuple[int, ...], keep: Sequence[int], dtype: jnp.dtype)
     return jnp.ones(tuple(n if a in keep else 1 for a, n in enumerate(operand_shape)), dtype)
 
 
+def to_output(
+    grid: jax.Array, side: str, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], dn: DimensionNumbers
+) -> jax.Array:
+    """An operand's parameter grid (extent 1 on contracted axes) laid out like the output.
+
+    A contraction with ones of extent 1 on every axis but the batch axes moves the grid's free axes
+    to where ``dot_general`` puts them: (batch, lhs free, rhs free).
+    """
+    (_, _), (lb, rb) = dn
+    if side == "lhs":
+        return jax.lax.dot_general(_grid(grid, lhs_shape, lb), _ones(rhs_shape, rb, grid.dtype), dn)
+    return jax.lax.dot_general(_ones(lhs_shape, lb, grid.dtype), _grid(grid, rhs_shape, rb), dn)
+
+
 def _split_groups(x: jax.Array, g: jax.Array, axis: int, groups: int) -> tuple[jax.Array, jax.Array]:
     """Split contracted ``axis`` into (groups, K/groups) and move the group axis to the front."""
     shape = (*x.shape[:axis], groups, x.shape[axis] // groups, *x.shape[axis + 1 :])
@@ -121,16 +135,14 @@ def _scaled_dot(
     """``S_l S_r [x_l x_r - Z_l sum x_r - Z_r sum x_l + K Z_l Z_r]`` with every term a contraction."""
     (lc, rc), (lb, rb) = dn
     acc = jax.lax.dot_general(xl, xr, dn, preferred_element_type=accumulate)
-    ones_r = _ones(xr.shape, rb, xr.dtype)  # maps an lhs-side grid onto the output
-    ones_l = _ones(xl.shape, lb, xl.dtype)
     if zl is not None:
-        zl_out = jax.lax.dot_general(_grid(zl, xl.shape, lb), ones_r.astype(jnp.int32), dn)
+        zl_out = to_output(zl, "lhs", xl.shape, xr.shape, dn)
         colsum_r = jax.lax.dot_general(
             _ones(xl.shape, (*lb, *lc), xl.dtype), xr, dn, preferred_element_type=jnp.int32
         )
         acc = acc - zl_out * colsum_r
     if zr is not None:
-        zr_out = jax.lax.dot_general(ones_l.astype(jnp.int32), _grid(zr, xr.shape, rb), dn)
+        zr_out = to_output(zr, "rhs", xl.shape, xr.shape, dn)
         rowsum_l = jax.lax.dot_general(
             xl, _ones(xr.shape, (*rb, *rc), xr.dtype), dn, preferred_element_type=jnp.int32
         )

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax.nnx.nn.dtypes import promote_dtype
 
 from qjax import kernels
+from qjax.nn.integer_qat import integer_forward_dot, supports_integer_forward
 from qjax.nn.rules import ActivationScale, Rule
 from qjax.nn.stats import QuantStats, StaticQParams, init_stats, update_stats
 from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize
@@ -79,12 +80,40 @@ class QuantizedOp(nnx.Module):
                 self.stats.set_value(update_stats(self.stats.get_value(), lhs, self.rule.ema_decay))
             return float_op(lhs, rhs)
         if self.mode == "qat":
+            if self.kind != "conv" and self._integer_forward():
+                return self._checked(lambda: self._qat_integer(args, lhs, rhs, rest), "integer forward")
             return float_op(self._fake_input(lhs), self._fake_kernel(rhs))
         if self.mode != "serve":
             raise ValueError(f"layer {self.path!r}: unknown mode {self.mode!r}; use one of {MODES}")
         return self._serve(lhs, rhs, args, rest, kwargs, float_op)
 
     # -- QAT --------------------------------------------------------------------------------------
+
+    def _integer_forward(self) -> bool:
+        rule = self.rule
+        estimators = (rule.weight_estimator, rule.activation_estimator)
+        return rule.integer_forward and supports_integer_forward(rule.weights, rule.activations, estimators)
+
+    def _qat_integer(self, args, lhs, rhs, rest):  # type: ignore[no-untyped-def]
+        rule = self.rule
+        assert rule.weights is not None and rule.activations is not None
+        if self.kind == "einsum":
+            dn, perm = einsum_dimension_numbers(args[0], lhs.ndim, rhs.ndim)
+        else:
+            dn, perm = rest[0], None
+        y = integer_forward_dot(
+            lhs,
+            rhs,
+            dn,
+            activations=rule.activations,
+            weights=rule.weights,
+            activation_estimator=rule.activation_estimator,
+            weight_estimator=rule.weight_estimator,
+            activation_qparams=self._static_qparams(),
+            keys=(self._key(), self._key()),
+            residuals=rule.ste_residuals,
+        )
+        return y if perm is None else jnp.transpose(y, perm)
 
     def _key(self) -> jax.Array | None:
         return None if self.rngs is None else self.rngs.quantize()

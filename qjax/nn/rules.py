@@ -48,6 +48,13 @@ class Rule:
       observer: how calibration statistics become a static range.
       ema_decay: decay of the moving average observer.
       histogram_bins: bins of the histogram observer.
+      integer_forward: in QAT, compute the contraction of integer activations and kernels with
+        stateless estimators (``ste``, ``clipped_ste``) in int8 (int32 accumulation) instead of
+        float; the value agrees up to float rounding and gradients are unchanged (Linear and
+        Einsum layers; see :mod:`qjax.nn.integer_qat`).
+      ste_residuals: with ``integer_forward``, what the backward pass contracts the cotangent
+        with: ``quantized`` (``Q(x)``, ``Q(w)``: the exact gradient of the simulated network) or
+        ``original`` (the float ``x``, ``w``: cheaper, Qwix's default for forward-only QAT).
     """
 
     path: str
@@ -59,6 +66,8 @@ class Rule:
     observer: Observer | str = Observer.MINMAX
     ema_decay: float = 0.9
     histogram_bins: int = 2048
+    integer_forward: bool = True
+    ste_residuals: str = "quantized"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -93,6 +102,10 @@ class Rule:
                     f"Rule {self.path!r}: static activation scales are per-tensor; got "
                     f"granularity={str(g)!r}. Use activation_scale='dynamic' for per-token scales"
                 )
+        if self.ste_residuals not in ("quantized", "original"):
+            raise ValueError(
+                f"Rule {self.path!r}: ste_residuals={self.ste_residuals!r} must be 'quantized' or 'original'"
+            )
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"Rule {self.path!r}: ema_decay={self.ema_decay} must be in (0, 1)")
         if self.histogram_bins < 16:

@@ -1,7 +1,7 @@
 """Calibration: the range ``[lo, hi]`` of every block, and the quantization parameters from it.
 
-* ``minmax``: :math:`lo = \\min x`, :math:`hi = \\max x` per block (the formats take the absolute
-  maximum when symmetric).
+* ``minmax``: :math:`lo = \\min x`, :math:`hi = \\max x` per block; for signed symmetric and
+  float formats, which use only the absolute maximum, :math:`[-\\max|x|, \\max|x|]`.
 * ``percentile``: symmetric: :math:`\\pm P_p(|x|)`; asymmetric: :math:`[P_{100-p}(x), P_p(x)]`
   (linear interpolation between order statistics, as ``numpy.percentile``).
 * ``mse``: the min-max range shrunk by the ratio :math:`c \\in \\{1/G, 2/G, \\dots, 1\\}` that
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.numerics import tiling
-from qjax.numerics.formats import QParams
+from qjax.numerics.formats import IntFormat, QParams
 from qjax.numerics.rounding import Rounding
 from qjax.numerics.spec import Calibration, QuantSpec
 
@@ -62,7 +62,13 @@ def block_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[
         return lo, jnp.percentile(flat, spec.percentile, axis=-1)
     t = tiling.tile(x, block)
     inner = tiling.inner_axes(x.ndim)
-    lo, hi = jnp.min(t, axis=inner), jnp.max(t, axis=inner)
+    fmt = spec.format
+    if spec.symmetric and not (isinstance(fmt, IntFormat) and not fmt.signed):
+        # Signed symmetric and float formats use only max|x|: one reduction instead of two.
+        amax = jnp.max(jnp.abs(t), axis=inner)
+        lo, hi = -amax, amax
+    else:
+        lo, hi = jnp.min(t, axis=inner), jnp.max(t, axis=inner)
     if spec.calibration == Calibration.MSE:
         lo, hi = _mse_search(t, lo, hi, spec)
     return lo, hi

@@ -1,0 +1,165 @@
+"""QAT with an integer forward pass: the fake-quantized contraction computed in int8.
+
+For integer activations and kernels with straight-through estimators, the forward value of
+``dot_general(Q(x), Q(w))`` equals ``S_x S_w [q_x q_w - ...]`` (see :mod:`qjax.kernels.xla`) up to
+float rounding, and the int8 x int8 -> int32 contraction is the faster one on hardware with
+integer units. The backward pass is that of the simulated path,
+
+.. math::
+
+    \\frac{\\partial L}{\\partial x} = m_x \\odot \\Big(g \\cdot Q(w)^\\top\\Big), \\qquad
+    \\frac{\\partial L}{\\partial w} = m_w \\odot \\Big(Q(x)^\\top \\cdot g\\Big),
+
+with :math:`m = 1` for ``ste`` and the in-range mask for ``clipped_ste``. The int8 operands are the
+residuals (a quarter of the float bytes); :math:`Q(x)`, :math:`Q(w)` are rebuilt from them in the
+backward pass. With ``residuals="original"`` the backward pass uses the float operands ``x``,
+``w`` instead of ``Q(x)``, ``Q(w)`` (cheaper; the choice Qwix's ``QtProvider`` makes by default for
+forward-only quantization), which is no longer the exact gradient of the simulated network.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qjax.kernels.xla import DimensionNumbers, Operand, contract, int8_operand, to_output
+from qjax.numerics import QParams, QuantSpec, tiling
+from qjax.numerics.calibration import block_range
+from qjax.numerics.formats import IntFormat
+from qjax.numerics.quantize import clip_bounds, encode, noise_for
+from qjax.ste import Estimator
+
+STATELESS = (Estimator.STE, Estimator.CLIPPED_STE)
+
+
+def supports_integer_forward(
+    weights: QuantSpec | None, activations: QuantSpec | None, estimators: tuple[str, str]
+) -> bool:
+    """Both operands integer (any width up to 8 bits) and both estimators stateless."""
+    return (
+        weights is not None
+        and activations is not None
+        and isinstance(weights.format, IntFormat)
+        and isinstance(activations.format, IntFormat)
+        and all(e in STATELESS for e in estimators)
+    )
+
+
+def _qparams(x: jax.Array, spec: QuantSpec, qparams: QParams | None) -> QParams:
+    if qparams is None:
+        x32 = x.astype(jnp.float32)
+        lo, hi = block_range(x32, spec, tiling.block_shape(x.shape, spec))
+        qparams = spec.affine_format.qparams(lo, hi, spec.symmetric)
+    return jax.tree_util.tree_map(jax.lax.stop_gradient, qparams)
+
+
+def integer_forward_dot(
+    x: jax.Array,
+    w: jax.Array,
+    dimension_numbers: DimensionNumbers,
+    *,
+    activations: QuantSpec,
+    weights: QuantSpec,
+    activation_estimator: str,
+    weight_estimator: str,
+    activation_qparams: QParams | None = None,
+    keys: tuple[jax.Array | None, jax.Array | None] = (None, None),
+    residuals: str = "quantized",
+) -> jax.Array:
+    """``dot_general(Q(x), Q(w))`` evaluated in int8, differentiated as the simulated path."""
+    if residuals not in ("quantized", "original"):
+        raise ValueError(f"residuals={residuals!r} must be 'quantized' or 'original'")
+    sides = ((activations, activation_estimator), (weights, weight_estimator), residuals)
+    qp_x = _qparams(jax.lax.stop_gradient(x), activations, activation_qparams)
+    qp_w = _qparams(jax.lax.stop_gradient(w), weights, None)
+    noise = (noise_for(keys[0], x.shape, activations), noise_for(keys[1], w.shape, weights))
+    return _integer_dot(dimension_numbers, sides, x, w, qp_x, qp_w, noise)
+
+
+def _operand(x: jax.Array, spec: QuantSpec, qp: QParams, noise: jax.Array | None) -> Operand:
+    fmt = spec.format
+    assert isinstance(fmt, IntFormat)
+    values = encode(x.astype(jnp.float32), spec, qp, noise)
+    return int8_operand(values, qp.zero_point, qp.scale, fmt.signed)
+
+
+def _dequantize(op: Operand) -> jax.Array:
+    """``scale * (values - zero_point)`` with the grids repeated over their blocks."""
+    shape = op.values.shape
+    grid = lambda p: p if p.ndim else p.reshape((1,) * len(shape))
+    scale = grid(op.scale)
+    block = tuple(n // g for n, g in zip(shape, scale.shape, strict=True))
+    real = op.values.astype(jnp.float32)
+    if op.zero_point is not None:
+        real = real - tiling.per_element(grid(op.zero_point).astype(jnp.float32), shape, block)
+    return real * tiling.per_element(scale, shape, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _integer_dot(dn: DimensionNumbers, sides: Any, x, w, qp_x, qp_w, noise):  # type: ignore[no-untyped-def]
+    (spec_x, _), (spec_w, _), _ = sides
+    out = contract(_operand(x, spec_x, qp_x, noise[0]), _operand(w, spec_w, qp_w, noise[1]), dn)
+    return out.astype(jnp.result_type(x))
+
+
+def _mask(x: jax.Array, spec: QuantSpec, estimator: str, qp: QParams) -> jax.Array | None:
+    if estimator != Estimator.CLIPPED_STE:
+        return None
+    lo, hi = clip_bounds(x.shape, spec, qp)
+    x32 = x.astype(jnp.float32)
+    return (x32 >= lo) & (x32 <= hi)
+
+
+def _integer_dot_fwd(dn, sides, x, w, qp_x, qp_w, noise):  # type: ignore[no-untyped-def]
+    (spec_x, est_x), (spec_w, est_w), residuals = sides
+    x_op, w_op = _operand(x, spec_x, qp_x, noise[0]), _operand(w, spec_w, qp_w, noise[1])
+    out = contract(x_op, w_op, dn).astype(jnp.result_type(x))
+    masks = (_mask(x, spec_x, est_x, qp_x), _mask(w, spec_w, est_w, qp_w))
+    dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+    operands = (x_op, w_op) if residuals == "quantized" else (x, w)
+    return out, (*operands, masks, dtypes)
+
+
+def _shifted(op: Operand, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+    """``(values, scale)`` when the scale is constant along ``contracted`` and ``Z = 0``: the
+    scale then moves onto the cotangent and the int8 values enter the dot as they are; else the
+    dequantized operand and ``None``."""
+    scale = op.scale
+    if op.zero_point is None and (scale.ndim == 0 or all(scale.shape[a] == 1 for a in contracted)):
+        return op.values.astype(jnp.float32), scale
+    return _dequantize(op), None
+
+
+def _integer_dot_bwd(dn, sides, res, g):  # type: ignore[no-untyped-def]
+    x_op, w_op, masks, dtypes = res
+    (lc, rc), _ = dn
+    if sides[2] == "original":
+        (x_val, x_scale), (w_val, w_scale) = (
+            (x_op.astype(jnp.float32), None),
+            (w_op.astype(jnp.float32), None),
+        )
+    else:
+        x_val, x_scale = _shifted(x_op, lc)
+        w_val, w_scale = _shifted(w_op, rc)
+    shapes = (x_val.shape, w_val.shape)
+    g = g.astype(jnp.float32)
+
+    def scaled(scale: jax.Array | None, side: str) -> jax.Array:
+        if scale is None:
+            return g
+        grid = scale if scale.ndim else scale.reshape((1,) * len(shapes[side == "rhs"]))
+        return g * to_output(grid, side, *shapes, dn)
+
+    g_x = jax.vjp(lambda a: jax.lax.dot_general(a, w_val, dn), x_val)[1](scaled(w_scale, "rhs"))[0]
+    g_w = jax.vjp(lambda b: jax.lax.dot_general(x_val, b, dn), w_val)[1](scaled(x_scale, "lhs"))[0]
+    grads = tuple(
+        (gr if m is None else jnp.where(m, gr, 0.0)).astype(d.dtype)
+        for gr, m, d in zip((g_x, g_w), masks, dtypes, strict=True)
+    )
+    return (*grads, None, None, None)
+
+
+_integer_dot.defvjp(_integer_dot_fwd, _integer_dot_bwd)
