@@ -45,20 +45,16 @@ class WideMLP(nnx.Module):
         return self.head(jax.nn.relu(self.fc2(x)))
 
 
+def loss_fn(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
 def make_step(model: nnx.Module) -> Callable[[jax.Array, jax.Array], Any]:
-    """A closure running one jitted Adam step of ``model`` on a fixed batch."""
-    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model: nnx.Module, opt: nnx.Optimizer, x: jax.Array, y: jax.Array) -> jax.Array:
-        def loss(m: nnx.Module) -> jax.Array:
-            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-
-        value, grads = nnx.value_and_grad(loss)(model)
-        opt.update(model, grads)
-        return value
-
-    return lambda x, y: step(model, opt, x, y)
+    """A closure running one jitted Adam step of ``model`` on a batch."""
+    opt = qjax.training.make_optimizer(model, optax.adam(1e-3))
+    step = qjax.training.make_train_step(loss_fn)
+    return lambda x, y: step(model, opt, (x, y))
 
 
 def qjax_model(model: nnx.Module, per_example_axis: int | None, residuals: str = "quantized") -> nnx.Module:

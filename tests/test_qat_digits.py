@@ -7,7 +7,6 @@ with the straight-through estimator.
 """
 
 import flax.nnx as nnx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -24,24 +23,21 @@ def data():
     return digits.load_digits()
 
 
+def loss_fn(model, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+TRAIN_STEP = qjax.training.make_train_step(loss_fn)
+
+
 def train(model, data, steps: int, lr: float, seed: int):
     xtr, ytr, _, _ = data
-    opt = nnx.Optimizer(model, optax.adam(optax.cosine_decay_schedule(lr, steps)), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, x, y):
-        def loss(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-
-        value, grads = nnx.value_and_grad(loss)(model)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 step counts with floats
-            opt.update(model, grads)
-        return value
-
+    opt = qjax.training.make_optimizer(model, optax.adam(optax.cosine_decay_schedule(lr, steps)))
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         idx = rng.integers(0, len(ytr), 64)
-        step(model, opt, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]))
+        TRAIN_STEP(model, opt, (jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx])))
     return model
 
 
