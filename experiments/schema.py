@@ -1,0 +1,211 @@
+"""The experiment config: what a YAML file under ``configs/`` may say, as typed dataclasses.
+
+One file describes a *sweep*: the fields of :class:`ExperimentConfig` plus a ``sweep:`` block whose
+axes expand into a grid of cells (see :mod:`experiments.config`). Every field has a default, so a
+config only states what differs. Field docs are the reference for config authors.
+
+.. code-block:: yaml
+
+    name: ptq_vs_qat
+    task: {name: fashion_mnist, model: cnn}
+    train: {epochs: 2, batch_size: 128, learning_rate: 0.002}
+    method: {name: qat, epochs: 1, learning_rate: 0.0005}
+    quant:
+      weights: {dtype: int4, granularity: per_channel, axis: -1}
+      activations: {dtype: int8}
+      overrides:
+        - {path: "conv1", weights: {dtype: int8, granularity: per_channel, axis: -1}}
+    sweep:
+      seed: [0, 1, 2]
+      method.name: [ptq, qat]
+      bits:                                   # a named axis: label -> overrides
+        W8A8: {quant.weights.dtype: int8, quant.activations.dtype: int8}
+        W4A8: {quant.weights.dtype: int4, quant.activations.dtype: int8}
+    report: {rows: bits, columns: method.name, metric: accuracy}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """The dataset and model.
+
+    Attributes:
+      name: ``fashion_mnist``, ``digits`` or ``tiny_lm``.
+      model: ``cnn`` or ``mlp`` (image tasks), ``transformer`` (tiny_lm).
+      data_dir: Fashion-MNIST IDX directory (default ``/usr/share/datasets/fashion-mnist``).
+      model_args: keyword arguments of the model constructor (e.g. ``{hidden: 256}``).
+      train_limit: use only the first N training examples (0 = all), for quick runs.
+    """
+
+    name: str = "digits"
+    model: str = "mlp"
+    data_dir: str | None = None
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_limit: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Training of the float model (shared by every cell with the same task, train and seed).
+
+    Attributes:
+      optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9), from optax.
+      learning_rate: peak learning rate.
+      schedule: ``constant``, ``cosine`` or ``warmup_cosine``.
+      warmup_steps: linear warm-up steps of ``warmup_cosine``.
+      weight_decay: decoupled weight decay (``adamw``).
+      epochs: passes over the training set (ignored when ``steps`` > 0).
+      steps: optimizer steps (0 = use ``epochs``).
+      batch_size: examples per step.
+      checkpoint_every: steps between checkpoints (a killed run resumes from the last).
+      keep_checkpoints: checkpoints kept on disk.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    steps: int = 0
+    batch_size: int = 128
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """What is done to the float model.
+
+    Attributes:
+      name: ``float`` (evaluate the float model), ``ptq`` (quantize, calibrate, evaluate) or
+        ``qat`` (quantize, calibrate, fine-tune with the estimators, evaluate).
+      epochs, steps, learning_rate, schedule, optimizer: the QAT fine-tuning run (like
+        :class:`TrainConfig`; ``steps`` > 0 overrides ``epochs``).
+      fold_batchnorm: fold batch norms into the preceding conv/linear before quantizing.
+      bias_correction: PTQ bias correction on the calibration batches.
+    """
+
+    name: str = "float"
+    epochs: int = 1
+    steps: int = 0
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"
+    optimizer: str = "adam"
+    fold_batchnorm: bool = True
+    bias_correction: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerOverride:
+    """A per-layer rule: layers whose path matches ``path`` (regex, full match) get these specs.
+
+    ``weights: null`` and ``activations: null`` together keep the matched layers in float.
+    Unset fields inherit from ``quant``.
+    """
+
+    path: str
+    weights: dict[str, Any] | None = None
+    activations: dict[str, Any] | None = None
+    weight_estimator: str | None = None
+    activation_estimator: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Quantization rules (ignored by ``method.name: float``).
+
+    Attributes:
+      weights: :class:`qjax.QuantSpec` fields for every layer's kernel (``null``: float kernels).
+      activations: :class:`qjax.QuantSpec` fields for every layer's input (``null``: weight-only).
+      weight_estimator: ``ste``, ``clipped_ste`` or ``lsq``.
+      activation_estimator: ``ste``, ``clipped_ste``, ``lsq`` or ``pact``.
+      activation_scale: ``dynamic`` or ``static`` (from calibration).
+      observer: ``minmax``, ``moving_average`` or ``histogram`` (static scales).
+      rounding_seed: key of stochastic rounding.
+      overrides: per-layer rules, tried in order before the defaults above.
+    """
+
+    weights: dict[str, Any] | None = None
+    activations: dict[str, Any] | None = None
+    weight_estimator: str = "ste"
+    activation_estimator: str = "ste"
+    activation_scale: str = "dynamic"
+    observer: str = "minmax"
+    rounding_seed: int = 0
+    overrides: tuple[LayerOverride, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """Data for calibration (static activation scales, LSQ/PACT initialisation, bias correction).
+
+    Attributes:
+      batches: number of training batches.
+      batch_size: examples per calibration batch.
+    """
+
+    batches: int = 4
+    batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation on the task's test (or validation) split.
+
+    Attributes:
+      batch_size: examples per evaluation batch.
+      limit: evaluate on the first N examples only (0 = all).
+      serve: also evaluate the converted model (real integer execution) and report both.
+    """
+
+    batch_size: int = 1000
+    limit: int = 0
+    serve: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """How ``qjax-report`` pivots the results.
+
+    Attributes:
+      rows: the key whose values label the table rows (a dotted config key or a named axis).
+      columns: the key whose values label the columns.
+      metric: the metric in the cells (mean +- std over seeds).
+      plot: ``line`` (metric against ``rows``, one line per column value) or ``bar`` (grouped
+        bars with error bars).
+      title: plot and table title (default: the sweep name).
+    """
+
+    rows: str = "method.name"
+    columns: str = "method.name"
+    metric: str = "accuracy"
+    plot: str = "bar"
+    title: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One cell of a sweep (and the base that the sweep varies).
+
+    Attributes:
+      name: the sweep's name: its directory under ``output_dir``.
+      output_dir: where sweep directories go.
+      seed: seed of initialisation, data order and calibration sampling.
+    """
+
+    name: str = "experiment"
+    output_dir: str = "runs"
+    seed: int = 0
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
