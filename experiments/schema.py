@@ -105,11 +105,12 @@ class MethodConfig:
 class LayerOverride:
     """A per-layer rule: layers whose path matches ``path`` (regex, full match) get these specs.
 
-    ``weights: null`` and ``activations: null`` together keep the matched layers in float.
-    Unset fields inherit from ``quant``.
+    Fields left unset (``null``) inherit from ``quant``; ``keep_float: true`` keeps the matched layers
+    in float (e.g. the first and last layers).
     """
 
     path: str
+    keep_float: bool = False
     weights: dict[str, Any] | None = None
     activations: dict[str, Any] | None = None
     weight_estimator: str | None = None
