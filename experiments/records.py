@@ -1,0 +1,95 @@
+"""Results files and the protocol every result records.
+
+Every file is written atomically: to a temporary file in the same directory, flushed and
+``fsync``-ed, then ``os.replace``-d over the target, so a killed run leaves either the old file or
+the new one, never half of one. ``results.jsonl`` holds one JSON line per finished cell and is
+rewritten whole (atomically) when a cell finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax
+import jax
+import optax
+
+import qjax
+
+RESULTS = "results.jsonl"
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, nothing between."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: pathlib.Path, payload: Any) -> None:
+    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def read_results(sweep_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """The records of ``results.jsonl`` (empty if there is none yet)."""
+    path = sweep_dir / RESULTS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_results(sweep_dir: pathlib.Path, records: Iterable[Mapping[str, Any]]) -> None:
+    lines = [json.dumps(r, sort_keys=True, default=str) for r in records]
+    write_atomic(sweep_dir / RESULTS, "".join(line + "\n" for line in lines))
+
+
+def upsert_result(sweep_dir: pathlib.Path, record: Mapping[str, Any]) -> None:
+    """Add ``record``, replacing an earlier record of the same cell (a failed one being retried)."""
+    records = [r for r in read_results(sweep_dir) if r.get("cell") != record["cell"]]
+    write_results(sweep_dir, [*records, record])
+
+
+def git_commit() -> str:
+    """The commit of the qjax checkout (with ``-dirty`` when it has uncommitted changes)."""
+    root = pathlib.Path(qjax.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device: the part of the protocol that is the same for every cell of a run."""
+    device = jax.devices()[0]
+    return {
+        "git_commit": git_commit(),
+        "qjax": qjax.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+        "device": f"{device.platform}: {device.device_kind} x{jax.device_count()}",
+        "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }

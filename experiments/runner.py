@@ -1,0 +1,239 @@
+"""One cell of a sweep: float model -> method (float / PTQ / QAT) -> metrics and protocol.
+
+The float model of a (task, train, seed) triple is trained once per sweep directory, under
+``float/<seed>-<hash>/``, and shared by every cell that needs it; cells keep their own QAT
+checkpoints under ``cells/<slug>/ckpt``. Both resume from their last checkpoint when a run was
+killed. A cell writes ``config.yaml`` (resolved), ``metrics.json`` and ``log.txt`` in its
+directory; the sweep adds its record to ``results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import numpy as np
+
+import qjax
+from experiments import config as config_lib
+from experiments import energy, records
+from experiments.schema import ExperimentConfig, QuantConfig
+from experiments.tasks import get_task
+from experiments.tasks.base import Split, Task, evaluate
+from experiments.train_loop import make_tx, total_steps, train
+
+logger = logging.getLogger("qjax.experiments")
+
+StepCallback = Callable[[int, Any], None]
+
+
+def load_task(cfg: ExperimentConfig) -> Task:
+    """The task of ``cfg``, with ``task.train_limit`` applied."""
+    task = get_task(cfg.task)
+    n = cfg.task.train_limit
+    if n > 0:
+        task = dataclasses.replace(task, train=Split(task.train.x[:n], task.train.y[:n]))
+    return task
+
+
+def _spec(fields: dict[str, Any] | None) -> qjax.QuantSpec | None:
+    return None if fields is None else qjax.QuantSpec.from_dict(fields)
+
+
+def build_rules(quant: QuantConfig) -> list[qjax.nn.Rule]:
+    """The per-layer overrides (in order), then one rule for every other layer."""
+    common = dict(
+        activation_scale=quant.activation_scale,
+        observer=quant.observer,
+    )
+    rules = []
+    for o in quant.overrides:
+        if o.keep_float:
+            rules.append(qjax.nn.Rule(path=o.path))
+            continue
+        weights = None if quant.weights is None and o.weights is None else {**(quant.weights or {}), **(o.weights or {})}
+        acts = quant.activations if o.activations is None else {**(quant.activations or {}), **o.activations}
+        rules.append(
+            qjax.nn.Rule(
+                path=o.path,
+                weights=_spec(weights),
+                activations=_spec(acts),
+                weight_estimator=o.weight_estimator or quant.weight_estimator,
+                activation_estimator=o.activation_estimator or quant.activation_estimator,
+                **common,
+            )
+        )
+    rules.append(
+        qjax.nn.Rule(
+            path=".*",
+            weights=_spec(quant.weights),
+            activations=_spec(quant.activations),
+            weight_estimator=quant.weight_estimator,
+            activation_estimator=quant.activation_estimator,
+            **common,
+        )
+    )
+    return rules
+
+
+def quantize(cfg: ExperimentConfig, model: nnx.Module) -> nnx.Module:
+    """``qjax.nn.quantize_model`` with the config's rules; unused-rule warnings go to the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", qjax.nn.UnusedRuleWarning)
+        qmodel = qjax.nn.quantize_model(model, build_rules(cfg.quant), seed=cfg.quant.rounding_seed or 0)
+    for w in caught:
+        if "path='.*'" not in str(w.message):  # the catch-all rule may legitimately match nothing
+            logger.warning("%s", w.message)
+    return qmodel
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def float_model(cfg: ExperimentConfig, task: Task, sweep_dir: pathlib.Path, on_step: StepCallback | None) -> nnx.Module:
+    """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored."""
+    t = cfg.train
+    key = _hash({"task": dataclasses.asdict(cfg.task), "train": dataclasses.asdict(t), "seed": cfg.seed})
+    model = task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
+    steps = total_steps(t.epochs, t.steps, len(task.train), t.batch_size)
+    tx = make_tx(t.optimizer, t.learning_rate, t.schedule, steps, warmup_steps=t.warmup_steps,
+                 weight_decay=t.weight_decay)
+    return train(
+        task, model, tx, steps=steps, batch_size=t.batch_size, seed=cfg.seed,
+        checkpoint_dir=sweep_dir / "float" / f"seed{cfg.seed}-{key[:12]}",
+        checkpoint_every=t.checkpoint_every, keep=t.keep_checkpoints, on_step=on_step,
+    )
+
+
+def calibration_batches(cfg: ExperimentConfig, task: Task) -> list[jax.Array]:
+    """``calibration.batches`` batches of training inputs, drawn with the cell's seed."""
+    c = cfg.calibration
+    order = np.random.default_rng([cfg.seed, 7]).permutation(len(task.train))
+    size = min(c.batch_size, len(task.train))
+    return [task.train.take(order[i * size : (i + 1) * size])[0] for i in range(c.batches)]
+
+
+def prepare_base(cfg: ExperimentConfig, task: Task, model: nnx.Module) -> nnx.Module:
+    """The model the quantizers see: batch norms folded when asked and the task names the pairs."""
+    pairs = task.batchnorm_pairs(cfg.task.model) if cfg.method.fold_batchnorm else []
+    return qjax.nn.fold_batchnorm(model, pairs) if pairs else model
+
+
+def apply_method(
+    cfg: ExperimentConfig, task: Task, base: nnx.Module, cell_dir: pathlib.Path, on_step: StepCallback | None
+) -> nnx.Module:
+    """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably."""
+    qmodel = quantize(cfg, base)
+    calib = calibration_batches(cfg, task)
+    qjax.nn.calibrate(qmodel, calib)
+    if cfg.method.bias_correction:
+        qmodel = qjax.nn.bias_correction(qmodel, base, calib)
+    if cfg.method.name == "qat":
+        m = cfg.method
+        steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
+        tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
+        train(
+            task, qmodel, tx, steps=steps, batch_size=cfg.train.batch_size, seed=cfg.seed + 1,
+            checkpoint_dir=cell_dir / "ckpt", checkpoint_every=cfg.train.checkpoint_every,
+            keep=cfg.train.keep_checkpoints, on_step=on_step,
+        )
+    return qmodel
+
+
+@contextlib.contextmanager
+def cell_log(path: pathlib.Path) -> Iterator[None]:
+    """Route the ``qjax`` loggers to the cell's ``log.txt`` while the cell runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("qjax")
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def run_cell(
+    cell: config_lib.Cell, sweep_dir: pathlib.Path, env: dict[str, Any], on_step: StepCallback | None = None
+) -> dict[str, Any]:
+    """Run one cell and return its results record (also written to ``metrics.json``)."""
+    cfg = cell.config
+    cell_dir = sweep_dir / "cells" / cell.slug
+    records.write_atomic(cell_dir / "config.yaml", config_lib.dump_yaml(cfg))
+    start = time.time()
+    with cell_log(cell_dir / "log.txt"):
+        logger.info("cell %s (%s)", cell.label, cell.hash)
+        task = load_task(cfg)
+        model = float_model(cfg, task, sweep_dir, on_step)
+        base = model
+        if cfg.method.name != "float":
+            base = prepare_base(cfg, task, model)
+            model = apply_method(cfg, task, base, cell_dir, on_step)
+        model.eval()
+        metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
+        if cfg.eval.serve and cfg.method.name != "float":
+            served = qjax.nn.convert(model)
+            metrics.update({f"serve_{k}": v for k, v in evaluate(task, served, cfg.eval.batch_size, cfg.eval.limit).items()})
+        example = task.test.take(np.arange(1))[0]
+        model_info = {**energy.model_storage(model), **energy.forward_energy(model, example)}
+        layers = []
+        if cfg.method.name != "float":
+            probe = task.test.take(np.arange(min(256, len(task.test))))[0]
+            layers = qjax.nn.layer_diagnostics(model, base, probe)
+        logger.info("metrics %s", metrics)
+    record = {
+        "cell": cell.label,
+        "hash": cell.hash,
+        "axes": cell.axes,
+        "status": "ok",
+        "error": None,
+        "metrics": metrics,
+        "model": model_info,
+        "layers": layers,
+        "protocol": {
+            **env,
+            "config_hash": cell.hash,
+            "seed": cfg.seed,
+            "dataset": task.description,
+            "dataset_sha256": task.checksum,
+            "calibration": f"{cfg.calibration.batches} batches x {min(cfg.calibration.batch_size, len(task.train))} "
+            f"training examples, permutation seed [{cfg.seed}, 7]",
+            "wall_time_s": round(time.time() - start, 2),
+        },
+        "config": config_lib.to_dict(cfg),
+        "run_dir": str(cell_dir.relative_to(sweep_dir)),
+    }
+    records.write_json(cell_dir / "metrics.json", record)
+    return record
+
+
+def failure_record(cell: config_lib.Cell, sweep_dir: pathlib.Path, error: BaseException) -> dict[str, Any]:
+    return {
+        "cell": cell.label,
+        "hash": cell.hash,
+        "axes": cell.axes,
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "metrics": {},
+        "model": {},
+        "layers": [],
+        "protocol": {"config_hash": cell.hash, "seed": cell.config.seed},
+        "config": config_lib.to_dict(cell.config),
+        "run_dir": str((sweep_dir / "cells" / cell.slug).relative_to(sweep_dir)),
+    }

@@ -1,0 +1,85 @@
+"""A resumable training loop over a task's training split.
+
+The loop checkpoints model, optimizer and data position every ``checkpoint_every`` steps with
+:class:`qjax.training.TrainingCheckpointer`; started again on the same directory it restores the
+latest checkpoint and continues, so a killed run ends with the same parameters as an
+uninterrupted one. The data order is :func:`qjax.training.batch_indices` (a function of seed,
+epoch and index), and the learning-rate schedule depends only on the step, which the restored
+optimizer state carries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import flax.nnx as nnx
+import optax
+
+from experiments.tasks.base import Task
+from qjax import training
+
+logger = logging.getLogger("qjax.experiments")
+
+
+def total_steps(epochs: int, steps: int, num_examples: int, batch_size: int) -> int:
+    """``steps`` if positive, else ``epochs`` full passes (the incomplete last batch dropped)."""
+    return steps if steps > 0 else epochs * (num_examples // batch_size)
+
+
+def make_tx(
+    optimizer: str, learning_rate: float, schedule: str, steps: int, *, warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    """The optax optimizer with its learning-rate schedule over ``steps`` steps."""
+    if schedule == "constant":
+        lr: Any = learning_rate
+    elif schedule == "cosine":
+        lr = optax.cosine_decay_schedule(learning_rate, max(steps, 1))
+    elif schedule == "warmup_cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1))
+    else:
+        raise ValueError(f"schedule={schedule!r} is not one of constant, cosine, warmup_cosine")
+    if optimizer == "adam":
+        return optax.adam(lr)
+    if optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return optax.sgd(lr, momentum=0.9)
+    raise ValueError(f"optimizer={optimizer!r} is not one of adam, adamw, sgd")
+
+
+def train(
+    task: Task,
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    checkpoint_dir: pathlib.Path,
+    checkpoint_every: int,
+    keep: int,
+    on_step: Callable[[int, Any], None] | None = None,
+) -> nnx.Module:
+    """Train ``model`` in place for ``steps`` steps, resuming from ``checkpoint_dir`` if it holds a
+    checkpoint; the final step is always checkpointed."""
+    optimizer = training.make_optimizer(model, tx)
+    train_step = training.make_train_step(task.loss)
+    with training.TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every, keep=keep) as ckpt:
+        restored = ckpt.restore(model, optimizer)
+        start = training.DataPosition() if restored is None else training.DataPosition.from_dict(restored.data)
+        if start.step:
+            logger.info("resuming at step %d of %d from %s", start.step, steps, checkpoint_dir)
+        model.train()
+        stream = training.batch_indices(len(task.train), batch_size, seed=seed, start=start)
+        for position, idx in itertools.islice(stream, max(steps - start.step, 0)):
+            loss = train_step(model, optimizer, task.train.take(idx))
+            if on_step is not None:
+                on_step(position.step, loss)
+            ckpt.save(position.step, model, optimizer, data=position, force=position.step == steps)
+    model.eval()
+    return model
