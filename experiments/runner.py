@@ -28,9 +28,10 @@ import qjax
 from experiments import config as config_lib
 from experiments import energy, records
 from experiments.schema import ExperimentConfig, QuantConfig
-from experiments.tasks import get_task
-from experiments.tasks.base import Split, Task, evaluate
+from experiments.tasks import batchnorm_pairs, get_task
+from experiments.tasks.base import Task, evaluate
 from experiments.train_loop import make_tx, total_steps, train
+from experiments.validation import override_specs
 
 logger = logging.getLogger("qjax.experiments")
 
@@ -38,12 +39,8 @@ StepCallback = Callable[[int, Any], None]
 
 
 def load_task(cfg: ExperimentConfig) -> Task:
-    """The task of ``cfg``, with ``task.train_limit`` applied."""
-    task = get_task(cfg.task)
-    n = cfg.task.train_limit
-    if n > 0:
-        task = dataclasses.replace(task, train=Split(task.train.x[:n], task.train.y[:n]))
-    return task
+    """The task of ``cfg`` (with ``task.train_limit`` applied)."""
+    return get_task(cfg.task)
 
 
 def _spec(fields: dict[str, Any] | None) -> qjax.QuantSpec | None:
@@ -52,17 +49,12 @@ def _spec(fields: dict[str, Any] | None) -> qjax.QuantSpec | None:
 
 def build_rules(quant: QuantConfig) -> list[qjax.nn.Rule]:
     """The per-layer overrides (in order), then one rule for every other layer."""
-    common = dict(
-        activation_scale=quant.activation_scale,
-        observer=quant.observer,
-    )
     rules = []
     for o in quant.overrides:
         if o.keep_float:
             rules.append(qjax.nn.Rule(path=o.path))
             continue
-        weights = None if quant.weights is None and o.weights is None else {**(quant.weights or {}), **(o.weights or {})}
-        acts = quant.activations if o.activations is None else {**(quant.activations or {}), **o.activations}
+        weights, acts = override_specs(quant, o)
         rules.append(
             qjax.nn.Rule(
                 path=o.path,
@@ -70,7 +62,8 @@ def build_rules(quant: QuantConfig) -> list[qjax.nn.Rule]:
                 activations=_spec(acts),
                 weight_estimator=o.weight_estimator or quant.weight_estimator,
                 activation_estimator=o.activation_estimator or quant.activation_estimator,
-                **common,
+                activation_scale=quant.activation_scale,
+                observer=quant.observer,
             )
         )
     rules.append(
@@ -80,7 +73,8 @@ def build_rules(quant: QuantConfig) -> list[qjax.nn.Rule]:
             activations=_spec(quant.activations),
             weight_estimator=quant.weight_estimator,
             activation_estimator=quant.activation_estimator,
-            **common,
+            activation_scale=quant.activation_scale,
+            observer=quant.observer,
         )
     )
     return rules
@@ -101,18 +95,33 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def float_model(cfg: ExperimentConfig, task: Task, sweep_dir: pathlib.Path, on_step: StepCallback | None) -> nnx.Module:
+def float_model(
+    cfg: ExperimentConfig, task: Task, sweep_dir: pathlib.Path, on_step: StepCallback | None
+) -> nnx.Module:
     """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored."""
     t = cfg.train
     key = _hash({"task": dataclasses.asdict(cfg.task), "train": dataclasses.asdict(t), "seed": cfg.seed})
     model = task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
     steps = total_steps(t.epochs, t.steps, len(task.train), t.batch_size)
-    tx = make_tx(t.optimizer, t.learning_rate, t.schedule, steps, warmup_steps=t.warmup_steps,
-                 weight_decay=t.weight_decay)
+    tx = make_tx(
+        t.optimizer,
+        t.learning_rate,
+        t.schedule,
+        steps,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+    )
     return train(
-        task, model, tx, steps=steps, batch_size=t.batch_size, seed=cfg.seed,
+        task,
+        model,
+        tx,
+        steps=steps,
+        batch_size=t.batch_size,
+        seed=cfg.seed,
         checkpoint_dir=sweep_dir / "float" / f"seed{cfg.seed}-{key[:12]}",
-        checkpoint_every=t.checkpoint_every, keep=t.keep_checkpoints, on_step=on_step,
+        checkpoint_every=t.checkpoint_every,
+        keep=t.keep_checkpoints,
+        on_step=on_step,
     )
 
 
@@ -124,9 +133,14 @@ def calibration_batches(cfg: ExperimentConfig, task: Task) -> list[jax.Array]:
     return [task.train.take(order[i * size : (i + 1) * size])[0] for i in range(c.batches)]
 
 
+def calibration_description(cfg: ExperimentConfig, task: Task) -> str:
+    size = min(cfg.calibration.batch_size, len(task.train))
+    return f"{cfg.calibration.batches} batches x {size} training examples, permutation seed [{cfg.seed}, 7]"
+
+
 def prepare_base(cfg: ExperimentConfig, task: Task, model: nnx.Module) -> nnx.Module:
     """The model the quantizers see: batch norms folded when asked and the task names the pairs."""
-    pairs = task.batchnorm_pairs(cfg.task.model) if cfg.method.fold_batchnorm else []
+    pairs = batchnorm_pairs(cfg.task.name, cfg.task.model) if cfg.method.fold_batchnorm else []
     return qjax.nn.fold_batchnorm(model, pairs) if pairs else model
 
 
@@ -144,9 +158,16 @@ def apply_method(
         steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
         tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
         train(
-            task, qmodel, tx, steps=steps, batch_size=cfg.train.batch_size, seed=cfg.seed + 1,
-            checkpoint_dir=cell_dir / "ckpt", checkpoint_every=cfg.train.checkpoint_every,
-            keep=cfg.train.keep_checkpoints, on_step=on_step,
+            task,
+            qmodel,
+            tx,
+            steps=steps,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed + 1,
+            checkpoint_dir=cell_dir / "ckpt",
+            checkpoint_every=cfg.train.checkpoint_every,
+            keep=cfg.train.keep_checkpoints,
+            on_step=on_step,
         )
     return qmodel
 
@@ -159,13 +180,15 @@ def cell_log(path: pathlib.Path) -> Iterator[None]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("qjax")
     root.addHandler(handler)
-    level = root.level
+    level, propagate = root.level, root.propagate
     root.setLevel(logging.INFO)
+    root.propagate = False  # the cell's progress goes to its log, not the console
     try:
         yield
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        root.propagate = propagate
         handler.close()
 
 
@@ -189,9 +212,15 @@ def run_cell(
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
         if cfg.eval.serve and cfg.method.name != "float":
             served = qjax.nn.convert(model)
-            metrics.update({f"serve_{k}": v for k, v in evaluate(task, served, cfg.eval.batch_size, cfg.eval.limit).items()})
+            metrics.update(
+                {
+                    f"serve_{k}": v
+                    for k, v in evaluate(task, served, cfg.eval.batch_size, cfg.eval.limit).items()
+                }
+            )
         example = task.test.take(np.arange(1))[0]
-        model_info = {**energy.model_storage(model), **energy.forward_energy(model, example)}
+        storage = {k: v for k, v in energy.model_storage(model).items() if k != "params"}
+        model_info = {**storage, **energy.forward_energy(model, example)}
         layers = []
         if cfg.method.name != "float":
             probe = task.test.take(np.arange(min(256, len(task.test))))[0]
@@ -212,8 +241,7 @@ def run_cell(
             "seed": cfg.seed,
             "dataset": task.description,
             "dataset_sha256": task.checksum,
-            "calibration": f"{cfg.calibration.batches} batches x {min(cfg.calibration.batch_size, len(task.train))} "
-            f"training examples, permutation seed [{cfg.seed}, 7]",
+            "calibration": calibration_description(cfg, task),
             "wall_time_s": round(time.time() - start, 2),
         },
         "config": config_lib.to_dict(cfg),

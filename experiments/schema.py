@@ -128,7 +128,7 @@ class QuantConfig:
       activation_estimator: ``ste``, ``clipped_ste``, ``lsq`` or ``pact``.
       activation_scale: ``dynamic`` or ``static`` (from calibration).
       observer: ``minmax``, ``moving_average`` or ``histogram`` (static scales).
-      rounding_seed: key of stochastic rounding.
+      rounding_seed: key of stochastic rounding (required when a spec has ``rounding: stochastic``).
       overrides: per-layer rules, tried in order before the defaults above.
     """
 
@@ -138,7 +138,7 @@ class QuantConfig:
     activation_estimator: str = "ste"
     activation_scale: str = "dynamic"
     observer: str = "minmax"
-    rounding_seed: int = 0
+    rounding_seed: int | None = None
     overrides: tuple[LayerOverride, ...] = ()
 
 

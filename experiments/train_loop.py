@@ -31,7 +31,12 @@ def total_steps(epochs: int, steps: int, num_examples: int, batch_size: int) -> 
 
 
 def make_tx(
-    optimizer: str, learning_rate: float, schedule: str, steps: int, *, warmup_steps: int = 0,
+    optimizer: str,
+    learning_rate: float,
+    schedule: str,
+    steps: int,
+    *,
+    warmup_steps: int = 0,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
     """The optax optimizer with its learning-rate schedule over ``steps`` steps."""
@@ -40,7 +45,9 @@ def make_tx(
     elif schedule == "cosine":
         lr = optax.cosine_decay_schedule(learning_rate, max(steps, 1))
     elif schedule == "warmup_cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1))
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1)
+        )
     else:
         raise ValueError(f"schedule={schedule!r} is not one of constant, cosine, warmup_cosine")
     if optimizer == "adam":
@@ -71,7 +78,9 @@ def train(
     train_step = training.make_train_step(task.loss)
     with training.TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every, keep=keep) as ckpt:
         restored = ckpt.restore(model, optimizer)
-        start = training.DataPosition() if restored is None else training.DataPosition.from_dict(restored.data)
+        start = training.DataPosition()
+        if restored is not None and restored.data is not None:
+            start = training.DataPosition.from_dict(restored.data)
         if start.step:
             logger.info("resuming at step %d of %d from %s", start.step, steps, checkpoint_dir)
         model.train()

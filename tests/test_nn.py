@@ -204,12 +204,14 @@ def test_embed_weights_are_fake_quantized_in_both_call_paths(rng):
     np.testing.assert_allclose(q.embed.attend(x), np.array(x) @ table_hat.T, rtol=1e-5, atol=1e-5)
 
 
-def test_activations_on_embed_name_the_layer():
+def test_activations_of_a_rule_are_not_applied_to_an_embed(caplog):
+    """An Embed's input is integer ids: a rule with activations quantizes its table only."""
     lm = TinyLM(nnx.Rngs(0))
-    with pytest.raises(
-        ValueError, match=r"layer 'embed' is an Embed: its input is integer ids; give weights"
-    ):
-        qjax.nn.quantize_model(lm, [Rule(path=".*", weights=W8_CH, activations=A8_TENSOR)])
+    with caplog.at_level(logging.INFO, logger="qjax"):
+        q = qjax.nn.quantize_model(lm, [Rule(path=".*", weights=W8_CH, activations=A8_TENSOR)])
+    assert "layer embed is an Embed: activations of rule '.*' not applied" in caplog.text
+    assert q.embed.promote_dtype.rule.activations is None
+    assert q.embed.promote_dtype.rule.weights == W8_CH
 
 
 # --- qat forward equals the lax op on fake-quantized operands -----------------------------------

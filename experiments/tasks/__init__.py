@@ -1,1 +1,150 @@
-"""Tasks: datasets and the small models the experiments train."""
+"""Tasks: datasets and the small models the experiments train, looked up by config name.
+
+``get_task(TaskConfig)`` returns a :class:`~experiments.tasks.base.Task`; datasets are loaded once per
+process per ``(name, data_dir)``. The task modules (``digits``, ``fashion_mnist``, ``tiny_lm``) are
+imported on first use.
+
+Image classification shares one loss and one set of metrics (logits :math:`z \\in \\mathbb{R}^{B
+\\times C}`, labels :math:`y`):
+
+.. math::
+
+    \\ell_i = \\log \\textstyle\\sum_c e^{z_{ic}} - z_{i y_i}, \\qquad
+    \\mathrm{loss} = \\tfrac{1}{B} \\textstyle\\sum_i \\ell_i, \\qquad
+    \\mathrm{accuracy} = \\frac{\\sum \\mathrm{correct}}{\\sum \\mathrm{count}}
+
+``metrics`` returns per-batch sums (``correct``, ``loss_sum``, ``count``); ``finish`` divides the
+totals over all batches. Metrics refuse a model in training mode (a BatchNorm on batch statistics
+would both give other numbers and overwrite its running averages): call ``model.eval()`` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from experiments.tasks.base import Split, Task, evaluate
+
+# config name -> module with ``MODELS`` and ``make_task(data_dir) -> Task``
+TASK_MODULES = {
+    "digits": "experiments.tasks.digits",
+    "fashion_mnist": "experiments.tasks.fashion_mnist",
+    "tiny_lm": "experiments.tasks.tiny_lm",
+}
+
+
+def require_inference_mode(model: nnx.Module) -> None:
+    """Raise if a module of ``model`` is in training behaviour (BatchNorm on batch statistics,
+    active Dropout). Runs in Python, so inside ``jit`` it costs one check per trace."""
+    for parts, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module):
+            continue
+        if (
+            getattr(node, "use_running_average", None) is False
+            or getattr(node, "deterministic", None) is False
+        ):
+            where = "/".join(str(p) for p in parts) or "(root)"
+            raise ValueError(
+                f"module {where!r} ({type(node).__name__}) is in training mode; call model.eval() before "
+                "evaluating (and model.train() before training)"
+            )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example :math:`\\ell_i` (any leading shape), computed in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def classification_loss(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Mean cross-entropy of ``model(x)`` against ``y``."""
+    x, y = batch
+    return jnp.mean(cross_entropy(model(x), y))
+
+
+def classification_metrics(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
+    """Per-batch sums: ``correct`` (top-1), ``loss_sum`` (cross-entropy), ``count`` (examples)."""
+    require_inference_mode(model)
+    x, y = batch
+    logits = model(x)
+    return {
+        "correct": jnp.sum(jnp.argmax(logits, axis=-1) == y).astype(jnp.float32),
+        "loss_sum": jnp.sum(cross_entropy(logits, y)),
+        "count": jnp.asarray(y.shape[0], jnp.float32),
+    }
+
+
+def classification_finish(totals: dict[str, float]) -> dict[str, float]:
+    """``accuracy`` and mean ``loss`` from the summed metrics."""
+    n = totals["count"]
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
+
+
+def _did_you_mean(value: str, choices: Any) -> str:
+    hint = difflib.get_close_matches(value, list(choices), n=1)
+    return f"did you mean {hint[0]!r}? " if hint else ""
+
+
+def batchnorm_pairs(task_name: str, model_name: str) -> list[tuple[str, str]]:
+    """The ``(layer_path, batchnorm_path)`` pairs of a task's model for :func:`qjax.nn.fold_batchnorm`
+    (from the task module's ``batchnorm_pairs``; ``[]`` for tasks without batch norm)."""
+    module = importlib.import_module(TASK_MODULES[task_name])
+    pairs = getattr(module, "batchnorm_pairs", None)
+    return [] if pairs is None else list(pairs(model_name))
+
+
+@functools.cache
+def _load(name: str, data_dir: str | None) -> Task:
+    return importlib.import_module(TASK_MODULES[name]).make_task(data_dir)  # type: ignore[no-any-return]
+
+
+def get_task(config: Any) -> Task:
+    """The :class:`Task` of a :class:`experiments.schema.TaskConfig` (``name``, ``model``,
+    ``data_dir``, ``train_limit``: the first N training examples only).
+
+    Raises ``ValueError`` with a suggestion for an unknown task or model name, before loading data.
+    """
+    if config.name not in TASK_MODULES:
+        raise ValueError(
+            f"task.name={config.name!r} is not a task; {_did_you_mean(config.name, TASK_MODULES)}"
+            f"use one of {sorted(TASK_MODULES)}"
+        )
+    models = importlib.import_module(TASK_MODULES[config.name]).MODELS
+    if config.model not in models:
+        raise ValueError(
+            f"task.model={config.model!r} is not a model of task {config.name!r}; "
+            f"{_did_you_mean(config.model, models)}use one of {sorted(models)}"
+        )
+    if config.train_limit < 0:
+        raise ValueError(f"task.train_limit={config.train_limit} must be >= 0 (0 = all)")
+    task = _load(config.name, config.data_dir)
+    if 0 < config.train_limit < len(task.train):
+        n = config.train_limit
+        task = dataclasses.replace(
+            task,
+            train=Split(task.train.x[:n], task.train.y[:n]),
+            description=f"{task.description}; first {n} training examples",
+        )
+    return task
+
+
+__all__ = [
+    "TASK_MODULES",
+    "Split",
+    "Task",
+    "batchnorm_pairs",
+    "classification_finish",
+    "classification_loss",
+    "classification_metrics",
+    "cross_entropy",
+    "evaluate",
+    "get_task",
+    "require_inference_mode",
+]

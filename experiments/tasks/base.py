@@ -53,8 +53,6 @@ class Task:
         ``perplexity``, ...).
       checksum: SHA-256 of the dataset files (or of the generated arrays).
       description: one line for the protocol record.
-      batchnorm_pairs: model name -> ``(layer path, batch-norm path)`` pairs that
-        :func:`qjax.nn.fold_batchnorm` folds (none by default).
     """
 
     name: str
@@ -66,7 +64,6 @@ class Task:
     finish: Callable[[dict[str, float]], dict[str, float]]
     checksum: str
     description: str
-    batchnorm_pairs: Callable[[str], list[tuple[str, str]]] = lambda model: []
 
     def make_model(self, model: str, model_args: dict[str, Any], seed: int) -> nnx.Module:
         if model not in self.models:

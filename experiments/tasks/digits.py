@@ -1,14 +1,20 @@
 """sklearn's 8x8 digits (1797 images, ships with scikit-learn): a tiny task for fast tests.
 
-Pixels are scaled from 0..16 to [0, 1]; a fixed split puts 1/4 of the images in the test set.
+Pixels are scaled from 0..16 to [0, 1]; a fixed split (permutation of ``default_rng(0)``) puts 1/4
+of the images (449) in the test set and 1348 in the training set. Models: ``mlp``, ``cnn``.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.tasks import classification_finish, classification_loss, classification_metrics
+from experiments.tasks.base import Split, Task
 
 
 def load_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -56,3 +62,32 @@ class CNN(nnx.Module):
 def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
     logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x))
     return float(np.mean(np.argmax(np.asarray(logits), -1) == y))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN}
+
+
+def make_task(data_dir: str | None = None) -> Task:
+    """The digits :class:`Task` (``data_dir`` is ignored: the data ships with scikit-learn).
+
+    ``checksum`` is the SHA-256 of the four split arrays' bytes, in the order of :func:`load_digits`.
+    """
+    arrays = load_digits()
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    xtr, ytr, xte, yte = arrays
+    return Task(
+        name="digits",
+        train=Split(xtr, ytr),
+        test=Split(xte, yte),
+        models=dict(MODELS),
+        loss=classification_loss,
+        metrics=classification_metrics,
+        finish=classification_finish,
+        checksum=digest.hexdigest(),
+        description=(
+            f"sklearn digits: {len(ytr)} train / {len(yte)} test images 8x8x1 in [0, 1], 10 classes, "
+            "split by permutation seed 0"
+        ),
+    )

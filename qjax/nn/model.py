@@ -14,6 +14,7 @@ kernel ``nnx.Param`` by a :class:`QuantizedWeight` variable holding a packed ``Q
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -143,8 +144,9 @@ def quantize_model(
         kernel = getattr(layer, kernel_name)[...]
         _check_kernel(path, rule, kernel)
         if kind == "embed":
-            if rule.activations is not None:
-                raise ValueError(f"layer {path!r} is an Embed: its input is integer ids; give weights only")
+            if rule.activations is not None:  # an Embed's input is integer ids: weights only
+                logger.info("layer %s is an Embed: activations of rule %r not applied", path, rule.path)
+                rule = dataclasses.replace(rule, activations=None, activation_scale="dynamic")
             op: nnx.Module = QuantizedEmbedding(path, rule, kernel, "qat" if mode == "convert" else mode)
         else:
             op = QuantizedOp(kind, path, rule, kernel, "qat" if mode == "convert" else mode, seed=seed)

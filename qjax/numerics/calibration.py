@@ -34,8 +34,9 @@ def check_finite(x: jax.Array, arg: str = "x") -> None:
     """Raise if a concrete (not traced) ``x`` holds NaN or Inf; a no-op under ``jit``."""
     if isinstance(x, jax.core.Tracer):
         return
-    if not bool(jnp.all(jnp.isfinite(x))):
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
+    finite = np.isfinite(np.asarray(x))  # numpy: a concrete array captured by a trace stays concrete
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
         raise ValueError(
             f"{arg} holds {bad} NaN or Inf value(s), found during calibration; quantization needs "
             "finite inputs: check the data or the model for overflow before quantizing"
