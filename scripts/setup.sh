@@ -2,6 +2,17 @@
 # Set up qjax in ./.venv: the package with its test tools, and the pretrained model the demo reads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Fashion-MNIST (the quickstart's data) from Debian's dataset-fashion-mnist, when we may install it.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  elif sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: Fashion-MNIST is missing; install it with 'sudo apt-get install dataset-fashion-mnist'" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
