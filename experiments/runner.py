@@ -1,7 +1,8 @@
 """One cell of a sweep: float model -> method (float / PTQ / QAT) -> metrics and protocol.
 
-The float model of a (task, train, seed) triple is trained once per sweep directory, under
-``float/<seed>-<hash>/``, and shared by every cell that needs it; cells keep their own QAT
+The float model of a (task, train, seed) triple is trained once per output directory, under
+``<output_dir>/float-models/seed<seed>-<hash>/``, and shared by every cell of every sweep there
+that needs it; cells keep their own QAT
 checkpoints under ``cells/<slug>/ckpt``. Both resume from their last checkpoint when a run was
 killed. A cell writes ``config.yaml`` (resolved), ``metrics.json`` and ``log.txt`` in its
 directory; the sweep adds its record to ``results.jsonl``.
@@ -118,7 +119,7 @@ def float_model(
         steps=steps,
         batch_size=t.batch_size,
         seed=cfg.seed,
-        checkpoint_dir=sweep_dir / "float" / f"seed{cfg.seed}-{key[:12]}",
+        checkpoint_dir=sweep_dir.parent / "float-models" / f"seed{cfg.seed}-{key[:12]}",
         checkpoint_every=t.checkpoint_every,
         keep=t.keep_checkpoints,
         on_step=on_step,
