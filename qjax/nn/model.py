@@ -17,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import flax.nnx as nnx
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from qjax.nn.ops import (
     MODES,
@@ -31,8 +34,9 @@ from qjax.nn.ops import (
     quantize_kernel,
 )
 from qjax.nn.rules import ActivationScale, Rule, first_match
-from qjax.nn.stats import lsq_scale_from_stats, static_qparams
+from qjax.nn.stats import lsq_scale_from_stats, static_qparams, static_range
 from qjax.numerics import QArray, tiling
+from qjax.numerics.formats import MIN_SCALE, IntFormat
 from qjax.ste import Estimator
 
 logger = logging.getLogger("qjax")
@@ -163,8 +167,9 @@ def set_mode(model: M, mode: str) -> M:
     """Switch every quantized layer to ``qat`` or ``calibrate`` (in place; returns ``model``).
 
     Leaving ``calibrate`` for ``qat`` fixes static activation scales from the statistics and
-    initialises learned LSQ scales (:math:`2\\mathbb{E}|x|/\\sqrt{q_{max}}`) and PACT clips (the
-    calibrated max) that have not been trained yet.
+    initialises learned LSQ scales (:math:`2\\mathbb{E}|x|/\\sqrt{q_{max}}`), PACT clips (the
+    calibrated max) and LSQ+ step sizes and offsets (:math:`s = (hi - lo)/(q_{max} - q_{min})`,
+    :math:`\\beta = lo - q_{min} s` with ``[lo, hi]`` the rule observer's range: min/max by default).
     """
     if mode not in ("qat", "calibrate"):
         hint = "; serving needs qjax.nn.convert(model)" if mode == "serve" else ""
@@ -187,10 +192,28 @@ def _finish_calibration(op: QuantizedOp) -> None:
     if rule.activation_scale == ActivationScale.STATIC:
         op.static.set_value(tuple(static_qparams(stats, rule.observer, spec)))
     fmt = spec.format
-    if op.act_scale is not None and hasattr(fmt, "qrange"):
+    if op.act_offset is not None and op.act_scale is not None and isinstance(fmt, IntFormat):
+        scale, offset = lsq_plus_from_range(*static_range(stats, rule.observer, spec), fmt)
+        op.act_scale.set_value(scale)
+        op.act_offset.set_value(offset)
+    elif op.act_scale is not None and hasattr(fmt, "qrange"):
         op.act_scale.set_value(lsq_scale_from_stats(stats, fmt.qrange(spec.symmetric)[1]))
     if op.act_clip is not None:
         op.act_clip.set_value(stats["max"].reshape(()))
+
+
+def lsq_plus_from_range(lo: jax.Array, hi: jax.Array, fmt: IntFormat) -> tuple[jax.Array, jax.Array]:
+    """LSQ+'s min/max initialisation from a calibrated range: :math:`s = (hi - lo)/(q_{max} - q_{min})`,
+    :math:`\\beta = lo - q_{min} s` (the asymmetric full range; not widened to include 0)."""
+    qmin, qmax = fmt.qrange(False)
+    lo, hi = jnp.asarray(lo, jnp.float32).reshape(()), jnp.asarray(hi, jnp.float32).reshape(())
+    scale = jnp.maximum((hi * 0.5 - lo * 0.5) * float(np.float32(2.0 / (qmax - qmin))), MIN_SCALE)
+    return scale, lo - qmin * scale
+
+
+_DEFAULT_FORWARD = nnx.jit(lambda m, b: m(b))
+# One jitted forward per user function, so repeated calibrations reuse the compiled program.
+_jitted_forwards: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
 
 
 def calibrate(
@@ -202,7 +225,7 @@ def calibrate(
 
     ``forward(model, batch)`` defaults to ``model(batch)``; it runs under ``nnx.jit``.
     """
-    fwd = nnx.jit(forward if forward is not None else (lambda m, b: m(b)))
+    fwd = _DEFAULT_FORWARD if forward is None else _jitted_forwards.setdefault(forward, nnx.jit(forward))
     set_mode(model, "calibrate")
     n = 0
     for batch in batches:
@@ -236,6 +259,8 @@ def convert(model: M) -> M:
             if kind == "conv" and op.rule.activations is not None:
                 _check_integer_conv(path, op.rule, kernel)
             setattr(layer, kernel_name, QuantizedWeight(quantize_kernel(op, kernel)))
+            if op.centroids is not None:  # stored in the QArray now: do not keep a second copy
+                op.centroids, op.indices = None, None
             if kind != "embed":
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
         op.mode = "serve"
@@ -260,7 +285,10 @@ def _check_integer_conv(path: str, rule: Rule, kernel: jax.Array) -> None:
 
 
 def summary(model: nnx.Module) -> list[dict[str, Any]]:
-    """One row per quantizable layer: path, type, mode, formats, estimators, storage."""
+    """One row per quantizable layer: path, type, mode, formats, estimators, storage.
+
+    Converted layers also report ``weight_bytes`` (the real storage of the ``QArray``: packed values,
+    scales, zero points, k-means codebooks) and ``compression_ratio`` (float32 bytes over those)."""
     rows = []
     ops = {path: op for path, _, op in quantized_ops(model)}
     for path, layer in quantizable_layers(model):
@@ -280,16 +308,18 @@ def summary(model: nnx.Module) -> list[dict[str, Any]]:
             kernel = getattr(layer, _hook_spec(layer)[1])[...]
             if isinstance(kernel, QArray):
                 row["weight_bytes"] = kernel.nbytes
+                row["compression_ratio"] = kernel.compression_ratio()
         rows.append(row)
     return rows
 
 
 def learned_quantizer_params(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
-    """The learned LSQ scales and PACT clips of every quantized layer, by layer path."""
+    """The learned LSQ scales, LSQ+ offsets, PACT clips and k-means centroids of every quantized
+    layer, by layer path."""
     out: dict[str, dict[str, jax.Array]] = {}
     for path, _, op in quantized_ops(model):
         params = {}
-        for name in ("weight_scale", "act_scale", "act_clip"):
+        for name in ("weight_scale", "centroids", "act_scale", "act_offset", "act_clip"):
             var = getattr(op, name, None)
             if var is not None:
                 params[name] = var[...]
