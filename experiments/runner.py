@@ -33,6 +33,7 @@ from experiments.tasks import batchnorm_pairs, get_task
 from experiments.tasks.base import Task, evaluate
 from experiments.train_loop import make_tx, total_steps, train
 from experiments.validation import override_specs
+from qjax.methods import mixed_precision
 
 logger = logging.getLogger("qjax.experiments")
 
@@ -81,11 +82,12 @@ def build_rules(quant: QuantConfig) -> list[qjax.nn.Rule]:
     return rules
 
 
-def quantize(cfg: ExperimentConfig, model: nnx.Module) -> nnx.Module:
+def quantize(cfg: ExperimentConfig, model: nnx.Module, rules: list[qjax.nn.Rule] | None = None) -> nnx.Module:
     """``qjax.nn.quantize_model`` with the config's rules; unused-rule warnings go to the log."""
+    rules = build_rules(cfg.quant) if rules is None else rules
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", qjax.nn.UnusedRuleWarning)
-        qmodel = qjax.nn.quantize_model(model, build_rules(cfg.quant), seed=cfg.quant.rounding_seed or 0)
+        qmodel = qjax.nn.quantize_model(model, rules, seed=cfg.quant.rounding_seed or 0)
     for w in caught:
         if "path='.*'" not in str(w.message):  # the catch-all rule may legitimately match nothing
             logger.warning("%s", w.message)
@@ -145,12 +147,43 @@ def prepare_base(cfg: ExperimentConfig, task: Task, model: nnx.Module) -> nnx.Mo
     return qjax.nn.fold_batchnorm(model, pairs) if pairs else model
 
 
+def mixed_precision_rules(
+    cfg: ExperimentConfig, task: Task, base: nnx.Module, calib: list[jax.Array]
+) -> tuple[list[qjax.nn.Rule], dict[str, Any]]:
+    """Per-layer widths from a sensitivity scan meeting ``method.bit_budget`` (weights)."""
+    m = cfg.method
+    template = build_rules(cfg.quant)[-1]
+    lower = cfg.report.metric in ("loss", "perplexity")
+    metric = cfg.report.metric if cfg.report.metric in ("loss", "perplexity", "accuracy") else "accuracy"
+
+    def score(model: nnx.Module) -> float:
+        return evaluate(task, model, cfg.eval.batch_size, m.sensitivity_examples)[metric]
+
+    table = mixed_precision.sensitivity_scan(
+        base,
+        score,
+        template=template,
+        bits=m.candidate_bits,
+        lower_is_better=lower,
+        calibration_batches=calib,
+    )
+    allocation = mixed_precision.allocate_bits(table, m.bit_budget or 0.0)
+    logger.info("mixed precision: %s (average %.3f bits)", allocation.bits, allocation.average_bits)
+    info = {"allocation": dict(allocation.bits), "average_bits": allocation.average_bits, "scan": table}
+    return mixed_precision.rules(allocation, template), info
+
+
 def apply_method(
     cfg: ExperimentConfig, task: Task, base: nnx.Module, cell_dir: pathlib.Path, on_step: StepCallback | None
 ) -> nnx.Module:
     """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably."""
-    qmodel = quantize(cfg, base)
     calib = calibration_batches(cfg, task)
+    if cfg.method.bit_budget is not None:
+        rules, info = mixed_precision_rules(cfg, task, base, calib)
+        records.write_json(cell_dir / "mixed_precision.json", info)
+        qmodel = quantize(cfg, base, rules)
+    else:
+        qmodel = quantize(cfg, base)
     qjax.nn.calibrate(qmodel, calib)
     if cfg.method.bias_correction:
         qmodel = qjax.nn.bias_correction(qmodel, base, calib)

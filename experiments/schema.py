@@ -89,6 +89,14 @@ class MethodConfig:
         :class:`TrainConfig`; ``steps`` > 0 overrides ``epochs``).
       fold_batchnorm: fold batch norms into the preceding conv/linear before quantizing.
       bias_correction: PTQ bias correction on the calibration batches.
+      rounding: ``null`` (each weight spec's own rounding) or ``adaround`` (AdaRound, Nagel et al.
+        2020: learned up/down rounding per weight, layer by layer on the calibration data).
+      adaround_iterations: Adam iterations per layer of AdaRound.
+      adaround_samples: calibration examples AdaRound reconstructs each layer's output on.
+      bit_budget: mixed precision by sensitivity: average weight bits (weighted by parameter
+        count) that the per-layer widths must meet; ``null`` = the widths of the specs.
+      candidate_bits: the widths the mixed-precision allocation chooses from.
+      sensitivity_examples: test examples the sensitivity scan evaluates each candidate on.
     """
 
     name: str = "float"
@@ -99,6 +107,12 @@ class MethodConfig:
     optimizer: str = "adam"
     fold_batchnorm: bool = True
     bias_correction: bool = False
+    rounding: str | None = None
+    adaround_iterations: int = 2000
+    adaround_samples: int = 1024
+    bit_budget: float | None = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    sensitivity_examples: int = 1000
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

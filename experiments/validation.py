@@ -228,6 +228,7 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
         out.append(
             ("train.warmup_steps", f"only schedule 'warmup_cosine' uses it (schedule is {t.schedule!r})")
         )
+    _check_method_extras(out, cfg)
     r = cfg.report
     _one_of(out, "report.plot", r.plot, PLOTS)
     for key in ("rows", "columns"):
@@ -236,6 +237,27 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
             near = difflib.get_close_matches(name, [*axis_names, *all_paths()], n=1)
             did = f"; did you mean {near[0]!r}?" if near else ""
             out.append((f"report.{key}", f"{name!r} is neither a sweep axis nor a config key{did}"))
+
+
+def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
+    """AdaRound and mixed-precision switches of ``method``."""
+    m = cfg.method
+    if m.rounding is not None:
+        _one_of(out, "method.rounding", m.rounding, ("adaround",))
+        if cfg.quant.weights is None and m.name != "float":
+            out.append(("method.rounding", "AdaRound rounds weights: set quant.weights"))
+    _at_least(out, "method.adaround_iterations", m.adaround_iterations, 1)
+    _at_least(out, "method.adaround_samples", m.adaround_samples, 1)
+    _at_least(out, "method.sensitivity_examples", m.sensitivity_examples, 1)
+    if m.bit_budget is not None:
+        if m.bit_budget <= 0:
+            out.append(("method.bit_budget", f"{m.bit_budget} must be > 0 bits per weight, e.g. 4"))
+        if cfg.quant.weights is None:
+            out.append(("method.bit_budget", "mixed precision allocates weight widths: set quant.weights"))
+    if not m.candidate_bits or any(not 2 <= b <= 8 for b in m.candidate_bits):
+        out.append(
+            ("method.candidate_bits", f"{list(m.candidate_bits)} must be widths in 2..8, e.g. [2, 3, 4, 8]")
+        )
 
 
 def override_specs(
