@@ -23,6 +23,11 @@
   :math:`\\partial \\hat x / \\partial \\alpha = 1` where :math:`x \\ge \\alpha` (:math:`-1` where
   :math:`x \\le -\\alpha` when signed), else 0; :math:`\\partial \\hat x / \\partial x = 1` strictly
   inside the clipping range, else 0.
+* ``lsq_plus`` (Bhalgat et al. 2020): a learned step size :math:`s` and a learned offset
+  :math:`\\beta` (asymmetric; see :func:`fake_quant` for the gradients).
+* ``kmeans_finetune`` (Han et al. 2016, Deep Compression): not an estimator of ``x``; the weight is
+  parametrised by trainable centroids and fixed indices, :math:`W = C[\\mathrm{idx}]`
+  (:func:`codebook_weight`).
 
 The scales of ``ste`` and ``clipped_ste`` are calibrated from ``x`` (dynamic) unless ``qparams``
 gives them (static); either way they are constants to the gradient.
@@ -38,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.numerics import tiling
+from qjax.numerics import kmeans, tiling
 from qjax.numerics.calibration import block_range, check_finite, check_float_input
-from qjax.numerics.formats import MIN_SCALE, IntFormat, QParams
+from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat, QParams
 from qjax.numerics.quantize import (
     check_qparams,
     clip_bounds,
@@ -49,6 +54,7 @@ from qjax.numerics.quantize import (
     noise_for,
     quantize_dequantize,
 )
+from qjax.numerics.rounding import round_to_integer
 from qjax.numerics.spec import QuantSpec, _as_enum
 
 
@@ -57,6 +63,15 @@ class Estimator(enum.StrEnum):
     CLIPPED_STE = "clipped_ste"
     LSQ = "lsq"
     PACT = "pact"
+    LSQ_PLUS = "lsq_plus"
+    KMEANS_FINETUNE = "kmeans_finetune"
+
+
+_LEARNED_BY = {"scale": "lsq", "offset": "lsq_plus", "clip": "pact"}
+_WANTED = {Estimator.LSQ: ("scale",), Estimator.LSQ_PLUS: ("scale", "offset"), Estimator.PACT: ("clip",)}
+# LSQ+ zero points are clipped to +-2^15: an offset that many steps away means training diverged,
+# and the bound keeps serving's int32 zero-point correction terms small.
+ZERO_POINT_LIMIT = 2**15
 
 
 def fake_quant(
@@ -68,21 +83,61 @@ def fake_quant(
     qparams: QParams | None = None,
     scale: jax.Array | None = None,
     clip: jax.Array | None = None,
+    offset: jax.Array | None = None,
     grad_scale: float | None = None,
+    integer_offset: bool = False,
 ) -> jax.Array:
     """Simulated quantization of ``x`` with the gradient of ``estimator``.
+
+    ``lsq_plus`` (LSQ+, Bhalgat et al. 2020) quantizes asymmetrically with a learned step size
+    :math:`s` and a learned offset :math:`\\beta` (``spec.symmetric=False``, an integer dtype,
+    :math:`[q_{min}, q_{max}]` the full range). With :math:`v = (x - \\beta)/s`,
+
+    .. math::
+
+        \\hat x = s \\operatorname{clip}(\\lfloor v \\rceil, q_{min}, q_{max}) + \\beta,
+
+    and, :math:`\\lfloor\\cdot\\rceil` passed straight through,
+
+    .. math::
+
+        \\frac{\\partial \\hat x}{\\partial x} = \\mathbb{1}[q_{min} < v < q_{max}], \\quad
+        \\frac{\\partial \\hat x}{\\partial s} = g \\cdot \\begin{cases}
+            \\lfloor v \\rceil - v & q_{min} < v < q_{max} \\\\
+            q_{min} & v \\le q_{min} \\\\ q_{max} & v \\ge q_{max} \\end{cases}, \\quad
+        \\frac{\\partial \\hat x}{\\partial \\beta} = g \\cdot \\mathbb{1}[v \\le q_{min}
+            \\lor v \\ge q_{max}].
+
+    Derivation: inside the range :math:`\\hat x = s \\lfloor v \\rceil + \\beta` with
+    :math:`\\partial v/\\partial s = -v/s` and :math:`\\partial v/\\partial \\beta = -1/s`, so
+    :math:`\\partial/\\partial s = \\lfloor v \\rceil - v` and
+    :math:`\\partial/\\partial\\beta = s(-1/s) + 1 = 0`; outside, :math:`\\hat x = s q_{min|max} +
+    \\beta`, so :math:`\\partial/\\partial s = q_{min|max}` and :math:`\\partial/\\partial\\beta =
+    1`. Both are summed over the elements that share :math:`s` and :math:`\\beta`, and both are
+    multiplied by LSQ's gradient scale :math:`g` (LSQ scales the step size's gradient; applying the
+    same :math:`g` to the offset is this library's choice).
+
+    With ``integer_offset=True`` the offset is first put on the integer grid serving needs:
+    :math:`Z = \\lfloor -\\beta/s \\rceil` (an int32 zero point, clipped to
+    :math:`\\pm 2^{15}`), :math:`\\beta_Z = -sZ`, and the forward value is exactly
+    ``decode(encode(x, QParams(s, Z)))``, what a converted layer computes. The gradients are the
+    ones above at :math:`\\beta_Z` (so :math:`v = x/s + Z`); the rounding of the offset is passed
+    straight through: :math:`\\partial\\beta_Z/\\partial\\beta := 1`,
+    :math:`\\partial\\beta_Z/\\partial s := 0`.
 
     Args:
       x: float tensor.
       spec: the quantizer.
-      estimator: ``ste``, ``clipped_ste``, ``lsq`` or ``pact``.
+      estimator: ``ste``, ``clipped_ste``, ``lsq``, ``pact`` or ``lsq_plus``.
       key: PRNG key for ``rounding='stochastic'``.
       qparams: static parameters for ``ste``/``clipped_ste`` (else calibrated from ``x``).
-      scale: the learned step size for ``lsq``, grid-shaped or a scalar.
+      scale: the learned step size for ``lsq`` and ``lsq_plus``, grid-shaped or a scalar.
       clip: the learned clipping value for ``pact``, grid-shaped or a scalar.
+      offset: the learned offset :math:`\\beta` for ``lsq_plus``, grid-shaped or a scalar.
       grad_scale: LSQ's gradient scale; defaults to :math:`1/\\sqrt{N q_{max}}` with :math:`N`
         the elements per scale in ``x`` (pass :math:`1/\\sqrt{N_F q_{max}}` with the features per
         example to follow the paper exactly for batched activations).
+      integer_offset: ``lsq_plus`` only: round the offset onto the integer zero-point grid.
     """
     est = _as_enum(Estimator, estimator, "estimator")
     if not isinstance(spec, QuantSpec):
@@ -91,14 +146,22 @@ def fake_quant(
     x = jnp.asarray(x)
     block = tiling.block_shape(x.shape, spec)
     noise = noise_for(key, x.shape, spec)
-    learned = {"scale": scale, "clip": clip}
-    wanted = {Estimator.LSQ: "scale", Estimator.PACT: "clip"}.get(est)
+    if est == Estimator.KMEANS_FINETUNE:
+        raise ValueError(
+            "estimator='kmeans_finetune' is not a function of x: the weight is centroids[indices]; "
+            "use qjax.ste.codebook_weight(centroids, indices, spec), or a qjax.nn.Rule with "
+            "weight_estimator='kmeans_finetune' and a kmeans weight spec"
+        )
+    learned = {"scale": scale, "clip": clip, "offset": offset}
+    wanted = _WANTED.get(est, ())
     for name, value in learned.items():
-        if value is not None and name != wanted:
+        if value is not None and name not in wanted:
             raise ValueError(
-                f"{name}= is a learned parameter of estimator "
-                f"{'lsq' if name == 'scale' else 'pact'!r}, not of {str(est)!r}; remove it"
+                f"{name}= is a learned parameter of estimator {_LEARNED_BY[name]!r}, not of "
+                f"{str(est)!r}; remove it"
             )
+    if integer_offset and est != Estimator.LSQ_PLUS:
+        raise ValueError(f"integer_offset=True applies to estimator 'lsq_plus', not {str(est)!r}; remove it")
     if est == Estimator.STE:
         x_hat = quantize_dequantize(x, spec, key=key, qparams=qparams)
         # Q(x) exactly in the forward pass (x - x is exactly 0), identity in the backward pass.
@@ -116,6 +179,16 @@ def fake_quant(
     fmt = _integer_format(spec, est)
     _qmin, qmax = fmt.qrange(spec.symmetric)
     grid = tiling.grid_shape(x.shape, block)
+    if est == Estimator.LSQ_PLUS:
+        if scale is None or offset is None:
+            raise ValueError(
+                "estimator='lsq_plus' needs scale=<learned step size> and offset=<learned offset "
+                "beta>; initialise them with qjax.ste.lsq_plus_init(x, spec) and hold them as parameters"
+            )
+        _check_param_shape(scale, grid, "scale")
+        _check_param_shape(offset, grid, "offset")
+        gs = _default_grad_scale(x, scale, qmax) if grad_scale is None else float(grad_scale)
+        return _lsq_plus(spec, gs, bool(integer_offset), x, jnp.asarray(scale), jnp.asarray(offset), noise)
     if est == Estimator.LSQ:
         if scale is None:
             raise ValueError(
@@ -123,10 +196,8 @@ def fake_quant(
                 "qjax.lsq_init_scale(x, spec) and hold it as a parameter"
             )
         _check_param_shape(scale, grid, "scale")
-        if grad_scale is None:  # N = elements that share one entry of `scale`
-            n = math.prod(x.shape) // max(1, math.prod(jnp.shape(scale)))
-            grad_scale = 1.0 / math.sqrt(n * qmax)
-        return _lsq(spec, float(grad_scale), x, jnp.asarray(scale), noise)
+        gs = _default_grad_scale(x, scale, qmax) if grad_scale is None else float(grad_scale)
+        return _lsq(spec, gs, x, jnp.asarray(scale), noise)
     if clip is None:
         raise ValueError(
             "estimator='pact' needs clip=<learned clipping value alpha>, e.g. a parameter "
@@ -136,6 +207,12 @@ def fake_quant(
     return _pact(spec, x, jnp.asarray(clip), noise)
 
 
+def _default_grad_scale(x: jax.Array, scale: jax.Array, qmax: int) -> float:
+    """LSQ's :math:`1/\\sqrt{N q_{max}}`, N = elements of ``x`` that share one entry of ``scale``."""
+    n = math.prod(x.shape) // max(1, math.prod(jnp.shape(scale)))
+    return 1.0 / math.sqrt(n * qmax)
+
+
 def _integer_format(spec: QuantSpec, est: Estimator) -> IntFormat:
     fmt = spec.format
     if not isinstance(fmt, IntFormat):
@@ -143,6 +220,13 @@ def _integer_format(spec: QuantSpec, est: Estimator) -> IntFormat:
             f"estimator={str(est)!r} learns an integer grid; dtype={spec.dtype!r} is not an "
             "integer format: use int2..int8 / uint2..uint8, or estimator 'ste'/'clipped_ste'"
         )
+    if est == Estimator.LSQ_PLUS:
+        if spec.symmetric:
+            raise ValueError(
+                f"estimator='lsq_plus' learns an offset (asymmetric quantization): set "
+                f"symmetric=False for dtype={spec.dtype!r}, or use estimator 'lsq' for a symmetric grid"
+            )
+        return fmt
     if fmt.signed and not spec.symmetric:
         raise ValueError(
             f"estimator={str(est)!r} learns a scale with zero point 0: set symmetric=True, or "
@@ -244,6 +328,136 @@ def _lsq_bwd(spec, grad_scale, res, g):  # type: ignore[no-untyped-def]
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+# --- LSQ+ --------------------------------------------------------------------------------------
+
+
+def lsq_plus_qparams(scale: jax.Array, offset: jax.Array) -> QParams:
+    """The serving parameters of a learned LSQ+ quantizer: :math:`S = s`,
+    :math:`Z = \\lfloor -\\beta/s \\rceil` (int32, clipped to :math:`\\pm 2^{15}`).
+
+    :math:`\\hat x = S(q - Z)` is then :math:`s q + \\beta_Z` with :math:`\\beta_Z = -sZ`, the
+    offset rounded to the nearest multiple of :math:`s`; ``fake_quant(..., 'lsq_plus',
+    integer_offset=True)`` computes exactly this.
+    """
+    s = jnp.maximum(jnp.asarray(scale, jnp.float32), MIN_SCALE)
+    z = jnp.round(-jnp.asarray(offset, jnp.float32) * (1.0 / s))
+    z = jnp.clip(z, -ZERO_POINT_LIMIT, ZERO_POINT_LIMIT).astype(jnp.int32)
+    return QParams(scale=s, zero_point=z)
+
+
+def _lsq_plus_parts(spec, integer_offset, x, scale, offset, noise):  # type: ignore[no-untyped-def]
+    """``(x_hat, q, v)``: the forward value, the clipped integers and :math:`v = (x - \\beta)/s`."""
+    block = tiling.block_shape(x.shape, spec)
+    s, b = _grid_param(scale, x, spec), _grid_param(offset, x, spec)
+    x32 = x.astype(jnp.float32)
+    if integer_offset:
+        qp = lsq_plus_qparams(s, b)
+        z = qp.zero_point
+        assert z is not None
+        q = encode(x32, spec, qp, noise)
+        v = x32 * tiling.per_element(1.0 / qp.scale, x.shape, block)
+        v = v + tiling.per_element(z.astype(jnp.float32), x.shape, block)
+        return decode(q, spec, qp), q.astype(jnp.float32), v
+    qmin, qmax = spec.format.qrange(False)
+    s = jnp.maximum(s, MIN_SCALE)
+    s_el, b_el = tiling.per_element(s, x.shape, block), tiling.per_element(b, x.shape, block)
+    v = (x32 - b_el) * tiling.per_element(1.0 / s, x.shape, block)
+    q = jnp.clip(round_to_integer(v, spec.rounding, noise), qmin, qmax)
+    return q * s_el + b_el, q, v
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _lsq_plus(
+    spec: QuantSpec,
+    grad_scale: float,
+    integer_offset: bool,
+    x: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    noise: jax.Array | None,
+) -> jax.Array:
+    return _lsq_plus_parts(spec, integer_offset, x, scale, offset, noise)[0].astype(x.dtype)
+
+
+def _lsq_plus_fwd(spec, grad_scale, integer_offset, x, scale, offset, noise):  # type: ignore[no-untyped-def]
+    x_hat, q, v = _lsq_plus_parts(spec, integer_offset, x, scale, offset, noise)
+    qmin, qmax = spec.format.qrange(False)
+    inside = (v > qmin) & (v < qmax)
+    ds = jnp.where(inside, q - v, jnp.where(v <= qmin, float(qmin), float(qmax)))
+    like = (jnp.zeros_like(scale), jnp.zeros_like(offset))
+    return x_hat.astype(x.dtype), (inside, ds, like)
+
+
+def _lsq_plus_bwd(spec, grad_scale, integer_offset, res, g):  # type: ignore[no-untyped-def]
+    inside, ds, (scale_like, offset_like) = res
+    g32 = g.astype(jnp.float32)
+    g_scale = _sum_to_shape(_to_grid(g32 * ds, spec) * grad_scale, scale_like.shape)
+    g_offset = _sum_to_shape(_to_grid(jnp.where(inside, 0.0, g32), spec) * grad_scale, offset_like.shape)
+    return (
+        jnp.where(inside, g, jnp.zeros_like(g)),
+        g_scale.astype(scale_like.dtype),
+        g_offset.astype(offset_like.dtype),
+        None,
+    )
+
+
+_lsq_plus.defvjp(_lsq_plus_fwd, _lsq_plus_bwd)
+
+
+def lsq_plus_init(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """LSQ+'s min/max initialisation per block: ``(scale, offset)`` with
+
+    .. math::
+
+        s = \\frac{\\max x - \\min x}{q_{max} - q_{min}}, \\qquad \\beta = \\min x - q_{min} s,
+
+    so that :math:`s q_{min} + \\beta = \\min x` and :math:`s q_{max} + \\beta = \\max x` (the range is
+    not widened to include 0, unlike the asymmetric calibration of :mod:`qjax.numerics`).
+    """
+    fmt = _integer_format(spec, Estimator.LSQ_PLUS)
+    check_float_input(x)
+    x = jnp.asarray(x, jnp.float32)
+    flat = tiling.blocks_last(x, tiling.block_shape(x.shape, spec))
+    lo, hi = jnp.min(flat, axis=-1), jnp.max(flat, axis=-1)
+    qmin, qmax = fmt.qrange(False)
+    # Halves first: no overflow for ranges near 3e38.
+    scale = jnp.maximum((hi * 0.5 - lo * 0.5) * float(np.float32(2.0 / (qmax - qmin))), MIN_SCALE)
+    return scale, lo - qmin * scale
+
+
+# --- k-means centroid fine-tuning --------------------------------------------------------------
+
+
+def codebook_weight(centroids: jax.Array, indices: jax.Array, spec: QuantSpec) -> jax.Array:
+    """The weight of k-means centroid fine-tuning (Deep Compression, Han et al. 2016).
+
+    Each block :math:`b` of the weight (per-tensor: one; per-channel: one per channel) has the
+    centroids :math:`c_{b,0..K-1}` (``centroids``, shape ``grid + (K,)``) and every element a fixed
+    index (``indices``, the weight's shape):
+
+    .. math::
+
+        W_i = c_{b(i),\\, \\mathrm{idx}_i}, \\qquad
+        \\frac{\\partial L}{\\partial c_{b,k}} = \\sum_{i \\in b:\\ \\mathrm{idx}_i = k}
+            \\frac{\\partial L}{\\partial W_i}.
+
+    The gradient is autodiff's of the gather (a scatter-add); every weight lies on a centroid of
+    its block by construction, whatever the centroids are trained to.
+    """
+    if not isinstance(spec.format, CodebookFormat):
+        raise ValueError(f"codebook_weight needs a kmeans spec (kmeans1..kmeans8); got dtype={spec.dtype!r}")
+    block = tiling.block_shape(indices.shape, spec)
+    grid = tiling.grid_shape(indices.shape, block)
+    k = 2**spec.format.bits
+    if tuple(centroids.shape) != (*grid, k):
+        raise ValueError(
+            f"centroids have shape {tuple(centroids.shape)}, but a {spec.dtype} codebook of a "
+            f"{tuple(indices.shape)} weight under this spec has shape {(*grid, k)}"
+        )
+    flat = kmeans.lookup(centroids, tiling.blocks_last(indices, block))
+    return tiling.unblocks_last(flat, indices.shape, block)
 
 
 # --- PACT --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from qjax.nn.ops import (
 from qjax.nn.rules import ActivationScale, Rule, first_match
 from qjax.nn.stats import lsq_scale_from_stats, static_qparams, static_range
 from qjax.numerics import QArray, tiling
-from qjax.numerics.formats import MIN_SCALE, IntFormat
+from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat
 from qjax.ste import Estimator
 
 logger = logging.getLogger("qjax")
@@ -256,6 +256,12 @@ def convert(model: M) -> M:
             if kind == "conv" and getattr(layer, "mask", None) is not None:
                 raise ValueError(f"layer {path!r}: fold the Conv mask into the kernel before converting")
             kernel = getattr(layer, kernel_name)[...]
+            if op.rule.activations is not None and isinstance(op.rule.weights.format, CodebookFormat):
+                raise ValueError(
+                    f"layer {path!r}: {op.rule.weights.dtype} weights are served weight-only (the "
+                    "codebook decodes to float, no integer contraction); drop the rule's activation spec "
+                    "for serving, or use an integer weight dtype"
+                )
             if kind == "conv" and op.rule.activations is not None:
                 _check_integer_conv(path, op.rule, kernel)
             setattr(layer, kernel_name, QuantizedWeight(quantize_kernel(op, kernel)))

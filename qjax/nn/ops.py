@@ -2,11 +2,14 @@
 
 ``nnx.Linear.dot_general``, ``nnx.Conv.conv_general_dilated`` and ``nnx.Einsum.einsum_op`` are
 injectable; :class:`QuantizedOp` is an ``nnx.Module`` installed there, so the layer object, its
-code and its variable paths stay Flax's own. The op owns the quantizer state: learned LSQ scales
-and PACT clips (``nnx.Param``), calibration statistics (:class:`~qjax.nn.stats.QuantStats`) and
-static activation parameters. Its ``mode`` decides what a call does:
+code and its variable paths stay Flax's own. The op owns the quantizer state: learned LSQ scales,
+LSQ+ offsets, PACT clips and k-means centroids (``nnx.Param``), fixed k-means cluster indices
+(:class:`CodebookIndices`), calibration statistics (:class:`~qjax.nn.stats.QuantStats`) and static
+activation parameters. Its ``mode`` decides what a call does:
 
-* ``qat``: fake-quantize input and kernel with the rule's estimators, contract in float;
+* ``qat``: fake-quantize input and kernel with the rule's estimators, contract in float (with
+  ``weight_estimator='kmeans_finetune'`` the kernel is ``centroids[indices]``, and the layer's
+  own float kernel is not used);
 * ``calibrate``: record input statistics, contract in float;
 * ``serve``: quantize the input (dynamic or static scales), contract it with the stored ``QArray``
   kernel through :mod:`qjax.kernels` (int8 x int8 -> int32, fp8, or weight-only).
@@ -31,11 +34,46 @@ from qjax.nn.integer_qat import integer_forward_dot, supports_integer_forward
 from qjax.nn.rules import ActivationScale, Rule
 from qjax.nn.stats import QuantStats, StaticQParams, init_stats, update_stats
 from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize
+from qjax.numerics.calibration import check_finite
 from qjax.numerics.formats import IntFormat
+from qjax.numerics.qarray import pack_values
 from qjax.numerics.rounding import Rounding
-from qjax.ste import Estimator, fake_quant, lsq_init_scale
+from qjax.ste import Estimator, codebook_weight, fake_quant, lsq_init_scale, lsq_plus_qparams
 
 MODES = ("qat", "calibrate", "serve")
+
+
+_jit_quantize = jax.jit(quantize, static_argnums=1)  # k-means compiled once per kernel shape
+
+
+class CodebookIndices(nnx.Variable):
+    """The fixed cluster index of every weight of a k-means fine-tuned layer (uint8, not trained)."""
+
+
+def init_codebook(kernel: jax.Array, spec: QuantSpec) -> tuple[nnx.Param, CodebookIndices]:
+    """k-means of ``kernel`` (as :func:`qjax.quantize` runs it): trainable centroids, shape
+    ``grid + (2**bits,)``, and fixed indices, the kernel's shape."""
+    check_finite(kernel, "kernel")  # a no-op under jit: check before
+    q = _jit_quantize(kernel, spec)
+    assert q.codebook is not None
+    return nnx.Param(q.codebook), CodebookIndices(q.values.astype(jnp.uint8))
+
+
+def codebook_qarray(centroids: jax.Array, indices: jax.Array, spec: QuantSpec) -> QArray:
+    """The stored form of a fine-tuned codebook weight: packed indices and the trained centroids."""
+    last = indices.shape[-1] if indices.ndim else 1
+    return QArray(pack_values(indices, spec), None, None, None, centroids.astype(jnp.float32), spec, last)
+
+
+def _codebook_state(
+    rule: Rule, kernel: jax.Array, path: str
+) -> tuple[nnx.Param | None, CodebookIndices | None]:
+    if rule.weights is None or rule.weight_estimator != Estimator.KMEANS_FINETUNE:
+        return None, None
+    try:
+        return init_codebook(kernel, rule.weights)
+    except ValueError as e:
+        raise ValueError(f"layer {path!r} (k-means of the kernel): {e}") from None
 
 
 class QuantizedOp(nnx.Module):
@@ -57,8 +95,12 @@ class QuantizedOp(nnx.Module):
         self.weight_scale = (
             nnx.Param(lsq_init_scale(kernel, w)) if w is not None and rule.weight_estimator == "lsq" else None
         )
+        self.centroids, self.indices = _codebook_state(rule, kernel, path)
         self.stats = QuantStats(init_stats(rule.histogram_bins)) if a is not None else None
-        self.act_scale = nnx.Param(jnp.ones((), jnp.float32)) if _learns(rule, Estimator.LSQ) else None
+        lsq_plus = _learns(rule, Estimator.LSQ_PLUS)
+        learns_scale = _learns(rule, Estimator.LSQ) or lsq_plus
+        self.act_scale = nnx.Param(jnp.ones((), jnp.float32)) if learns_scale else None
+        self.act_offset = nnx.Param(jnp.zeros((), jnp.float32)) if lsq_plus else None
         self.act_clip = nnx.Param(jnp.full((), 6.0, jnp.float32)) if _learns(rule, Estimator.PACT) else None
         self.static = StaticQParams(None)
         stochastic = any(s is not None and s.rounding == Rounding.STOCHASTIC for s in (w, a))
@@ -122,6 +164,9 @@ class QuantizedOp(nnx.Module):
         spec = self.rule.weights
         if spec is None:
             return w
+        if self.centroids is not None and self.indices is not None:
+            centroids, indices = self.centroids[...], self.indices[...]
+            return self._checked(lambda: codebook_weight(centroids, indices, spec).astype(w.dtype), "kernel")
         scale = None if self.weight_scale is None else self.weight_scale[...]
         return self._checked(
             lambda: fake_quant(w, spec, self.rule.weight_estimator, key=self._key(), scale=scale), "kernel"
@@ -134,10 +179,14 @@ class QuantizedOp(nnx.Module):
         est = self.rule.activation_estimator
 
         def run() -> jax.Array:
-            if est == Estimator.LSQ:
+            if est in (Estimator.LSQ, Estimator.LSQ_PLUS):
                 assert self.act_scale is not None
                 n = math.prod(x.shape[1:]) if x.ndim > 1 else x.size  # features per example (LSQ)
                 _, qmax = _int_format(spec, self.path).qrange(spec.symmetric)
+                # LSQ+: the offset rounded onto the zero-point grid, so serving computes the same
+                learned: dict[str, Any] = {}
+                if self.act_offset is not None:
+                    learned = dict(offset=self.act_offset[...], integer_offset=True)
                 return fake_quant(
                     x,
                     spec,
@@ -145,6 +194,7 @@ class QuantizedOp(nnx.Module):
                     key=self._key(),
                     scale=self.act_scale[...],
                     grad_scale=1.0 / math.sqrt(n * qmax),
+                    **learned,
                 )
             if est == Estimator.PACT:
                 assert self.act_clip is not None
@@ -174,7 +224,12 @@ class QuantizedOp(nnx.Module):
     # -- serve ------------------------------------------------------------------------------------
 
     def input_qparams(self) -> QParams | None:
-        """Fixed activation parameters for serving: static calibration, LSQ or PACT; else None."""
+        """Fixed activation parameters for serving: static calibration, LSQ, LSQ+ or PACT; else None.
+
+        LSQ+: :math:`S = s`, :math:`Z = \\lfloor -\\beta/s \\rceil`, the integer offset the qat forward
+        already uses (:func:`qjax.ste.lsq_plus_qparams`)."""
+        if self.act_offset is not None and self.act_scale is not None:
+            return lsq_plus_qparams(self.act_scale[...], self.act_offset[...])
         if self.act_scale is not None:
             return QParams(self.act_scale[...])
         if self.act_clip is not None:
@@ -283,6 +338,7 @@ class QuantizedEmbedding(nnx.Module):
             if spec is not None and rule.weight_estimator == "lsq"
             else None
         )
+        self.centroids, self.indices = _codebook_state(rule, table, path)
 
     def __call__(self, args: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
         *rest, table = args
@@ -294,6 +350,9 @@ class QuantizedEmbedding(nnx.Module):
                 f"layer {self.path!r} is in mode 'serve' but its table is float: convert the model "
                 "first with qjax.nn.convert(model)"
             )
+        elif self.mode == "qat" and spec is not None and self.centroids is not None:
+            assert self.indices is not None
+            table = codebook_weight(self.centroids[...], self.indices[...], spec).astype(table.dtype)
         elif self.mode == "qat" and spec is not None:
             scale = None if self.weight_scale is None else self.weight_scale[...]
             table = fake_quant(table, spec, self.rule.weight_estimator, scale=scale)
@@ -301,8 +360,10 @@ class QuantizedEmbedding(nnx.Module):
 
 
 def quantize_kernel(op: QuantizedOp | QuantizedEmbedding, kernel: jax.Array) -> QArray:
-    """The stored kernel of a converted layer (with its learned LSQ scale, if any)."""
+    """The stored kernel of a converted layer (with its learned LSQ scale or fine-tuned codebook)."""
     spec = op.rule.weights
     assert spec is not None
+    if op.centroids is not None and op.indices is not None:
+        return codebook_qarray(op.centroids[...], op.indices[...], spec)
     qparams = None if op.weight_scale is None else QParams(op.weight_scale[...])
     return quantize(kernel, spec, qparams=qparams, key=jax.random.key(0))

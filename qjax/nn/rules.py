@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qjax.numerics.formats import CodebookFormat, IntFormat
 from qjax.numerics.spec import Granularity, QuantSpec, _as_enum
 from qjax.ste import Estimator
 
@@ -40,9 +41,12 @@ class Rule:
       weights: the spec of the layer's kernel (``None``: kernel stays float).
       activations: the spec of the layer's input (``None``: weight-only).
       weight_estimator: gradient of the weight quantizer in QAT (``ste``, ``clipped_ste``,
-        ``lsq``).
+        ``lsq``), or ``kmeans_finetune`` with a ``kmeans<b>`` weight spec: the layer trains the
+        centroids of its codebook, cluster indices fixed at ``quantize_model`` (Deep Compression;
+        see :func:`qjax.ste.codebook_weight`).
       activation_estimator: gradient of the activation quantizer in QAT (``ste``,
-        ``clipped_ste``, ``lsq``, ``pact``).
+        ``clipped_ste``, ``lsq``, ``pact``, or ``lsq_plus``: learned step size and offset, with an
+        asymmetric integer spec).
       activation_scale: ``dynamic`` (each batch's range, per-tensor or per-token) or ``static``
         (calibrated; needs a ``calibrate`` pass before ``convert``).
       observer: how calibration statistics become a static range.
@@ -90,11 +94,7 @@ class Rule:
         set_("activation_estimator", _as_enum(Estimator, self.activation_estimator, "activation_estimator"))
         set_("activation_scale", _as_enum(ActivationScale, self.activation_scale, "activation_scale"))
         set_("observer", _as_enum(Observer, self.observer, "observer"))
-        if self.weight_estimator == Estimator.PACT:
-            raise ValueError(
-                f"Rule {self.path!r}: weight_estimator='pact' learns an activation clip; "
-                "use 'lsq' to learn weight scales"
-            )
+        self._check_estimators()
         if self.activation_scale == ActivationScale.STATIC and self.activations is not None:
             g = self.activations.granularity
             if g != Granularity.PER_TENSOR:
@@ -110,6 +110,36 @@ class Rule:
             raise ValueError(f"Rule {self.path!r}: ema_decay={self.ema_decay} must be in (0, 1)")
         if self.histogram_bins < 16:
             raise ValueError(f"Rule {self.path!r}: histogram_bins={self.histogram_bins} must be >= 16")
+
+    def _check_estimators(self) -> None:
+        if self.weight_estimator in (Estimator.PACT, Estimator.LSQ_PLUS):
+            what = "clip" if self.weight_estimator == Estimator.PACT else "offset"
+            raise ValueError(
+                f"Rule {self.path!r}: weight_estimator={str(self.weight_estimator)!r} learns an "
+                f"activation {what}; use 'lsq' to learn weight scales"
+            )
+        if self.activation_estimator == Estimator.KMEANS_FINETUNE:
+            raise ValueError(
+                f"Rule {self.path!r}: activation_estimator='kmeans_finetune' trains a weight codebook; "
+                "set weight_estimator='kmeans_finetune' (with a kmeans weight spec) instead"
+            )
+        codebook = self.weights is not None and isinstance(self.weights.format, CodebookFormat)
+        if self.weight_estimator == Estimator.KMEANS_FINETUNE and not codebook:
+            got = "no weight spec" if self.weights is None else f"dtype={self.weights.dtype!r}"
+            raise ValueError(
+                f"Rule {self.path!r}: weight_estimator='kmeans_finetune' trains the centroids of a "
+                f"k-means codebook, but the rule has {got}; use weights={{'dtype': 'kmeans4', "
+                "'granularity': 'per_channel', 'axis': -1} (kmeans1..kmeans8, per_tensor or per_channel)"
+            )
+        acts = self.activations
+        if acts is None or self.activation_estimator != Estimator.LSQ_PLUS:
+            return
+        if not isinstance(acts.format, IntFormat) or acts.symmetric:
+            raise ValueError(
+                f"Rule {self.path!r}: activation_estimator='lsq_plus' learns a step size and an "
+                f"offset on an asymmetric integer grid; got dtype={acts.dtype!r}, symmetric="
+                f"{acts.symmetric}: use e.g. {{'dtype': 'uint4', 'symmetric': False}}"
+            )
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.path, path) is not None
