@@ -33,7 +33,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 PLOTS = ("line", "bar")
 ESTIMATORS = tuple(e.value for e in qjax.Estimator)
-WEIGHT_ESTIMATORS = tuple(e for e in ESTIMATORS if e != qjax.Estimator.PACT)
+WEIGHT_ESTIMATORS = tuple(e for e in ESTIMATORS if e not in (qjax.Estimator.PACT, qjax.Estimator.LSQ_PLUS))
+ACTIVATION_ESTIMATORS = tuple(e for e in ESTIMATORS if e != qjax.Estimator.KMEANS_FINETUNE)
 ACTIVATION_SCALES = tuple(e.value for e in qjax.nn.ActivationScale)
 OBSERVERS = tuple(e.value for e in qjax.nn.Observer)
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(qjax.QuantSpec))
@@ -293,7 +294,7 @@ def _check_spec(out: Problems, path: str, fields: dict[str, Any] | None, seed: i
 def _check_quant(out: Problems, q: QuantConfig, method: str) -> None:
     n = len(out)
     _one_of(out, "quant.weight_estimator", q.weight_estimator, WEIGHT_ESTIMATORS)
-    _one_of(out, "quant.activation_estimator", q.activation_estimator, ESTIMATORS)
+    _one_of(out, "quant.activation_estimator", q.activation_estimator, ACTIVATION_ESTIMATORS)
     _one_of(out, "quant.activation_scale", q.activation_scale, ACTIVATION_SCALES)
     _one_of(out, "quant.observer", q.observer, OBSERVERS)
     ok = _check_spec(out, "quant.weights", q.weights, q.rounding_seed)
@@ -321,7 +322,7 @@ def _check_override(out: Problems, p: str, q: QuantConfig, o: LayerOverride, spe
     if o.weight_estimator is not None:
         _one_of(out, f"{p}.weight_estimator", o.weight_estimator, WEIGHT_ESTIMATORS)
     if o.activation_estimator is not None:
-        _one_of(out, f"{p}.activation_estimator", o.activation_estimator, ESTIMATORS)
+        _one_of(out, f"{p}.activation_estimator", o.activation_estimator, ACTIVATION_ESTIMATORS)
     if specs_ok and not o.keep_float:  # the merged specs; their own errors are reported under quant.*
         w, a = override_specs(q, o)
         _check_spec(out, f"{p}.weights", w if o.weights else None, q.rounding_seed)

@@ -17,7 +17,7 @@ from qjax.numerics import (
     quantize_dequantize,
     unpack,
 )
-from qjax.ste import Estimator, fake_quant, lsq_init_scale
+from qjax.ste import Estimator, codebook_weight, fake_quant, lsq_init_scale, lsq_plus_init, lsq_plus_qparams
 
 __version__ = "0.1.0"
 
@@ -32,9 +32,12 @@ __all__ = [
     "Rounding",
     "__version__",
     "calibrate",
+    "codebook_weight",
     "dequantize",
     "fake_quant",
     "lsq_init_scale",
+    "lsq_plus_init",
+    "lsq_plus_qparams",
     "nn",
     "pack",
     "parse_format",

@@ -29,12 +29,13 @@ from qjax.nn.model import (
     set_mode,
     summary,
 )
-from qjax.nn.ops import QuantizedEmbedding, QuantizedOp
+from qjax.nn.ops import CodebookIndices, QuantizedEmbedding, QuantizedOp
 from qjax.nn.rules import ActivationScale, Observer, Rule
 from qjax.nn.stats import QuantStats, StaticQParams
 
 __all__ = [
     "ActivationScale",
+    "CodebookIndices",
     "FakeQuantDotGeneral",
     "FoldedBatchNorm",
     "HookCall",
