@@ -33,6 +33,7 @@ from experiments.tasks import batchnorm_pairs, get_task
 from experiments.tasks.base import Task, evaluate
 from experiments.train_loop import make_tx, total_steps, train
 from experiments.validation import override_specs
+from qjax import methods
 from qjax.methods import mixed_precision
 
 logger = logging.getLogger("qjax.experiments")
@@ -185,6 +186,14 @@ def apply_method(
     else:
         qmodel = quantize(cfg, base)
     qjax.nn.calibrate(qmodel, calib)
+    if cfg.method.rounding == "adaround":
+        m = cfg.method
+        layers: list[methods.LayerReport] = []
+        ada = methods.AdaRoundConfig(
+            iterations=m.adaround_iterations, samples=m.adaround_samples, lr=m.adaround_lr
+        )
+        qmodel = methods.adaround(qmodel, base, calib, config=ada, report=layers)
+        records.write_json(cell_dir / "adaround.json", [dataclasses.asdict(r) for r in layers])
     if cfg.method.bias_correction:
         qmodel = qjax.nn.bias_correction(qmodel, base, calib)
     if cfg.method.name == "qat":

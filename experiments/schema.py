@@ -93,6 +93,7 @@ class MethodConfig:
         2020: learned up/down rounding per weight, layer by layer on the calibration data).
       adaround_iterations: Adam iterations per layer of AdaRound.
       adaround_samples: calibration examples AdaRound reconstructs each layer's output on.
+      adaround_lr: Adam learning rate of AdaRound's rounding variables (the paper: 1e-3).
       bit_budget: mixed precision by sensitivity: average weight bits (weighted by parameter
         count) that the per-layer widths must meet; ``null`` = the widths of the specs.
       candidate_bits: the widths the mixed-precision allocation chooses from.
@@ -110,6 +111,7 @@ class MethodConfig:
     rounding: str | None = None
     adaround_iterations: int = 2000
     adaround_samples: int = 1024
+    adaround_lr: float = 1e-3
     bit_budget: float | None = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     sensitivity_examples: int = 1000

@@ -249,6 +249,8 @@ def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
             out.append(("method.rounding", "AdaRound rounds weights: set quant.weights"))
     _at_least(out, "method.adaround_iterations", m.adaround_iterations, 1)
     _at_least(out, "method.adaround_samples", m.adaround_samples, 1)
+    if m.adaround_lr <= 0:
+        out.append(("method.adaround_lr", f"{m.adaround_lr} must be > 0, e.g. 0.001"))
     _at_least(out, "method.sensitivity_examples", m.sensitivity_examples, 1)
     if m.bit_budget is not None:
         if m.bit_budget <= 0:

@@ -1,6 +1,6 @@
 """qjax: quantization research for JAX."""
 
-from qjax import nn, training
+from qjax import methods, nn, training
 from qjax.numerics import (
     FORMAT_NAMES,
     Calibration,
@@ -38,6 +38,7 @@ __all__ = [
     "lsq_init_scale",
     "lsq_plus_init",
     "lsq_plus_qparams",
+    "methods",
     "nn",
     "pack",
     "parse_format",

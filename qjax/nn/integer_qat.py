@@ -66,6 +66,7 @@ def integer_forward_dot(
     activation_estimator: str,
     weight_estimator: str,
     activation_qparams: QParams | None = None,
+    weight_qparams: QParams | None = None,
     keys: tuple[jax.Array | None, jax.Array | None] = (None, None),
     residuals: str = "quantized",
 ) -> jax.Array:
@@ -74,7 +75,7 @@ def integer_forward_dot(
         raise ValueError(f"residuals={residuals!r} must be 'quantized' or 'original'")
     sides = ((activations, activation_estimator), (weights, weight_estimator), residuals)
     qp_x = _qparams(jax.lax.stop_gradient(x), activations, activation_qparams)
-    qp_w = _qparams(jax.lax.stop_gradient(w), weights, None)
+    qp_w = _qparams(jax.lax.stop_gradient(w), weights, weight_qparams)
     noise = (noise_for(keys[0], x.shape, activations), noise_for(keys[1], w.shape, weights))
     return _integer_dot(dimension_numbers, sides, x, w, qp_x, qp_w, noise)
 

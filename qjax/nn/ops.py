@@ -103,6 +103,7 @@ class QuantizedOp(nnx.Module):
         self.act_offset = nnx.Param(jnp.zeros((), jnp.float32)) if lsq_plus else None
         self.act_clip = nnx.Param(jnp.full((), 6.0, jnp.float32)) if _learns(rule, Estimator.PACT) else None
         self.static = StaticQParams(None)
+        self.weight_static = StaticQParams(None)  # fixed kernel parameters (e.g. AdaRound's grid)
         stochastic = any(s is not None and s.rounding == Rounding.STOCHASTIC for s in (w, a))
         self.rngs = nnx.Rngs(quantize=seed) if stochastic else None
 
@@ -152,6 +153,7 @@ class QuantizedOp(nnx.Module):
             activation_estimator=rule.activation_estimator,
             weight_estimator=rule.weight_estimator,
             activation_qparams=self._static_qparams(),
+            weight_qparams=self.weight_qparams(),
             keys=(self._key(), self._key()),
             residuals=rule.ste_residuals,
         )
@@ -168,9 +170,18 @@ class QuantizedOp(nnx.Module):
             centroids, indices = self.centroids[...], self.indices[...]
             return self._checked(lambda: codebook_weight(centroids, indices, spec).astype(w.dtype), "kernel")
         scale = None if self.weight_scale is None else self.weight_scale[...]
+        qparams = self.weight_qparams()
         return self._checked(
-            lambda: fake_quant(w, spec, self.rule.weight_estimator, key=self._key(), scale=scale), "kernel"
+            lambda: fake_quant(
+                w, spec, self.rule.weight_estimator, key=self._key(), scale=scale, qparams=qparams
+            ),
+            "kernel",
         )
+
+    def weight_qparams(self) -> QParams | None:
+        """Fixed kernel parameters (set by e.g. AdaRound), or ``None``: calibrated from the kernel."""
+        value = self.weight_static.get_value()
+        return None if value is None else QParams(*value)
 
     def _fake_input(self, x: jax.Array) -> jax.Array:
         spec = self.rule.activations
@@ -365,5 +376,8 @@ def quantize_kernel(op: QuantizedOp | QuantizedEmbedding, kernel: jax.Array) -> 
     assert spec is not None
     if op.centroids is not None and op.indices is not None:
         return codebook_qarray(op.centroids[...], op.indices[...], spec)
-    qparams = None if op.weight_scale is None else QParams(op.weight_scale[...])
+    if op.weight_scale is not None:
+        qparams: QParams | None = QParams(op.weight_scale[...])
+    else:
+        qparams = op.weight_qparams() if isinstance(op, QuantizedOp) else None
     return quantize(kernel, spec, qparams=qparams, key=jax.random.key(0))
