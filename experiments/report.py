@@ -256,6 +256,57 @@ def report_config(
 # -- rendering -------------------------------------------------------------------------------------
 
 
+def paired_differences(p: Pivot, baseline: str) -> dict[tuple[str, str], tuple[float, ...]]:
+    """Per row and non-baseline column, the differences ``x[column] - x[baseline]`` of records that
+    agree on every other axis (the seeds): one per matched pair, in the order of the cell's records."""
+    if baseline not in p.columns:
+        raise ReportError(f"report.baseline={baseline!r} is not a column; the columns are {p.columns}")
+
+    def key(record: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(label((record.get("axes") or {}).get(a)) for a in p.other_axes)
+
+    out = {}
+    for row in p.rows:
+        ref = p.stats[(row, baseline)]
+        base = {key(r): v for r, v in zip(ref.records, ref.values, strict=True)}
+        for column in p.columns:
+            if column == baseline:
+                continue
+            stat = p.stats[(row, column)]
+            out[(row, column)] = tuple(
+                v - base[key(r)] for r, v in zip(stat.records, stat.values, strict=True) if key(r) in base
+            )
+    return out
+
+
+def _paired_table(p: Pivot, baseline: str) -> list[str]:
+    diffs = paired_differences(p, baseline)
+    columns = [c for c in p.columns if c != baseline]
+
+    def cell(d: tuple[float, ...]) -> str:
+        if not d:
+            return "-"
+        mean = float(np.mean(d))
+        text = f"{mean:+.4f}"
+        if len(d) > 1:
+            text += f" ± {float(np.std(d, ddof=1)):.4f}"
+        return text + f" ({sum(x > 0 for x in d)}/{len(d)} > 0)"
+
+    over = ", ".join(p.other_axes) if p.other_axes else "repeated cells"
+    lines = [
+        "",
+        f"## Difference to `{baseline}`, paired by {over}",
+        "",
+        f"`{p.config.metric}[column] - {p.config.metric}[{baseline}]` for records that agree on {over}: "
+        "mean ± sample std of the differences, and how many are above zero.",
+        "",
+    ]
+    return lines + _table(
+        [f"{p.config.rows} \\ {p.config.columns}", *columns],
+        ([row, *(cell(diffs[(row, c)]) for c in columns)] for row in p.rows),
+    )
+
+
 def format_number(x: float, digits: int = 4) -> str:
     """``x`` with about ``digits`` significant digits, as a fixed-point number (``inf``, ``nan`` as such)."""
     if not math.isfinite(x):
@@ -294,6 +345,8 @@ def render_markdown(p: Pivot, sweep_dir: pathlib.Path, command: str) -> str:
     lines.append("")
     body = ([row, *(format_stat(p.stats[(row, c)], p.expected) for c in p.columns)] for row in p.rows)
     lines += _table([f"{cfg.rows} \\ {cfg.columns}", *p.columns], body)
+    if cfg.baseline is not None:
+        lines += _paired_table(p, cfg.baseline)
     if p.failed:
         lines += ["", f"## Failed cells ({len(p.failed)})", ""]
         for f in p.failed:
@@ -460,6 +513,7 @@ def render(
     rows: str | None = None,
     columns: str | None = None,
     plot: str | None = None,
+    baseline: str | None = None,
     command: str | None = None,
 ) -> dict[str, pathlib.Path]:
     """Render ``results.md``, ``results.csv``, ``results.png`` and ``layers.md`` into ``sweep_dir``.
@@ -469,7 +523,9 @@ def render(
     """
     root = pathlib.Path(sweep_dir)
     records = load_results(root)
-    cfg = report_config(root, records, metric=metric, rows=rows, columns=columns, plot=plot)
+    cfg = report_config(
+        root, records, metric=metric, rows=rows, columns=columns, plot=plot, baseline=baseline
+    )
     p = pivot(records, cfg)
     outputs = {
         "results.md": render_markdown(p, root, command or f"qjax-report {root}").encode(),
@@ -485,7 +541,7 @@ def render(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``qjax-report SWEEP_DIR [--metric M] [--rows K] [--columns K] [--plot line|bar]``."""
+    """``qjax-report SWEEP_DIR [--metric M] [--rows K] [--columns K] [--plot line|bar] [--baseline C]``."""
     parser = argparse.ArgumentParser(
         prog="qjax-report", description="Re-render a sweep's tables and plots from its results.jsonl."
     )
@@ -496,6 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", help="axis name or dotted config key of the rows, e.g. bits")
     parser.add_argument("--columns", help="axis name or dotted config key of the columns, e.g. method.name")
     parser.add_argument("--plot", choices=PLOTS, help="line or bar")
+    parser.add_argument(
+        "--baseline", help="a column label: add a table of per-seed differences to it, e.g. per-channel"
+    )
     args = parser.parse_args(argv)
     command = " ".join(["qjax-report", *(argv if argv is not None else sys.argv[1:])])
     try:
@@ -505,6 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows=args.rows,
             columns=args.columns,
             plot=args.plot,
+            baseline=args.baseline,
             command=command,
         )
     except ReportError as e:

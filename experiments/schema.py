@@ -197,6 +197,8 @@ class ReportConfig:
       plot: ``line`` (metric against ``rows``, one line per column value) or ``bar`` (grouped
         bars with error bars).
       title: plot and table title (default: the sweep name).
+      baseline: a column label; when set, ``results.md`` adds a table of differences to that
+        column paired by the other axes (the seeds): mean +- std of the per-seed differences.
     """
 
     rows: str = "method.name"
@@ -204,6 +206,7 @@ class ReportConfig:
     metric: str = "accuracy"
     plot: str = "bar"
     title: str | None = None
+    baseline: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -523,3 +523,16 @@ def test_listing_and_sweep_yaml(tmp_path):
     raw = yaml.safe_load(spec.dump_yaml())
     assert raw["sweep"]["seed"] == [7] and "base" not in raw
     assert config.expand(raw).cells() == spec.cells()  # the written sweep reproduces the grid
+
+
+def test_report_baseline_must_be_a_column_label(tmp_path):
+    text = (
+        PTQ
+        + "sweep: {method.name: [ptq, qat]}\nreport: {rows: seed, columns: method.name, baseline: float}\n"
+    )
+    with pytest.raises(
+        config.ConfigError, match=r"report\.baseline: 'float' is not a label of the column axis"
+    ):
+        load(tmp_path, text)
+    ok = load(tmp_path, text.replace("baseline: float", "baseline: ptq"))
+    assert ok.base.report.baseline == "ptq"

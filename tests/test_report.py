@@ -323,3 +323,31 @@ def test_a_write_killed_midway_leaves_the_old_file(tmp_path, monkeypatch):
     assert seen == [4000]
     assert target.read_bytes() == b"old complete file\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # no temporary file left
+
+
+def test_paired_differences_match_numpy(tmp_path):
+    records = _records()
+    root = _write(tmp_path, records)
+    report.render(root, baseline="ptq")
+    acc = {
+        (r["axes"]["seed"], r["axes"]["method.name"], r["axes"]["bits"]): r["metrics"]["accuracy"]
+        for r in records
+        if r["status"] == "ok"
+    }
+    text = (root / "results.md").read_text()
+    assert "## Difference to `ptq`, paired by seed" in text
+    for bits in BITS:
+        d = np.array(
+            [
+                acc[(s, "qat", bits)] - acc[(s, "ptq", bits)]
+                for s in SEEDS
+                if (s, "ptq", bits) in acc and (s, "qat", bits) in acc
+            ]
+        )
+        expected = f"{d.mean():+.4f}"
+        if len(d) > 1:
+            expected += f" ± {d.std(ddof=1):.4f}"
+        expected += f" ({int((d > 0).sum())}/{len(d)} > 0)"
+        assert f"| {bits} | {expected} |" in text
+    with pytest.raises(report.ReportError, match="baseline='lsq' is not a column"):
+        report.render(root, baseline="lsq")
