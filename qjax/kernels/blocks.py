@@ -1,0 +1,162 @@
+"""What every Pallas kernel of qjax shares: the backend it is built for, its block sizes and padding.
+
+**Backend.** A kernel is built for one of ``"gpu"`` (Pallas on Triton, chosen explicitly through
+``jax.experimental.pallas.triton.CompilerParams``), ``"tpu"`` (Pallas on Mosaic) or ``"interpret"``
+(the Pallas interpreter: any device, used on CPU and in the tests). :func:`resolve_backend` maps the
+``backend=`` argument of a kernel (``None`` = the default device's platform) to one of these;
+``"cuda"``/``"rocm"`` are aliases of ``"gpu"``. Lowering for a platform other than the host's, e.g.
+``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`` on a CPU machine, needs ``backend=``
+named explicitly, since the default would be the host's.
+
+**Blocks.** :data:`BLOCK_TABLE` holds block sizes ``(block_m, block_n, block_k)`` per kernel and
+backend, keyed by the smallest M bucket that holds the problem's M (small M: decode; large M:
+prefill). :func:`choose_blocks` reads it; a kernel's ``blocks=`` argument (a :class:`Blocks` or a
+mapping with any of its fields) overrides it, and :func:`set_blocks` changes the table for a
+session. TPU tiles respect Mosaic's (8, 128) layout: ``block_m`` a multiple of 8 (32 for int8
+operands), ``block_n`` and ``block_k`` multiples of 128. Triton's ``dot`` needs every block
+dimension >= 16.
+
+**Padding.** Problems whose M, N or K are not multiples of the blocks are zero-padded up to them by
+:func:`pad_axis` and the output sliced back: zeros contribute nothing to a contraction. Weights are
+padded once, when they are packed for a kernel, so that a call pads only the (small) activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("gpu", "tpu", "interpret")
+_ALIASES = {
+    "cuda": "gpu",
+    "rocm": "gpu",
+    "gpu": "gpu",
+    "tpu": "tpu",
+    "interpret": "interpret",
+    "cpu": "interpret",
+}
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """``"gpu"``, ``"tpu"`` or ``"interpret"`` for ``backend`` (``None``: the default device's)."""
+    name = jax.default_backend() if backend is None else backend
+    if name not in _ALIASES:
+        raise ValueError(
+            f"backend={backend!r} is not one of {sorted(_ALIASES)}; pass 'gpu' (Triton), 'tpu' "
+            "(Mosaic) or 'interpret' (the Pallas interpreter, any device), or None for the default device"
+        )
+    return _ALIASES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Block sizes of a tiled matmul kernel and, for Triton, its launch parameters."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Blocks.{name}={value!r}: expected a positive integer")
+
+
+# (kernel, backend) -> ((largest M of the bucket, Blocks), ...) in increasing M; the last bucket has
+# no upper bound. Entries are starting points measured on the machines named in
+# docs/benchmarks/; override per call with blocks= or per session with set_blocks().
+_INF = 1 << 62
+BLOCK_TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
+    ("w8a8", "gpu"): (
+        (16, Blocks(16, 128, 128, num_warps=4, num_stages=4)),
+        (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),
+        (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
+    ),
+    ("w8a8", "tpu"): ((32, Blocks(32, 256, 512)), (_INF, Blocks(256, 256, 512))),
+    ("w8a8", "interpret"): ((_INF, Blocks(32, 128, 128)),),
+    ("fp8", "gpu"): (
+        (16, Blocks(16, 128, 128, num_warps=4, num_stages=4)),
+        (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),
+        (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
+    ),
+    ("fp8", "tpu"): ((32, Blocks(32, 256, 512)), (_INF, Blocks(256, 256, 512))),
+    ("fp8", "interpret"): ((_INF, Blocks(32, 128, 128)),),
+    ("w4a16", "gpu"): (
+        (16, Blocks(16, 64, 128, num_warps=4, num_stages=4)),
+        (64, Blocks(64, 64, 128, num_warps=4, num_stages=4)),
+        (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
+    ),
+    ("w4a16", "tpu"): ((32, Blocks(32, 256, 512)), (_INF, Blocks(256, 256, 512))),
+    ("w4a16", "interpret"): ((_INF, Blocks(32, 128, 128)),),
+    ("act_quant", "gpu"): ((_INF, Blocks(16, 1, 1, num_warps=4, num_stages=1)),),
+    ("act_quant", "tpu"): ((_INF, Blocks(32, 1, 1)),),
+    ("act_quant", "interpret"): ((_INF, Blocks(32, 1, 1)),),
+}
+
+
+def choose_blocks(
+    kernel: str, backend: str, m: int, blocks: Blocks | Mapping[str, Any] | None = None
+) -> Blocks:
+    """The table's blocks for ``kernel`` on ``backend`` at ``m`` rows, with ``blocks`` over them."""
+    key = (kernel, resolve_backend(backend))
+    if key not in BLOCK_TABLE:
+        kernels = sorted({k for k, _ in BLOCK_TABLE})
+        raise ValueError(f"no block table for kernel {kernel!r} on {key[1]!r}; kernels: {kernels}")
+    chosen = next(b for limit, b in BLOCK_TABLE[key] if m <= limit)
+    if blocks is None:
+        return chosen
+    if isinstance(blocks, Blocks):
+        return blocks
+    unknown = set(blocks) - {f.name for f in dataclasses.fields(Blocks)}
+    if unknown:
+        raise ValueError(
+            f"blocks: unknown fields {sorted(unknown)}; fields of Blocks: "
+            f"{[f.name for f in dataclasses.fields(Blocks)]}"
+        )
+    return dataclasses.replace(chosen, **dict(blocks))
+
+
+def set_blocks(kernel: str, backend: str, table: tuple[tuple[int, Blocks], ...]) -> None:
+    """Replace the table entry of ``kernel`` on ``backend`` (buckets ``(largest m, Blocks)``)."""
+    if not table or any(a[0] >= b[0] for a, b in itertools.pairwise(table)):
+        raise ValueError("table: expected a non-empty tuple of (largest m, Blocks) in increasing m")
+    BLOCK_TABLE[(kernel, resolve_backend(backend))] = (*table[:-1], (_INF, table[-1][1]))
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n``."""
+    return -(-n // multiple) * multiple
+
+
+def pad_axis(x: jax.Array, axis: int, multiple: int, value: Any = 0) -> jax.Array:
+    """``x`` zero-padded (or ``value``-padded) at the end of ``axis`` to a multiple of ``multiple``."""
+    size = x.shape[axis]
+    extra = round_up(size, multiple) - size
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def compiler_params(backend: str, blocks: Blocks, dimension_semantics: tuple[str, ...]) -> Any:
+    """Pallas ``compiler_params`` for ``backend``: Triton's (warps, stages), Mosaic's (dimension
+    semantics: ``"parallel"`` or ``"arbitrary"`` per grid axis), none for the interpreter."""
+    backend = resolve_backend(backend)
+    if backend == "gpu":
+        from jax.experimental.pallas import triton as pl_triton
+
+        return pl_triton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    if backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+    return None
