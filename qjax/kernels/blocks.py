@@ -158,5 +158,5 @@ def compiler_params(backend: str, blocks: Blocks, dimension_semantics: tuple[str
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+        return pltpu.CompilerParams(dimension_semantics=dimension_semantics)  # type: ignore[arg-type]
     return None
