@@ -117,7 +117,13 @@ def model_storage(model: nnx.Module) -> dict[str, Any]:
     kernels: dict[int, nnx.Module] = {}
     for _, layer in quantizable_layers(model):
         kernels[id(getattr(layer, _kernel_name(layer)))] = layer
-    skip = {id(op.weight_scale) for op in ops.values() if op.weight_scale is not None}
+    # learned scales and k-means codebooks/indices are part of the QArray a kernel would store
+    skip = {
+        id(v)
+        for op in ops.values()
+        for v in (op.weight_scale, getattr(op, "centroids", None), getattr(op, "indices", None))
+        if v is not None
+    }
     params: list[dict[str, Any]] = []
     for parts, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Variable) or isinstance(var, QuantStats | nnx.RngState):

@@ -137,6 +137,17 @@ def test_learned_weight_scale_is_not_counted_twice(converted):
     assert s["size_bytes"] == (35 + 7 * 4) + (21 + 3 * 4) + BIAS_BYTES_MLP
 
 
+@pytest.mark.parametrize("converted", [False, True])
+def test_kmeans_codebook_and_indices_are_counted_once(converted):
+    q = _quantized(_mlp(), qjax.QuantSpec(dtype="kmeans2"), None, weight_estimator="kmeans_finetune")
+    assert any(op.centroids is not None for _, _, op in qjax.nn.quantized_ops(q))
+    s = model_storage(qjax.nn.convert(q) if converted else q)
+    # 2-bit indices packed 4 per byte along the last axis + a 4-entry float32 codebook per tensor
+    fc1, fc2 = 5 * 2 + 4 * 4, 7 * 1 + 4 * 4
+    assert s["kernel_bytes"] == fc1 + fc2
+    assert s["size_bytes"] == fc1 + fc2 + BIAS_BYTES_MLP
+
+
 def test_static_scales_are_counted_statistics_are_not():
     q = _quantized(_mlp(), W8, A8, activation_scale="static")
     before = model_storage(q)["size_bytes"]
