@@ -1,5 +1,45 @@
-"""Low-precision contractions: the XLA integer/fp8 path (every backend) and, later, Pallas kernels."""
+"""Low-precision contractions: Pallas kernels (W8A8, W4A16, FP8, per-token activation quantization)
+with a pure-jnp ``*_reference`` beside each, the XLA integer/fp8 path, and the dispatch between them
+that ``serve`` mode uses (:mod:`qjax.kernels.dispatch`)."""
 
+from qjax.kernels.act_quant import quantize_per_token, quantize_per_token_reference
+from qjax.kernels.blocks import BLOCK_TABLE, Blocks, choose_blocks, resolve_backend, set_blocks
+from qjax.kernels.dispatch import (
+    KERNEL_PATHS,
+    check_kernel_path,
+    kernel_plan,
+    resolved_kernel_path,
+    serve_dot_general,
+)
+from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
+from qjax.kernels.w4a16 import PackedW4, pack_w4, unpack_w4, w4a16_matmul, w4a16_matmul_reference
+from qjax.kernels.w8a8 import int8_matmul, int8_matmul_reference, w8a8_matmul, w8a8_matmul_reference
 from qjax.kernels.xla import quantized_conv, quantized_dot_general
 
-__all__ = ["quantized_conv", "quantized_dot_general"]
+__all__ = [
+    "BLOCK_TABLE",
+    "KERNEL_PATHS",
+    "Blocks",
+    "PackedW4",
+    "check_kernel_path",
+    "choose_blocks",
+    "fp8_matmul",
+    "fp8_matmul_reference",
+    "int8_matmul",
+    "int8_matmul_reference",
+    "kernel_plan",
+    "pack_w4",
+    "quantize_per_token",
+    "quantize_per_token_reference",
+    "quantized_conv",
+    "quantized_dot_general",
+    "resolve_backend",
+    "resolved_kernel_path",
+    "serve_dot_general",
+    "set_blocks",
+    "unpack_w4",
+    "w4a16_matmul",
+    "w4a16_matmul_reference",
+    "w8a8_matmul",
+    "w8a8_matmul_reference",
+]

@@ -26,6 +26,7 @@ from qjax.nn.model import (
     quantizable_layers,
     quantize_model,
     quantized_ops,
+    set_kernels,
     set_mode,
     summary,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "quantize_model",
     "quantized_ops",
     "record_hook_calls",
+    "set_kernels",
     "set_mode",
     "sqnr_db",
     "summary",

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.kernels.dispatch import check_kernel_path
 from qjax.nn.ops import (
     MODES,
     QuantizedEmbedding,
@@ -161,6 +162,16 @@ def quantize_model(
     if float_layers:
         logger.info("layers left in float: %s", ", ".join(float_layers))
     return convert(qmodel) if mode == "convert" else qmodel
+
+
+def set_kernels(model: M, kernels: str) -> M:
+    """Set the ``kernels`` field of every quantized layer's rule (in place; returns ``model``):
+    ``auto``, ``pallas``, ``xla`` or ``reference`` (see :class:`Rule`). The rule is static, so a
+    jitted forward retraces for the new path."""
+    check_kernel_path(kernels)
+    for _, _, op in quantized_ops(model):
+        op.rule = dataclasses.replace(op.rule, kernels=kernels)
+    return model
 
 
 def set_mode(model: M, mode: str) -> M:

@@ -266,14 +266,14 @@ class QuantizedOp(nnx.Module):
             return float_op(dequantize(x, lhs.dtype) if isinstance(x, QArray) else x, rhs)
         out_dtype = jnp.result_type(lhs)
         if self.kind == "dot_general":
-            return kernels.quantized_dot_general(x, rhs, rest[0], out_dtype=out_dtype)
+            return kernels.serve_dot_general(x, rhs, rest[0], out_dtype=out_dtype, path=self.rule.kernels)
         if self.kind == "conv":
             conv_kwargs = _conv_kwargs(rest, kwargs)
             return self._checked(
                 lambda: kernels.quantized_conv(x, rhs, out_dtype=out_dtype, **conv_kwargs), "convolution"
             )
         dn, perm = einsum_dimension_numbers(args[0], lhs.ndim, rhs.data.ndim)
-        y = kernels.quantized_dot_general(x, rhs, dn, out_dtype=out_dtype)
+        y = kernels.serve_dot_general(x, rhs, dn, out_dtype=out_dtype, path=self.rule.kernels)
         return jnp.transpose(y, perm)
 
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qjax.kernels.dispatch import KERNEL_PATHS
 from qjax.numerics.formats import CodebookFormat, IntFormat
 from qjax.numerics.spec import Granularity, QuantSpec, _as_enum
 from qjax.ste import Estimator
@@ -59,6 +60,10 @@ class Rule:
       ste_residuals: with ``integer_forward``, what the backward pass contracts the cotangent
         with: ``quantized`` (``Q(x)``, ``Q(w)``: the exact gradient of the simulated network) or
         ``original`` (the float ``x``, ``w``: cheaper, Qwix's default for forward-only QAT).
+      kernels: what a served (converted) Linear or Einsum layer runs its contraction on: ``auto``
+        (Pallas kernels on GPU and TPU, the XLA integer path on CPU), ``pallas`` (on CPU: the Pallas
+        interpreter), ``xla``, or ``reference`` (the kernels' pure-jnp references, for debugging);
+        contractions no kernel covers run on XLA (see :mod:`qjax.kernels.dispatch`).
     """
 
     path: str
@@ -72,6 +77,7 @@ class Rule:
     histogram_bins: int = 2048
     integer_forward: bool = True
     ste_residuals: str = "quantized"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -105,6 +111,10 @@ class Rule:
         if self.ste_residuals not in ("quantized", "original"):
             raise ValueError(
                 f"Rule {self.path!r}: ste_residuals={self.ste_residuals!r} must be 'quantized' or 'original'"
+            )
+        if self.kernels not in KERNEL_PATHS:
+            raise ValueError(
+                f"Rule {self.path!r}: kernels={self.kernels!r} must be one of {list(KERNEL_PATHS)}"
             )
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"Rule {self.path!r}: ema_decay={self.ema_decay} must be in (0, 1)")

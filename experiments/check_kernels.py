@@ -1,0 +1,151 @@
+"""Every Pallas kernel against its pure-jnp reference on the current device, in one short run.
+
+``python -m experiments.check_kernels [--backend gpu|tpu|interpret] [--out check.json]``
+
+The unit tests (``tests/test_kernels_*.py``) check the kernels in the Pallas interpreter on CPU and
+their lowering for ``cuda`` and ``tpu``; this script is the check on a real accelerator, where
+Triton or Mosaic compile the kernels: int8 exactness of the W8A8 accumulator, the W8A8 / FP8 /
+W4A16 outputs within float rounding of their references, and the per-token quantization bit for
+bit, at decode (M = 1), odd and Llama-sized shapes. It prints one line per case and exits non-zero
+if any case fails (compile errors included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.kernels import act_quant, blocks, fp8, w4a16, w8a8
+
+SHAPES = ((1, 4096, 4096), (16, 4096, 12288), (33, 200, 130), (1024, 4096, 4096))
+
+
+def _rel(y: jax.Array, r: jax.Array) -> float:
+    y64, r64 = np.asarray(y, np.float64), np.asarray(r, np.float64)
+    return float(np.max(np.abs(y64 - r64)) / (np.max(np.abs(r64)) + 1e-30))
+
+
+def _int8(rng: np.random.Generator, *shape: int) -> jax.Array:
+    return jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
+
+
+def case_int8(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+    x, w = _int8(rng, m, k), _int8(rng, k, n)
+    y = jax.jit(functools.partial(w8a8.int8_matmul, backend=backend))(x, w)
+    return float(np.max(np.abs(np.asarray(y, np.int64) - np.asarray(w8a8.int8_matmul_reference(x, w))))), 0.0
+
+
+def case_w8a8(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+    x, w = _int8(rng, m, k), _int8(rng, k, n)
+    xs = jnp.asarray(rng.uniform(1e-3, 1e-2, (m, 1)), jnp.float32)
+    ws = jnp.asarray(rng.uniform(1e-3, 1e-2, (1, n)), jnp.float32)
+    zp = jnp.asarray(rng.integers(-20, 20, (m, 1)), jnp.int32)
+    bias = jnp.asarray(rng.normal(size=(n,)), jnp.float32)
+    kw: dict[str, Any] = dict(x_zero_point=zp, bias=bias, out_dtype=jnp.float32)
+    y = jax.jit(functools.partial(w8a8.w8a8_matmul, backend=backend, **kw))(x, xs, w, ws)
+    return _rel(y, w8a8.w8a8_matmul_reference(x, xs, w, ws, **kw)), 1e-5
+
+
+def case_fp8(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+    e4m3 = jnp.float8_e4m3fn
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32).astype(e4m3)
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32).astype(e4m3)
+    xs = jnp.asarray(rng.uniform(0.5, 2, (m, 1)), jnp.float32)
+    ws = jnp.asarray(rng.uniform(0.5, 2, (1, n)), jnp.float32)
+    y = jax.jit(functools.partial(fp8.fp8_matmul, backend=backend, out_dtype=jnp.float32))(x, xs, w, ws)
+    return _rel(y, fp8.fp8_matmul_reference(x, xs, w, ws, out_dtype=jnp.float32)), 2e-3
+
+
+def case_w4a16(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+    g = 128 if k % 128 == 0 else 32 if k % 32 == 0 else 0
+    if g == 0:
+        k, g = k - k % 32, 32
+    q = jnp.asarray(rng.integers(0, 16, (k, n)), jnp.int8)
+    s = jnp.asarray(rng.uniform(1e-3, 2e-2, (k // g, n)), jnp.float32)
+    z = jnp.asarray(rng.integers(0, 16, (k // g, n)), jnp.float32)
+    packed = jax.jit(functools.partial(w4a16.pack_w4, group_size=g))(q, s, z)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    y = jax.jit(functools.partial(w4a16.w4a16_matmul, backend=backend, out_dtype=jnp.float32))(x, packed)
+    return _rel(y, w4a16.w4a16_matmul_reference(x, packed, out_dtype=jnp.float32)), 1e-2
+
+
+def case_act_quant(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+    x = jnp.asarray(rng.normal(size=(m, k)) * rng.uniform(1e-3, 1e3, (m, 1)), jnp.bfloat16)
+    x = x.at[0].set(0)  # an all-zero row
+    worst = 0.0
+    for dtype in (jnp.int8, jnp.float8_e4m3fn):
+        q, s = jax.jit(functools.partial(act_quant.quantize_per_token, dtype=dtype, backend=backend))(x)
+        qr, sr = act_quant.quantize_per_token_reference(x, dtype=dtype)
+        codes = np.asarray(q.astype(jnp.float32)) != np.asarray(qr.astype(jnp.float32))
+        worst = max(worst, float(codes.mean()), float(np.max(np.abs(np.asarray(s) - np.asarray(sr)))))
+    return worst, 0.0
+
+
+CASES: dict[str, Callable[..., tuple[float, float]]] = {
+    "int8_matmul (int32 exact)": case_int8,
+    "w8a8_matmul (zero point, bias)": case_w8a8,
+    "fp8_matmul": case_fp8,
+    "w4a16_matmul (asym, g128/g32)": case_w4a16,
+    "quantize_per_token (int8, fp8)": case_act_quant,
+}
+
+
+def write_json(path: str, data: Any) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.check_kernels", description=__doc__)
+    parser.add_argument("--backend", default=None, help="gpu, tpu or interpret (default: the device's)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--shapes", default=None, help="e.g. 1x64x128,16x256x384 (MxKxN)")
+    args = parser.parse_args(argv)
+    backend = blocks.resolve_backend(args.backend)
+    shapes = (
+        SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    )
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}", flush=True)
+    rng = np.random.default_rng(0)
+    results, failed = [], 0
+    for name, case in CASES.items():
+        for m, k, n in shapes:
+            row: dict[str, Any] = {"case": name, "m": m, "k": k, "n": n}
+            try:
+                err, tol = case(rng, m, k, n, backend)
+                row.update(error=err, tolerance=tol, ok=err <= tol)
+            except Exception as e:  # a compile error is a failed case, reported, not a crash
+                row.update(
+                    ok=False, exception=f"{type(e).__name__}: {e}"[:3000], tb=traceback.format_exc()[-3000:]
+                )
+            failed += not row["ok"]
+            results.append(row)
+            detail = (
+                f"error {row['error']:.3g} (tol {row['tolerance']:g})" if "error" in row else row["exception"]
+            )
+            print(f"{'OK  ' if row['ok'] else 'FAIL'} {name} M={m} K={k} N={n}: {detail}", flush=True)
+    if args.out:
+        write_json(
+            args.out, {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}
+        )
+    print(f"{len(results) - failed}/{len(results)} cases OK", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Which implementation a served (converted) layer's contraction runs on.
+
+:func:`serve_dot_general` is what ``serve`` mode of :mod:`qjax.nn` calls for Linear and Einsum
+layers. It picks, per call (at trace time), one of
+
+* ``"pallas"``: the Pallas kernels of this package for the current backend (Triton on GPU, Mosaic
+  on TPU, the Pallas interpreter on CPU),
+* ``"xla"``: the integer / fp8 / dequantize-then-compute path of :mod:`qjax.kernels.xla`,
+* ``"reference"``: the pure-jnp ``*_reference`` of the kernel that ``"pallas"`` would run, for
+  debugging a kernel against its reference inside a model,
+
+as its ``path`` argument says: ``"auto"`` (the default) is ``"pallas"`` on GPU and TPU and ``"xla"``
+on CPU. Served layers pass their rule's ``kernels`` field (:class:`qjax.nn.Rule`, set for a whole
+model by :func:`qjax.nn.set_kernels`), which is static, so a jitted model retraces when it
+changes. A contraction the kernels do not cover runs on ``"xla"`` whatever the path
+(:func:`kernel_plan` says which kernel covers it, if any):
+
+* **W8A8** (:func:`~qjax.kernels.w8a8.w8a8_matmul`): integer activations (int8 or uint8; per
+  tensor or per token; any zero point) x symmetric int8 weights per output channel or per tensor;
+* **FP8** (:func:`~qjax.kernels.fp8.fp8_matmul`): e4m3 x e4m3, per-tensor or per-row / per-column
+  scales;
+* **W4A16** (:func:`~qjax.kernels.w4a16.w4a16_matmul`): float activations x int4 weights per output
+  channel or in groups of 32/64/128 along the contraction axis, symmetric or with zero points;
+
+each for a contraction of the activations' last axis with the weight's first, the weight 2-D and
+no batch axes (``x @ W`` of Linear layers and Einsum layers of that form). Integer weights are
+stored by :func:`qjax.nn.convert` as a :class:`~qjax.numerics.QArray` packed along the output axis;
+W4A16 repacks them along the contraction axis on every call (:func:`~qjax.kernels.w4a16.pack_w4`),
+an extra read and write of the packed weight that a serving stack would do once, at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qjax.kernels import xla
+from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
+from qjax.kernels.w4a16 import pack_w4, w4a16_matmul, w4a16_matmul_reference
+from qjax.kernels.w8a8 import w8a8_matmul, w8a8_matmul_reference
+from qjax.numerics import QArray
+from qjax.numerics.formats import FloatFormat, IntFormat
+
+KERNEL_PATHS = ("auto", "pallas", "xla", "reference")
+
+
+def check_kernel_path(path: str) -> str:
+    """``path`` if it is one of :data:`KERNEL_PATHS`, else a ``ValueError`` naming them."""
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"kernels={path!r} is not one of {list(KERNEL_PATHS)}")
+    return path
+
+
+def resolved_kernel_path(path: str = "auto") -> str:
+    """``path`` with ``"auto"`` resolved for the default backend (``"xla"`` on CPU, else ``"pallas"``)."""
+    if check_kernel_path(path) == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return path
+
+
+class KernelPlan(NamedTuple):
+    """A contraction a kernel covers: ``kernel`` (``"w8a8"``, ``"fp8"`` or ``"w4a16"``) and the call
+    ``run(impl)`` with ``impl`` either ``"pallas"`` or ``"reference"``, returning ``(M, N)``."""
+
+    kernel: str
+    run: Callable[[str], jax.Array]
+
+
+def _is_plain_matmul(x_ndim: int, w: QArray, dimension_numbers: Any) -> bool:
+    (lc, rc), (lb, rb) = dimension_numbers
+    return (
+        len(w.shape) == 2
+        and not tuple(lb)
+        and not tuple(rb)
+        and tuple(lc) in ((x_ndim - 1,), (-1,))
+        and tuple(rc) in ((0,), (-2,))
+    )
+
+
+def _rows(a: jax.Array | None, m: int) -> jax.Array | None:
+    """A per-tensor or per-row parameter grid of the activations as ``(1, 1)`` or ``(M, 1)``."""
+    if a is None:
+        return None
+    return a.reshape(1, 1) if a.size == 1 else a.reshape(m, 1)
+
+
+def _columns(s: jax.Array, n: int) -> jax.Array | None:
+    """A weight scale grid with one value per tensor or per output column as ``(1, N)``; else None."""
+    if s.shape == (1, n) or s.size == 1:
+        return jnp.broadcast_to(s.reshape(1, -1), (1, n)).astype(jnp.float32)
+    return None
+
+
+def _activation_rows(x: QArray, m: int) -> bool:
+    """Whether ``x``'s parameters are per tensor or one per row (token) of its ``(M, K)`` view."""
+    s = x.qparams.scale
+    return s.size == 1 or (s.shape[-1] == 1 and s.size == m)
+
+
+def _w8a8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+    fx, fw = x.spec.format, w.spec.format
+    if not (isinstance(fx, IntFormat) and isinstance(fw, IntFormat)) or fx.bits > 8 or fw.bits != 8:
+        return None
+    if not fw.signed or w.zero_point is not None or not _activation_rows(x, m):
+        return None
+    w_scale = _columns(w.qparams.scale, n)
+    if w_scale is None:
+        return None
+    xo, wo = xla.operand(x), xla.operand(w)
+    x_scale = _rows(xo.scale, m)
+    assert x_scale is not None
+    zp = _rows(xo.zero_point, m)
+    zp = None if zp is None else jnp.broadcast_to(zp, x_scale.shape).astype(jnp.int32)
+    args = (xo.values.reshape(m, k), x_scale, wo.values, w_scale)
+
+    def run(impl: str) -> jax.Array:
+        fn = w8a8_matmul if impl == "pallas" else w8a8_matmul_reference
+        return fn(*args, x_zero_point=zp, out_dtype=out_dtype)
+
+    return KernelPlan("w8a8", run)
+
+
+def _fp8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+    fx, fw = x.spec.format, w.spec.format
+    e4m3 = jnp.dtype(jnp.float8_e4m3fn)
+    if not (isinstance(fx, FloatFormat) and isinstance(fw, FloatFormat)):
+        return None
+    if x.data.dtype != e4m3 or w.data.dtype != e4m3 or not _activation_rows(x, m):
+        return None
+    w_scale = _columns(w.qparams.scale, n)
+    if w_scale is None:
+        return None
+    x_scale = _rows(x.qparams.scale.astype(jnp.float32), m)
+    assert x_scale is not None
+    args = (x.data.reshape(m, k), x_scale, w.data, w_scale)
+
+    def run(impl: str) -> jax.Array:
+        fn = fp8_matmul if impl == "pallas" else fp8_matmul_reference
+        return fn(*args, out_dtype=out_dtype)
+
+    return KernelPlan("fp8", run)
+
+
+def _w4_group(w: QArray, k: int, n: int) -> int | None:
+    """The group size along K of a weight scale grid ``(K // g, N)`` (per channel: one group of K)."""
+    groups = w.qparams.scale.shape[0]
+    if w.qparams.scale.shape != (groups, n) or k % groups:
+        return None
+    g = k // groups
+    return g if g in (32, 64, 128) or (groups == 1 and g % 128 == 0) else None
+
+
+def _w4a16_plan(x: jax.Array, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+    fw = w.spec.format
+    if not isinstance(fw, IntFormat) or fw.bits != 4:
+        return None
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return None
+    g = _w4_group(w, k, n)
+    if g is None:
+        return None
+    values = w.values.astype(jnp.int32)
+    scales = w.qparams.scale.astype(jnp.float32)
+    zeros = None
+    if w.zero_point is not None or not fw.signed:  # codes onto [0, 15] with the zero point beside them
+        offset = 8 if fw.signed else 0
+        z = jnp.zeros_like(scales) if w.zero_point is None else w.zero_point.astype(jnp.float32)
+        values, zeros = values + offset, z + offset
+    group_size = g if g <= 128 else 128
+    if group_size != g:  # one scale per channel: repeat it for every group of 128
+        scales = jnp.repeat(scales, g // 128, axis=0)
+        zeros = None if zeros is None else jnp.repeat(zeros, g // 128, axis=0)
+    xs = x.reshape(m, k)
+
+    def run(impl: str) -> jax.Array:
+        packed = pack_w4(values, scales, zeros, group_size=group_size)
+        fn = w4a16_matmul if impl == "pallas" else w4a16_matmul_reference
+        return fn(xs, packed, out_dtype=out_dtype)
+
+    return KernelPlan("w4a16", run)
+
+
+def kernel_plan(
+    x: jax.Array | QArray, w: QArray, dimension_numbers: Any, out_dtype: Any = jnp.float32
+) -> KernelPlan | None:
+    """The kernel that covers ``dot_general(x, w, dimension_numbers)``, or None (see the module docstring)."""
+    x_shape: Sequence[int] = x.shape
+    if not isinstance(w, QArray) or w.spec.format.container_bits > 8 or not len(x_shape):
+        return None
+    if not _is_plain_matmul(len(x_shape), w, dimension_numbers):
+        return None
+    k, n = w.shape
+    m = 1
+    for d in x_shape[:-1]:
+        m *= d
+    if isinstance(x, QArray):
+        if w.spec.format.container_bits == 4:
+            return None
+        return _w8a8_plan(x, w, m, k, n, out_dtype) or _fp8_plan(x, w, m, k, n, out_dtype)
+    return _w4a16_plan(x, w, m, k, n, out_dtype)
+
+
+def serve_dot_general(
+    x: jax.Array | QArray,
+    w: QArray,
+    dimension_numbers: Any,
+    *,
+    out_dtype: Any = jnp.float32,
+    path: str = "auto",
+) -> jax.Array:
+    """``lax.dot_general(x, w)`` of a served layer on the kernel path in force (module docstring)."""
+    resolved = resolved_kernel_path(path)
+    plan = None if resolved == "xla" else kernel_plan(x, w, dimension_numbers, out_dtype)
+    if plan is None:
+        return xla.quantized_dot_general(x, w, dimension_numbers, out_dtype=out_dtype)
+    y = plan.run(resolved)
+    return y.reshape(*x.shape[:-1], w.shape[1]).astype(out_dtype)

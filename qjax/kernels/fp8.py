@@ -1,0 +1,124 @@
+"""FP8: e4m3 activations times e4m3 weights, float32 accumulation, a float32 epilogue in the kernel.
+
+.. math::
+
+    y_{mn} = s^x_m \\, s^w_n \\sum_k q^x_{mk} q^w_{kn} + b_n
+
+with :math:`q^x, q^w` float8_e4m3fn, :math:`s^x` per token ``(M, 1)`` or per tensor ``(1, 1)``,
+:math:`s^w` per output channel ``(1, N)`` or per tensor ``(1, 1)``. Every product of two e4m3
+values is exact in float32 (4-bit significands); the sums round in float32.
+
+Backends (same driver and bodies as :mod:`qjax.kernels.w8a8`):
+
+* **GPU** (Triton): the e4m3 tiles go to ``tt.dot`` as they are, with a float32 accumulator: the
+  fp8 tensor-core instructions on sm_89+ (Ada, Hopper). Older GPUs cannot run it.
+* **TPU** (Mosaic): each tile is upcast to bfloat16 in VMEM before the dot (exact: bf16 holds every
+  e4m3 value), since only the newest TPU generations have fp8 matrix units; the arithmetic is the
+  same, the HBM traffic still fp8.
+* **Interpret**: the GPU body (fp8 dot by XLA on the host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qjax.kernels import blocks as kb
+from qjax.kernels.w8a8 import (
+    _epilogue,
+    _scaled_matmul,
+    check_bias,
+    check_contraction,
+    check_operand,
+    check_out_dtype,
+    check_scale,
+)
+
+FP8 = jnp.float8_e4m3fn
+
+
+def _check_fp8(
+    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, bias: Any, out_dtype: Any
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
+    hint = "quantize first, e.g. quantize_per_token(x, dtype=jnp.float8_e4m3fn)"
+    x_q = check_operand(x_q, "x_q", FP8, "of shape (M, K)", hint)
+    w_q = check_operand(w_q, "w_q", FP8, "of shape (K, N)", "quantize weights to float8_e4m3fn")
+    check_contraction(x_q, w_q, "x_q", "w_q")
+    m, n = x_q.shape[0], w_q.shape[1]
+    epi = {
+        "x_scale": check_scale(x_scale, "x_scale", ((m, 1), (1, 1)), "(M, 1) per token or (1, 1) per tensor"),
+        "w_scale": check_scale(
+            w_scale, "w_scale", ((1, n), (1, 1)), "(1, N) per channel or (1, 1) per tensor"
+        ),
+    }
+    b = check_bias(bias, n)
+    if b is not None:
+        epi["bias"] = b
+    return x_q, w_q, epi, check_out_dtype(out_dtype)
+
+
+def fp8_matmul(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    out_dtype: Any = jnp.bfloat16,
+    blocks: kb.Blocks | Mapping[str, Any] | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """E4M3 x E4M3 matmul with float32 accumulation and a fused float32 epilogue.
+
+    .. math::
+
+        y_{mn} = s^x_m s^w_n \\sum_k q^x_{mk} q^w_{kn} + b_n
+
+    Args:
+      x_q: float8_e4m3fn ``(M, K)``.
+      x_scale: float32 ``(M, 1)`` or ``(1, 1)``.
+      w_q: float8_e4m3fn ``(K, N)``.
+      w_scale: float32 ``(1, N)`` or ``(1, 1)``.
+      bias: float ``(N,)`` or ``None``.
+      out_dtype: float32, bfloat16 or float16.
+      blocks: overrides of the block table.
+      backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
+    """
+    x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return _scaled_matmul(
+        x_q,
+        w_q,
+        epi,
+        kernel="fp8",
+        acc_dtype=jnp.float32,
+        out_dtype=dt,
+        blocks=blocks,
+        backend=backend,
+        tpu_operand_dtype=jnp.bfloat16,
+    )
+
+
+def fp8_matmul_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    out_dtype: Any = jnp.bfloat16,
+) -> jax.Array:
+    """:func:`fp8_matmul` in plain ``jax.numpy``: the operands upcast to float32 (exact), a float32
+    dot at full precision, the same epilogue."""
+    x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    acc = lax.dot_general(
+        x_q.astype(jnp.float32),
+        w_q.astype(jnp.float32),
+        (((1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    return _epilogue(acc, epi, dt)

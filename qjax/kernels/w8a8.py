@@ -1,0 +1,419 @@
+"""W8A8: int8 activations times int8 weights, int32 accumulation, a float32 epilogue in the kernel.
+
+.. math::
+
+    y_{mn} = s^x_m \\, s^w_n \\Big(\\sum_k q^x_{mk} q^w_{kn} - z^x_m \\sum_k q^w_{kn}\\Big) + b_n
+
+with :math:`q^x` int8 activations (per-token or per-tensor scale :math:`s^x`, optional zero point
+:math:`z^x`), :math:`q^w` symmetric int8 weights with one scale per output channel :math:`s^w` and
+an optional bias :math:`b`. The sum over :math:`k` is exact (int32); the epilogue (zero-point
+correction in int32, then the scales and the bias in float32) runs inside the kernel, so the int32
+accumulator never leaves the chip.
+
+The kernel has two bodies (:mod:`qjax.kernels.blocks` picks the backend):
+
+* **GPU** (Pallas on Triton): grid ``(M/block_m, N/block_n)``; each program holds a
+  ``(block_m, K)`` row panel of ``x`` and a ``(K, block_n)`` column panel of ``w`` and walks K in
+  a ``fori_loop`` of ``block_k`` slices, accumulating in registers.
+* **TPU** (Pallas on Mosaic): grid ``(M/block_m, N/block_n, K/block_k)``, K last and
+  ``"arbitrary"``; a VMEM scratch accumulator is zeroed at the first K step and the epilogue
+  written at the last.
+
+The interpreter (``backend="interpret"``, CPU and tests) runs the GPU body; the TPU body runs
+interpreted too (``_scaled_matmul(..., body="tpu")``). Shapes that are not multiples of the blocks
+are zero-padded (zeros add nothing to the contraction) and the output sliced back; pad weights
+once ahead of time (N and K multiples of the blocks) so that a call pads only the activations.
+
+:func:`_scaled_matmul` is shared with :mod:`qjax.kernels.fp8` (float32 accumulation).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from qjax.kernels import blocks as kb
+
+_EPILOGUE_ORDER = ("x_scale", "w_scale", "x_zp", "colsum", "bias")
+_ROW_OPERANDS = ("x_scale", "x_zp")  # (M, 1): indexed by the row block; the rest (1, N)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def check_operand(a: Any, name: str, dtype: Any, shape_doc: str, hint: str) -> jax.Array:
+    """``a`` as a 2-D array of ``dtype``; a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if not hasattr(a, "dtype") or not hasattr(a, "ndim"):
+        raise TypeError(
+            f"{name} must be a jax.Array of dtype {jnp.dtype(dtype).name}; got {type(a).__name__}"
+        )
+    if a.dtype != jnp.dtype(dtype):
+        raise TypeError(f"{name} has dtype {a.dtype}, expected {jnp.dtype(dtype).name} {shape_doc}; {hint}")
+    if a.ndim != 2:
+        raise ValueError(
+            f"{name} has shape {tuple(a.shape)} (rank {a.ndim}), expected rank 2 {shape_doc}; "
+            f"flatten leading axes first, e.g. {name}.reshape(-1, {name}.shape[-1])"
+        )
+    return jnp.asarray(a)
+
+
+def check_contraction(x: jax.Array, w: jax.Array, x_name: str, w_name: str) -> None:
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"{x_name} has K={x.shape[1]} columns but {w_name} has {w.shape[0]} rows "
+            f"(shapes {tuple(x.shape)} and {tuple(w.shape)}); {w_name} must be (K, N), "
+            f"transpose it if it is stored (N, K)"
+        )
+
+
+def check_scale(s: Any, name: str, allowed: tuple[tuple[int, int], ...], what: str) -> jax.Array:
+    """A float scale of one of the ``allowed`` shapes, as float32."""
+    if not hasattr(s, "shape") or not jnp.issubdtype(jnp.result_type(s), jnp.floating):
+        raise TypeError(
+            f"{name} must be a float32 array {what}; got {type(s).__name__} {getattr(s, 'dtype', '')}"
+        )
+    if tuple(s.shape) not in allowed:
+        raise ValueError(
+            f"{name} has shape {tuple(s.shape)}; expected one of {list(allowed)} {what}; "
+            f"reshape it, e.g. {name}.reshape{allowed[0]}"
+        )
+    return jnp.asarray(s).astype(jnp.float32)
+
+
+def check_bias(bias: Any, n: int) -> jax.Array | None:
+    if bias is None:
+        return None
+    if not hasattr(bias, "shape") or not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+        raise TypeError(
+            f"bias must be a float array of shape ({n},); got {getattr(bias, 'dtype', type(bias))}"
+        )
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected (N,) = ({n},), one per output column")
+    return jnp.asarray(bias).astype(jnp.float32).reshape(1, n)
+
+
+def check_out_dtype(out_dtype: Any) -> jnp.dtype:
+    dt = jnp.dtype(out_dtype)
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits < 16:
+        raise ValueError(f"out_dtype={dt.name} must be float32, bfloat16 or float16")
+    return dt
+
+
+def check_blocks(kernel: str, backend: str, m: int, blocks: Any, operand_bits: int) -> kb.Blocks:
+    """Blocks for this call, checked against what the backend can tile."""
+    b = kb.choose_blocks(kernel, backend, m, blocks)
+    if backend == "gpu":
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(b, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(
+                    f"blocks.{name}={v}: Triton needs every dot dimension to be a power of two >= 16"
+                )
+    elif backend == "tpu":
+        sub = 32 if operand_bits == 8 else 8
+        if b.block_m % sub or b.block_n % 128 or b.block_k % 128:
+            raise ValueError(
+                f"blocks={b}: Mosaic tiles need block_m a multiple of {sub} and block_n, block_k "
+                "multiples of 128"
+            )
+    return b
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel bodies
+# ------------------------------------------------------------------------------------------------
+
+
+def _dot(x: jax.Array, w: jax.Array, acc_dtype: Any, operand_dtype: Any | None) -> jax.Array:
+    if operand_dtype is not None:  # e.g. fp8 -> bf16 on TPU: exact, and the MXU takes bf16 everywhere
+        x, w = x.astype(operand_dtype), w.astype(operand_dtype)
+    return jnp.dot(x, w, preferred_element_type=acc_dtype)
+
+
+def _epilogue(acc: jax.Array, epi: Mapping[str, jax.Array], out_dtype: Any) -> jax.Array:
+    """acc (block_m, block_n) -> output tile; the same arithmetic, in the same order, as the references."""
+    if "x_zp" in epi:
+        acc = acc - epi["x_zp"] * epi["colsum"]  # int32: (bm, 1) * (1, bn)
+    if "x_scale" not in epi:
+        return acc.astype(out_dtype)
+    y = acc.astype(jnp.float32) * epi["x_scale"] * epi["w_scale"]  # (bm, bn) * (bm, 1) * (1, bn)
+    if "bias" in epi:
+        y = y + epi["bias"]  # (1, bn)
+    return y.astype(out_dtype)
+
+
+def _gpu_kernel(
+    x_ref: Any,
+    w_ref: Any,
+    *refs: Any,
+    names: tuple[str, ...],
+    nk: int,
+    bk: int,
+    acc_dtype: Any,
+    operand_dtype: Any,
+    out_dtype: Any,
+) -> None:
+    # x_ref: (block_m, K); w_ref: (K, block_n); refs: epilogue operands, then o_ref (block_m, block_n)
+    *epi_refs, o_ref = refs
+    bm, bn = x_ref.shape[0], w_ref.shape[1]
+
+    def step(k: jax.Array, acc: jax.Array) -> jax.Array:
+        start = pl.multiple_of(k * bk, bk)
+        x = x_ref[:, pl.ds(start, bk)]  # (block_m, block_k)
+        w = w_ref[pl.ds(start, bk), :]  # (block_k, block_n)
+        return acc + _dot(x, w, acc_dtype, operand_dtype)
+
+    acc = lax.fori_loop(0, nk, step, jnp.zeros((bm, bn), acc_dtype))  # (block_m, block_n)
+    o_ref[...] = _epilogue(acc, {n: r[...] for n, r in zip(names, epi_refs, strict=True)}, out_dtype)
+
+
+def _tpu_kernel(
+    x_ref: Any,
+    w_ref: Any,
+    *refs: Any,
+    names: tuple[str, ...],
+    nk: int,
+    acc_dtype: Any,
+    operand_dtype: Any,
+    out_dtype: Any,
+) -> None:
+    # x_ref: (block_m, block_k); w_ref: (block_k, block_n); refs: epilogue operands, o_ref
+    # (block_m, block_n), then the VMEM accumulator acc_ref (block_m, block_n)
+    *epi_refs, o_ref, acc_ref = refs
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _init() -> None:
+        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+
+    acc_ref[...] += _dot(x_ref[...], w_ref[...], acc_dtype, operand_dtype)
+
+    @pl.when(k == nk - 1)
+    def _finish() -> None:
+        epi = {n: r[...] for n, r in zip(names, epi_refs, strict=True)}
+        o_ref[...] = _epilogue(acc_ref[...], epi, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared driver
+# ------------------------------------------------------------------------------------------------
+
+
+def _scaled_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    epilogue: Mapping[str, jax.Array],
+    *,
+    kernel: str,
+    acc_dtype: Any,
+    out_dtype: Any,
+    blocks: Any,
+    backend: str | None,
+    tpu_operand_dtype: Any = None,
+    body: str | None = None,
+) -> jax.Array:
+    """Pad, launch the Pallas kernel and slice back. ``epilogue``: checked operands keyed by
+    ``_EPILOGUE_ORDER`` names, row operands (M, 1), column operands (1, N); empty for the raw
+    accumulator. ``body`` ("gpu"/"tpu") overrides which body the interpreter runs."""
+    be = kb.resolve_backend(backend)
+    m, n = x.shape[0], w.shape[1]
+    bl = check_blocks(kernel, be, m, blocks, jnp.dtype(x.dtype).itemsize * 8)
+    body = body or ("tpu" if be == "tpu" else "gpu")
+    if body not in ("gpu", "tpu"):
+        raise ValueError(f"body={body!r}: expected 'gpu' or 'tpu'")
+    bm, bn, bk = bl.block_m, bl.block_n, bl.block_k
+    xp = kb.pad_axis(kb.pad_axis(x, 0, bm), 1, bk)  # (Mp, Kp)
+    wp = kb.pad_axis(kb.pad_axis(w, 0, bk), 1, bn)  # (Kp, Np)
+    mp, kp = xp.shape
+    np_ = wp.shape[1]
+    nk = kp // bk
+    names = tuple(name for name in _EPILOGUE_ORDER if name in epilogue)
+    operands = []
+    for name in names:
+        a = epilogue[name]
+        if name in _ROW_OPERANDS:
+            operands.append(kb.pad_axis(jnp.broadcast_to(a, (m, 1)), 0, bm))  # (Mp, 1)
+        else:
+            operands.append(kb.pad_axis(jnp.broadcast_to(a, (1, n)), 1, bn))  # (1, Np)
+    out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
+    operand_dtype = tpu_operand_dtype if body == "tpu" else None
+    if body == "gpu":
+        grid: tuple[int, ...] = (mp // bm, np_ // bn)
+        in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((kp, bn), lambda i, j: (0, j))]
+        row_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
+        col_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+        fn = functools.partial(
+            _gpu_kernel,
+            names=names,
+            nk=nk,
+            bk=bk,
+            acc_dtype=acc_dtype,
+            operand_dtype=operand_dtype,
+            out_dtype=out_dtype,
+        )
+        scratch: list[Any] = []
+        semantics: tuple[str, ...] = ("parallel", "parallel")
+    else:
+        grid = (mp // bm, np_ // bn, nk)
+        in_specs = [
+            pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
+            pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+        ]
+        row_spec = pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0))
+        col_spec = pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))
+        fn = functools.partial(
+            _tpu_kernel,
+            names=names,
+            nk=nk,
+            acc_dtype=acc_dtype,
+            operand_dtype=operand_dtype,
+            out_dtype=out_dtype,
+        )
+        from jax.experimental.pallas import tpu as pltpu
+
+        scratch = [pltpu.VMEM((bm, bn), acc_dtype)]
+        semantics = ("parallel", "parallel", "arbitrary")
+    in_specs += [row_spec if name in _ROW_OPERANDS else col_spec for name in names]
+    out = pl.pallas_call(
+        fn,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        scratch_shapes=scratch,
+        compiler_params=kb.compiler_params(be, bl, semantics),
+        interpret=be == "interpret",
+        name=f"qjax_{kernel}",
+    )(xp, wp, *operands)
+    return out[:m, :n]
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+_X_DOC = "of shape (M, K)"
+_W_DOC = "of shape (K, N)"
+
+
+def _check_w8a8(
+    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, x_zero_point: Any, bias: Any, out_dtype: Any
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
+    x_q = check_operand(
+        x_q, "x_q", jnp.int8, _X_DOC, "quantize activations first, e.g. quantize_per_token(x)"
+    )
+    w_q = check_operand(w_q, "w_q", jnp.int8, _W_DOC, "quantize weights to symmetric int8 per output channel")
+    check_contraction(x_q, w_q, "x_q", "w_q")
+    m, n = x_q.shape[0], w_q.shape[1]
+    epi = {
+        "x_scale": check_scale(x_scale, "x_scale", ((m, 1), (1, 1)), "(M, 1) per token or (1, 1) per tensor"),
+        "w_scale": check_scale(w_scale, "w_scale", ((1, n), (1, 1)), "(1, N) per output channel"),
+    }
+    if x_zero_point is not None:
+        zp_shape = tuple(epi["x_scale"].shape)
+        if not hasattr(x_zero_point, "shape") or not jnp.issubdtype(x_zero_point.dtype, jnp.integer):
+            raise TypeError(
+                f"x_zero_point must be an int32 array of shape {zp_shape} (x_scale's); got "
+                f"{getattr(x_zero_point, 'dtype', type(x_zero_point).__name__)}"
+            )
+        if tuple(x_zero_point.shape) != zp_shape:
+            raise ValueError(
+                f"x_zero_point has shape {tuple(x_zero_point.shape)} but x_scale has {zp_shape}; "
+                "give one zero point per scale"
+            )
+        epi["x_zp"] = jnp.asarray(x_zero_point).astype(jnp.int32)
+        epi["colsum"] = jnp.sum(w_q.astype(jnp.int32), axis=0, keepdims=True)  # (1, N)
+    b = check_bias(bias, n)
+    if b is not None:
+        epi["bias"] = b
+    return x_q, w_q, epi, check_out_dtype(out_dtype)
+
+
+def w8a8_matmul(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    *,
+    x_zero_point: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    out_dtype: Any = jnp.bfloat16,
+    blocks: kb.Blocks | Mapping[str, Any] | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """Int8 x int8 matmul with int32 accumulation and a fused float32 epilogue.
+
+    .. math::
+
+        y_{mn} = s^x_m s^w_n \\Big(\\sum_k q^x_{mk} q^w_{kn} - z^x_m \\sum_k q^w_{kn}\\Big) + b_n
+
+    Args:
+      x_q: int8 ``(M, K)`` activations.
+      x_scale: float32 ``(M, 1)`` (per token) or ``(1, 1)`` (per tensor).
+      w_q: int8 ``(K, N)`` weights, symmetric per output channel.
+      w_scale: float32 ``(1, N)`` (or ``(1, 1)``).
+      x_zero_point: int32 of ``x_scale``'s shape (asymmetric activations) or ``None``; the
+        correction uses the column sums of ``w_q``, computed once per call outside the kernel.
+      bias: float ``(N,)`` or ``None``.
+      out_dtype: float32, bfloat16 or float16.
+      blocks: overrides of the block table (:func:`qjax.kernels.blocks.choose_blocks`).
+      backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
+
+    Returns:
+      ``(M, N)`` of ``out_dtype``.
+    """
+    x_q, w_q, epi, dt = _check_w8a8(x_q, x_scale, w_q, w_scale, x_zero_point, bias, out_dtype)
+    return _scaled_matmul(
+        x_q, w_q, epi, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=dt, blocks=blocks, backend=backend
+    )
+
+
+def w8a8_matmul_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    *,
+    x_zero_point: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    out_dtype: Any = jnp.bfloat16,
+) -> jax.Array:
+    """:func:`w8a8_matmul` in plain ``jax.numpy`` (XLA's int32 dot, the same float32 epilogue)."""
+    x_q, w_q, epi, dt = _check_w8a8(x_q, x_scale, w_q, w_scale, x_zero_point, bias, out_dtype)
+    acc = int8_matmul_reference(x_q, w_q)
+    return _epilogue(acc, epi, dt)
+
+
+def int8_matmul(
+    x_q: jax.Array,
+    w_q: jax.Array,
+    *,
+    blocks: kb.Blocks | Mapping[str, Any] | None = None,
+    backend: str | None = None,
+) -> jax.Array:
+    """The raw int32 accumulator :math:`\\sum_k q^x_{mk} q^w_{kn}` of int8 ``(M, K)`` and ``(K, N)``:
+    the :func:`w8a8_matmul` kernel without its epilogue."""
+    x_q = check_operand(x_q, "x_q", jnp.int8, _X_DOC, "convert with x_q.astype(jnp.int8) if in range")
+    w_q = check_operand(w_q, "w_q", jnp.int8, _W_DOC, "convert with w_q.astype(jnp.int8) if in range")
+    check_contraction(x_q, w_q, "x_q", "w_q")
+    return _scaled_matmul(
+        x_q, w_q, {}, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=jnp.int32, blocks=blocks, backend=backend
+    )
+
+
+def int8_matmul_reference(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
+    """``x_q @ w_q`` in int32 by XLA (exact)."""
+    x_q = check_operand(x_q, "x_q", jnp.int8, _X_DOC, "convert with x_q.astype(jnp.int8) if in range")
+    w_q = check_operand(w_q, "w_q", jnp.int8, _W_DOC, "convert with w_q.astype(jnp.int8) if in range")
+    check_contraction(x_q, w_q, "x_q", "w_q")
+    return lax.dot_general(x_q, w_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)

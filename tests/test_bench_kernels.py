@@ -1,0 +1,151 @@
+"""experiments.bench_kernels: byte/FLOP accounting, roofline, crossover, and a CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+from experiments import bench_kernels as bk
+
+H100 = bk.device_peaks("NVIDIA H100 80GB HBM3")
+
+
+def test_w4a16_accounting_by_hand():
+    m, k, n = 1, 4096, 4096
+    weights = k * n // 2  # two int4 codes per byte
+    scales = (k // 128) * n * 4  # f32 scale per group of 128 rows and column
+    assert bk.nominal_weight_bytes("w4a16", k, n, group_size=128, scale_itemsize=4) == weights + scales
+    assert weights + scales == 8_388_608 + 524_288
+    # the packed weight the benchmark makes has exactly that size (no padding at this shape)
+    packed = jax.eval_shape(lambda key: bk.make_weights("w4", key, k, n), jax.random.key(0))
+    assert bk.tree_nbytes(packed) == weights + scales
+    activations, output = m * k * 2, m * n * 2
+    total = bk.traffic_bytes("w4a16", m, k, n, weights + scales)
+    assert total == activations + weights + scales + output == 8_929_280
+    assert bk.matmul_flops(m, k, n) == 33_554_432
+    # at M = 1 the roofline is the memory bound: bytes / 3.35 TB/s
+    assert bk.roofline_seconds("w4a16", 33_554_432, total, H100) == pytest.approx(total / 3.35e12)
+
+
+def test_other_kernels_accounting_by_hand():
+    m, k, n = 16, 4096, 4096
+    assert bk.nominal_weight_bytes("bf16", k, n) == 2 * k * n
+    assert bk.nominal_weight_bytes("w8a8", k, n) == k * n + 4 * n
+    assert bk.nominal_weight_bytes("fp8", k, n) == k * n + 4 * n
+    assert bk.nominal_weight_bytes("w4a16", k, n, zeros=True) == k * n // 2 + 2 * 32 * n * 4
+    assert bk.traffic_bytes("bf16", m, k, n, 2 * k * n) == 2 * m * k + 2 * k * n + 2 * m * n
+    assert bk.traffic_bytes("w8a8", m, k, n, k * n + 4 * n) == (m * k + 4 * m) + (k * n + 4 * n) + 2 * m * n
+    assert bk.traffic_bytes("fp8", m, k, n, k * n + 4 * n) == bk.traffic_bytes("w8a8", m, k, n, k * n + 4 * n)
+    # +quant: read bf16 x, write int8 x and scales, read them back in the matmul
+    quant = bk.traffic_bytes("w8a8+quant", m, k, n, k * n + 4 * n)
+    assert quant == 2 * m * k + 2 * (m * k + 4 * m) + (k * n + 4 * n) + 2 * m * n
+    for family in ("bf16", "int8", "fp8"):
+        w = jax.eval_shape(lambda key, f=family: bk.make_weights(f, key, k, n), jax.random.key(0))
+        kernel = {"bf16": "bf16", "int8": "w8a8", "fp8": "fp8"}[family]
+        assert bk.tree_nbytes(w) == bk.nominal_weight_bytes(kernel, k, n)
+
+
+def test_roofline_and_device_table():
+    assert H100 is not None and H100.bandwidth == 3.35e12
+    h200 = bk.device_peaks("NVIDIA H200")
+    assert h200 is not None and h200.bandwidth == 4.8e12 and h200.flops["bf16"] == 989e12
+    for kind in ("cpu", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA A100-SXM4-80GB"):
+        assert bk.device_peaks(kind) is None
+    assert bk.roofline_seconds("bf16", 10**15, 10**9, None) is None
+    # M = 4096, 8192 x 8192: compute bound; int8 runs against the int8 peak, w4a16 against bf16's
+    m, k, n = 4096, 8192, 8192
+    flops = bk.matmul_flops(m, k, n)
+    nbytes = bk.traffic_bytes("w8a8", m, k, n, k * n + 4 * n)
+    assert bk.roofline_seconds("w8a8", flops, nbytes, H100) == pytest.approx(flops / 1979e12)
+    assert bk.roofline_seconds("w4a16", flops, nbytes, H100) == pytest.approx(flops / 989e12)
+
+
+def test_copies_exceed_l2_within_the_weight_limit():
+    assert bk.num_copies(32 * 2**20) * 32 * 2**20 >= bk.COPY_TARGET_BYTES > bk.L2_BYTES
+    assert bk.num_copies(10**6) == bk.MAX_COPIES
+    assert bk.num_copies(940 * 2**20) == 2
+    assert bk.num_copies(3 * 2**30) == 1  # two copies would exceed the 4 GiB per program
+    assert bk.num_copies(10**6, fixed=3) == 3
+
+
+def test_crossover_on_synthetic_speedups():
+    assert bk.crossover({1: 3.0, 16: 2.5, 64: 1.4, 256: 0.9, 1024: 0.6, 4096: 0.5}) == 256
+    assert bk.crossover({4096: 0.5, 1: 3.0, 1024: 1.2, 256: 0.99}) == 256  # unordered input
+    assert bk.crossover({1: 3.0, 16: 1.01}) == "none"
+    assert bk.crossover({1: 0.8, 16: 1.2}) == 1  # smallest M that loses, even if a larger M wins
+    assert bk.crossover({1: None, 16: 1.5, 64: None}) == "none"  # unmeasured cells are skipped
+    assert bk.crossover({1: None}) == "-"
+
+
+def test_speedups_and_crossovers_from_synthetic_timings():
+    ms = (1, 16, 256)
+    config = bk.Config(("bf16", "w4a16", "fp8"), (("s", 64, 64),), ms, 1, "reference", 2, None)
+    sweep = bk.Sweep(config, {}, None)
+    times = {"bf16": (10.0, 12.0, 20.0), "w4a16": (4.0, 6.0, 25.0), "fp8": (5.0, 6.0, 10.0)}
+    sweep.cells = [
+        {"kernel": kern, "shape": "s", "m": m, "time_s": t}
+        for kern, ts in times.items()
+        for m, t in zip(ms, ts, strict=True)
+    ]
+    bk.add_speedups(sweep.cells)
+    rows = {r["kernel"]: r for r in bk.crossovers(sweep)}
+    assert rows["w4a16"]["speedups"] == {1: 2.5, 16: 2.0, 256: 0.8}
+    assert rows["w4a16"]["crossover"] == 256
+    assert rows["fp8"]["crossover"] == "none"
+    assert "bf16" not in rows
+    table = bk.compact_table(sweep)
+    assert "2.50x" in table and table.splitlines()[-1].endswith("none")
+
+
+def test_quick_cpu_smoke_run(tmp_path, capsys):
+    if jax.default_backend() != "cpu":
+        pytest.skip("the smoke run checks the CPU reference path")
+    out = tmp_path / "results.json"
+    assert bk.main(["--quick", "--repeats", "3", "--out", str(out), "--md", str(tmp_path / "r.md")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.md", "results.json"]  # no temp files left
+    result = json.loads(out.read_text())
+    assert result["meta"]["backend"] == "reference" and result["stopped"] is None
+    cells = {(c["kernel"], c["shape"], c["m"]): c for c in result["cells"]}
+    wanted = {(k, s, m) for k in bk.KERNELS for s in bk.QUICK_CPU.shapes for m in bk.QUICK_CPU.m}
+    assert set(cells) == wanted
+    for cell in cells.values():
+        assert "error" not in cell, cell
+        assert cell["time_s"] > 0 and cell["gbps"] > 0 and cell["speedup"] > 0
+        assert cell["roofline_pct"] is None  # CPU: no peaks
+    assert {(r["kernel"], r["shape"]) for r in result["crossover"]} == {
+        (k, s) for k in bk.KERNELS[1:] for s in bk.QUICK_CPU.shapes
+    }
+    printed = capsys.readouterr().out
+    assert "reference" in printed.splitlines()[0] and "NOT the Pallas kernels" in printed.splitlines()[0]
+    assert printed.rstrip().splitlines()[-1].startswith("fp8")  # the compact table comes last
+    assert "| crossover M |" in (tmp_path / "r.md").read_text()
+
+
+def test_time_budget_stops_cleanly(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bk.main(["--quick", "--time-budget-s", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["cells"] == [] and "time budget" in result["stopped"]
+    assert (tmp_path / "r.md").exists()
+    assert "stopped: time budget" in capsys.readouterr().out
+
+
+def test_interpret_runs_the_pallas_kernels(tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--interpret", "--kernels", "w8a8", "--shapes", "tiny.a", "--m", "16", "--repeats", "1"]
+    assert bk.main([*argv, "--out", str(out)]) == 0
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["kernel"], c["m"]) for c in cells] == [("bf16", 16), ("w8a8", 16)]
+    assert all("error" not in c and c["time_s"] > 0 for c in cells)
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit, match="unknown"):
+        bk.parse_shapes("7b.qkv,nope")
+    with pytest.raises(SystemExit, match="unknown"):
+        bk.parse_kernels("w8a8,int3")
+    assert bk.parse_shapes("llama2-7b,7b.o,128x256")[-1] == ("128x256", 128, 256)
+    assert len(bk.parse_shapes("all")) == 8
+    assert bk.parse_kernels("fp8") == ("bf16", "fp8")

@@ -1,0 +1,122 @@
+"""Serving through the Pallas kernels (interpret mode on CPU) against the XLA path and fake quant.
+
+A model converted by PTQ is run layer by layer (each layer on the input the fake-quant model feeds
+it, see ``test_nn_serve``) with ``Rule.kernels`` = ``pallas``, ``reference`` and ``xla``; all three
+must agree with the simulated (``qat``) forward within float rounding, and :func:`kernel_plan`
+must pick the kernel the layer's formats call for.
+"""
+
+import flax.nnx as nnx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_nn_serve import (
+    A8_TENSOR,
+    A8_TOKEN,
+    AU8_ASYM,
+    FP8_CH,
+    FP8_TENSOR,
+    FP8_TOKEN,
+    INT8_CH,
+    MLP,
+    each_layer,
+    layer_inputs,
+    shifted,
+)
+
+import qjax
+from qjax import QuantSpec
+from qjax.nn import Rule
+
+INT4_G32 = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32)
+INT4_G32_ASYM = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32, symmetric=False)
+UINT4_G64_ASYM = QuantSpec(dtype="uint4", granularity="per_group", axis=0, group_size=64, symmetric=False)
+INT4_CH = QuantSpec(dtype="int4", granularity="per_channel", axis=-1)
+WIDTHS = (128, 192, 128, 64, 40)  # N = 192, 128, 64, 40: some padded to the 128-wide blocks
+
+
+def _served(rules, rng, batches=2):
+    model = qjax.nn.quantize_model(MLP(nnx.Rngs(0), widths=WIDTHS), rules)
+    if any(r.activation_scale == "static" and r.activations is not None for r in rules):
+        qjax.nn.calibrate(model, [shifted(rng, 8, WIDTHS[0]) for _ in range(batches)])
+    return model, qjax.nn.convert(model)
+
+
+def _check_paths(rules, rng, kernel, m=8):
+    qat, served = _served(rules, rng)
+    x = shifted(rng, m, WIDTHS[0])
+    xs = layer_inputs(qat, x)
+    reference = [np.asarray(y, np.float64) for y in each_layer(qat, xs)]
+    for _, _, op in qjax.nn.quantized_ops(served):
+        w = op_weight(served, op)
+        dn = (((1,), (0,)), ((), ()))
+        lhs = jnp.zeros((m, w.shape[0]), jnp.float32)
+        if op.rule.activations is not None:
+            lhs = qjax.quantize(lhs, op.rule.activations, qparams=op.input_qparams())
+        plan = qjax.kernels.kernel_plan(lhs, w, dn)
+        assert (plan.kernel if plan else None) == kernel, op.path
+    for path in ("pallas", "reference", "xla"):
+        qjax.nn.set_kernels(served, path)
+        ys = each_layer(served, xs)
+        for i, (y, ref) in enumerate(zip(ys, reference, strict=True)):
+            err = float(np.max(np.abs(np.asarray(y, np.float64) - ref)))
+            assert err <= 2e-5 * np.max(np.abs(ref)), (path, i, err)
+
+
+def op_weight(model, op):
+    for _, layer, o in qjax.nn.quantized_ops(model):
+        if o is op:
+            return layer.kernel[...]
+    raise AssertionError(op.path)
+
+
+def _rules(weights, acts):
+    return [
+        Rule(path=f"layers/{i}", weights=weights, activations=a, activation_scale=scale)
+        for i, (a, scale) in enumerate(acts)
+    ]
+
+
+INT8_ACTS = [(A8_TOKEN, "dynamic"), (A8_TENSOR, "dynamic"), (A8_TENSOR, "static"), (AU8_ASYM, "static")]
+FP8_ACTS = [(FP8_TOKEN, "dynamic"), (FP8_TENSOR, "dynamic"), (FP8_TENSOR, "static"), (FP8_TOKEN, "dynamic")]
+NO_ACTS = [(None, "dynamic")] * 4
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_w8a8_through_the_kernel(rng, m):
+    _check_paths(_rules(INT8_CH, INT8_ACTS), rng, "w8a8", m=m)
+
+
+def test_fp8_through_the_kernel(rng):
+    _check_paths(_rules(FP8_CH, FP8_ACTS), rng, "fp8")
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [INT4_G32, INT4_G32_ASYM, UINT4_G64_ASYM, INT4_CH],
+    ids=["g32", "g32-asym", "u4-g64", "channel"],
+)
+def test_w4a16_through_the_kernel(rng, weights):
+    # per channel: one group of K; only K = 128 (layers 0 and 2) is a multiple of 128
+    rules = _rules(weights, NO_ACTS)
+    if weights is INT4_CH:
+        rules = [Rule(path="layers/(0|2)", weights=weights)]
+        _check_paths(rules, rng, "w4a16")
+        return
+    _check_paths(rules, rng, "w4a16")
+
+
+def test_uncovered_contractions_run_on_xla(rng):
+    w4a8 = _rules(QuantSpec(dtype="int4", granularity="per_channel", axis=-1), INT8_ACTS)
+    _check_paths(w4a8, rng, None)
+
+
+def test_kernel_paths_are_validated():
+    with pytest.raises(
+        ValueError, match=r"kernels='triton' must be one of \['auto', 'pallas', 'xla', 'reference'\]"
+    ):
+        Rule(path=".*", weights=INT8_CH, kernels="triton")
+    model = qjax.nn.quantize_model(MLP(nnx.Rngs(0)), [Rule(path=".*", weights=INT8_CH)])
+    with pytest.raises(ValueError, match=r"kernels='gpu' is not one of"):
+        qjax.nn.set_kernels(model, "gpu")
+    assert qjax.kernels.resolved_kernel_path("auto") == "xla"  # this machine is a CPU
