@@ -87,7 +87,17 @@ def case_act_quant(rng: np.random.Generator, m: int, k: int, n: int, backend: st
     for dtype in (jnp.int8, jnp.float8_e4m3fn):
         q, s = jax.jit(functools.partial(act_quant.quantize_per_token, dtype=dtype, backend=backend))(x)
         qr, sr = act_quant.quantize_per_token_reference(x, dtype=dtype)
-        codes = np.asarray(q.astype(jnp.float32)) != np.asarray(qr.astype(jnp.float32))
+        q32, qr32 = np.asarray(q.astype(jnp.float32)), np.asarray(qr.astype(jnp.float32))
+        codes = q32 != qr32
+        scale_rows = np.flatnonzero(np.asarray(s) != np.asarray(sr))
+        if codes.any() or scale_rows.size:
+            r, c = np.argwhere(codes)[0] if codes.any() else (scale_rows[0], 0)
+            print(
+                f"    {jnp.dtype(dtype).name}: {int(codes.sum())} codes differ (first at row {r} col {c}: "
+                f"x={float(x[r, c])!r} kernel {q32[r, c]} reference {qr32[r, c]}, scale kernel "
+                f"{float(s[r, 0])!r} reference {float(sr[r, 0])!r}); {scale_rows.size} scales differ",
+                flush=True,
+            )
         worst = max(worst, float(codes.mean()), float(np.max(np.abs(np.asarray(s) - np.asarray(sr)))))
     return worst, 0.0
 

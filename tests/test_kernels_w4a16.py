@@ -119,6 +119,29 @@ def test_kernel_variants_interpret(kernel, split_k, asym):
     assert_close(y, ref, jnp.bfloat16 if kernel == "tpu" else jnp.float32)
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_uneven_k_split_interpret(split_k):
+    """5 K steps in 2 ranges (3 + 2, one masked repeat) or 3 ranges (2 + 2 + 1): same as the reference."""
+    rng = np.random.default_rng(11)
+    k, n, g = 640, 130, 64
+    _, _, _, w = make_weight(rng, k, n, g, True)
+    x = jnp.asarray(rng.normal(size=(3, k)), jnp.float32)
+    f = functools.partial(w4a16_matmul, out_dtype=jnp.float32, backend="interpret", split_k=split_k)
+    assert_close(jax.jit(f)(x, w), w4a16_matmul_reference(x, w, out_dtype=jnp.float32), jnp.float32)
+
+
+def test_auto_split_reaches_the_target_with_short_last_range():
+    from qjax.kernels.w4a16 import _GPU_TARGET_PROGRAMS, _auto_split
+
+    for programs, steps in [(32, 43), (32, 86), (1, 64), (512, 8), (96, 32), (4, 3)]:
+        split = _auto_split(programs, steps)
+        per = -(-steps // split)
+        assert 1 <= split <= steps and (split - 1) * per < steps <= split * per
+        assert per >= 2 or steps < 4
+        if programs * 2 <= _GPU_TARGET_PROGRAMS and steps >= 4:
+            assert programs * split >= _GPU_TARGET_PROGRAMS // 2 or per == 2
+
+
 @settings(max_examples=8)
 @given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 50.0]))
 def test_interpret_values_hypothesis(seed, scale):
@@ -192,7 +215,7 @@ def test_validation_errors():
         w4a16_matmul(
             jnp.zeros((2, 96), jnp.float32), w, bias=jnp.zeros((9,), jnp.float32), backend="interpret"
         )
-    with pytest.raises(ValueError, match=r"split_k=5: must be a positive divisor"):
+    with pytest.raises(ValueError, match=r"split_k=5: must be between 1 and the 1 K steps"):
         w4a16_matmul(jnp.zeros((2, 96), jnp.float32), w, backend="interpret", split_k=5)
     with pytest.raises(TypeError, match=r"w: expected a PackedW4"):
         w4a16_matmul(jnp.zeros((2, 96), jnp.float32), (q, s), backend="interpret")  # type: ignore[arg-type]

@@ -253,20 +253,32 @@ def _unpack_group_magic(p: jax.Array, offset: jax.Array | float, dtype: Any) -> 
 
 
 def _gpu_kernel(
-    *refs: Any, group: int, groups_per_step: int, steps: int, has_zeros: bool, has_bias: bool, precision: Any
+    *refs: Any,
+    group: int,
+    groups_per_step: int,
+    steps: int,
+    total_steps: int,
+    has_zeros: bool,
+    has_bias: bool,
+    precision: Any,
 ) -> None:
-    """One (block_m, block_n) output tile over ``steps`` K steps of ``groups_per_step`` groups."""
+    """One (block_m, block_n) output tile over ``steps`` of the ``total_steps`` K steps (of
+    ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``."""
     x_ref, p_ref, s_ref = refs[:3]  # (bm, K_pad), (K_pad // 2, bn) uint8, (G, bn) f32
     z_ref = refs[3] if has_zeros else None  # (G, bn) f32
     b_ref = refs[3 + has_zeros] if has_bias else None  # (1, bn) f32
     o_ref = refs[-1]  # (bm, bn) or (1, bm, bn) f32 partial sums when K is split
     half = group // 2
     dt = x_ref.dtype
-    first = pl.program_id(2) * (steps * groups_per_step)
+    first = pl.program_id(2) * steps  # this program's first K step
 
     def body(step: Any, acc: jax.Array) -> jax.Array:
+        # The last K range may be short: its steps past the end repeat the last step, masked out.
+        t = first + step
+        keep = (t < total_steps).astype(jnp.float32)
+        t = jnp.minimum(t, total_steps - 1)
         for j in range(groups_per_step):
-            grp = first + step * groups_per_step + j
+            grp = t * groups_per_step + j
             p = p_ref[pl.ds(grp * half, half), :]  # (g/2, bn) uint8
             z = None if z_ref is None else z_ref[pl.ds(grp, 1), :]  # (1, bn) f32
             if _GPU_MAGIC:
@@ -280,7 +292,7 @@ def _gpu_kernel(
             x_hi = x_ref[:, pl.ds(grp * group + half, half)]  # (bm, g/2)
             d = jnp.dot(x_lo, lo, preferred_element_type=jnp.float32, precision=precision)
             d += jnp.dot(x_hi, hi, preferred_element_type=jnp.float32, precision=precision)
-            acc += d * s_ref[pl.ds(grp, 1), :]  # (bm, bn) * (1, bn)
+            acc += d * (s_ref[pl.ds(grp, 1), :] * keep)  # (bm, bn) * (1, bn)
         return acc
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], jnp.float32))
@@ -324,11 +336,10 @@ def _tpu_kernel(
 
 
 def _auto_split(programs: int, steps: int) -> int:
-    """Split K (a power of two dividing ``steps``, >= 2 steps each) until ~_GPU_TARGET_PROGRAMS run."""
-    split = 1
-    while programs * split < _GPU_TARGET_PROGRAMS and steps % (2 * split) == 0 and steps // (2 * split) >= 2:
-        split *= 2
-    return split
+    """K ranges (of >= 2 steps each, the last one possibly shorter) so that ~_GPU_TARGET_PROGRAMS run."""
+    want = max(1, min(-(-_GPU_TARGET_PROGRAMS // programs), steps // 2))
+    per = -(-steps // want)  # steps per range
+    return -(-steps // per)  # ranges, the last one holding steps - (ranges - 1) * per
 
 
 def w4a16_matmul(
@@ -417,8 +428,10 @@ def _w4a16(
         return y[:m, : w.n]
 
     split = _auto_split(gm * gn, steps) if split_k is None and backend == "gpu" else (split_k or 1)
-    if split < 1 or steps % split:
-        raise ValueError(f"split_k={split_k}: must be a positive divisor of the {steps} K steps of {bk} rows")
+    if split < 1 or split > steps:
+        raise ValueError(f"split_k={split_k}: must be between 1 and the {steps} K steps of {bk} rows")
+    per = -(-steps // split)  # steps per K range; the last range may be shorter
+    split = -(-steps // per)
     fused_bias = bias_row is not None and split == 1
     in_specs = [
         pl.BlockSpec((bm, k_pad), lambda i, j, s: (i, 0)),
@@ -439,7 +452,8 @@ def _w4a16(
             _gpu_kernel,
             group=g,
             groups_per_step=bk // g,
-            steps=steps // split,
+            steps=per,
+            total_steps=steps,
             has_zeros=has_z,
             has_bias=fused_bias,
             precision=precision,
