@@ -177,7 +177,10 @@ def mixed_precision_rules(
 def apply_method(
     cfg: ExperimentConfig, task: Task, base: nnx.Module, cell_dir: pathlib.Path, on_step: StepCallback | None
 ) -> nnx.Module:
-    """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably."""
+    """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably; finetune: the
+    float model trained as QAT would be, without quantizers (QAT's control for the extra training)."""
+    if cfg.method.name == "finetune":
+        return fine_tune(cfg, task, nnx.clone(base), cell_dir, on_step)
     calib = calibration_batches(cfg, task)
     if cfg.method.bit_budget is not None:
         rules, info = mixed_precision_rules(cfg, task, base, calib)
@@ -197,22 +200,34 @@ def apply_method(
     if cfg.method.bias_correction:
         qmodel = qjax.nn.bias_correction(qmodel, base, calib)
     if cfg.method.name == "qat":
-        m = cfg.method
-        steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
-        tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
-        train(
-            task,
-            qmodel,
-            tx,
-            steps=steps,
-            batch_size=cfg.train.batch_size,
-            seed=cfg.seed + 1,
-            checkpoint_dir=cell_dir / "ckpt",
-            checkpoint_every=cfg.train.checkpoint_every,
-            keep=cfg.train.keep_checkpoints,
-            on_step=on_step,
-        )
+        fine_tune(cfg, task, qmodel, cell_dir, on_step)
     return qmodel
+
+
+def fine_tune(
+    cfg: ExperimentConfig,
+    task: Task,
+    model: nnx.Module,
+    cell_dir: pathlib.Path,
+    on_step: StepCallback | None,
+) -> nnx.Module:
+    """Train ``model`` in place for ``method.epochs`` (or ``method.steps``), resumably."""
+    m = cfg.method
+    steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
+    tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
+    train(
+        task,
+        model,
+        tx,
+        steps=steps,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed + 1,
+        checkpoint_dir=cell_dir / "ckpt",
+        checkpoint_every=cfg.train.checkpoint_every,
+        keep=cfg.train.keep_checkpoints,
+        on_step=on_step,
+    )
+    return model
 
 
 @contextlib.contextmanager
@@ -253,7 +268,7 @@ def run_cell(
             model = apply_method(cfg, task, base, cell_dir, on_step)
         model.eval()
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
-        if cfg.eval.serve and cfg.method.name != "float":
+        if cfg.eval.serve and cfg.method.name in ("ptq", "qat"):
             served = qjax.nn.convert(model)
             metrics.update(
                 {
@@ -265,7 +280,7 @@ def run_cell(
         storage = {k: v for k, v in energy.model_storage(model).items() if k != "params"}
         model_info = {**storage, **energy.forward_energy(model, example)}
         layers = []
-        if cfg.method.name != "float":
+        if cfg.method.name in ("ptq", "qat"):
             probe = task.test.take(np.arange(min(256, len(task.test))))[0]
             layers = qjax.nn.layer_diagnostics(model, base, probe)
         logger.info("metrics %s", metrics)

@@ -83,9 +83,11 @@ class MethodConfig:
     """What is done to the float model.
 
     Attributes:
-      name: ``float`` (evaluate the float model), ``ptq`` (quantize, calibrate, evaluate) or
-        ``qat`` (quantize, calibrate, fine-tune with the estimators, evaluate).
-      epochs, steps, learning_rate, schedule, optimizer: the QAT fine-tuning run (like
+      name: ``float`` (evaluate the float model), ``ptq`` (quantize, calibrate, evaluate),
+        ``qat`` (quantize, calibrate, fine-tune with the estimators, evaluate) or ``finetune``
+        (fine-tune the float model exactly as ``qat`` would, without quantizers: QAT's control
+        for the extra training it gets).
+      epochs, steps, learning_rate, schedule, optimizer: the QAT (or ``finetune``) run (like
         :class:`TrainConfig`; ``steps`` > 0 overrides ``epochs``).
       fold_batchnorm: fold batch norms into the preceding conv/linear before quantizing.
       bias_correction: PTQ bias correction on the calibration batches.

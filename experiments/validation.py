@@ -28,7 +28,7 @@ from typing import Any
 import qjax
 from experiments.schema import ExperimentConfig, LayerOverride, QuantConfig
 
-METHODS = ("float", "ptq", "qat")
+METHODS = ("float", "ptq", "qat", "finetune")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 PLOTS = ("line", "bar")
@@ -245,7 +245,7 @@ def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
     m = cfg.method
     if m.rounding is not None:
         _one_of(out, "method.rounding", m.rounding, ("adaround",))
-        if cfg.quant.weights is None and m.name != "float":
+        if cfg.quant.weights is None and m.name in ("ptq", "qat"):
             out.append(("method.rounding", "AdaRound rounds weights: set quant.weights"))
     _at_least(out, "method.adaround_iterations", m.adaround_iterations, 1)
     _at_least(out, "method.adaround_samples", m.adaround_samples, 1)

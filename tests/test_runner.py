@@ -156,3 +156,21 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
         records.upsert_result(sweep_dir, {"cell": "b", "status": "ok"})
     assert (sweep_dir / records.RESULTS).read_bytes() == before
     assert [p.name for p in sweep_dir.iterdir()] == [records.RESULTS]
+
+
+def test_finetune_is_qat_without_quantizers(tmp_path):
+    """``finetune`` trains the float model as QAT would (same steps, optimizer, data order) with no
+    quantized layer; with a learning rate of 1e-12 it must score as the float model does."""
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(
+        f"base: {SMOKE}\nname: ft\nmethod: {{steps: 20}}\nsweep: {{method.name: [float, finetune]}}\n"
+    )
+    frozen_dir = run.run_sweep(config_lib.load(cfg, [f"output_dir={tmp_path}", "method.learning_rate=1e-12"]))
+    recs = ok_records(frozen_dir)
+    frozen, base = recs["method.name=finetune"], recs["method.name=float"]
+    assert frozen["metrics"]["accuracy"] == base["metrics"]["accuracy"]
+    assert frozen["metrics"]["loss"] == pytest.approx(base["metrics"]["loss"], rel=1e-5)
+    assert frozen["layers"] == [] and frozen["model"]["bits_per_weight"] == 32.0
+    moved_dir = run.run_sweep(config_lib.load(cfg, [f"output_dir={tmp_path}", "name=moved"]))
+    moved = ok_records(moved_dir)["method.name=finetune"]
+    assert moved["metrics"]["loss"] != base["metrics"]["loss"]  # 20 steps of training moved the weights

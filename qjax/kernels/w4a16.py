@@ -337,7 +337,8 @@ def _tpu_kernel(
 
 def _auto_split(programs: int, steps: int) -> int:
     """K ranges (of >= 2 steps each, the last one possibly shorter) so that ~_GPU_TARGET_PROGRAMS run."""
-    want = max(1, min(-(-_GPU_TARGET_PROGRAMS // programs), steps // 2))
+    want = 1 << (max(1, -(-_GPU_TARGET_PROGRAMS // programs)) - 1).bit_length()  # a power of two
+    want = max(1, min(want, steps // 2))
     per = -(-steps // want)  # steps per range
     return -(-steps // per)  # ranges, the last one holding steps - (ranges - 1) * per
 
