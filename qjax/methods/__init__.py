@@ -6,12 +6,25 @@
 * k-means centroid fine-tuning (Deep Compression): :mod:`qjax.methods.kmeans_finetune`.
 * SmoothQuant (Xiao et al. 2023): :func:`smoothing_factors`, :func:`smooth`, :func:`smoothquant_rules`
   (:mod:`qjax.methods.smoothquant`).
+* GPTQ (Frantar et al. 2022): :func:`gptq_quantize` with Hessians from :func:`hessian_update`
+  (:mod:`qjax.methods.gptq_core`).
+* AWQ (Lin et al. 2023): :func:`awq_search`, :func:`awq_clip_search`, :func:`fold_scales`
+  (:mod:`qjax.methods.awq_core`).
 * LLM.int8() (Dettmers et al. 2022): :func:`llm_int8_matmul`, :func:`apply_llm_int8`
   (:mod:`qjax.methods.llm_int8`).
 """
 
 from qjax.methods.adaround import LayerReport, adaround
 from qjax.methods.adaround_core import AdaRoundConfig
+from qjax.methods.awq_core import AWQResult, ClipResult, awq_clip_search, awq_search, fold_scales
+from qjax.methods.gptq_core import (
+    GPTQResult,
+    HessianState,
+    gptq_quantize,
+    hessian,
+    hessian_init,
+    hessian_update,
+)
 from qjax.methods.llm_int8 import (
     LLMInt8DotGeneral,
     apply_llm_int8,
@@ -30,13 +43,24 @@ from qjax.methods.smoothquant import (
 )
 
 __all__ = [
+    "AWQResult",
     "AdaRoundConfig",
+    "ClipResult",
+    "GPTQResult",
+    "HessianState",
     "LLMInt8DotGeneral",
     "LayerReport",
     "adaround",
     "apply_llm_int8",
+    "awq_clip_search",
+    "awq_search",
     "channel_absmax",
     "collect_act_absmax",
+    "fold_scales",
+    "gptq_quantize",
+    "hessian",
+    "hessian_init",
+    "hessian_update",
     "llm_int8_matmul",
     "outlier_mask",
     "outlier_stats",
