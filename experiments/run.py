@@ -16,6 +16,7 @@ rendered at the end; ``qjax-report SWEEP_DIR`` renders it again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pathlib
@@ -78,6 +79,21 @@ def _progress(progress: Progress, task: TaskID) -> runner.StepCallback:
     return update
 
 
+def finished_hashes(results: list[dict[str, Any]]) -> set[str]:
+    """Hashes of the cells finished in ``results``: each ``ok`` record's own hash, and the hash of
+    its config read by today's schema (fields added since it ran take their defaults), so that a
+    field added to the schema does not make finished cells look new."""
+    done = set()
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        done.add(r["hash"])
+        # a config today's schema cannot read: only its recorded hash counts
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            done.add(config_lib.config_hash(config_lib.from_dict(r["config"])))
+    return done
+
+
 def run_sweep(
     spec: config_lib.SweepSpec, *, fail_fast: bool = False, console: Console | None = None
 ) -> pathlib.Path:
@@ -90,7 +106,7 @@ def run_sweep(
     sweep_dir = sweep_dir_of(spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     records.write_atomic(sweep_dir / "sweep.yaml", spec.dump_yaml())
-    done = {r["hash"] for r in records.read_results(sweep_dir) if r.get("status") == "ok"}
+    done = finished_hashes(records.read_results(sweep_dir))
     env = records.environment()
     todo = [c for c in cells if c.hash not in done]
     console.print(f"{sweep_dir}: {len(cells)} cells, {len(cells) - len(todo)} already done")

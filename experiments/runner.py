@@ -104,7 +104,8 @@ def float_model(
 ) -> nnx.Module:
     """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored."""
     t = cfg.train
-    key = _hash({"task": dataclasses.asdict(cfg.task), "train": dataclasses.asdict(t), "seed": cfg.seed})
+    task_key = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "data_args" or v}
+    key = _hash({"task": task_key, "train": dataclasses.asdict(t), "seed": cfg.seed})
     model = task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
     steps = total_steps(t.epochs, t.steps, len(task.train), t.batch_size)
     tx = make_tx(

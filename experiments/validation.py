@@ -28,7 +28,7 @@ from typing import Any
 import qjax
 from experiments.schema import ExperimentConfig, LayerOverride, QuantConfig
 
-METHODS = ("float", "ptq", "qat", "finetune")
+METHODS = ("float", "ptq", "qat", "finetune", "llm_int8")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 PLOTS = ("line", "bar")

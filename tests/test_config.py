@@ -104,7 +104,10 @@ def test_accepted_types(tmp_path):
         ("eval: {batch_size: -5}", r"eval\.batch_size: must be >= 1, got -5"),
         ("train: {learning_rate: 0}", r"train\.learning_rate: must be > 0, got 0\.0"),
         ("method: {learning_rate: -1e-4}", r"method\.learning_rate: must be > 0, got -0\.0001"),
-        ("method: {name: qta}", r"method\.name: 'qta' is not one of float, ptq, qat; did you mean 'qat'\?"),
+        (
+            "method: {name: qta}",
+            r"method\.name: 'qta' is not one of float, ptq, qat, finetune, llm_int8; did you mean 'qat'\?",
+        ),
         (
             "train: {optimizer: adma}",
             r"train\.optimizer: 'adma' is not one of adam, adamw, sgd; did you mean 'adam'",

@@ -174,3 +174,19 @@ def test_finetune_is_qat_without_quantizers(tmp_path):
     moved_dir = run.run_sweep(config_lib.load(cfg, [f"output_dir={tmp_path}", "name=moved"]))
     moved = ok_records(moved_dir)["method.name=finetune"]
     assert moved["metrics"]["loss"] != base["metrics"]["loss"]  # 20 steps of training moved the weights
+
+
+def test_cells_finished_before_a_schema_field_was_added_stay_finished(uninterrupted):
+    """A record written before a config field existed (its config lacks the field, its hash is that
+    of the older schema) still marks its cell finished: its config is re-read with today's schema."""
+    sweep_dir, recs = uninterrupted
+    spec = config_lib.load(sweep_dir / "sweep.yaml")
+    old = []
+    for r in recs.values():
+        r = json.loads(json.dumps(r))
+        del r["config"]["method"]["smoothquant_alpha"], r["config"]["eval"]["export"]
+        r["hash"] = "0" * 64  # the older schema hashed a different dict
+        old.append(r)
+    done = run.finished_hashes(old)
+    assert {c.hash for c in spec.cells()} <= done
+    assert run.finished_hashes([{**old[0], "config": {"method": {"name": 3}}}]) == {"0" * 64}
