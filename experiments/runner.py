@@ -27,7 +27,7 @@ import numpy as np
 
 import qjax
 from experiments import config as config_lib
-from experiments import energy, records
+from experiments import energy, llm_methods, records
 from experiments.schema import ExperimentConfig, QuantConfig
 from experiments.tasks import batchnorm_pairs, get_task
 from experiments.tasks.base import Task, evaluate
@@ -102,7 +102,10 @@ def _hash(payload: Any) -> str:
 def float_model(
     cfg: ExperimentConfig, task: Task, sweep_dir: pathlib.Path, on_step: StepCallback | None
 ) -> nnx.Module:
-    """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored."""
+    """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored; a
+    pretrained task's model is loaded as it is."""
+    if task.pretrained:
+        return task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
     t = cfg.train
     task_key = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "data_args" or v}
     key = _hash({"task": task_key, "train": dataclasses.asdict(t), "seed": cfg.seed})
@@ -128,6 +131,24 @@ def float_model(
         keep=t.keep_checkpoints,
         on_step=on_step,
     )
+
+
+def export_and_reload(
+    cfg: ExperimentConfig, task: Task, model: nnx.Module, directory: pathlib.Path
+) -> dict[str, float]:
+    """Save the converted ``model`` with orbax (packed integer kernels, scales, static activation
+    parameters), restore it into an abstract copy of its structure (no values), evaluate the
+    restored model: ``export_<metric>`` and ``export_bytes`` (on disk, orbax metadata included)."""
+    converted = qjax.nn.convert(model)
+    with qjax.training.TrainingCheckpointer(directory, save_every=1, keep=1) as ckpt:
+        ckpt.save(0, converted)
+        ckpt.wait_until_finished()
+        size = ckpt.step_bytes(0)
+        restored = nnx.eval_shape(lambda: nnx.clone(converted))
+        ckpt.restore(restored, step=0)
+    restored.eval()
+    metrics = evaluate(task, restored, cfg.eval.batch_size, cfg.eval.limit)
+    return {**{f"export_{k}": v for k, v in metrics.items()}, "export_bytes": float(size)}
 
 
 def calibration_batches(cfg: ExperimentConfig, task: Task) -> list[jax.Array]:
@@ -183,6 +204,16 @@ def apply_method(
     if cfg.method.name == "finetune":
         return fine_tune(cfg, task, nnx.clone(base), cell_dir, on_step)
     calib = calibration_batches(cfg, task)
+    m = cfg.method
+    if m.name == "llm_int8" or m.smoothquant_alpha is not None or m.awq or m.gptq:
+        info: dict[str, Any] = {}
+        qmodel = llm_methods.apply_llm_method(
+            cfg, base, calib, build_rules(cfg.quant), lambda model, rules: quantize(cfg, model, rules), info
+        )
+        records.write_json(cell_dir / "llm_method.json", info)
+        if m.name != "llm_int8":
+            qjax.nn.calibrate(qmodel, calib)
+        return qmodel
     if cfg.method.bit_budget is not None:
         rules, info = mixed_precision_rules(cfg, task, base, calib)
         records.write_json(cell_dir / "mixed_precision.json", info)
@@ -277,12 +308,14 @@ def run_cell(
                     for k, v in evaluate(task, served, cfg.eval.batch_size, cfg.eval.limit).items()
                 }
             )
+        if cfg.eval.export and cfg.method.name in ("ptq", "qat"):
+            metrics.update(export_and_reload(cfg, task, model, cell_dir / "export"))
         example = task.test.take(np.arange(1))[0]
         storage = {k: v for k, v in energy.model_storage(model).items() if k != "params"}
         model_info = {**storage, **energy.forward_energy(model, example)}
         layers = []
         if cfg.method.name in ("ptq", "qat"):
-            probe = task.test.take(np.arange(min(256, len(task.test))))[0]
+            probe = task.test.take(np.arange(min(task.diagnostic_examples, len(task.test))))[0]
             layers = qjax.nn.layer_diagnostics(model, base, probe)
         logger.info("metrics %s", metrics)
     record = {

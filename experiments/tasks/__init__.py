@@ -38,6 +38,7 @@ TASK_MODULES = {
     "digits": "experiments.tasks.digits",
     "fashion_mnist": "experiments.tasks.fashion_mnist",
     "tiny_lm": "experiments.tasks.tiny_lm",
+    "llm": "experiments.tasks.llm",
 }
 
 
@@ -101,8 +102,9 @@ def batchnorm_pairs(task_name: str, model_name: str) -> list[tuple[str, str]]:
 
 
 @functools.cache
-def _load(name: str, data_dir: str | None) -> Task:
-    return importlib.import_module(TASK_MODULES[name]).make_task(data_dir)  # type: ignore[no-any-return]
+def _load(name: str, data_dir: str | None, data_args: tuple[tuple[str, Any], ...] = ()) -> Task:
+    module = importlib.import_module(TASK_MODULES[name])
+    return module.make_task(data_dir, **dict(data_args))  # type: ignore[no-any-return]
 
 
 def get_task(config: Any) -> Task:
@@ -124,7 +126,10 @@ def get_task(config: Any) -> Task:
         )
     if config.train_limit < 0:
         raise ValueError(f"task.train_limit={config.train_limit} must be >= 0 (0 = all)")
-    task = _load(config.name, config.data_dir)
+    data_args = getattr(config, "data_args", {}) or {}
+    if data_args and config.name != "llm":
+        raise ValueError(f"task.data_args={dict(data_args)!r}: only task 'llm' takes data options")
+    task = _load(config.name, config.data_dir, tuple(sorted(data_args.items())))
     if 0 < config.train_limit < len(task.train):
         n = config.train_limit
         task = dataclasses.replace(

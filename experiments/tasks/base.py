@@ -53,6 +53,8 @@ class Task:
         ``perplexity``, ...).
       checksum: SHA-256 of the dataset files (or of the generated arrays).
       description: one line for the protocol record.
+      pretrained: the models come trained (loaded from a checkpoint): the runner does not train them.
+      diagnostic_examples: test examples the per-layer diagnostics of a record run on.
     """
 
     name: str
@@ -64,6 +66,8 @@ class Task:
     finish: Callable[[dict[str, float]], dict[str, float]]
     checksum: str
     description: str
+    pretrained: bool = False
+    diagnostic_examples: int = 256
 
     def make_model(self, model: str, model_args: dict[str, Any], seed: int) -> nnx.Module:
         if model not in self.models:

@@ -64,7 +64,7 @@ from qjax.methods.adaround_core import (
     rounding_grid,
 )
 from qjax.nn.diagnostics import HookCall, check_quantized, layer_output, working_copy
-from qjax.nn.model import _hook_spec, quantizable_layers, quantized_ops
+from qjax.nn.model import _hook_spec, pin_weight_qparams, quantizable_layers, quantized_ops
 from qjax.nn.ops import QuantizedOp
 from qjax.numerics import QParams, QuantSpec, calibrate, quantize_dequantize, tiling
 from qjax.numerics.formats import MIN_SCALE, IntFormat
@@ -148,7 +148,7 @@ def adaround(
         start = time.perf_counter()
         w_hat, qp, row = _adaround_layer(path, work, f, config, index)
         for target_layer in (dict(quantizable_layers(qwork))[path], targets[path]):
-            _install(path, target_layer, w_hat, qp)
+            pin_weight_qparams(target_layer, w_hat, qp)
         row = dataclasses.replace(row, seconds=time.perf_counter() - start)
         _log(row)
         if report is not None:
@@ -376,19 +376,6 @@ def _weight_qparams(op: QuantizedOp, kernel: jax.Array, spec: QuantSpec) -> QPar
         scale = jnp.broadcast_to(op.weight_scale[...].astype(jnp.float32), grid)
         return QParams(jnp.maximum(scale, MIN_SCALE))
     return _calibrate(kernel, spec)
-
-
-def _install(path: str, layer: nnx.Module, w_hat: jax.Array, qp: QParams) -> None:
-    """Store ``w_hat`` as the kernel and pin the layer's weight quantizer to the grid ``qp``."""
-    layer.kernel.set_value(w_hat)  # type: ignore[attr-defined]
-    op = getattr(layer, _hook_spec(layer)[0])
-    assert isinstance(op, QuantizedOp) and op.rule.weights is not None
-    nearest = dataclasses.replace(op.rule.weights, rounding=Rounding.NEAREST)
-    if op.weight_scale is not None:  # an LSQ rule: its step size is the grid's scale already
-        op.weight_scale.set_value(qp.scale.astype(op.weight_scale[...].dtype))
-    else:
-        op.weight_static.set_value(tuple(qp))
-    op.rule = dataclasses.replace(op.rule, weights=nearest)
 
 
 # -- recording a layer's contraction ----------------------------------------------------------------

@@ -36,8 +36,9 @@ from qjax.nn.ops import (
 )
 from qjax.nn.rules import ActivationScale, Rule, first_match
 from qjax.nn.stats import lsq_scale_from_stats, static_qparams, static_range
-from qjax.numerics import QArray, tiling
+from qjax.numerics import QArray, QParams, tiling
 from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat
+from qjax.numerics.rounding import Rounding
 from qjax.ste import Estimator
 
 logger = logging.getLogger("qjax")
@@ -162,6 +163,26 @@ def quantize_model(
     if float_layers:
         logger.info("layers left in float: %s", ", ".join(float_layers))
     return convert(qmodel) if mode == "convert" else qmodel
+
+
+def pin_weight_qparams(layer: nnx.Module, w_hat: jax.Array, qp: QParams) -> None:
+    """Store ``w_hat`` as the kernel of the quantized ``layer`` and pin its weight quantizer to the
+    grid ``qp`` (rounding to nearest): a method that chose both (AdaRound, GPTQ, AWQ) installs its
+    result so that ``qat``, ``serve`` and :func:`convert` all use exactly those codes."""
+    hook = _hook_spec(layer)[0]
+    op = getattr(layer, hook, None)
+    if not isinstance(op, QuantizedOp) or op.rule.weights is None:
+        raise ValueError(
+            f"{type(layer).__name__} has no weight quantizer to pin: quantize the model with a rule "
+            "that sets weights (qjax.nn.quantize_model) first"
+        )
+    layer.kernel.set_value(w_hat)  # type: ignore[attr-defined]
+    nearest = dataclasses.replace(op.rule.weights, rounding=Rounding.NEAREST)
+    if op.weight_scale is not None:  # an LSQ rule: its step size is the grid's scale already
+        op.weight_scale.set_value(qp.scale.astype(op.weight_scale[...].dtype))
+    else:
+        op.weight_static.set_value(tuple(qp))
+    op.rule = dataclasses.replace(op.rule, weights=nearest)
 
 
 def set_kernels(model: M, kernels: str) -> M:

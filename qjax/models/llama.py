@@ -1,0 +1,397 @@
+"""A Llama-family decoder (Llama 2/3, SmolLM2, ...) as a Flax NNX module.
+
+Pre-norm blocks with RMSNorm, grouped-query attention with rotary position embeddings and a SwiGLU
+MLP. Every projection is an ``nnx.Linear`` (no biases) so that :func:`qjax.nn.quantize_model`
+rules match them by path:
+
+.. code-block:: text
+
+    embed                                   nnx.Embed (vocab, dim)
+    layers/{i}/attn_norm                    RMSNorm
+    layers/{i}/attn/{q,k,v,o}_proj          nnx.Linear
+    layers/{i}/mlp_norm                     RMSNorm
+    layers/{i}/mlp/{gate,up,down}_proj      nnx.Linear
+    norm                                    RMSNorm
+    lm_head                                 nnx.Linear (only when embeddings are untied)
+
+Rotary layout: the Hugging Face "rotate_half" convention. Within each head the first half of the
+features pairs with the second half (feature ``j`` with ``j + d_h/2``). llama.cpp (GGUF) uses the
+interleaved convention (``2j`` with ``2j + 1``) and stores the q/k weight rows permuted to match;
+:mod:`qjax.models.gguf_loader` undoes that permutation when loading.
+
+Layer-wise calibration runs one block at a time:
+
+.. code-block:: python
+
+    h = model.embed_tokens(tokens)            # (B, T, dim)
+    for block in model.layers:
+        h = block(h)                          # same as block_forward(model, i, h)
+    logits = model.output_logits(h)           # (B, T, vocab) float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Hyperparameters of a Llama-family model.
+
+    Attributes:
+      vocab_size: number of tokens.
+      dim: model width :math:`d`.
+      n_layers: number of blocks.
+      n_heads: query heads :math:`H`; the head width is :math:`d_h = d / H`.
+      n_kv_heads: key/value heads :math:`H_{kv}` (grouped-query attention; divides ``n_heads``).
+      hidden_dim: SwiGLU hidden width.
+      norm_eps: RMSNorm :math:`\\epsilon`.
+      rope_theta: rotary base :math:`\\theta`.
+      max_seq_len: longest sequence the model accepts.
+      tie_embeddings: the LM head is the transposed token embedding (no ``lm_head`` layer).
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig {name}={value!r} must be a positive integer")
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} does not divide dim={self.dim}; use a divisor of it")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; use a divisor of it"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head, :math:`G = H / H_{kv}`."""
+        return self.n_heads // self.n_kv_heads
+
+
+SMOLLM2_135M = LlamaConfig(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    hidden_dim=1536,
+    norm_eps=1e-5,
+    rope_theta=1e5,
+    max_seq_len=8192,
+    tie_embeddings=True,
+)
+
+TINY = LlamaConfig(
+    vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=128
+)
+"""A tiny random configuration for tests."""
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned gain, computed in float32:
+
+    .. math::
+
+        y = \\frac{x}{\\sqrt{\\tfrac{1}{d} \\sum_j x_j^2 + \\epsilon}} \\odot w
+    """
+
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (y * w).astype(x.dtype)
+
+
+def rope_angles(length: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` of the rotary angles, each (length, head_dim / 2) float32:
+    :math:`\\phi_{t,j} = t\\, \\theta^{-2j/d_h}` for position :math:`t` and pair :math:`j`."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x`` (B, T, heads, d_h) in the "rotate_half" layout: with :math:`x = [a, b]` split
+    into halves along the features,
+
+    .. math::
+
+        \\mathrm{RoPE}(x)_t = [a \\cos\\phi_t - b \\sin\\phi_t,\\; b \\cos\\phi_t + a \\sin\\phi_t]
+
+    so :math:`\\langle \\mathrm{RoPE}(q)_s, \\mathrm{RoPE}(k)_t \\rangle` depends on :math:`s - t`
+    only. Computed in float32, returned in ``x.dtype``."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    a, b = x32[..., :half], x32[..., half:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, d_h/2)
+    return jnp.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    init = nnx.initializers.normal(0.02)
+    return nnx.Linear(
+        d_in, d_out, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, rngs=rngs
+    )
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention. Query head :math:`h` reads key/value head
+    :math:`\\lfloor h / G \\rfloor`:
+
+    .. math::
+
+        o_h = \\mathrm{softmax}\\!\\left(\\frac{\\mathrm{RoPE}(Q_h)\\, \\mathrm{RoPE}(K_{h/G})^\\top}
+              {\\sqrt{d_h}} + M\\right) V_{h/G}, \\qquad M_{ts} = -\\infty \\text{ for } s > t
+
+    and the output is :math:`[o_1, \\dots, o_H] W_o`. Scores and softmax are float32.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q_proj = _linear(c.dim, c.n_heads * c.head_dim, dtype, rngs)
+        self.k_proj = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
+        self.v_proj = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
+        self.o_proj = _linear(c.n_heads * c.head_dim, c.dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: (B, T, dim)
+        c = self.config
+        b, t, _ = x.shape
+        cos, sin = rope_angles(t, c.head_dim, c.rope_theta)
+        q = apply_rope(self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        q = q.reshape(b, t, c.n_kv_heads, c.kv_groups, c.head_dim)  # head h = kv * G + g
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+        scores = scores / np.float32(math.sqrt(c.head_dim))
+        causal = jnp.tril(jnp.ones((1, 1, 1, t, t), jnp.bool_))
+        scores = jnp.where(causal, scores, np.float32(-jnp.inf))
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v)  # (B, T, H_kv, G, d_h)
+        return self.o_proj(out.reshape(b, t, c.n_heads * c.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: :math:`\\mathrm{down}(\\mathrm{silu}(\\mathrm{gate}(x)) \\odot \\mathrm{up}(x))` with
+    :math:`\\mathrm{silu}(z) = z \\sigma(z)`."""
+
+    def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.gate_proj = _linear(config.dim, config.hidden_dim, dtype, rngs)
+        self.up_proj = _linear(config.dim, config.hidden_dim, dtype, rngs)
+        self.down_proj = _linear(config.hidden_dim, config.dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: :math:`h \\mathrel{+}= \\mathrm{attn}(\\mathrm{RMSNorm}_a(h))`, then
+    :math:`h \\mathrel{+}= \\mathrm{mlp}(\\mathrm{RMSNorm}_m(h))`. Maps (B, T, dim) to (B, T, dim)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        h = h + self.attn(self.attn_norm(h))
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Llama(nnx.Module):
+    """Llama-family causal LM: ``tokens`` (B, T) int -> logits (B, T, vocab) float32.
+
+    ``dtype`` is the dtype of the weights and of the matmuls (float32 by default; ``jnp.bfloat16``
+    halves memory); RMSNorm, rotary embeddings, attention scores and logits are float32.
+    The module layout and names are listed in the module docstring.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Embed(
+            config.vocab_size, config.dim, dtype=dtype, param_dtype=dtype, embedding_init=init, rngs=rngs
+        )
+        self.layers = nnx.List([Block(config, dtype=dtype, rngs=rngs) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        if not config.tie_embeddings:
+            self.lm_head = _linear(config.dim, config.vocab_size, dtype, rngs)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Token embeddings (B, T, dim) in the model's dtype: the input of block 0."""
+        t = tokens.shape[-1]
+        if t > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}; split the input"
+            )
+        return self.embed(tokens).astype(self.dtype)
+
+    def output_logits(self, h: jax.Array) -> jax.Array:
+        """Final RMSNorm and LM head on the last block's output: (B, T, dim) -> (B, T, vocab) float32."""
+        h = self.norm(h)
+        logits = self.embed.attend(h) if self.config.tie_embeddings else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = self.embed_tokens(tokens)
+        for block in self.layers:
+            h = block(h)
+        return self.output_logits(h)
+
+
+def block_forward(model: Llama, index: int, h: jax.Array) -> jax.Array:
+    """Run block ``index`` of ``model`` on hidden states ``h`` (B, T, dim)."""
+    if not 0 <= index < len(model.layers):
+        raise IndexError(f"index={index} is not a block of this model; use 0..{len(model.layers) - 1}")
+    return model.layers[index](h)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormGroup:
+    """An RMSNorm and the linears that read its output: scaling input channel :math:`j` of every
+    linear by :math:`s_j` and dividing the norm's ``weight[j]`` by :math:`s_j` leaves the block's
+    function unchanged (SmoothQuant, AWQ)."""
+
+    norm_path: str
+    norm: RMSNorm
+    linear_paths: tuple[str, ...]
+    linears: tuple[nnx.Linear, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPair:
+    """A linear ``prev`` whose output channels feed the input channels of ``next`` through an
+    operation that commutes with a per-channel scale (the attention-weighted sum of values, or the
+    elementwise product with ``silu(gate)``): dividing ``prev``'s output channel :math:`j` by
+    :math:`s_j` and multiplying the matching input rows of ``next`` by :math:`s_j` is exact.
+
+    ``kv_groups`` maps the scale across grouped-query attention: ``v_proj`` has
+    :math:`H_{kv} d_h` outputs but ``o_proj`` has :math:`H d_h` inputs; query head :math:`h` reads
+    value head :math:`\\lfloor h/G \\rfloor`, so the input scale is :meth:`next_input_scale`.
+    """
+
+    prev_path: str
+    prev: nnx.Linear
+    next_path: str
+    next: nnx.Linear
+    kv_groups: int = 1
+    head_dim: int = 1
+
+    def next_input_scale(self, s: jax.Array) -> jax.Array:
+        """The scale for ``next``'s input channels given the scale ``s`` of ``prev``'s outputs."""
+        if self.kv_groups == 1:
+            return s
+        heads = s.reshape(-1, 1, self.head_dim)  # (H_kv, 1, d_h)
+        return jnp.broadcast_to(heads, (heads.shape[0], self.kv_groups, self.head_dim)).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGroups:
+    """The scale-equivalent structure of one block, for SmoothQuant / AWQ style methods."""
+
+    index: int
+    norm_groups: tuple[NormGroup, ...]
+    linear_pairs: tuple[LinearPair, ...]
+
+
+def smoothing_groups(model: Llama) -> list[BlockGroups]:
+    """Per block: the norm groups ``attn_norm -> (q, k, v)`` and ``mlp_norm -> (gate, up)``, and the
+    linear pairs ``v_proj -> o_proj`` (with the grouped-query mapping) and ``up_proj -> down_proj``."""
+    c = model.config
+    out = []
+    for i, blk in enumerate(model.layers):
+        p = f"layers/{i}"
+        attn, mlp = blk.attn, blk.mlp
+        norms = (
+            NormGroup(
+                f"{p}/attn_norm",
+                blk.attn_norm,
+                tuple(f"{p}/attn/{n}_proj" for n in "qkv"),
+                (attn.q_proj, attn.k_proj, attn.v_proj),
+            ),
+            NormGroup(
+                f"{p}/mlp_norm",
+                blk.mlp_norm,
+                (f"{p}/mlp/gate_proj", f"{p}/mlp/up_proj"),
+                (mlp.gate_proj, mlp.up_proj),
+            ),
+        )
+        pairs = (
+            LinearPair(
+                f"{p}/attn/v_proj", attn.v_proj, f"{p}/attn/o_proj", attn.o_proj, c.kv_groups, c.head_dim
+            ),
+            LinearPair(f"{p}/mlp/up_proj", mlp.up_proj, f"{p}/mlp/down_proj", mlp.down_proj),
+        )
+        out.append(BlockGroups(i, norms, pairs))
+    return out
+
+
+def model_weights(model: Llama) -> dict[str, np.ndarray]:
+    """Every parameter of ``model`` as a float32 numpy array keyed by its path, e.g.
+    ``layers/0/attn/q_proj/kernel`` (in, out), ``layers/0/attn_norm/weight``, ``embed/embedding``."""
+    out = {}
+    for parts, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            out["/".join(str(p) for p in parts)] = np.asarray(node.get_value(), np.float32)
+    return out
+
+
+def llama_from_weights(
+    config: LlamaConfig, weights: dict[str, np.ndarray], *, dtype: Any = jnp.float32
+) -> Llama:
+    """A :class:`Llama` whose parameters are ``weights`` (paths and layouts as :func:`model_weights`).
+
+    Raises ``KeyError`` naming the missing parameters, ``ValueError`` for a shape mismatch or for
+    weights the model has no place for."""
+    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    params = {
+        "/".join(str(p) for p in parts): node
+        for parts, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Param)
+    }
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise KeyError(f"weights are missing {len(missing)} parameters: {missing[:5]}")
+    extra = sorted(set(weights) - set(params))
+    if extra:
+        raise ValueError(f"weights has {len(extra)} parameters the model lacks: {extra[:5]}")
+    for path, var in params.items():
+        abstract = var.get_value()
+        value = np.asarray(weights[path])
+        if value.shape != abstract.shape:
+            raise ValueError(f"parameter {path} has shape {value.shape}; the config needs {abstract.shape}")
+        var.set_value(jnp.asarray(value, abstract.dtype))
+    return model
