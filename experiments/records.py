@@ -26,13 +26,15 @@ import qjax
 RESULTS = "results.jsonl"
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, nothing between."""
+def write_atomic(path: pathlib.Path, text: str | bytes) -> None:
+    """Write ``text`` (str or bytes) to ``path`` so that readers see the old or the new content,
+    nothing between (a temporary file in the same directory, ``fsync``, ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    data = text.encode() if isinstance(text, str) else text
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -46,13 +46,13 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import yaml
 
+from experiments.records import write_atomic
 from experiments.schema import ReportConfig
 
 RESULTS = "results.jsonl"
@@ -490,20 +490,6 @@ def render_layers(p: Pivot) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-
-
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never part of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render(
