@@ -5,7 +5,8 @@
 * ``method.name: llm_int8``: LLM.int8() on every linear of the blocks (threshold
   ``method.llm_int8_threshold``); embeddings and the tied LM head stay in float;
 * ``method.name: ptq`` with ``method.smoothquant_alpha``: SmoothQuant factors from the calibration
-  windows folded into the RMSNorms before q/k/v and gate/up, then the config's rules (W8A8 O1/O3);
+  windows folded into the RMSNorms before q/k/v and gate/up (and, with ``method.smoothquant_pairs``,
+  into ``up_proj`` for ``down_proj``), then the config's rules (W8A8 O1/O3);
 * ``method.awq``: AWQ scales (folded into the norms and into ``up_proj`` for ``down_proj``; into
   ``v_proj`` for ``o_proj`` only without grouped-query attention, else ``o_proj`` is clipped only)
   and clipping, block by block on the float model;
@@ -78,19 +79,29 @@ def calibration_hidden(model: Any, calib: Sequence[jax.Array]) -> jax.Array:
     return model.embed_tokens(tokens)
 
 
-def smooth_llama(model: Any, calib: Sequence[jax.Array], alpha: float) -> None:
-    """SmoothQuant: factors from max|X| at the inputs of q/k/v and gate/up, folded into the norms."""
+def smooth_llama(model: Any, calib: Sequence[jax.Array], alpha: float, *, pairs: bool = False) -> None:
+    """SmoothQuant: factors from max|X| at the inputs of q/k/v and gate/up, folded into the RMSNorms
+    (the paper's recipe for Llama); with ``pairs`` also at the input of ``down_proj``, folded into
+    ``up_proj``'s output columns (exact: ``silu(gate) * up`` is elementwise in up's outputs)."""
     from qjax.models.llama import smoothing_groups
 
-    groups = [g for bg in smoothing_groups(model) for g in bg.norm_groups]
-    absmax = methods.collect_act_absmax(model, [g.linears[0] for g in groups], list(calib))
-    for g, a in zip(groups, absmax, strict=True):
+    structure = smoothing_groups(model)
+    groups = [g for bg in structure for g in bg.norm_groups]
+    downs = [bg.linear_pairs[1] for bg in structure] if pairs else []
+    firsts = [g.linears[0] for g in groups] + [pair.next for pair in downs]
+    absmax = methods.collect_act_absmax(model, firsts, list(calib))
+    for g, a in zip(groups, absmax[: len(groups)], strict=True):
         kernels = [lin.kernel[...] for lin in g.linears]
         s = methods.smoothing_factors(a, kernels, alpha)
         gamma, scaled = methods.smooth(g.norm.weight[...], kernels, s)
         g.norm.weight.set_value(gamma)
         for lin, w in zip(g.linears, scaled, strict=True):
             lin.kernel.set_value(w)
+    for pair, a in zip(downs, absmax[len(groups) :], strict=True):
+        s = methods.smoothing_factors(a, [pair.next.kernel[...]], alpha)
+        w_prev, _, w_next = methods.smooth_linear_pair(pair.prev.kernel[...], None, pair.next.kernel[...], s)
+        pair.prev.kernel.set_value(w_prev)
+        pair.next.kernel.set_value(w_next)
 
 
 def _spec_of(rules: Sequence[qjax.nn.Rule]) -> Callable[[str], Any]:
@@ -117,7 +128,7 @@ def apply_llm_method(
         report["llm_int8_layers"] = n
         return model
     if m.smoothquant_alpha is not None:
-        smooth_llama(model, calib, m.smoothquant_alpha)
+        smooth_llama(model, calib, m.smoothquant_alpha, pairs=m.smoothquant_pairs)
     pinned = {}
     if m.awq or m.gptq:
         blocks, folds = llama_blocks(model)

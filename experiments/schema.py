@@ -110,6 +110,8 @@ class MethodConfig:
       smoothquant_alpha: SmoothQuant migration strength (``llm``): per-channel factors
         :math:`s_j = \\max|X_j|^\\alpha / \\max|W_j|^{1-\\alpha}` from the calibration data, folded
         into the RMSNorms before q/k/v and gate/up; ``null`` = no smoothing.
+      smoothquant_pairs: also smooth the input of ``down_proj`` (factors folded into the output
+        columns of ``up_proj``): the activations with the largest outliers in Llama models.
       awq: AWQ (``llm``): activation-aware scale search (``awq_grid`` points of alpha in [0, 1)) and
         clipping search per layer group, scales folded into the preceding norm or linear.
       gptq: GPTQ (``llm``): block by block, each linear's weights quantized column by column with
@@ -135,6 +137,7 @@ class MethodConfig:
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     sensitivity_examples: int = 1000
     smoothquant_alpha: float | None = None
+    smoothquant_pairs: bool = False
     awq: bool = False
     awq_grid: int = 20
     gptq: bool = False

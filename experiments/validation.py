@@ -284,6 +284,8 @@ def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
             )
         elif key != "method.name" and m.name != "ptq":
             out.append((key, f"is a post-training method: set method.name: ptq (it is {m.name!r})"))
+    if m.smoothquant_pairs and m.smoothquant_alpha is None:
+        out.append(("method.smoothquant_pairs", "smooths with method.smoothquant_alpha: set it, e.g. 0.5"))
     if m.smoothquant_alpha is not None and not 0.0 <= m.smoothquant_alpha <= 1.0:
         out.append(("method.smoothquant_alpha", f"{m.smoothquant_alpha} must be in [0, 1], e.g. 0.5"))
     if (m.awq or m.gptq) and cfg.quant.weights is None:

@@ -67,6 +67,14 @@ def test_smoothquant_leaves_the_float_model_unchanged_and_helps_w8a8():
     np.testing.assert_allclose(
         _logits(smoothed, tokens), ref, rtol=2e-4, atol=2e-4 * float(jnp.abs(ref).max())
     )
+    with_down = nnx.clone(model)
+    llm_methods.smooth_llama(with_down, calib, alpha=0.5, pairs=True)
+    np.testing.assert_allclose(
+        _logits(with_down, tokens), ref, rtol=2e-4, atol=2e-4 * float(jnp.abs(ref).max())
+    )
+    assert not np.allclose(
+        with_down.layers[0].mlp.down_proj.kernel[...], model.layers[0].mlp.down_proj.kernel[...]
+    )
     smoothed_q = qjax.nn.quantize_model(smoothed, _rules(INT8_CH, per_tensor))
     assert _rel(_logits(smoothed_q, tokens), ref) < 0.5 * _rel(_logits(plain, tokens), ref)
 
@@ -158,6 +166,7 @@ def test_apply_llm_method_dispatch():
         m = types.SimpleNamespace(
             name="ptq",
             smoothquant_alpha=None,
+            smoothquant_pairs=True,
             awq=False,
             gptq=False,
             awq_grid=20,
