@@ -121,7 +121,12 @@ def model_storage(model: nnx.Module) -> dict[str, Any]:
     skip = {
         id(v)
         for op in ops.values()
-        for v in (op.weight_scale, getattr(op, "centroids", None), getattr(op, "indices", None))
+        for v in (
+            op.weight_scale,
+            getattr(op, "weight_static", None),  # a pinned grid (AdaRound, GPTQ, AWQ): the QArray's scales
+            getattr(op, "centroids", None),
+            getattr(op, "indices", None),
+        )
         if v is not None
     }
     params: list[dict[str, Any]] = []

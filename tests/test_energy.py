@@ -148,6 +148,16 @@ def test_kmeans_codebook_and_indices_are_counted_once(converted):
     assert s["size_bytes"] == fc1 + fc2 + BIAS_BYTES_MLP
 
 
+def test_a_pinned_weight_grid_is_not_counted_twice():
+    q = _quantized(_mlp(), W4_CHANNEL, None)
+    before = model_storage(q)["size_bytes"]
+    for _, layer, _op in qjax.nn.quantized_ops(q):
+        kernel = layer.kernel[...]
+        qp = qjax.calibrate(kernel, W4_CHANNEL)
+        qjax.nn.pin_weight_qparams(layer, qjax.quantize_dequantize(kernel, W4_CHANNEL, qparams=qp), qp)
+    assert model_storage(q)["size_bytes"] == before
+
+
 def test_static_scales_are_counted_statistics_are_not():
     q = _quantized(_mlp(), W8, A8, activation_scale="static")
     before = model_storage(q)["size_bytes"]
