@@ -60,3 +60,35 @@ def test_missing_stochastic_results(tmp_path):
             rounding_table.deterministic(rounding_table.load_results(a)),
             rounding_table.draws(rounding_table.load_results(b)),
         )
+
+
+def test_llm_table(tmp_path, capsys):
+    from experiments import llm_table
+
+    recs = [
+        {
+            "cell": "a",
+            "status": "ok",
+            "axes": {"variant": "float"},
+            "metrics": {"perplexity": 10.0},
+            "protocol": {"wall_time_s": 5.0},
+            "model": {"size_bytes": 4e6},
+        },
+        {
+            "cell": "b",
+            "status": "ok",
+            "axes": {"variant": "W4"},
+            "metrics": {"perplexity": 12.5, "export_bytes": 1.5e6, "export_perplexity": 12.5},
+            "protocol": {"wall_time_s": 7.0},
+            "model": {"size_bytes": 1e6},
+        },
+        {"cell": "c", "status": "failed", "axes": {"variant": "W2"}, "error": "ValueError: boom\ntrace"},
+    ]
+    path = _write(tmp_path / "t", recs)
+    assert llm_table.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| float | 10.000 | +0.0% | 5 | 4.0 |  |"
+    assert lines[3] == "| W4 | 12.500 | +25.0% | 7 | 1.0 | 1.5 / 12.500 |"
+    assert lines[4].startswith("| W2 | failed: ValueError: boom")
+    with pytest.raises(ReportError, match="no finished 'float' cell"):
+        llm_table.llm_table(recs[1:])
