@@ -3,8 +3,8 @@
 ``python -m experiments.llm_table runs/llm_table``
 
 One row per cell (``variant`` axis), in the order of the sweep's ``sweep.yaml``: perplexity, its
-change against the ``float`` cell, the cell's wall time (model loading, the method, calibration, evaluation and
-diagnostics), the model's stored size (``model.size_bytes``: packed integer kernels with their
+change against the ``float`` cell, the cell's wall time (model loading, the method, calibration,
+evaluation and diagnostics), the model's stored size (``model.size_bytes``: packed integer kernels with their
 scales, float parameters at 4 bytes) and, for cells run with ``eval.export``, the size on disk of
 the orbax export and the perplexity of the model reloaded from it.
 """
