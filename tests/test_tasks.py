@@ -286,11 +286,13 @@ def test_get_task_errors():
     with pytest.raises(
         ValueError,
         match=r"task\.name='fashion_mnst' is not a task; did you mean 'fashion_mnist'\? "
-        r"use one of \['digits', 'fashion_mnist', 'tiny_lm'\]",
+        r"use one of \['digits', 'fashion_mnist', 'llm', 'tiny_lm'\]",
     ):
         get_task(TaskConfig(name="fashion_mnst", model="cnn"))
     with pytest.raises(ValueError, match=r"task\.name='imagenet' is not a task; use one of"):
         get_task(TaskConfig(name="imagenet", model="cnn"))
+    with pytest.raises(ValueError, match=r"data_args=\{'window': 64\}: only task 'llm' takes data options"):
+        get_task(TaskConfig(name="digits", model="mlp", data_args={"window": 64}))
     with pytest.raises(
         ValueError, match=r"task\.model='cnnn' is not a model of task 'digits'; did you mean 'cnn'\?"
     ):
