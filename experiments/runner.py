@@ -316,6 +316,8 @@ def run_cell(
         layers = []
         if cfg.method.name in ("ptq", "qat"):
             probe = task.test.take(np.arange(min(task.diagnostic_examples, len(task.test))))[0]
+            if task.diagnostic_length > 0:
+                probe = probe[:, : task.diagnostic_length]
             layers = qjax.nn.layer_diagnostics(model, base, probe)
         logger.info("metrics %s", metrics)
     record = {

@@ -55,6 +55,8 @@ class Task:
       description: one line for the protocol record.
       pretrained: the models come trained (loaded from a checkpoint): the runner does not train them.
       diagnostic_examples: test examples the per-layer diagnostics of a record run on.
+      diagnostic_length: if > 0, the diagnostics see only the first ``diagnostic_length`` positions
+        of each example's second axis (tokens of a long sequence).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Task:
     description: str
     pretrained: bool = False
     diagnostic_examples: int = 256
+    diagnostic_length: int = 0
 
     def make_model(self, model: str, model_args: dict[str, Any], seed: int) -> nnx.Module:
         if model not in self.models:

@@ -165,4 +165,5 @@ def make_task(data_dir: str | None = None, **data_args: Any) -> Task:
         ),
         pretrained=True,
         diagnostic_examples=1,
+        diagnostic_length=128,
     )
