@@ -314,7 +314,7 @@ def run_cell(
         storage = {k: v for k, v in energy.model_storage(model).items() if k != "params"}
         model_info = {**storage, **energy.forward_energy(model, example)}
         layers = []
-        if cfg.method.name in ("ptq", "qat"):
+        if cfg.method.name in ("ptq", "qat") and cfg.eval.diagnostics:
             probe = task.test.take(np.arange(min(task.diagnostic_examples, len(task.test))))[0]
             if task.diagnostic_length > 0:
                 probe = probe[:, : task.diagnostic_length]

@@ -211,12 +211,14 @@ class EvalConfig:
       serve: also evaluate the converted model (real integer execution) and report both.
       export: save the converted model with orbax (packed integer weights and scales), reload it
         into a fresh model and evaluate that too (``export_*`` metrics, ``export_bytes`` on disk).
+      diagnostics: record per-layer diagnostics (weight and output SQNR, activation statistics).
     """
 
     batch_size: int = 1000
     limit: int = 0
     serve: bool = False
     export: bool = False
+    diagnostics: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
