@@ -12,7 +12,11 @@ every token count ``M`` of the sweep, ``y = x @ W`` with ``x`` of shape ``(M, K)
 * ``w8a8+quant``: the same matmul preceded by ``quantize_per_token`` of the bf16 ``x``
   (``qjax.kernels.act_quant``), i.e. what serving actually pays per layer;
 * ``fp8``: ``x`` and ``W`` in float8_e4m3fn, per-token and per-column f32 scales
-  (``qjax.kernels.fp8``).
+  (``qjax.kernels.fp8``);
+* ``w8a8-mgpu``, ``fp8-mgpu``: the ``w8a8`` and ``fp8`` matmuls on the Hopper path
+  (``qjax.kernels.hopper``: Pallas on Mosaic GPU, TMA and ``wgmma``), ``W`` stored ``(N, K)`` by
+  ``prepare_weight`` once, outside the timing, as ``w4a16``'s packing is; run with ``--backend gpu``
+  only (listed as skipped otherwise).
 
 Data is random (uniform floats and integer codes; not zeros, which make GPU matmuls faster). On
 a GPU (TPU) the Pallas kernels run with ``backend="gpu"`` (``"tpu"``). On CPU the default backend is
@@ -93,7 +97,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-KERNELS = ("bf16", "w4a16", "w8a8", "w8a8+quant", "fp8")
+KERNELS = ("bf16", "w4a16", "w8a8", "w8a8+quant", "fp8", "w8a8-mgpu", "fp8-mgpu")
+HOPPER_KERNELS = ("w8a8-mgpu", "fp8-mgpu")  # Pallas on Mosaic GPU: run with --backend gpu only
 BASELINE = "bf16"
 GROUP_SIZE = 128
 M_SWEEP = (1, 16, 64, 256, 1024, 4096)
@@ -135,10 +140,41 @@ MIN_SAMPLE_S = 2e-3
 CELL_TIMING_S = 0.4
 
 # Which weights (and activations) each kernel takes: kernels of one family share the same copies.
-WEIGHT_FAMILY = {"bf16": "bf16", "w4a16": "w4", "w8a8": "int8", "w8a8+quant": "int8", "fp8": "fp8"}
-ACT_FAMILY = {"bf16": "bf16", "w4a16": "bf16", "w8a8": "int8", "w8a8+quant": "bf16", "fp8": "fp8"}
-ARITHMETIC = {"bf16": "bf16", "w4a16": "bf16", "w8a8": "int8", "w8a8+quant": "int8", "fp8": "fp8"}
-MODULES = {"w4a16": ("w4a16",), "w8a8": ("w8a8",), "w8a8+quant": ("w8a8", "act_quant"), "fp8": ("fp8",)}
+WEIGHT_FAMILY = {
+    "bf16": "bf16",
+    "w4a16": "w4",
+    "w8a8": "int8",
+    "w8a8+quant": "int8",
+    "fp8": "fp8",
+    "w8a8-mgpu": "int8-nk",  # the (N, K) layout of qjax.kernels.hopper, transposed once
+    "fp8-mgpu": "fp8-nk",
+}
+ACT_FAMILY = {
+    "bf16": "bf16",
+    "w4a16": "bf16",
+    "w8a8": "int8",
+    "w8a8+quant": "bf16",
+    "fp8": "fp8",
+    "w8a8-mgpu": "int8",
+    "fp8-mgpu": "fp8",
+}
+ARITHMETIC = {
+    "bf16": "bf16",
+    "w4a16": "bf16",
+    "w8a8": "int8",
+    "w8a8+quant": "int8",
+    "fp8": "fp8",
+    "w8a8-mgpu": "int8",
+    "fp8-mgpu": "fp8",
+}
+MODULES = {
+    "w4a16": ("w4a16",),
+    "w8a8": ("w8a8",),
+    "w8a8+quant": ("w8a8", "act_quant"),
+    "fp8": ("fp8",),
+    "w8a8-mgpu": ("hopper",),
+    "fp8-mgpu": ("hopper",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +215,7 @@ def activation_bytes(kernel: str, m: int, k: int) -> int:
     quantized = m * k + 4 * m  # int8 / fp8 values and one f32 scale per token
     if kernel in ("bf16", "w4a16"):
         return 2 * m * k
-    if kernel in ("w8a8", "fp8"):
+    if kernel in ("w8a8", "fp8", *HOPPER_KERNELS):
         return quantized
     if kernel == "w8a8+quant":
         return 2 * m * k + 2 * quantized
@@ -193,7 +229,7 @@ def nominal_weight_bytes(
     family = WEIGHT_FAMILY[kernel]
     if family == "bf16":
         return 2 * k * n
-    if family in ("int8", "fp8"):
+    if family in ("int8", "fp8", "int8-nk", "fp8-nk"):
         return k * n + 4 * n
     groups = -(-k // group_size) * n
     return k * n // 2 + groups * scale_itemsize * (2 if zeros else 1)
@@ -246,6 +282,17 @@ def kernel_fn(kernel: str, backend: str) -> Callable[[Any, Any], jax.Array]:
     opts: dict[str, Any] = {} if ref else {"backend": backend}
     if kernel == "bf16":
         return lambda x, w: jnp.dot(x, w)
+    if kernel in HOPPER_KERNELS:  # operands as the public kernels check them; weight (N, K) prepared
+        hop = kernel_module("hopper")
+        acc = jnp.int32 if kernel.startswith("w8a8") else jnp.float32
+        return lambda x, w: hop.scaled_matmul_hopper(
+            x[0],
+            w[0],
+            {"x_scale": x[1], "w_scale": w[1]},
+            n=w[1].shape[1],
+            acc_dtype=acc,
+            out_dtype=jnp.bfloat16,
+        )
     if kernel == "w4a16":
         mod = kernel_module("w4a16")
         w4 = mod.w4a16_matmul_reference if ref else mod.w4a16_matmul
@@ -295,6 +342,12 @@ def make_weights(family: str, key: jax.Array, k: int, n: int) -> Any:
         return _values(kv, (k, n), "bf16")
     if family in ("int8", "fp8"):
         return _values(kv, (k, n), family), _scales(ks, (1, n), 1e-3 if family == "int8" else 1e-2)
+    if family in ("int8-nk", "fp8-nk"):
+        base = family[:-3]
+        w = _values(kv, (k, n), base)
+        return kernel_module("hopper").prepare_weight(w), _scales(
+            ks, (1, n), 1e-3 if base == "int8" else 1e-2
+        )
     # w4: symmetric int4 codes with f32 group scales, packed under jit (pack_w4 checks the code range
     # only on concrete arrays, which would copy the codes to the host)
     q, scales = _values(kv, (k, n), "int4"), _scales(ks, (-(-k // GROUP_SIZE), n), 1e-2)
@@ -800,6 +853,11 @@ def make_config(args: argparse.Namespace) -> Config:
     missing = {k: missing_modules(k) for k in kernels}
     skipped = tuple(f"{k} (missing {', '.join(missing[k])})" for k in kernels if missing[k])
     kernels = tuple(k for k in kernels if not missing[k])
+    if backend != "gpu":
+        skipped += tuple(
+            f"{k} (Mosaic GPU: runs with backend gpu only)" for k in kernels if k in HOPPER_KERNELS
+        )
+        kernels = tuple(k for k in kernels if k not in HOPPER_KERNELS)
     repeats = args.repeats or (5 if args.quick or backend == "interpret" else 10)
     copies = args.copies or (2 if cpu or backend == "interpret" else None)
     return Config(
@@ -810,7 +868,7 @@ def make_config(args: argparse.Namespace) -> Config:
 BACKEND_NOTES = {
     "reference": "XLA-compiled *_reference functions, NOT the Pallas kernels",
     "interpret": "Pallas kernels in the Pallas interpreter (tiny shapes; not representative timings)",
-    "gpu": "Pallas kernels on Triton",
+    "gpu": "Pallas kernels on Triton; the -mgpu rows Pallas on Mosaic GPU (sm_90)",
     "tpu": "Pallas kernels on Mosaic",
 }
 METHOD = (

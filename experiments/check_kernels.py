@@ -6,7 +6,8 @@ The unit tests (``tests/test_kernels_*.py``) check the kernels in the Pallas int
 their lowering for ``cuda`` and ``tpu``; this script is the check on a real accelerator, where
 Triton or Mosaic compile the kernels: int8 exactness of the W8A8 accumulator, the W8A8 / FP8 /
 W4A16 outputs within float rounding of their references, and the per-token quantization bit for
-bit, at decode (M = 1), odd and Llama-sized shapes. It prints one line per case and exits non-zero
+bit, at decode (M = 1), odd and Llama-sized shapes; on a GPU also the W8A8, int8 and FP8 matmuls
+of the Hopper path (``backend="mosaic_gpu"``, sm_90 only). It prints one line per case and exits non-zero
 if any case fails (compile errors included).
 """
 
@@ -109,6 +110,8 @@ CASES: dict[str, Callable[..., tuple[float, float]]] = {
     "w4a16_matmul (asym, g128/g32)": case_w4a16,
     "quantize_per_token (int8, fp8)": case_act_quant,
 }
+# The Hopper path (qjax.kernels.hopper, Pallas on Mosaic GPU), checked when the backend is "gpu".
+MOSAIC_GPU_CASES = ("int8_matmul (int32 exact)", "w8a8_matmul (zero point, bias)", "fp8_matmul")
 
 
 def write_json(path: str, data: Any) -> None:
@@ -133,11 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}", flush=True)
     rng = np.random.default_rng(0)
     results, failed = [], 0
-    for name, case in CASES.items():
+    runs = [(name, case, backend) for name, case in CASES.items()]
+    if backend == "gpu":
+        runs += [(f"{name} [mosaic_gpu]", CASES[name], "mosaic_gpu") for name in MOSAIC_GPU_CASES]
+    for name, case, case_backend in runs:
         for m, k, n in shapes:
             row: dict[str, Any] = {"case": name, "m": m, "k": k, "n": n}
             try:
-                err, tol = case(rng, m, k, n, backend)
+                err, tol = case(rng, m, k, n, case_backend)
                 row.update(error=err, tolerance=tol, ok=err <= tol)
             except Exception as e:  # a compile error is a failed case, reported, not a crash
                 row.update(

@@ -139,7 +139,7 @@ def export_and_reload(
     """Save the converted ``model`` with orbax (packed integer kernels, scales, static activation
     parameters), restore it into an abstract copy of its structure (no values), evaluate the
     restored model: ``export_<metric>`` and ``export_bytes`` (on disk, orbax metadata included)."""
-    converted = qjax.nn.convert(model)
+    converted = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
     with qjax.training.TrainingCheckpointer(directory, save_every=1, keep=1) as ckpt:
         ckpt.save(0, converted)
         ckpt.wait_until_finished()
@@ -301,7 +301,7 @@ def run_cell(
         model.eval()
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
         if cfg.eval.serve and cfg.method.name in ("ptq", "qat"):
-            served = qjax.nn.convert(model)
+            served = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
             metrics.update(
                 {
                     f"serve_{k}": v

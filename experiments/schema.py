@@ -212,6 +212,10 @@ class EvalConfig:
       export: save the converted model with orbax (packed integer weights and scales), reload it
         into a fresh model and evaluate that too (``export_*`` metrics, ``export_bytes`` on disk).
       diagnostics: record per-layer diagnostics (weight and output SQNR, activation statistics).
+      kernels: what the converted model (``serve``, ``export``) runs its matmuls on: ``auto``
+        (Pallas kernels on GPU/TPU, XLA's integer path on CPU), ``pallas``, ``xla``, ``reference``
+        (each kernel's pure-jnp reference: for debugging a kernel inside a model) or ``mosaic_gpu``
+        (W8A8 and FP8 on the Hopper path; sm_90 GPUs). See :mod:`qjax.kernels.dispatch`.
     """
 
     batch_size: int = 1000
@@ -219,6 +223,7 @@ class EvalConfig:
     serve: bool = False
     export: bool = False
     diagnostics: bool = True
+    kernels: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

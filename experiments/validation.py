@@ -229,6 +229,9 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
         out.append(
             ("train.warmup_steps", f"only schedule 'warmup_cosine' uses it (schedule is {t.schedule!r})")
         )
+    _one_of(out, "eval.kernels", cfg.eval.kernels, qjax.kernels.KERNEL_PATHS)
+    if cfg.eval.kernels != "auto" and not (cfg.eval.serve or cfg.eval.export):
+        out.append(("eval.kernels", "only the converted model uses it: set eval.serve or eval.export"))
     _check_method_extras(out, cfg)
     r = cfg.report
     _one_of(out, "report.plot", r.plot, PLOTS)

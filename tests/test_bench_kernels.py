@@ -108,14 +108,18 @@ def test_quick_cpu_smoke_run(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["meta"]["backend"] == "reference" and result["stopped"] is None
     cells = {(c["kernel"], c["shape"], c["m"]): c for c in result["cells"]}
-    wanted = {(k, s, m) for k in bk.KERNELS for s in bk.QUICK_CPU.shapes for m in bk.QUICK_CPU.m}
+    run = [k for k in bk.KERNELS if k not in bk.HOPPER_KERNELS]  # Mosaic GPU rows: gpu backend only
+    assert result["meta"]["skipped_kernels"] == [
+        f"{k} (Mosaic GPU: runs with backend gpu only)" for k in bk.HOPPER_KERNELS
+    ]
+    wanted = {(k, s, m) for k in run for s in bk.QUICK_CPU.shapes for m in bk.QUICK_CPU.m}
     assert set(cells) == wanted
     for cell in cells.values():
         assert "error" not in cell, cell
         assert cell["time_s"] > 0 and cell["gbps"] > 0 and cell["speedup"] > 0
         assert cell["roofline_pct"] is None  # CPU: no peaks
     assert {(r["kernel"], r["shape"]) for r in result["crossover"]} == {
-        (k, s) for k in bk.KERNELS[1:] for s in bk.QUICK_CPU.shapes
+        (k, s) for k in run[1:] for s in bk.QUICK_CPU.shapes
     }
     printed = capsys.readouterr().out
     assert "reference" in printed.splitlines()[0] and "NOT the Pallas kernels" in printed.splitlines()[0]
@@ -149,3 +153,15 @@ def test_bad_arguments():
     assert bk.parse_shapes("llama2-7b,7b.o,128x256")[-1] == ("128x256", 128, 256)
     assert len(bk.parse_shapes("all")) == 8
     assert bk.parse_kernels("fp8") == ("bf16", "fp8")
+    assert bk.nominal_weight_bytes("w8a8-mgpu", 64, 32) == bk.nominal_weight_bytes("w8a8", 64, 32)
+    assert bk.activation_bytes("fp8-mgpu", 4, 64) == bk.activation_bytes("fp8", 4, 64)
+
+
+@pytest.mark.parametrize("kernel", bk.HOPPER_KERNELS)
+def test_mosaic_gpu_programs_lower_for_cuda(kernel):
+    k, n, m = 512, 384, 64
+    weights = [bk.make_weights(bk.WEIGHT_FAMILY[kernel], jax.random.key(r), k, n) for r in range(2)]
+    x = bk.make_activations(bk.ACT_FAMILY[kernel], jax.random.key(9), m, k)
+    assert weights[0][0].shape == (512, 512)  # (N, K), N padded to the CTA tile
+    program = jax.jit(bk.build_program(bk.kernel_fn(kernel, "gpu")))
+    assert "mosaic_gpu" in program.trace(x, *weights).lower(lowering_platforms=("cuda",)).as_text()

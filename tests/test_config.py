@@ -135,6 +135,11 @@ def test_accepted_types(tmp_path):
             r"quant\.observer: 'hist' is not one of minmax, moving_average, histogram",
         ),
         ("report: {plot: pie}", r"report\.plot: 'pie' is not one of line, bar"),
+        (
+            "eval: {serve: true, kernels: triton}",
+            r"eval\.kernels: 'triton' is not one of auto, pallas, xla, reference, mosaic_gpu",
+        ),
+        ("eval: {kernels: reference}", r"eval\.kernels: only the converted model uses it"),
         ("report: {rows: bitz}", r"report\.rows: 'bitz' is neither a sweep axis nor a config key"),
         ("task: {name: digit}", r"task\.name: 'digit' is not one of .*did you mean 'digits'\?"),
     ],

@@ -7,6 +7,7 @@ must pick the kernel the layer's formats call for.
 """
 
 import flax.nnx as nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,10 +114,33 @@ def test_uncovered_contractions_run_on_xla(rng):
 
 def test_kernel_paths_are_validated():
     with pytest.raises(
-        ValueError, match=r"kernels='triton' must be one of \['auto', 'pallas', 'xla', 'reference'\]"
+        ValueError,
+        match=r"kernels='triton' must be one of \['auto', 'pallas', 'xla', 'reference', 'mosaic_gpu'\]",
     ):
         Rule(path=".*", weights=INT8_CH, kernels="triton")
     model = qjax.nn.quantize_model(MLP(nnx.Rngs(0)), [Rule(path=".*", weights=INT8_CH)])
     with pytest.raises(ValueError, match=r"kernels='gpu' is not one of"):
         qjax.nn.set_kernels(model, "gpu")
     assert qjax.kernels.resolved_kernel_path("auto") == "xla"  # this machine is a CPU
+
+
+@pytest.mark.parametrize(
+    ("rules", "custom_call"),
+    [
+        (_rules(INT8_CH, INT8_ACTS), "mosaic_gpu"),
+        (_rules(FP8_CH, FP8_ACTS), "mosaic_gpu"),
+        (_rules(INT4_G32, NO_ACTS), "triton"),  # W4A16 has no Mosaic GPU body: Triton
+    ],
+    ids=["w8a8", "fp8", "w4a16"],
+)
+def test_mosaic_gpu_path_lowers_a_served_model_for_cuda(rng, rules, custom_call):
+    _, served = _served(rules, rng)
+    qjax.nn.set_kernels(served, "mosaic_gpu")
+    graph, state = nnx.split(served)
+
+    def forward(state, x):
+        return nnx.merge(graph, state)(x)
+
+    x = jax.ShapeDtypeStruct((256, WIDTHS[0]), jnp.float32)
+    text = jax.jit(forward).trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert custom_call in text

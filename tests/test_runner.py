@@ -194,8 +194,11 @@ def test_cells_finished_before_a_schema_field_was_added_stay_finished(uninterrup
 
 def test_export_saves_and_reloads_the_converted_model(tmp_path):
     """``eval.export``: the converted model saved with orbax and restored into an abstract copy of
-    its structure scores exactly what the model did, and its size on disk is recorded."""
-    sweep_dir = run.run_sweep(spec_at(tmp_path, "eval.export=true", "method.steps=5"))
+    its structure scores exactly what the model did, and its size on disk is recorded; both run
+    on the kernel path ``eval.kernels`` names (here the kernels' references)."""
+    sweep_dir = run.run_sweep(
+        spec_at(tmp_path, "eval.export=true", "method.steps=5", "eval.kernels=reference")
+    )
     recs = ok_records(sweep_dir)
     for r in recs.values():
         m = r["metrics"]

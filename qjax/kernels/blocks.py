@@ -2,11 +2,13 @@
 
 **Backend.** A kernel is built for one of ``"gpu"`` (Pallas on Triton, chosen explicitly through
 ``jax.experimental.pallas.triton.CompilerParams``), ``"tpu"`` (Pallas on Mosaic) or ``"interpret"``
-(the Pallas interpreter: any device, used on CPU and in the tests). :func:`resolve_backend` maps the
-``backend=`` argument of a kernel (``None`` = the default device's platform) to one of these;
-``"cuda"``/``"rocm"`` are aliases of ``"gpu"``. Lowering for a platform other than the host's, e.g.
-``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`` on a CPU machine, needs ``backend=``
-named explicitly, since the default would be the host's.
+(the Pallas interpreter: any device, used on CPU and in the tests); W8A8 and FP8 also have
+``"mosaic_gpu"``, the Hopper path of :mod:`qjax.kernels.hopper` (never the default).
+:func:`resolve_backend` maps the ``backend=`` argument of a kernel (``None`` = the default
+device's platform) to one of these; ``"cuda"``/``"rocm"`` are aliases of ``"gpu"``. Lowering for
+a platform other than the host's, e.g. ``jax.jit(f).trace(*args).lower(lowering_platforms=
+("cuda",))`` on a CPU machine, needs ``backend=`` named explicitly, since the default would be the
+host's.
 
 **Blocks.** :data:`BLOCK_TABLE` holds block sizes ``(block_m, block_n, block_k)`` per kernel and
 backend, keyed by the smallest M bucket that holds the problem's M (small M: decode; large M:
@@ -31,8 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("gpu", "tpu", "interpret")
+BACKENDS = ("gpu", "tpu", "interpret", "mosaic_gpu")
 _ALIASES = {
+    "mosaic_gpu": "mosaic_gpu",
     "cuda": "gpu",
     "rocm": "gpu",
     "gpu": "gpu",
@@ -108,8 +111,11 @@ def choose_blocks(
     """The table's blocks for ``kernel`` on ``backend`` at ``m`` rows, with ``blocks`` over them."""
     key = (kernel, resolve_backend(backend))
     if key not in BLOCK_TABLE:
-        kernels = sorted({k for k, _ in BLOCK_TABLE})
-        raise ValueError(f"no block table for kernel {kernel!r} on {key[1]!r}; kernels: {kernels}")
+        kernels = sorted({k for k, b in BLOCK_TABLE if b == key[1]})
+        raise ValueError(
+            f"kernel {kernel!r} has no {key[1]!r} backend (kernels there: {kernels}); "
+            "use backend='gpu' (Triton), 'tpu' or 'interpret'"
+        )
     chosen = next(b for limit, b in BLOCK_TABLE[key] if m <= limit)
     if blocks is None:
         return chosen

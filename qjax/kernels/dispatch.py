@@ -8,6 +8,8 @@ layers. It picks, per call (at trace time), one of
 * ``"xla"``: the integer / fp8 / dequantize-then-compute path of :mod:`qjax.kernels.xla`,
 * ``"reference"``: the pure-jnp ``*_reference`` of the kernel that ``"pallas"`` would run, for
   debugging a kernel against its reference inside a model,
+* ``"mosaic_gpu"``: as ``"pallas"``, but W8A8 and FP8 on the Hopper path of
+  :mod:`qjax.kernels.hopper` (Pallas on Mosaic GPU; sm_90 GPUs only),
 
 as its ``path`` argument says: ``"auto"`` (the default) is ``"pallas"`` on GPU and TPU and ``"xla"``
 on CPU. Served layers pass their rule's ``kernels`` field (:class:`qjax.nn.Rule`, set for a whole
@@ -44,7 +46,7 @@ from qjax.kernels.w8a8 import w8a8_matmul, w8a8_matmul_reference
 from qjax.numerics import QArray
 from qjax.numerics.formats import FloatFormat, IntFormat
 
-KERNEL_PATHS = ("auto", "pallas", "xla", "reference")
+KERNEL_PATHS = ("auto", "pallas", "xla", "reference", "mosaic_gpu")
 
 
 def check_kernel_path(path: str) -> str:
@@ -63,7 +65,8 @@ def resolved_kernel_path(path: str = "auto") -> str:
 
 class KernelPlan(NamedTuple):
     """A contraction a kernel covers: ``kernel`` (``"w8a8"``, ``"fp8"`` or ``"w4a16"``) and the call
-    ``run(impl)`` with ``impl`` either ``"pallas"`` or ``"reference"``, returning ``(M, N)``."""
+    ``run(impl)`` with ``impl`` one of ``"pallas"``, ``"mosaic_gpu"`` (W4A16 runs ``"pallas"``
+    there) or ``"reference"``, returning ``(M, N)``."""
 
     kernel: str
     run: Callable[[str], jax.Array]
@@ -78,6 +81,11 @@ def _is_plain_matmul(x_ndim: int, w: QArray, dimension_numbers: Any) -> bool:
         and tuple(lc) in ((x_ndim - 1,), (-1,))
         and tuple(rc) in ((0,), (-2,))
     )
+
+
+def _backend(impl: str) -> str | None:
+    """The ``backend=`` of a W8A8 / FP8 kernel call on path ``impl`` (None: the device's)."""
+    return "mosaic_gpu" if impl == "mosaic_gpu" else None
 
 
 def _rows(a: jax.Array | None, m: int) -> jax.Array | None:
@@ -117,8 +125,9 @@ def _w8a8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> 
     args = (xo.values.reshape(m, k), x_scale, wo.values, w_scale)
 
     def run(impl: str) -> jax.Array:
-        fn = w8a8_matmul if impl == "pallas" else w8a8_matmul_reference
-        return fn(*args, x_zero_point=zp, out_dtype=out_dtype)
+        if impl == "reference":
+            return w8a8_matmul_reference(*args, x_zero_point=zp, out_dtype=out_dtype)
+        return w8a8_matmul(*args, x_zero_point=zp, out_dtype=out_dtype, backend=_backend(impl))
 
     return KernelPlan("w8a8", run)
 
@@ -138,8 +147,9 @@ def _fp8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> K
     args = (x.data.reshape(m, k), x_scale, w.data, w_scale)
 
     def run(impl: str) -> jax.Array:
-        fn = fp8_matmul if impl == "pallas" else fp8_matmul_reference
-        return fn(*args, out_dtype=out_dtype)
+        if impl == "reference":
+            return fp8_matmul_reference(*args, out_dtype=out_dtype)
+        return fp8_matmul(*args, out_dtype=out_dtype, backend=_backend(impl))
 
     return KernelPlan("fp8", run)
 
@@ -177,8 +187,10 @@ def _w4a16_plan(x: jax.Array, w: QArray, m: int, k: int, n: int, out_dtype: Any)
 
     def run(impl: str) -> jax.Array:
         packed = pack_w4(values, scales, zeros, group_size=group_size)
-        fn = w4a16_matmul if impl == "pallas" else w4a16_matmul_reference
-        return fn(xs, packed, out_dtype=out_dtype)
+        if impl == "reference":
+            return w4a16_matmul_reference(xs, packed, out_dtype=out_dtype)
+        backend = "gpu" if impl == "mosaic_gpu" else None  # no Mosaic GPU body: Triton
+        return w4a16_matmul(xs, packed, out_dtype=out_dtype, backend=backend)
 
     return KernelPlan("w4a16", run)
 

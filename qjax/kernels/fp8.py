@@ -69,7 +69,7 @@ def fp8_matmul(
     *,
     bias: jax.Array | None = None,
     out_dtype: Any = jnp.bfloat16,
-    blocks: kb.Blocks | Mapping[str, Any] | None = None,
+    blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
 ) -> jax.Array:
     """E4M3 x E4M3 matmul with float32 accumulation and a fused float32 epilogue.
@@ -86,7 +86,9 @@ def fp8_matmul(
       bias: float ``(N,)`` or ``None``.
       out_dtype: float32, bfloat16 or float16.
       blocks: overrides of the block table.
-      backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
+      backend: ``"gpu"``, ``"tpu"``, ``"interpret"``, ``"mosaic_gpu"`` (the Hopper path,
+        :mod:`qjax.kernels.hopper`; ``blocks`` then a :class:`~qjax.kernels.hopper.HopperConfig`
+        or a mapping of its fields) or ``None`` (the default device's).
     """
     x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     return _scaled_matmul(

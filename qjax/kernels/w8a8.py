@@ -225,6 +225,18 @@ def _scaled_matmul(
     accumulator. ``body`` ("gpu"/"tpu") overrides which body the interpreter runs."""
     be = kb.resolve_backend(backend)
     m, n = x.shape[0], w.shape[1]
+    if be == "mosaic_gpu":
+        from qjax.kernels import hopper
+
+        return hopper.scaled_matmul_hopper(
+            x,
+            hopper.prepare_weight(w),  # (N, K): a transpose per call; prepare once to avoid it
+            epilogue,
+            n=n,
+            acc_dtype=acc_dtype,
+            out_dtype=out_dtype,
+            config=blocks,
+        )
     bl = check_blocks(kernel, be, m, blocks, jnp.dtype(x.dtype).itemsize * 8)
     body = body or ("tpu" if be == "tpu" else "gpu")
     if body not in ("gpu", "tpu"):
@@ -348,7 +360,7 @@ def w8a8_matmul(
     x_zero_point: jax.Array | None = None,
     bias: jax.Array | None = None,
     out_dtype: Any = jnp.bfloat16,
-    blocks: kb.Blocks | Mapping[str, Any] | None = None,
+    blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
 ) -> jax.Array:
     """Int8 x int8 matmul with int32 accumulation and a fused float32 epilogue.
@@ -367,7 +379,9 @@ def w8a8_matmul(
       bias: float ``(N,)`` or ``None``.
       out_dtype: float32, bfloat16 or float16.
       blocks: overrides of the block table (:func:`qjax.kernels.blocks.choose_blocks`).
-      backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
+      backend: ``"gpu"``, ``"tpu"``, ``"interpret"``, ``"mosaic_gpu"`` (the Hopper path,
+        :mod:`qjax.kernels.hopper`; ``blocks`` then a :class:`~qjax.kernels.hopper.HopperConfig`
+        or a mapping of its fields) or ``None`` (the default device's).
 
     Returns:
       ``(M, N)`` of ``out_dtype``.
@@ -398,7 +412,7 @@ def int8_matmul(
     x_q: jax.Array,
     w_q: jax.Array,
     *,
-    blocks: kb.Blocks | Mapping[str, Any] | None = None,
+    blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
 ) -> jax.Array:
     """The raw int32 accumulator :math:`\\sum_k q^x_{mk} q^w_{kn}` of int8 ``(M, K)`` and ``(K, N)``:

@@ -187,8 +187,8 @@ def pin_weight_qparams(layer: nnx.Module, w_hat: jax.Array, qp: QParams) -> None
 
 def set_kernels(model: M, kernels: str) -> M:
     """Set the ``kernels`` field of every quantized layer's rule (in place; returns ``model``):
-    ``auto``, ``pallas``, ``xla`` or ``reference`` (see :class:`Rule`). The rule is static, so a
-    jitted forward retraces for the new path."""
+    ``auto``, ``pallas``, ``xla``, ``reference`` or ``mosaic_gpu`` (see :class:`Rule`). The rule is
+    static, so a jitted forward retraces for the new path."""
     check_kernel_path(kernels)
     for _, _, op in quantized_ops(model):
         op.rule = dataclasses.replace(op.rule, kernels=kernels)

@@ -62,7 +62,8 @@ class Rule:
         ``original`` (the float ``x``, ``w``: cheaper, Qwix's default for forward-only QAT).
       kernels: what a served (converted) Linear or Einsum layer runs its contraction on: ``auto``
         (Pallas kernels on GPU and TPU, the XLA integer path on CPU), ``pallas`` (on CPU: the Pallas
-        interpreter), ``xla``, or ``reference`` (the kernels' pure-jnp references, for debugging);
+        interpreter), ``xla``, ``reference`` (the kernels' pure-jnp references, for debugging) or
+        ``mosaic_gpu`` (W8A8 and FP8 on the Hopper path of :mod:`qjax.kernels.hopper`);
         contractions no kernel covers run on XLA (see :mod:`qjax.kernels.dispatch`).
     """
 

@@ -1,0 +1,182 @@
+"""The Hopper (Mosaic GPU) path of W8A8 and FP8 (``qjax.kernels.hopper``).
+
+On CPU the kernel runs in Pallas' GPU interpreter, which simulates the shared memory, barriers,
+TMA copies and ``wgmma`` of the kernel but cannot read the transposed shared-memory views that
+8-bit ``wgmma`` needs; so the interpreted runs use the kernel's 16-bit variant (the weight read
+``(K, N)``) on integer data that bfloat16 holds exactly, which checks the persistent schedule,
+the pipeline, padding, the epilogue and the output tiling against the int32 reference bit for
+bit. The 8-bit variants are checked to lower for ``cuda`` (Mosaic GPU's layout inference and its
+shared-memory accounting run at lowering), and on a GPU by ``experiments.check_kernels``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qjax.kernels import hopper
+from qjax.kernels.blocks import Blocks
+from qjax.kernels.fp8 import fp8_matmul
+from qjax.kernels.w4a16 import pack_w4, w4a16_matmul
+from qjax.kernels.w8a8 import int8_matmul, w8a8_matmul, w8a8_matmul_reference
+
+SMALL = hopper.HopperConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2, max_ctas=2)
+
+
+def _interpreted(x, w, epi, n, cfg):
+    return hopper.scaled_matmul_hopper(
+        x.astype(jnp.bfloat16),
+        w.astype(jnp.bfloat16),
+        epi,
+        n=n,
+        acc_dtype=jnp.float32,
+        out_dtype=jnp.float32,
+        config=cfg,
+        interpret=True,
+    )
+
+
+_interp = jax.jit(_interpreted, static_argnames=("n", "cfg"))
+
+
+def _ints(rng, shape, lo=-128, hi=128):
+    return jnp.asarray(rng.integers(lo, hi, shape), jnp.int8)
+
+
+# (M, K, N, config): one tile with the default tiles; M = 1 and N, K off the tiles; more tiles than
+# CTAs (the persistent loop walks several tiles per CTA), K over several slices.
+CASES = [
+    (64, 128, 128, hopper.HopperConfig(max_ctas=1)),
+    (1, 200, 136, SMALL),
+    (70, 300, 520, SMALL),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:3])))
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_interpreted_schedule_is_exact(case, seed):
+    m, k, n, cfg = case
+    rng = np.random.default_rng(seed)
+    x, w = _ints(rng, (m, k)), _ints(rng, (k, n))
+    # K * 128 * 128 < 2**24: every partial sum is an integer float32 holds exactly.
+    out = _interp(x, w, {}, n, cfg)
+    assert out.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x, np.int64) @ np.asarray(w, np.int64))
+
+
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_interpreted_epilogue_matches_reference(seed):
+    m, k, n = 70, 300, 520
+    rng = np.random.default_rng(seed)
+    x, w = _ints(rng, (m, k)), _ints(rng, (k, n), -127, 128)
+    x_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (m, 1)), jnp.float32)
+    w_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (1, n)), jnp.float32)
+    zp = jnp.asarray(rng.integers(-20, 20, (m, 1)), jnp.int32)
+    bias = jnp.asarray(rng.normal(size=n), jnp.float32)
+    epi = {
+        "x_scale": x_scale,
+        "w_scale": w_scale,
+        "x_zp": zp,
+        "colsum": jnp.sum(w.astype(jnp.int32), axis=0, keepdims=True),
+        "bias": bias.reshape(1, n),
+    }
+    out = np.asarray(_interp(x, w, epi, n, SMALL))
+    ref = w8a8_matmul_reference(x, x_scale, w, w_scale, x_zero_point=zp, bias=bias, out_dtype=jnp.float32)
+    # Same float32 operations in the same order on an exact accumulator: equal up to the
+    # accumulator's conversion (exact here) and float32 rounding of the two products.
+    np.testing.assert_allclose(out, np.asarray(ref), rtol=4 * np.finfo(np.float32).eps, atol=1e-6)
+    exact = ((np.asarray(x, np.float64) - np.asarray(zp)) @ np.asarray(w, np.float64)) * np.asarray(
+        x_scale, np.float64
+    ) * np.asarray(w_scale, np.float64) + np.asarray(bias)
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 200, 4096])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_8bit_kernels_lower_for_cuda(m, out_dtype):
+    k, n = 1000, 520
+    x = jax.ShapeDtypeStruct((m, k), jnp.int8)
+    w = jax.ShapeDtypeStruct((k, n), jnp.int8)
+    xs = jax.ShapeDtypeStruct((m, 1), jnp.float32)
+    ws = jax.ShapeDtypeStruct((1, n), jnp.float32)
+    zp = jax.ShapeDtypeStruct((m, 1), jnp.int32)
+    bias = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+    def w8a8(*a):
+        return w8a8_matmul(*a[:4], x_zero_point=a[4], bias=a[5], out_dtype=out_dtype, backend="mosaic_gpu")
+
+    text = jax.jit(w8a8).trace(x, xs, w, ws, zp, bias).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    x8 = jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn)
+    w8 = jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn)
+
+    def fp8(*a):
+        return fp8_matmul(*a, out_dtype=out_dtype, backend="mosaic_gpu")
+
+    text = jax.jit(fp8).trace(x8, xs, w8, ws).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    raw = jax.jit(lambda a, b: int8_matmul(a, b, backend="mosaic_gpu"))
+    assert "mosaic_gpu" in raw.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_prepared_weight_is_the_padded_transpose():
+    w = jnp.arange(300 * 130, dtype=jnp.int32).reshape(300, 130).astype(jnp.int8)
+    cfg = hopper.HopperConfig()
+    wt = hopper.prepare_weight(w, cfg)
+    assert wt.shape == (256, 384)  # N to 2 * tile_n, K to tile_k
+    np.testing.assert_array_equal(np.asarray(wt[:130, :300]), np.asarray(w).T)
+    assert not np.asarray(wt[130:]).any() and not np.asarray(wt[:, 300:]).any()
+
+
+def test_table_keeps_fewer_slices_in_flight_when_shared_memory_is_short():
+    bf16 = hopper.choose_config(4096, operand_bytes=1, out_bytes=2, vectors=2)
+    f32 = hopper.choose_config(4096, operand_bytes=1, out_bytes=4, vectors=2)
+    assert bf16.max_concurrent_steps == 4 and f32.max_concurrent_steps == 3
+    for cfg, ob in ((bf16, 2), (f32, 4)):
+        assert hopper.smem_bytes(cfg, 1 << 30, 1, ob, 2) <= hopper.SMEM_BYTES
+
+
+@pytest.mark.parametrize(
+    ("fields", "exc", "match"),
+    [
+        ({"tile_m": 96}, ValueError, "multiple of 64"),
+        ({"tile_n": 320}, ValueError, "<= 256"),
+        ({"tile_k": 64}, ValueError, "multiple of 128"),
+        ({"epi_tile_n": 48}, ValueError, "must divide tile_n"),
+        ({"max_concurrent_steps": 0}, ValueError, "positive integer"),
+    ],
+)
+def test_config_refuses_bad_tiles(fields, exc, match):
+    with pytest.raises(exc, match=match):
+        hopper.HopperConfig(**fields)
+
+
+def test_refusals_name_the_fix():
+    x = jnp.zeros((4, 256), jnp.int8)
+    w = jnp.zeros((256, 128), jnp.int8)
+    s = jnp.ones((1, 1), jnp.float32)
+    big = {"max_concurrent_steps": 8, "tile_k": 256}
+    with pytest.raises(ValueError, match=r"shared memory.*lower max_concurrent_steps"):
+        w8a8_matmul(
+            jnp.zeros((4, 4096), jnp.int8),
+            s,
+            jnp.zeros((4096, 128), jnp.int8),
+            s,
+            backend="mosaic_gpu",
+            blocks=big,
+        )
+    with pytest.raises(TypeError, match="HopperConfig or a mapping"):
+        w8a8_matmul(x, s, w, s, backend="mosaic_gpu", blocks=Blocks(64, 64, 64))
+    with pytest.raises(ValueError, match="unknown fields"):
+        w8a8_matmul(x, s, w, s, backend="mosaic_gpu", blocks={"block_m": 64})
+    with pytest.raises(NotImplementedError, match="16-bit variant"):
+        hopper.scaled_matmul_hopper(
+            x, hopper.prepare_weight(w), {}, n=128, acc_dtype=jnp.int32, out_dtype=jnp.int32, interpret=True
+        )
+    packed = pack_w4(jnp.zeros((256, 128), jnp.int32), jnp.ones((2, 128), jnp.float32), group_size=128)
+    with pytest.raises(ValueError, match="no 'mosaic_gpu' backend"):
+        w4a16_matmul(jnp.zeros((4, 256), jnp.bfloat16), packed, backend="mosaic_gpu")
