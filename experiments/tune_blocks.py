@@ -3,7 +3,10 @@
 ``python -m experiments.tune_blocks [--kernels w8a8,fp8,w4a16] [--m 16,1024,4096] [--k 4096 --n 4096]``
 
 For each kernel and M it times every candidate :class:`~qjax.kernels.blocks.Blocks` of
-:data:`CANDIDATES` (and the table's current entry) on random data: one jitted program of
+:data:`CANDIDATES` (and the table's current entry) on random data; for ``w8a8-mgpu`` and
+``fp8-mgpu`` (the Hopper path, :mod:`qjax.kernels.hopper`, weight prepared ``(N, K)`` once) every
+:class:`~qjax.kernels.hopper.HopperConfig` of :data:`HOPPER_CANDIDATES`, and XLA's bf16 matmul of
+the same shape as a yardstick. Each is timed as one jitted program of
 ``CALLS`` back-to-back kernel calls on ``CALLS`` distinct weight copies, wall clock around
 ``jax.block_until_ready``, median of 5 samples after a warm-up; then prints the candidates from
 fastest to slowest and the best one. Candidates that fail to compile are reported and skipped.
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.kernels import blocks as kb
-from qjax.kernels import fp8, w4a16, w8a8
+from qjax.kernels import fp8, hopper, w4a16, w8a8
 
 CALLS = 8
 SMALL = [
@@ -45,6 +48,21 @@ LARGE = [
     kb.Blocks(128, 128, 128, 4, 5),
 ]
 CANDIDATES = {"small": SMALL, "large": LARGE}
+H = hopper.HopperConfig
+HOPPER_CANDIDATES = {
+    "small": [H(64, 128, 128, 4), H(64, 64, 128, 4), H(64, 128, 256, 2), H(64, 256, 128, 2)],
+    "large": [
+        H(128, 128, 128, 4, 8),
+        H(128, 128, 128, 4, 4),
+        H(128, 128, 128, 4, 16),
+        H(128, 128, 128, 3, 8),
+        H(128, 128, 256, 2, 8),
+        H(128, 192, 128, 3, 8, epi_tile_n=32),
+        H(64, 256, 128, 2, 8),
+        H(128, 128, 128, 3, 8, epi_tile_n=128),
+    ],
+}
+MOSAIC_GPU = {"w8a8-mgpu": jnp.int32, "fp8-mgpu": jnp.float32}  # kernel -> accumulator
 
 
 def _operands(
@@ -62,6 +80,27 @@ def _operands(
             for _ in range(CALLS)
         ]
         return [x, ws], lambda x, w, b: w4a16.w4a16_matmul(x, w, blocks=b)
+    if kernel == "bf16":
+        xb = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+        ws = [jnp.asarray(rng.normal(size=(k, n)), jnp.bfloat16) for _ in range(CALLS)]
+        return [xb, ws], lambda x, w, b: jnp.dot(x, w)
+    if kernel in MOSAIC_GPU:
+        dtype = jnp.int8 if kernel.startswith("w8a8") else jnp.float8_e4m3fn
+        values = rng.integers(-127, 128, (m, k)) if dtype == jnp.int8 else rng.normal(size=(m, k))
+        xh = (jnp.asarray(values, dtype), jnp.ones((m, 1), jnp.float32))
+        prep = jax.jit(hopper.prepare_weight)
+        wsh = [
+            (prep(jnp.asarray(rng.integers(-127, 128, (k, n)), dtype)), jnp.ones((1, n), jnp.float32))
+            for _ in range(CALLS)
+        ]
+
+        def hopper_call(x: Any, w: Any, b: Any) -> jax.Array:
+            epi = {"x_scale": x[1], "w_scale": w[1]}
+            return hopper.scaled_matmul_hopper(
+                x[0], w[0], epi, n=n, acc_dtype=MOSAIC_GPU[kernel], out_dtype=jnp.bfloat16, config=b
+            )
+
+        return [xh, wsh], hopper_call
     if kernel == "w8a8":
         xi = (jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8), jnp.ones((m, 1), jnp.float32))
         ws = [
@@ -93,7 +132,9 @@ def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: kb.Blocks) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.tune_blocks", description=__doc__)
-    parser.add_argument("--kernels", default="w8a8,fp8,w4a16")
+    parser.add_argument(
+        "--kernels", default="w8a8,fp8,w4a16", help="of w8a8, fp8, w4a16, w8a8-mgpu, fp8-mgpu, bf16 (XLA)"
+    )
     parser.add_argument("--m", default="16,1024,4096")
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=4096)
@@ -104,8 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kernel in args.kernels.split(","):
         for m in (int(v) for v in args.m.split(",")):
             (x, ws), call = _operands(kernel, m, args.k, args.n, rng)
-            table = kb.choose_blocks(kernel, backend, m)
-            cands = [table] + [c for c in CANDIDATES["small" if m <= 64 else "large"] if c != table]
+            size = "small" if m <= 64 else "large"
+            cands: list[Any]
+            if kernel == "bf16":
+                table, cands = None, [None]
+            elif kernel in MOSAIC_GPU:
+                table = hopper.choose_config(m)
+                cands = [table] + [c for c in HOPPER_CANDIDATES[size] if c != table]
+            else:
+                table = kb.choose_blocks(kernel, backend, m)
+                cands = [table] + [c for c in CANDIDATES[size] if c != table]
             rows = []
             for b in cands:
                 try:
@@ -115,13 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.sort(key=lambda r: r[0])
             flops = 2 * m * args.k * args.n
             for t, b in rows:
-                mark = " (table)" if b == table else ""
+                mark = " (table)" if b == table and b is not None else ""
                 tflops = flops / t / 1e12
                 print(
-                    f"  {kernel} M={m} K={args.k} N={args.n} {t * 1e6:9.1f} us {tflops:7.1f} TF/s {b}{mark}"
+                    f"  {kernel} M={m} K={args.k} N={args.n} {t * 1e6:9.1f} us {tflops:7.1f} TF/s {b or 'XLA'}{mark}"
                 )
             if rows:
-                print(f"BEST {kernel} M={m}: {rows[0][1]} {rows[0][0] * 1e6:.1f} us", flush=True)
+                print(f"BEST {kernel} M={m}: {rows[0][1] or 'XLA'} {rows[0][0] * 1e6:.1f} us", flush=True)
             del x, ws
     return 0
 

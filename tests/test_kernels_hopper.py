@@ -133,11 +133,11 @@ def test_prepared_weight_is_the_padded_transpose():
 
 
 def test_table_keeps_fewer_slices_in_flight_when_shared_memory_is_short():
-    bf16 = hopper.choose_config(4096, operand_bytes=1, out_bytes=2, vectors=2)
-    f32 = hopper.choose_config(4096, operand_bytes=1, out_bytes=4, vectors=2)
+    bf16 = hopper.choose_config(4096, operand_bytes=1, out_bytes=2, depth=1)
+    f32 = hopper.choose_config(4096, operand_bytes=1, out_bytes=4, depth=1)
     assert bf16.max_concurrent_steps == 4 and f32.max_concurrent_steps == 3
     for cfg, ob in ((bf16, 2), (f32, 4)):
-        assert hopper.smem_bytes(cfg, 1 << 30, 1, ob, 2) <= hopper.SMEM_BYTES
+        assert hopper.smem_bytes(cfg, 1 << 30, 1, ob, 1) <= hopper.SMEM_BYTES
 
 
 @pytest.mark.parametrize(
@@ -180,3 +180,18 @@ def test_refusals_name_the_fix():
     packed = pack_w4(jnp.zeros((256, 128), jnp.int32), jnp.ones((2, 128), jnp.float32), group_size=128)
     with pytest.raises(ValueError, match="no 'mosaic_gpu' backend"):
         w4a16_matmul(jnp.zeros((4, 256), jnp.bfloat16), packed, backend="mosaic_gpu")
+
+
+@pytest.mark.parametrize(("size", "m"), [("small", 16), ("large", 4096)])
+def test_tuning_candidates_lower_for_cuda(size, m):
+    """Every config ``experiments.tune_blocks`` tries fits sm_90's shared memory by our estimate
+    and by Mosaic GPU's own accounting at lowering (bf16 output, K = N = 4096)."""
+    from experiments.tune_blocks import HOPPER_CANDIDATES
+
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.int8)
+    w = jax.ShapeDtypeStruct((4096, 4096), jnp.int8)
+    xs = jax.ShapeDtypeStruct((m, 1), jnp.float32)
+    ws = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
+    for cfg in HOPPER_CANDIDATES[size]:
+        fn = jax.jit(lambda *a, cfg=cfg: w8a8_matmul(*a, backend="mosaic_gpu", blocks=cfg))
+        assert "mosaic_gpu" in fn.trace(x, xs, w, ws).lower(lowering_platforms=("cuda",)).as_text(), cfg

@@ -93,13 +93,14 @@ HOPPER_TABLE: tuple[tuple[int, HopperConfig], ...] = (
 SMEM_BYTES = 232448  # the shared memory a CTA may use on sm_90 (227 KiB)
 
 
-def smem_bytes(cfg: HopperConfig, k_iters: int, operand_bytes: int, out_bytes: int, vectors: int) -> int:
-    """Shared memory of one CTA: the K slices in flight, the output staging tiles, the epilogue's
-    vectors and a margin for barriers."""
+def smem_bytes(cfg: HopperConfig, k_iters: int, operand_bytes: int, out_bytes: int, depth: int) -> int:
+    """Shared memory of one CTA: the K slices in flight, the output staging tiles, the tables of
+    epilogue vectors (``depth`` rows of ``tile_m`` and of ``tile_n`` float32 per warpgroup) and a
+    margin for barriers."""
     stages = min(cfg.max_concurrent_steps, k_iters)
     operands = stages * (cfg.tile_m + 2 * cfg.tile_n) * cfg.tile_k * operand_bytes
     staging = 2 * 2 * min(cfg.tile_m, 64) * cfg.epi_tile_n * out_bytes  # 2 warpgroups x 2 slots
-    return operands + staging + vectors * 2 * max(cfg.tile_m, cfg.tile_n) * 4 + 1024
+    return operands + staging + 2 * depth * (cfg.tile_m + cfg.tile_n) * 4 + 1024
 
 
 def choose_config(
@@ -109,7 +110,7 @@ def choose_config(
     k_iters: int = 1 << 30,
     operand_bytes: int = 1,
     out_bytes: int = 2,
-    vectors: int = 0,
+    depth: int = 0,
 ) -> HopperConfig:
     """The table's config for ``m`` rows, with ``config`` (a config or some of its fields) over it.
     A table entry that would not fit in shared memory (e.g. float32 output) keeps fewer K slices
@@ -117,7 +118,7 @@ def choose_config(
     chosen = next(c for limit, c in HOPPER_TABLE if m <= limit)
     if config is None:
         while (
-            smem_bytes(chosen, k_iters, operand_bytes, out_bytes, vectors) > SMEM_BYTES
+            smem_bytes(chosen, k_iters, operand_bytes, out_bytes, depth) > SMEM_BYTES
             and chosen.max_concurrent_steps > 2
         ):
             chosen = dataclasses.replace(chosen, max_concurrent_steps=chosen.max_concurrent_steps - 1)
@@ -135,7 +136,7 @@ def choose_config(
                 f"config: unknown fields {sorted(unknown)}; fields of HopperConfig: {sorted(fields)}"
             )
         chosen = dataclasses.replace(chosen, **dict(config))
-    need = smem_bytes(chosen, k_iters, operand_bytes, out_bytes, vectors)
+    need = smem_bytes(chosen, k_iters, operand_bytes, out_bytes, depth)
     if need > SMEM_BYTES:
         raise ValueError(
             f"{chosen} needs about {need} bytes of shared memory, more than the {SMEM_BYTES} of an "
@@ -362,7 +363,7 @@ def scaled_matmul_hopper(
         k_iters=-(-k_max // 128),
         operand_bytes=jnp.dtype(x.dtype).itemsize,
         out_bytes=jnp.dtype(out_dtype).itemsize,
-        vectors=len(epilogue),
+        depth=max(sum(n in _ROW for n in epilogue), sum(n not in _ROW for n in epilogue)),
     )
     kmajor = jnp.dtype(x.dtype).itemsize == 1
     n_axis, k_axis = (0, 1) if kmajor else (1, 0)
