@@ -114,7 +114,7 @@ def _operands(
     return [xf, ws], lambda x, w, b: fp8.fp8_matmul(x[0], x[1], w[0], w[1], blocks=b)
 
 
-def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: kb.Blocks) -> float:
+def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any) -> float:
     """Median seconds per kernel call of ``CALLS`` calls in one program (see the module docstring)."""
 
     @jax.jit
@@ -147,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (x, ws), call = _operands(kernel, m, args.k, args.n, rng)
             size = "small" if m <= 64 else "large"
             cands: list[Any]
+            table: Any
             if kernel == "bf16":
                 table, cands = None, [None]
             elif kernel in MOSAIC_GPU:
@@ -167,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mark = " (table)" if b == table and b is not None else ""
                 tflops = flops / t / 1e12
                 print(
-                    f"  {kernel} M={m} K={args.k} N={args.n} {t * 1e6:9.1f} us {tflops:7.1f} TF/s {b or 'XLA'}{mark}"
+                    f"  {kernel} M={m} K={args.k} N={args.n} {t * 1e6:9.1f} us {tflops:7.1f} TF/s "
+                    f"{b or 'XLA'}{mark}"
                 )
             if rows:
                 print(f"BEST {kernel} M={m}: {rows[0][1] or 'XLA'} {rows[0][0] * 1e6:.1f} us", flush=True)
