@@ -28,15 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qjax.kernels import blocks as kb
-from qjax.kernels.w8a8 import (
-    _epilogue,
-    _scaled_matmul,
-    check_bias,
-    check_contraction,
-    check_operand,
-    check_out_dtype,
-    check_scale,
-)
+from qjax.kernels.w8a8 import _epilogue, _scaled_matmul, check_scaled_operands
 
 FP8 = jnp.float8_e4m3fn
 
@@ -44,21 +36,18 @@ FP8 = jnp.float8_e4m3fn
 def _check_fp8(
     x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, bias: Any, out_dtype: Any
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
-    hint = "quantize first, e.g. quantize_per_token(x, dtype=jnp.float8_e4m3fn)"
-    x_q = check_operand(x_q, "x_q", FP8, "of shape (M, K)", hint)
-    w_q = check_operand(w_q, "w_q", FP8, "of shape (K, N)", "quantize weights to float8_e4m3fn")
-    check_contraction(x_q, w_q, "x_q", "w_q")
-    m, n = x_q.shape[0], w_q.shape[1]
-    epi = {
-        "x_scale": check_scale(x_scale, "x_scale", ((m, 1), (1, 1)), "(M, 1) per token or (1, 1) per tensor"),
-        "w_scale": check_scale(
-            w_scale, "w_scale", ((1, n), (1, 1)), "(1, N) per channel or (1, 1) per tensor"
-        ),
-    }
-    b = check_bias(bias, n)
-    if b is not None:
-        epi["bias"] = b
-    return x_q, w_q, epi, check_out_dtype(out_dtype)
+    return check_scaled_operands(
+        x_q,
+        x_scale,
+        w_q,
+        w_scale,
+        bias,
+        out_dtype,
+        dtype=FP8,
+        x_hint="quantize first, e.g. quantize_per_token(x, dtype=jnp.float8_e4m3fn)",
+        w_hint="quantize weights to float8_e4m3fn",
+        w_scale_doc="(1, N) per channel or (1, 1) per tensor",
+    )
 
 
 def fp8_matmul(

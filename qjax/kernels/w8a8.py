@@ -318,19 +318,51 @@ _X_DOC = "of shape (M, K)"
 _W_DOC = "of shape (K, N)"
 
 
-def _check_w8a8(
-    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, x_zero_point: Any, bias: Any, out_dtype: Any
+def check_scaled_operands(
+    x_q: Any,
+    x_scale: Any,
+    w_q: Any,
+    w_scale: Any,
+    bias: Any,
+    out_dtype: Any,
+    *,
+    dtype: Any,
+    x_hint: str,
+    w_hint: str,
+    w_scale_doc: str,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
-    x_q = check_operand(
-        x_q, "x_q", jnp.int8, _X_DOC, "quantize activations first, e.g. quantize_per_token(x)"
-    )
-    w_q = check_operand(w_q, "w_q", jnp.int8, _W_DOC, "quantize weights to symmetric int8 per output channel")
+    """The operands of a scaled matmul (W8A8, FP8) checked: ``x_q`` ``(M, K)`` and ``w_q``
+    ``(K, N)`` of ``dtype``, ``x_scale`` per token or per tensor, ``w_scale`` per column or per
+    tensor, ``bias`` ``(N,)`` or None; returns them with the epilogue operands and the out dtype."""
+    x_q = check_operand(x_q, "x_q", dtype, _X_DOC, x_hint)
+    w_q = check_operand(w_q, "w_q", dtype, _W_DOC, w_hint)
     check_contraction(x_q, w_q, "x_q", "w_q")
     m, n = x_q.shape[0], w_q.shape[1]
     epi = {
         "x_scale": check_scale(x_scale, "x_scale", ((m, 1), (1, 1)), "(M, 1) per token or (1, 1) per tensor"),
-        "w_scale": check_scale(w_scale, "w_scale", ((1, n), (1, 1)), "(1, N) per output channel"),
+        "w_scale": check_scale(w_scale, "w_scale", ((1, n), (1, 1)), w_scale_doc),
     }
+    b = check_bias(bias, n)
+    if b is not None:
+        epi["bias"] = b
+    return x_q, w_q, epi, check_out_dtype(out_dtype)
+
+
+def _check_w8a8(
+    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, x_zero_point: Any, bias: Any, out_dtype: Any
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
+    x_q, w_q, epi, dt = check_scaled_operands(
+        x_q,
+        x_scale,
+        w_q,
+        w_scale,
+        bias,
+        out_dtype,
+        dtype=jnp.int8,
+        x_hint="quantize activations first, e.g. quantize_per_token(x)",
+        w_hint="quantize weights to symmetric int8 per output channel",
+        w_scale_doc="(1, N) per output channel",
+    )
     if x_zero_point is not None:
         zp_shape = tuple(epi["x_scale"].shape)
         if not hasattr(x_zero_point, "shape") or not jnp.issubdtype(x_zero_point.dtype, jnp.integer):
@@ -345,10 +377,7 @@ def _check_w8a8(
             )
         epi["x_zp"] = jnp.asarray(x_zero_point).astype(jnp.int32)
         epi["colsum"] = jnp.sum(w_q.astype(jnp.int32), axis=0, keepdims=True)  # (1, N)
-    b = check_bias(bias, n)
-    if b is not None:
-        epi["bias"] = b
-    return x_q, w_q, epi, check_out_dtype(out_dtype)
+    return x_q, w_q, epi, dt
 
 
 def w8a8_matmul(
