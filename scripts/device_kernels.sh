@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What the Pallas kernels need from a GPU, in one run (about 8 minutes on an H100, start excluded):
 #   1. every kernel against its reference on the device (Triton and, on sm_90, Mosaic GPU),
-#   2. the Hopper path's tile configs at M = 1024 and 4096 (K = N = 4096), with XLA's bf16 matmul
-#      timed beside them,
+#   2. the Hopper path's tile configs at M = 1024 and 4096 (K = N = 4096) and W4A16's blocks at
+#      M = 1 and 16 (K = 4096, N = 12288), with XLA's bf16 matmul timed beside them,
 #   3. the benchmark: all 8 layer shapes, every kernel, M = 1..4096, stopping cleanly at its budget.
 # Results go to $OUT (the device tool's folder) or runs/device_kernels: device.txt, check.json,
 # check.log, tune.log, bench.json, bench.md, bench.log. Run from the repository root:
@@ -19,5 +19,7 @@ py="${PYTHON:-python3}"
 timeout 150 "$py" -m experiments.check_kernels --out "$out/check.json" 2>&1 | tee "$out/check.log"
 timeout 150 "$py" -m experiments.tune_blocks --kernels bf16,w8a8-mgpu,fp8-mgpu --m 1024,4096 2>&1 |
   tee "$out/tune.log"
+timeout 90 "$py" -m experiments.tune_blocks --kernels bf16,w4a16 --m 1,16 --k 4096 --n 12288 2>&1 |
+  tee -a "$out/tune.log"
 "$py" -m experiments.bench_kernels --time-budget-s 270 --out "$out/bench.json" --md "$out/bench.md" 2>&1 |
   tee "$out/bench.log"
