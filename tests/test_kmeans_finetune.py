@@ -76,8 +76,8 @@ def test_compression_ratio_formula_matches_the_stored_qarray(rng):
         assert q.compression_ratio() == pytest.approx(
             kmeans_finetune.compression_ratio(shape, spec), rel=1e-12
         )
-    # 64x32 kmeans3 per channel: 4-bit containers, 32 codebooks of 8 float32
-    expected = 64 * 32 * 32 / (8 * (64 * 32 // 2 + 4 * 32 * 8))
+    # 64x32 kmeans3 per channel: 3 bits per index (32 per row = 12 bytes), 32 codebooks of 8 float32
+    expected = 64 * 32 * 32 / (8 * (64 * 12 + 4 * 32 * 8))
     assert kmeans_finetune.compression_ratio((64, 32), KM3_CH) == pytest.approx(expected)
 
 
@@ -190,7 +190,7 @@ def test_convert_stores_indices_and_trained_codebook_and_serves_the_qat_model(fl
         np.testing.assert_array_equal(stored.values, indices)
         np.testing.assert_array_equal(qjax.dequantize(stored), codebook_weight(centroids, indices, KM3_CH))
         k, n = indices.shape
-        nbytes = k * -(-n // 2) + 4 * n * 8  # 3-bit indices two per byte + n codebooks of 8 floats
+        nbytes = k * -(-n // 8) * 3 + 4 * n * 8  # 3-bit indices, 8 in 3 bytes; n codebooks of 8 floats
         assert rows[path]["weight_bytes"] == storage[path]["weight_bytes"] == stored.nbytes == nbytes
         assert rows[path]["compression_ratio"] == pytest.approx(32 * k * n / (8 * nbytes))
         assert getattr(served, path).dot_general.centroids is None  # no second copy after convert

@@ -18,14 +18,17 @@ from qjax import QArray, QParams, QuantSpec
 
 
 def _pack_reference(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack along the last axis in numpy: value k of each byte sits in bits [k*bits, (k+1)*bits)."""
-    per = 8 // bits
+    """Pack along the last axis in numpy from the bit string: value j of a row occupies bits
+    [j*bits, (j+1)*bits), bit i of the string is bit i % 8 of byte i // 8; rows are padded to
+    whole groups of 8 / gcd(8, bits) values."""
+    per = 8 // np.gcd(8, bits)
     n = values.shape[-1]
-    n_bytes = -(-n // per)
-    codes = np.zeros((*values.shape[:-1], n_bytes * per), np.int64)
+    n_pad = -(-n // per) * per
+    codes = np.zeros((*values.shape[:-1], n_pad), np.int64)
     codes[..., :n] = values.astype(np.int64) & (2**bits - 1)
-    codes = codes.reshape((*values.shape[:-1], n_bytes, per))
-    return np.sum(codes << (bits * np.arange(per)), axis=-1).astype(np.uint8)
+    bit_string = (codes[..., None] >> np.arange(bits)) & 1  # (..., n_pad, bits), low bit first
+    bit_string = bit_string.reshape((*values.shape[:-1], n_pad * bits)).astype(np.uint8)
+    return np.packbits(bit_string, axis=-1, bitorder="little")
 
 
 _pack_jit = jax.jit(qjax.pack, static_argnums=1)
@@ -33,7 +36,7 @@ _unpack_jit = jax.jit(qjax.unpack, static_argnums=(1, 2, 3))
 
 
 @pytest.mark.parametrize("shape", [(3, 7), (13,), (2, 2, 5)])
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("signed", [True, False])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_pack_unpack_round_trip(shape, bits, signed, seed):
@@ -42,9 +45,9 @@ def test_pack_unpack_round_trip(shape, bits, signed, seed):
     dtype = np.int8 if signed else np.uint8
     values = rng.integers(lo, hi + 1, size=shape).astype(dtype)
     packed = _pack_jit(jnp.asarray(values), bits)
-    per = 8 // bits
+    per, group_bytes = 8 // np.gcd(8, bits), bits // np.gcd(8, bits)
     assert packed.dtype == jnp.uint8
-    assert packed.shape == (*shape[:-1], -(-shape[-1] // per))
+    assert packed.shape == (*shape[:-1], -(-shape[-1] // per) * group_bytes)
     np.testing.assert_array_equal(np.asarray(packed), _pack_reference(values, bits))
     out = _unpack_jit(packed, bits, shape[-1], signed)
     assert out.dtype == dtype and out.shape == shape
@@ -62,6 +65,14 @@ def test_packed_layout_first_value_in_the_low_bits():
     np.testing.assert_array_equal(qjax.pack(jnp.array([-2, -1, 0, 1], jnp.int8), 2), [0x4E])
     np.testing.assert_array_equal(
         qjax.unpack(jnp.array([0x4E], jnp.uint8), 2, 4, signed=True), [-2, -1, 0, 1]
+    )
+    # 3 bits: 8 values in 3 bytes, value 2 straddling bytes 0 and 1 (bits 6..8), value 5 bytes 1
+    # and 2 (bits 15..17): 1,2,7,0,0,5,0,3 -> bit string 100 010 111 000 000 101 000 110 (low first)
+    np.testing.assert_array_equal(
+        qjax.pack(jnp.array([1, 2, 7, 0, 0, 5, 0, 3], jnp.uint8), 3), [0xD1, 0x81, 0x62]
+    )
+    np.testing.assert_array_equal(
+        qjax.unpack(jnp.array([0xD1, 0x81, 0x62], jnp.uint8), 3, 8, signed=False), [1, 2, 7, 0, 0, 5, 0, 3]
     )
 
 
@@ -83,14 +94,17 @@ def test_qarray_data_is_packed_fp4():
     np.testing.assert_array_equal(q.values.astype(jnp.float32), [[1.0, -0.5, 6.0]])
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_qarray_packs_odd_last_axis(bits):
+@pytest.mark.parametrize(("bits", "row_bytes"), [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (7, 7)])
+def test_qarray_packs_odd_last_axis(bits, row_bytes):
+    # 7 values of b bits: one group of 8 / gcd(8, b) values for b = 3, 5, 7 (b bytes), two groups of
+    # 4 values at 2 bits (2 bytes) and at 6 bits (2 x 3 bytes), four groups of 2 at 4 bits
+    row_bytes = 6 if bits == 6 else row_bytes
     x = jnp.asarray(np.random.default_rng(bits).normal(size=(5, 7)), jnp.float32)
     spec = QuantSpec(dtype=f"int{bits}", granularity="per_token")
     q = jax.jit(lambda x: qjax.quantize(x, spec))(x)
-    per = 4 if bits == 2 else 2
-    assert q.data.shape == (5, -(-7 // per)) and q.shape == (5, 7) and q.values.shape == (5, 7)
-    np.testing.assert_array_equal(q.data, _pack_reference(np.asarray(q.values), 8 // per))
+    assert q.data.shape == (5, row_bytes) and q.shape == (5, 7) and q.values.shape == (5, 7)
+    np.testing.assert_array_equal(q.data, _pack_reference(np.asarray(q.values), bits))
+    np.testing.assert_array_equal(q.values, np.asarray(qjax.quantize(x, spec).values))
 
 
 # --- pytree behaviour --------------------------------------------------------------------------
@@ -188,8 +202,10 @@ GROUP = dict(granularity="per_group", axis=-1)
         (_spec("int4", **PC, symmetric=False), (64, 48), 64 * 24 + 48 * 4 + 48),
         (_spec("uint4", **PC, symmetric=False), (64, 48), 64 * 24 + 48 * 4 + 48),
         (_spec("int2", **PC), (64, 48), 64 * 12 + 48 * 4),
-        (_spec("int3", **PC), (64, 48), 64 * 24 + 48 * 4),
-        (_spec("int6", **PC), (64, 48), 64 * 48 + 48 * 4),
+        (_spec("int3", **PC), (64, 48), 64 * 18 + 48 * 4),  # 48 values x 3 bits = 18 bytes a row
+        (_spec("int3", **PC), (64, 50), 64 * 21 + 50 * 4),  # 50 values: 7 groups of 8 in 3 bytes
+        (_spec("int6", **PC), (64, 48), 64 * 36 + 48 * 4),
+        (_spec("kmeans3", **PC), (64, 48), 64 * 18 + 48 * 8 * 4),
         (_spec("int8", **PC), (64, 48), 64 * 48 + 48 * 4),
         (_spec("int8"), (64, 48), 64 * 48 + 4),
         (_spec("int4", granularity="per_group", axis=0, group_size=16), (64, 48), 64 * 24 + (4 * 48) * 4),

@@ -19,15 +19,15 @@ The model integration is in :mod:`qjax.nn`: a rule with a ``kmeans<b>`` weight s
 is exactly the sum above: :func:`centroid_gradient` is the same formula written out, for checks and
 custom loops), and ``convert`` stores packed indices plus the trained codebook.
 
-Storage of a weight of :math:`n` elements in :math:`G` blocks: :math:`n` indices of :math:`b` bits in
-containers of :math:`c` bits (2-bit indices four per byte, 3- and 4-bit two per byte, 5..8-bit one per
-byte) plus :math:`G K` float32 centroids, so the ratio to float32 is
+Storage of a weight of :math:`n` elements in :math:`G` blocks: :math:`n` indices of :math:`b` bits,
+bit-packed (:mod:`qjax.numerics.packing`; 8-bit indices one per byte; each row padded to a whole
+group of values), plus :math:`G K` float32 centroids, so the ratio to float32 is
 
 .. math::
 
-    r = \\frac{32 n}{c\\, n + 32 G K},
+    r = \\frac{32 n}{b\\, n + 32 G K}
 
-the paper's :math:`n b / (n \\log_2 K + K b)` with the real container width and one codebook per
+up to the row padding: the paper's :math:`n b / (n \\log_2 K + K b)` with one codebook per
 block. The paper's settings (AlexNet): 8-bit conv and 5-bit fully connected codebooks, after pruning,
 fine-tuned with SGD; here bits, granularity and the optimiser come from the config.
 """
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from qjax.nn.model import quantized_ops
 from qjax.nn.rules import Rule
-from qjax.numerics import QArray, QuantSpec, tiling
+from qjax.numerics import QArray, QuantSpec, packing, tiling
 from qjax.numerics.formats import CodebookFormat
 from qjax.ste import Estimator
 
@@ -89,8 +89,7 @@ def compression_ratio(shape: Sequence[int], spec: QuantSpec, original_bits: int 
     shape = tuple(shape)
     blocks = math.prod(tiling.grid_shape(shape, tiling.block_shape(shape, spec)))
     rows, last = math.prod(shape[:-1]), shape[-1]
-    per_byte = 8 // fmt.container_bits
-    index_bytes = rows * -(-last // per_byte)  # packing pads the last axis to whole bytes
+    index_bytes = rows * packing.packed_length(last, fmt.container_bits)  # padded to whole groups
     n = math.prod(shape)
     return n * original_bits / (8 * (index_bytes + 4 * blocks * 2**fmt.bits))
 

@@ -86,8 +86,9 @@ def _inverse(c: float) -> float:
 
 
 def _container_bits(bits: int) -> int:
-    """Storage bits of one value: 2-bit values pack four per byte, 3- and 4-bit two per byte."""
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+    """Storage bits of one value: values of 1..7 bits are bit-packed at their own width
+    (:mod:`qjax.numerics.packing`), 8-bit ones take a byte."""
+    return bits if bits < 8 else 8
 
 
 @dataclasses.dataclass(frozen=True)

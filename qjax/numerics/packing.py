@@ -1,58 +1,86 @@
 """Bit packing of sub-byte values along the last (contiguous) axis.
 
-``bits`` = 4 packs two values per byte, 2 packs four. Value ``j`` of each byte sits in bits
-``[j * bits, (j + 1) * bits)`` (the first value in the low bits). A last axis whose length is not
-a multiple of the values per byte is padded with zeros; :func:`unpack` takes the true length.
+Values of ``bits`` bits (1..7) are laid end to end, little-endian: value ``j`` of a row occupies bits
+``[j * bits, (j + 1) * bits)`` of the row's bit string, whose bit ``i`` is bit ``i % 8`` of byte
+``i // 8``. So 4 bits pack two values per byte and 2 bits four (the first value in the low bits),
+and 3 bits pack eight values into three bytes, a value sometimes straddling two bytes. The last axis
+is padded with zeros to whole groups (``8 / gcd(8, bits)`` values in ``bits / gcd(8, bits)`` bytes:
+2 values per byte at 4 bits, 8 values per 3 bytes at 3 bits); :func:`unpack` takes the true length.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-_PACKABLE = (2, 4)
+_PACKABLE = tuple(range(1, 8))
 
 
-def _check_bits(bits: int) -> int:
+def _group(bits: int) -> tuple[int, int]:
+    """(values, bytes) of the smallest run of values that fills whole bytes."""
     if bits not in _PACKABLE:
-        raise ValueError(f"bits={bits} cannot be packed; use 2 (four per byte) or 4 (two per byte)")
-    return 8 // bits
+        raise ValueError(f"bits={bits} cannot be packed; use 1..7 (8-bit values are stored as they are)")
+    g = math.gcd(8, bits)
+    return 8 // g, bits // g
 
 
-def _shifts(per: int, bits: int, ndim: int) -> jax.Array:
-    """Bit offsets of the values in a byte, shaped to broadcast over the last axis of rank ``ndim``."""
-    return (jnp.arange(per, dtype=jnp.int32) * bits).reshape((1,) * (ndim - 1) + (per,))
+def _pieces(bits: int) -> list[tuple[int, int, int]]:
+    """For each value ``j`` of a group and each byte it touches: ``(j, byte, shift)`` with the value's
+    bits at ``value << shift`` of that byte when ``shift >= 0``, ``value >> -shift`` otherwise."""
+    values, _ = _group(bits)
+    out = []
+    for j in range(values):
+        start = j * bits
+        for byte in range(start // 8, (start + bits - 1) // 8 + 1):
+            out.append((j, byte, start - 8 * byte))
+    return out
 
 
 def packed_length(n: int, bits: int) -> int:
     """Bytes along the last axis after packing ``n`` values."""
-    per = _check_bits(bits)
-    return -(-n // per)
+    values, nbytes = _group(bits)
+    return -(-n // values) * nbytes
 
 
 def pack(values: jax.Array, bits: int) -> jax.Array:
     """Pack integer ``values`` (each fitting in ``bits`` bits, signed or not) into uint8."""
-    per = _check_bits(bits)
+    per, nbytes = _group(bits)
     if not jnp.issubdtype(values.dtype, jnp.integer):
         raise TypeError(f"pack needs integer values; got dtype {values.dtype}")
     if values.ndim == 0:
         raise ValueError("pack needs at least one axis; reshape the scalar to (1,)")
     n = values.shape[-1]
-    pad = packed_length(n, bits) * per - n
+    pad = -(-n // per) * per - n
     v = values.astype(jnp.int32) & (2**bits - 1)
     if pad:
         v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)])
-    v = v.reshape((*v.shape[:-1], -1, per))
-    return jnp.sum(v << _shifts(per, bits, v.ndim), axis=-1).astype(jnp.uint8)
+    v = v.reshape((*v.shape[:-1], -1, per))  # (..., groups, values of a group)
+    out = [jnp.zeros(v.shape[:-1], jnp.int32) for _ in range(nbytes)]
+    for j, byte, shift in _pieces(bits):
+        part = v[..., j] << shift if shift >= 0 else v[..., j] >> -shift
+        out[byte] = out[byte] | (part & 255)
+    packed = jnp.stack(out, axis=-1)  # (..., groups, bytes of a group)
+    return packed.reshape((*packed.shape[:-2], -1)).astype(jnp.uint8)
 
 
 def unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
     """Inverse of :func:`pack`: the first ``n`` values, as int8 (signed) or uint8."""
-    per = _check_bits(bits)
+    per, nbytes = _group(bits)
     if packed.dtype != jnp.uint8:
         raise TypeError(f"unpack needs uint8 packed data; got dtype {packed.dtype}")
-    shifts = _shifts(per, bits, packed.ndim + 1)
-    v = (packed.astype(jnp.int32)[..., None] >> shifts) & (2**bits - 1)
+    if packed.shape[-1] % nbytes:
+        raise ValueError(
+            f"unpack: {packed.shape[-1]} bytes along the last axis is not a whole number of "
+            f"{nbytes}-byte groups of {bits}-bit values"
+        )
+    b = packed.astype(jnp.int32).reshape((*packed.shape[:-1], -1, nbytes))
+    vals = [jnp.zeros(b.shape[:-1], jnp.int32) for _ in range(per)]
+    for j, byte, shift in _pieces(bits):
+        part = b[..., byte] >> shift if shift >= 0 else b[..., byte] << -shift
+        vals[j] = vals[j] | part
+    v = jnp.stack(vals, axis=-1) & (2**bits - 1)
     v = v.reshape((*packed.shape[:-1], -1))[..., :n]
     if signed:
         sign = 2 ** (bits - 1)
