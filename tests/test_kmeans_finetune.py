@@ -190,7 +190,7 @@ def test_convert_stores_indices_and_trained_codebook_and_serves_the_qat_model(fl
         np.testing.assert_array_equal(stored.values, indices)
         np.testing.assert_array_equal(qjax.dequantize(stored), codebook_weight(centroids, indices, KM3_CH))
         k, n = indices.shape
-        nbytes = k * -(-n // 8) * 3 + 4 * n * 8  # 3-bit indices, 8 in 3 bytes; n codebooks of 8 floats
+        nbytes = k * -(-n * 3 // 8) + 4 * n * 8  # 3-bit indices, ceil(3 n / 8) bytes a row; n codebooks
         assert rows[path]["weight_bytes"] == storage[path]["weight_bytes"] == stored.nbytes == nbytes
         assert rows[path]["compression_ratio"] == pytest.approx(32 * k * n / (8 * nbytes))
         assert getattr(served, path).dot_general.centroids is None  # no second copy after convert

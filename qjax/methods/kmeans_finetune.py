@@ -20,8 +20,8 @@ is exactly the sum above: :func:`centroid_gradient` is the same formula written 
 custom loops), and ``convert`` stores packed indices plus the trained codebook.
 
 Storage of a weight of :math:`n` elements in :math:`G` blocks: :math:`n` indices of :math:`b` bits,
-bit-packed (:mod:`qjax.numerics.packing`; 8-bit indices one per byte; each row padded to a whole
-group of values), plus :math:`G K` float32 centroids, so the ratio to float32 is
+bit-packed (:mod:`qjax.numerics.packing`; 8-bit indices one per byte; each row padded to whole
+bytes), plus :math:`G K` float32 centroids, so the ratio to float32 is
 
 .. math::
 
@@ -89,7 +89,7 @@ def compression_ratio(shape: Sequence[int], spec: QuantSpec, original_bits: int 
     shape = tuple(shape)
     blocks = math.prod(tiling.grid_shape(shape, tiling.block_shape(shape, spec)))
     rows, last = math.prod(shape[:-1]), shape[-1]
-    index_bytes = rows * packing.packed_length(last, fmt.container_bits)  # padded to whole groups
+    index_bytes = rows * packing.packed_length(last, fmt.container_bits)  # rows padded to whole bytes
     n = math.prod(shape)
     return n * original_bits / (8 * (index_bytes + 4 * blocks * 2**fmt.bits))
 

@@ -3,9 +3,9 @@
 Values of ``bits`` bits (1..7) are laid end to end, little-endian: value ``j`` of a row occupies bits
 ``[j * bits, (j + 1) * bits)`` of the row's bit string, whose bit ``i`` is bit ``i % 8`` of byte
 ``i // 8``. So 4 bits pack two values per byte and 2 bits four (the first value in the low bits),
-and 3 bits pack eight values into three bytes, a value sometimes straddling two bytes. The last axis
-is padded with zeros to whole groups (``8 / gcd(8, bits)`` values in ``bits / gcd(8, bits)`` bytes:
-2 values per byte at 4 bits, 8 values per 3 bytes at 3 bits); :func:`unpack` takes the true length.
+and 3 bits pack eight values into three bytes, a value sometimes straddling two bytes. A row of
+``n`` values takes ``ceil(n * bits / 8)`` bytes, its last byte padded with zero bits; :func:`unpack`
+takes the true length.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def _pieces(bits: int) -> list[tuple[int, int, int]]:
 
 
 def packed_length(n: int, bits: int) -> int:
-    """Bytes along the last axis after packing ``n`` values."""
-    values, nbytes = _group(bits)
-    return -(-n // values) * nbytes
+    """Bytes along the last axis after packing ``n`` values: ``ceil(n * bits / 8)``."""
+    _group(bits)
+    return -(-n * bits // 8)
 
 
 def pack(values: jax.Array, bits: int) -> jax.Array:
@@ -62,7 +62,8 @@ def pack(values: jax.Array, bits: int) -> jax.Array:
         part = v[..., j] << shift if shift >= 0 else v[..., j] >> -shift
         out[byte] = out[byte] | (part & 255)
     packed = jnp.stack(out, axis=-1)  # (..., groups, bytes of a group)
-    return packed.reshape((*packed.shape[:-2], -1)).astype(jnp.uint8)
+    packed = packed.reshape((*packed.shape[:-2], -1))[..., : packed_length(n, bits)]
+    return packed.astype(jnp.uint8)
 
 
 def unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
@@ -70,12 +71,14 @@ def unpack(packed: jax.Array, bits: int, n: int, signed: bool) -> jax.Array:
     per, nbytes = _group(bits)
     if packed.dtype != jnp.uint8:
         raise TypeError(f"unpack needs uint8 packed data; got dtype {packed.dtype}")
-    if packed.shape[-1] % nbytes:
+    if packed.shape[-1] != packed_length(n, bits):
         raise ValueError(
-            f"unpack: {packed.shape[-1]} bytes along the last axis is not a whole number of "
-            f"{nbytes}-byte groups of {bits}-bit values"
+            f"unpack: {packed.shape[-1]} bytes along the last axis do not hold exactly {n} values of "
+            f"{bits} bits ({packed_length(n, bits)} bytes); pass the unpacked length n"
         )
-    b = packed.astype(jnp.int32).reshape((*packed.shape[:-1], -1, nbytes))
+    b = packed.astype(jnp.int32)
+    b = jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, -b.shape[-1] % nbytes)])  # whole groups
+    b = b.reshape((*packed.shape[:-1], -1, nbytes))
     vals = [jnp.zeros(b.shape[:-1], jnp.int32) for _ in range(per)]
     for j, byte, shift in _pieces(bits):
         part = b[..., byte] >> shift if shift >= 0 else b[..., byte] << -shift
