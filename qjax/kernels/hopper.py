@@ -25,9 +25,12 @@ shared memory by TMA.
 **Padding.** M and N are padded to the CTA tile and K to ``tile_k`` (zeros add nothing); the
 output is sliced back. Pad weights ahead of time to skip the weight copy on each call.
 
-**Testing.** On CPU the kernel runs in Pallas' GPU interpret mode (shared memory, barriers, TMA and
-``wgmma`` simulated; :func:`interpret_params`), equal to the references; it lowers for ``cuda`` on
-any machine.
+**Testing.** On CPU the kernel's 16-bit variant (bf16 operands, the weight read ``(K, N)``) runs
+in Pallas' GPU interpret mode (shared memory, barriers, TMA and ``wgmma`` simulated;
+:func:`interpret_params`) and equals the references; the interpreter cannot read the transposed
+shared-memory views of 8-bit ``wgmma``, so the int8 and e4m3 variants are checked by lowering for
+``cuda`` (any machine) and against the references on a GPU (``experiments.check_kernels``). Not yet
+timed on a device: ``auto`` dispatch keeps Triton on GPUs.
 """
 
 from __future__ import annotations
