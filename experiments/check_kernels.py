@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.kernels import act_quant, blocks, fp8, w4a16, w8a8
+from qjax.kernels import act_quant, blocks, fp8, fp8_block, w4a16, w8a8
 
 SHAPES = ((1, 4096, 4096), (16, 4096, 12288), (33, 200, 130), (1024, 4096, 4096))
 
@@ -66,6 +66,17 @@ def case_fp8(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> 
     ws = jnp.asarray(rng.uniform(0.5, 2, (1, n)), jnp.float32)
     y = jax.jit(functools.partial(fp8.fp8_matmul, backend=backend, out_dtype=jnp.float32))(x, xs, w, ws)
     return _rel(y, fp8.fp8_matmul_reference(x, xs, w, ws, out_dtype=jnp.float32)), 2e-3
+
+
+def case_fp8_block(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+    e4m3 = jnp.float8_e4m3fn
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32).astype(e4m3)
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32).astype(e4m3)
+    xs = jnp.asarray(rng.uniform(0.5, 2, (m, -(-k // 128))), jnp.float32)
+    ws = jnp.asarray(rng.uniform(0.5, 2, (-(-k // 128), -(-n // 128))), jnp.float32)
+    kw: dict[str, Any] = dict(out_dtype=jnp.float32)
+    y = jax.jit(functools.partial(fp8_block.fp8_block_matmul, backend=backend, **kw))(x, xs, w, ws)
+    return _rel(y, fp8_block.fp8_block_matmul_reference(x, xs, w, ws, **kw)), 2e-3
 
 
 def case_w4a16(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
@@ -107,6 +118,7 @@ CASES: dict[str, Callable[..., tuple[float, float]]] = {
     "int8_matmul (int32 exact)": case_int8,
     "w8a8_matmul (zero point, bias)": case_w8a8,
     "fp8_matmul": case_fp8,
+    "fp8_block_matmul (128 x 128 blocks)": case_fp8_block,
     "w4a16_matmul (asym, g128/g32)": case_w4a16,
     "quantize_per_token (int8, fp8)": case_act_quant,
 }

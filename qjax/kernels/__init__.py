@@ -1,6 +1,7 @@
-"""Low-precision contractions: Pallas kernels (W8A8, W4A16, FP8, per-token activation quantization)
-with a pure-jnp ``*_reference`` beside each, the XLA integer/fp8 path, and the dispatch between them
-that ``serve`` mode uses (:mod:`qjax.kernels.dispatch`)."""
+"""Low-precision contractions: Pallas kernels (W8A8, W4A16, FP8 with per-row/column or 128 x 128
+block scales, per-token activation quantization) with a pure-jnp ``*_reference`` beside each, the
+XLA integer/fp8 path, and the dispatch between them that ``serve`` mode uses
+(:mod:`qjax.kernels.dispatch`)."""
 
 from qjax.kernels.act_quant import quantize_per_token, quantize_per_token_reference
 from qjax.kernels.blocks import BLOCK_TABLE, Blocks, choose_blocks, resolve_backend, set_blocks
@@ -12,6 +13,7 @@ from qjax.kernels.dispatch import (
     serve_dot_general,
 )
 from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
+from qjax.kernels.fp8_block import fp8_block_matmul, fp8_block_matmul_reference
 from qjax.kernels.w4a16 import PackedW4, pack_w4, unpack_w4, w4a16_matmul, w4a16_matmul_reference
 from qjax.kernels.w8a8 import int8_matmul, int8_matmul_reference, w8a8_matmul, w8a8_matmul_reference
 from qjax.kernels.xla import quantized_conv, quantized_dot_general
@@ -23,6 +25,8 @@ __all__ = [
     "PackedW4",
     "check_kernel_path",
     "choose_blocks",
+    "fp8_block_matmul",
+    "fp8_block_matmul_reference",
     "fp8_matmul",
     "fp8_matmul_reference",
     "int8_matmul",

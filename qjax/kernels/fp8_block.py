@@ -1,0 +1,235 @@
+"""Block-scaled FP8: e4m3 x e4m3 with one scale per token and 128-wide K group of the activations
+and one per 128 x 128 block of the weight, float32 accumulation (the DeepSeek-V3 recipe).
+
+.. math::
+
+    y_{mn} = \\sum_g s^x_{mg}\\, s^w_{g,\\lfloor n/128 \\rfloor}
+             \\sum_{k \\in \\text{group } g} q^x_{mk} q^w_{kn} + b_n,
+    \\qquad \\text{group } g = \\{128 g, \\ldots, 128 g + 127\\}.
+
+Each group's partial sum is a float32 dot (e4m3 products are exact in float32), scaled by its
+two scales and added to a float32 accumulator: the scales cannot leave the K loop, unlike the
+per-row / per-column scales of :mod:`qjax.kernels.fp8`, since they change along K.
+
+Backends (:mod:`qjax.kernels.blocks` picks; the block table's ``"fp8"`` entries give ``block_m``
+and ``block_n``, ``block_k`` is the group, 128):
+
+* **GPU** (Triton): grid ``(M/block_m, N/block_n)``; a ``fori_loop`` over the groups loads a
+  ``(block_m, 128)`` slice of ``x`` and a ``(128, block_n)`` slice of ``w``, one ``(block_m, 1)``
+  column of the activation scales and one ``(1, block_n)`` row of the weight scales (expanded to
+  one per column outside the kernel: ``K/128 x N`` floats).
+* **TPU** (Mosaic): grid ``(M/block_m, N/block_n, K/128)`` with K ``"arbitrary"``, a VMEM
+  accumulator; the scales come as ``(K/128, M, 1)`` and ``(K/128, 1, N)`` arrays whose group axis
+  is squeezed out of the blocks, so every block respects the (8, 128) tiling. Tiles are upcast to
+  bfloat16 for the MXU (exact).
+* **Interpret**: the GPU body (and, in the tests, the TPU body) in the Pallas interpreter.
+
+Shapes that are not multiples of the blocks are zero-padded (zero scales and values add nothing).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from qjax.kernels import blocks as kb
+from qjax.kernels.w8a8 import check_bias, check_contraction, check_operand, check_out_dtype
+
+FP8 = jnp.float8_e4m3fn
+GROUP = 128
+
+
+def _check(
+    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, bias: Any, out_dtype: Any
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, jnp.dtype]:
+    x_q = check_operand(x_q, "x_q", FP8, "of shape (M, K)", "quantize per token and 128-wide K group")
+    w_q = check_operand(w_q, "w_q", FP8, "of shape (K, N)", "quantize per 128 x 128 block to float8_e4m3fn")
+    check_contraction(x_q, w_q, "x_q", "w_q")
+    (m, k), n = x_q.shape, w_q.shape[1]
+    g, gn = -(-k // GROUP), -(-n // GROUP)
+    for name, s, shape, doc in (
+        ("x_scale", x_scale, (m, g), "one per token and 128-wide K group: (M, ceil(K/128))"),
+        ("w_scale", w_scale, (g, gn), "one per 128 x 128 weight block: (ceil(K/128), ceil(N/128))"),
+    ):
+        if not hasattr(s, "shape") or not jnp.issubdtype(jnp.result_type(s), jnp.floating):
+            raise TypeError(f"{name} must be a float32 array, {doc}; got {type(s).__name__}")
+        if tuple(s.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(s.shape)}, expected {shape}: {doc}")
+    b = check_bias(bias, n)
+    xs = jnp.asarray(x_scale).astype(jnp.float32)
+    ws = jnp.asarray(w_scale).astype(jnp.float32)
+    return x_q, xs, w_q, ws, b, check_out_dtype(out_dtype)
+
+
+def _column_scales(w_scale: jax.Array, n: int) -> jax.Array:
+    """``(G, ceil(N/128))`` block scales as one per column, ``(G, N)``."""
+    return jnp.repeat(w_scale, GROUP, axis=1)[:, :n]
+
+
+def fp8_block_matmul_reference(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    out_dtype: Any = jnp.bfloat16,
+) -> jax.Array:
+    """:func:`fp8_block_matmul` in plain ``jax.numpy``: each group's float32 dot at full precision,
+    scaled by its two scales, summed over the groups in order; the bias; the cast."""
+    x_q, xs, w_q, ws, b, dt = _check(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    m, n = x_q.shape[0], w_q.shape[1]
+    g = xs.shape[1]
+    x = kb.pad_axis(x_q.astype(jnp.float32), 1, GROUP).reshape(m, g, GROUP)
+    w = kb.pad_axis(w_q.astype(jnp.float32), 0, GROUP).reshape(g, GROUP, n)
+    parts = jnp.einsum("mgk,gkn->gmn", x, w, precision=lax.Precision.HIGHEST)  # (G, M, N)
+    scaled = parts * xs.T[:, :, None] * _column_scales(ws, n)[:, None, :]
+    acc = lax.fori_loop(0, g, lambda i, a: a + scaled[i], jnp.zeros((m, n), jnp.float32))
+    if b is not None:
+        acc = acc + b
+    return acc.astype(dt)
+
+
+def _gpu_kernel(
+    x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, groups: int, has_bias: bool, out_dtype: Any
+) -> None:
+    # x_ref (bm, Kp), w_ref (Kp, bn), xs_ref (bm, G), ws_ref (G, bn); refs: [bias (1, bn)], o_ref
+    o_ref = refs[-1]
+    bm, bn = x_ref.shape[0], w_ref.shape[1]
+
+    def step(i: jax.Array, acc: jax.Array) -> jax.Array:
+        start = pl.multiple_of(i * GROUP, GROUP)
+        part = jnp.dot(
+            x_ref[:, pl.ds(start, GROUP)], w_ref[pl.ds(start, GROUP), :], preferred_element_type=jnp.float32
+        )  # (bm, bn)
+        return acc + part * xs_ref[:, pl.ds(i, 1)] * ws_ref[pl.ds(i, 1), :]
+
+    acc = lax.fori_loop(0, groups, step, jnp.zeros((bm, bn), jnp.float32))
+    if has_bias:
+        acc = acc + refs[0][...]
+    o_ref[...] = acc.astype(out_dtype)
+
+
+def _tpu_kernel(
+    x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, groups: int, has_bias: bool, out_dtype: Any
+) -> None:
+    # x_ref (bm, 128), w_ref (128, bn), xs_ref (bm, 1), ws_ref (1, bn); refs: [bias (1, bn)], o_ref,
+    # acc_ref (bm, bn) f32 in VMEM
+    o_ref, acc_ref = refs[-2], refs[-1]
+    g = pl.program_id(2)
+
+    @pl.when(g == 0)
+    def _init() -> None:
+        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
+
+    part = jnp.dot(
+        x_ref[...].astype(jnp.bfloat16), w_ref[...].astype(jnp.bfloat16), preferred_element_type=jnp.float32
+    )
+    acc_ref[...] += part * xs_ref[...] * ws_ref[...]
+
+    @pl.when(g == groups - 1)
+    def _finish() -> None:
+        acc = acc_ref[...]
+        if has_bias:
+            acc = acc + refs[0][...]
+        o_ref[...] = acc.astype(out_dtype)
+
+
+def fp8_block_matmul(
+    x_q: jax.Array,
+    x_scale: jax.Array,
+    w_q: jax.Array,
+    w_scale: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    out_dtype: Any = jnp.bfloat16,
+    blocks: kb.Blocks | Mapping[str, Any] | None = None,
+    backend: str | None = None,
+    body: str | None = None,
+) -> jax.Array:
+    """E4M3 x E4M3 matmul with per-(token, 128-wide K group) activation scales and per-128 x 128
+    block weight scales (module docstring).
+
+    Args:
+      x_q: float8_e4m3fn ``(M, K)``.
+      x_scale: float32 ``(M, ceil(K/128))``.
+      w_q: float8_e4m3fn ``(K, N)``.
+      w_scale: float32 ``(ceil(K/128), ceil(N/128))``.
+      bias: float ``(N,)`` or ``None``.
+      out_dtype: float32, bfloat16 or float16.
+      blocks: overrides of the ``"fp8"`` block table (``block_m``, ``block_n``, launch
+        parameters; ``block_k`` is always 128).
+      backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
+      body: ``"gpu"`` or ``"tpu"``: which body the interpreter runs (tests); default by backend.
+    """
+    x_q, xs, w_q, ws, b, dt = _check(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    be = kb.resolve_backend(backend)
+    if be == "mosaic_gpu":
+        raise ValueError(
+            "fp8_block_matmul has no 'mosaic_gpu' backend; use 'gpu' (Triton), 'tpu' or 'interpret'"
+        )
+    body = body or ("tpu" if be == "tpu" else "gpu")
+    if body not in ("gpu", "tpu"):
+        raise ValueError(f"body={body!r}: expected 'gpu' or 'tpu'")
+    m, n = x_q.shape[0], w_q.shape[1]
+    groups = xs.shape[1]
+    chosen = kb.choose_blocks("fp8", be, m, blocks)
+    bl = kb.Blocks(chosen.block_m, chosen.block_n, GROUP, chosen.num_warps, chosen.num_stages)
+    if be == "tpu" and (bl.block_m % 32 or bl.block_n % 128):
+        raise ValueError(f"blocks={bl}: Mosaic tiles need block_m a multiple of 32 and block_n of 128")
+    bm, bn = bl.block_m, bl.block_n
+    xp = kb.pad_axis(kb.pad_axis(x_q, 0, bm), 1, GROUP)  # (Mp, Kp)
+    wp = kb.pad_axis(kb.pad_axis(w_q, 0, GROUP), 1, bn)  # (Kp, Np)
+    mp, kp = xp.shape
+    np_ = wp.shape[1]
+    xs_p = kb.pad_axis(xs, 0, bm)  # (Mp, G)
+    ws_p = kb.pad_axis(_column_scales(ws, n), 1, bn)  # (G, Np)
+    extra = [] if b is None else [kb.pad_axis(b, 1, bn)]  # (1, Np)
+    kw: dict[str, Any] = {"groups": groups, "has_bias": b is not None, "out_dtype": dt}
+    if body == "gpu":
+        grid: tuple[int, ...] = (mp // bm, np_ // bn)
+        in_specs = [
+            pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((bm, groups), lambda i, j: (i, 0)),
+            pl.BlockSpec((groups, bn), lambda i, j: (0, j)),
+        ] + [pl.BlockSpec((1, bn), lambda i, j: (0, j)) for _ in extra]
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+        fn: Any = functools.partial(_gpu_kernel, **kw)
+        scratch: list[Any] = []
+        semantics: tuple[str, ...] = ("parallel", "parallel")
+        operands = [xp, wp, xs_p, ws_p, *extra]
+    else:
+        from jax.experimental.pallas import tpu as pltpu
+
+        grid = (mp // bm, np_ // bn, groups)
+        sq = pl.squeezed
+        in_specs = [
+            pl.BlockSpec((bm, GROUP), lambda i, j, g: (i, g)),
+            pl.BlockSpec((GROUP, bn), lambda i, j, g: (g, j)),
+            pl.BlockSpec((sq, bm, 1), lambda i, j, g: (g, i, 0)),  # (G, Mp, 1): the group squeezed
+            pl.BlockSpec((sq, 1, bn), lambda i, j, g: (g, 0, j)),  # (G, 1, Np)
+        ] + [pl.BlockSpec((1, bn), lambda i, j, g: (0, j)) for _ in extra]
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, g: (i, j))
+        fn = functools.partial(_tpu_kernel, **kw)
+        scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
+        semantics = ("parallel", "parallel", "arbitrary")
+        operands = [xp, wp, xs_p.T[:, :, None], ws_p[:, None, :], *extra]
+    out = pl.pallas_call(
+        fn,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), dt),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        scratch_shapes=scratch,
+        compiler_params=kb.compiler_params(be, bl, semantics),
+        interpret=be == "interpret",
+        name="qjax_fp8_block",
+    )(*operands)
+    return out[:m, :n]
