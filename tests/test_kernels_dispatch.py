@@ -36,16 +36,16 @@ INT4_CH = QuantSpec(dtype="int4", granularity="per_channel", axis=-1)
 WIDTHS = (128, 192, 128, 64, 40)  # N = 192, 128, 64, 40: some padded to the 128-wide blocks
 
 
-def _served(rules, rng, batches=2):
-    model = qjax.nn.quantize_model(MLP(nnx.Rngs(0), widths=WIDTHS), rules)
+def _served(rules, rng, batches=2, widths=WIDTHS):
+    model = qjax.nn.quantize_model(MLP(nnx.Rngs(0), widths=widths), rules)
     if any(r.activation_scale == "static" and r.activations is not None for r in rules):
-        qjax.nn.calibrate(model, [shifted(rng, 8, WIDTHS[0]) for _ in range(batches)])
+        qjax.nn.calibrate(model, [shifted(rng, 8, widths[0]) for _ in range(batches)])
     return model, qjax.nn.convert(model)
 
 
-def _check_paths(rules, rng, kernel, m=8):
-    qat, served = _served(rules, rng)
-    x = shifted(rng, m, WIDTHS[0])
+def _check_paths(rules, rng, kernel, m=8, widths=WIDTHS):
+    qat, served = _served(rules, rng, widths=widths)
+    x = shifted(rng, m, widths[0])
     xs = layer_inputs(qat, x)
     reference = [np.asarray(y, np.float64) for y in each_layer(qat, xs)]
     for _, _, op in qjax.nn.quantized_ops(served):
@@ -105,6 +105,14 @@ def test_w4a16_through_the_kernel(rng, weights):
         _check_paths(rules, rng, "w4a16")
         return
     _check_paths(rules, rng, "w4a16")
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_block_scaled_fp8_through_the_kernel(rng, m):
+    weights = QuantSpec(dtype="float8_e4m3fn", granularity="per_block", block_shape=(128, 128))
+    acts = QuantSpec(dtype="float8_e4m3fn", granularity="per_group", axis=-1, group_size=128)
+    rules = [Rule(path=".*", weights=weights, activations=acts)]
+    _check_paths(rules, rng, "fp8_block", m=m, widths=(128, 256, 128))
 
 
 def test_uncovered_contractions_run_on_xla(rng):

@@ -21,6 +21,10 @@ changes. A contraction the kernels do not cover runs on ``"xla"`` whatever the p
   tensor or per token; any zero point) x symmetric int8 weights per output channel or per tensor;
 * **FP8** (:func:`~qjax.kernels.fp8.fp8_matmul`): e4m3 x e4m3, per-tensor or per-row / per-column
   scales;
+* **block-scaled FP8** (:func:`~qjax.kernels.fp8_block.fp8_block_matmul`): e4m3 activations
+  quantized per token in groups of 128 along the contraction (``per_group``, ``group_size=128``) x
+  e4m3 weights in 128 x 128 blocks (``per_block``, ``block_shape=(128, 128)``), K and N multiples
+  of 128 (on the ``mosaic_gpu`` path it runs on Triton);
 * **W4A16** (:func:`~qjax.kernels.w4a16.w4a16_matmul`): float activations x int4 weights per output
   channel or in groups of 32/64/128 along the contraction axis, symmetric or with zero points;
 
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 
 from qjax.kernels import xla
 from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
+from qjax.kernels.fp8_block import fp8_block_matmul, fp8_block_matmul_reference
 from qjax.kernels.w4a16 import pack_w4, w4a16_matmul, w4a16_matmul_reference
 from qjax.kernels.w8a8 import w8a8_matmul, w8a8_matmul_reference
 from qjax.numerics import QArray
@@ -64,9 +69,9 @@ def resolved_kernel_path(path: str = "auto") -> str:
 
 
 class KernelPlan(NamedTuple):
-    """A contraction a kernel covers: ``kernel`` (``"w8a8"``, ``"fp8"`` or ``"w4a16"``) and the call
-    ``run(impl)`` with ``impl`` one of ``"pallas"``, ``"mosaic_gpu"`` (W4A16 runs ``"pallas"``
-    there) or ``"reference"``, returning ``(M, N)``."""
+    """A contraction a kernel covers: ``kernel`` (``"w8a8"``, ``"fp8"``, ``"fp8_block"`` or
+    ``"w4a16"``) and the call ``run(impl)`` with ``impl`` one of ``"pallas"``, ``"mosaic_gpu"``
+    (W4A16 and block-scaled FP8 run on Triton there) or ``"reference"``, returning ``(M, N)``."""
 
     kernel: str
     run: Callable[[str], jax.Array]
@@ -154,6 +159,34 @@ def _fp8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> K
     return KernelPlan("fp8", run)
 
 
+def _fp8_block_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+    """E4M3 activations in groups of 128 along K (per token) x e4m3 weights in 128 x 128 blocks."""
+    e4m3 = jnp.dtype(jnp.float8_e4m3fn)
+    if x.data.dtype != e4m3 or w.data.dtype != e4m3 or k % 128 or n % 128:
+        return None
+    xs, ws = x.spec, w.spec
+    if ws.granularity != "per_block" or tuple(ws.block_shape or ()) != (128, 128):
+        return None
+    if xs.granularity != "per_group" or xs.group_size != 128 or xs.axis not in (-1, len(x.shape) - 1):
+        return None
+    g = k // 128
+    if x.qparams.scale.size != m * g or w.qparams.scale.shape != (g, n // 128):
+        return None
+    args = (
+        x.data.reshape(m, k),
+        x.qparams.scale.astype(jnp.float32).reshape(m, g),
+        w.data,
+        w.qparams.scale.astype(jnp.float32),
+    )
+
+    def run(impl: str) -> jax.Array:
+        if impl == "reference":
+            return fp8_block_matmul_reference(*args, out_dtype=out_dtype)
+        return fp8_block_matmul(*args, out_dtype=out_dtype, backend="gpu" if impl == "mosaic_gpu" else None)
+
+    return KernelPlan("fp8_block", run)
+
+
 def _w4_group(w: QArray, k: int, n: int) -> int | None:
     """The group size along K of a weight scale grid ``(K // g, N)`` (per channel: one group of K)."""
     groups = w.qparams.scale.shape[0]
@@ -211,7 +244,11 @@ def kernel_plan(
     if isinstance(x, QArray):
         if w.spec.format.container_bits == 4:
             return None
-        return _w8a8_plan(x, w, m, k, n, out_dtype) or _fp8_plan(x, w, m, k, n, out_dtype)
+        return (
+            _w8a8_plan(x, w, m, k, n, out_dtype)
+            or _fp8_plan(x, w, m, k, n, out_dtype)
+            or _fp8_block_plan(x, w, m, k, n, out_dtype)
+        )
     return _w4a16_plan(x, w, m, k, n, out_dtype)
 
 

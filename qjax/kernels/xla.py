@@ -15,7 +15,8 @@ Unsigned values are shifted into int8 by :math:`-128`, which the zero point abso
 (:math:`q - Z = (q - 128) - (Z - 128)`).
 
 Scales broadcast to the output by the same contraction applied to the grids of quantization
-parameters, which have extent 1 on the contracted axes. A weight grouped along the (single)
+parameters, which have extent 1 on the contracted axes; block-wise grids (a weight in 128 x 128
+blocks) are first repeated to full extent on the free axes. A weight grouped along the (single)
 contracted axis becomes a batch axis of group partial sums, scaled and then summed. This module is
 the CPU path and the ``*_reference`` the Pallas kernels are tested against.
 """
@@ -182,11 +183,25 @@ def quantized_dot_general(
     return contract(operand(lhs), operand(rhs), dimension_numbers).astype(out_dtype)
 
 
+def _expand_free(grid: jax.Array, shape: tuple[int, ...], contracted: Sequence[int]) -> jax.Array:
+    """A block-wise grid repeated to the operand's extent on its free and batch axes (a weight in
+    128 x 128 blocks has one scale per 128 output columns); contracted axes keep their groups."""
+    if grid.ndim == 0:
+        return grid
+    for axis, (g, n) in enumerate(zip(grid.shape, shape, strict=True)):
+        if axis not in contracted and g not in (1, n):
+            grid = jnp.repeat(grid, n // g, axis=axis)
+    return grid
+
+
 def contract(lhs: Operand, rhs: Operand, dimension_numbers: DimensionNumbers) -> jax.Array:
     """The float32 contraction of two low-precision operands (int8 -> int32, or fp8 -> f32)."""
     (lc, rc), (lb, rb) = dimension_numbers
-    xl, zl, sl = lhs
-    xr, zr, sr = rhs
+    xl, xr = lhs.values, rhs.values
+    sl, sr = _expand_free(lhs.scale, xl.shape, lc), _expand_free(rhs.scale, xr.shape, rc)
+    zl = None if lhs.zero_point is None else _expand_free(lhs.zero_point, xl.shape, lc)
+    zr = None if rhs.zero_point is None else _expand_free(rhs.zero_point, xr.shape, rc)
+    lhs, rhs = Operand(xl, zl, sl), Operand(xr, zr, sr)
     accumulate = jnp.int32 if jnp.issubdtype(xl.dtype, jnp.integer) else jnp.float32
     groups = _contracted_groups(lhs, rhs, lc, rc)
     if groups == 1:
