@@ -236,7 +236,8 @@ def _kernel(
     cols = tuple(n for n in names if n not in _ROW)
     tables = tuple(t for t in (rows, cols) if t)  # one TMA copy per table and warpgroup
     # Both tables equally deep (the driver pads the shorter with zero rows): Pallas' GPU interpreter
-    # (jax 0.10.2) deadlocks when two copies that arrive on one barrier differ in shape.
+    # (jax 0.10.2) hung on this kernel with tables of different depth on one barrier, and with four
+    # vectors copied separately; two equally deep tables run (why, inside the interpreter, is open).
     depth = max(len(rows), len(cols))
     vec_smem = tuple(plgpu.SMEM((2, depth, tm if t is rows else tn), jnp.float32) for t in tables)
     vec_barrier = plgpu.Barrier(num_arrivals=len(tables), num_barriers=2) if tables else None
