@@ -88,9 +88,12 @@ def _is_plain_matmul(x_ndim: int, w: QArray, dimension_numbers: Any) -> bool:
     )
 
 
-def _backend(impl: str) -> str | None:
-    """The ``backend=`` of a W8A8 / FP8 kernel call on path ``impl`` (None: the device's)."""
-    return "mosaic_gpu" if impl == "mosaic_gpu" else None
+def _backend(impl: str, mosaic_gpu_body: bool = True) -> str | None:
+    """The ``backend=`` of a kernel call on path ``impl`` (None: the device's). On the
+    ``mosaic_gpu`` path, kernels without a Mosaic GPU body (W4A16, block-scaled FP8) run on Triton."""
+    if impl != "mosaic_gpu":
+        return None
+    return "mosaic_gpu" if mosaic_gpu_body else "gpu"
 
 
 def _rows(a: jax.Array | None, m: int) -> jax.Array | None:
@@ -182,7 +185,7 @@ def _fp8_block_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any
     def run(impl: str) -> jax.Array:
         if impl == "reference":
             return fp8_block_matmul_reference(*args, out_dtype=out_dtype)
-        return fp8_block_matmul(*args, out_dtype=out_dtype, backend="gpu" if impl == "mosaic_gpu" else None)
+        return fp8_block_matmul(*args, out_dtype=out_dtype, backend=_backend(impl, mosaic_gpu_body=False))
 
     return KernelPlan("fp8_block", run)
 
@@ -222,8 +225,7 @@ def _w4a16_plan(x: jax.Array, w: QArray, m: int, k: int, n: int, out_dtype: Any)
         packed = pack_w4(values, scales, zeros, group_size=group_size)
         if impl == "reference":
             return w4a16_matmul_reference(xs, packed, out_dtype=out_dtype)
-        backend = "gpu" if impl == "mosaic_gpu" else None  # no Mosaic GPU body: Triton
-        return w4a16_matmul(xs, packed, out_dtype=out_dtype, backend=backend)
+        return w4a16_matmul(xs, packed, out_dtype=out_dtype, backend=_backend(impl, mosaic_gpu_body=False))
 
     return KernelPlan("w4a16", run)
 

@@ -360,16 +360,8 @@ def scaled_matmul_hopper(
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m, k = x.shape
-    k_max = max(k, w.shape[0 if jnp.dtype(x.dtype).itemsize != 1 else 1])
-    cfg = choose_config(
-        m,
-        config,
-        k_iters=-(-k_max // 128),
-        operand_bytes=jnp.dtype(x.dtype).itemsize,
-        out_bytes=jnp.dtype(out_dtype).itemsize,
-        depth=max(sum(n in _ROW for n in epilogue), sum(n not in _ROW for n in epilogue)),
-    )
-    kmajor = jnp.dtype(x.dtype).itemsize == 1
+    operand_bytes = jnp.dtype(x.dtype).itemsize
+    kmajor = operand_bytes == 1
     n_axis, k_axis = (0, 1) if kmajor else (1, 0)
     if w.shape[k_axis] < k or w.shape[n_axis] < n:
         layout = "(N, K), see prepare_weight" if kmajor else "(K, N)"
@@ -379,7 +371,17 @@ def scaled_matmul_hopper(
             "Pallas' GPU interpreter cannot run 8-bit wgmma (it reads no transposed shared-memory "
             "views); interpret the 16-bit variant, or run on an sm_90 GPU"
         )
-    kp = kb.round_up(max(k, w.shape[k_axis]), cfg.tile_k)
+    k_max = max(k, w.shape[k_axis])
+    rows = sum(name in _ROW for name in epilogue)
+    cfg = choose_config(
+        m,
+        config,
+        k_iters=-(-k_max // 128),
+        operand_bytes=operand_bytes,
+        out_bytes=jnp.dtype(out_dtype).itemsize,
+        depth=max(rows, len(epilogue) - rows),
+    )
+    kp = kb.round_up(k_max, cfg.tile_k)
     xp = kb.pad_axis(kb.pad_axis(x, 0, cfg.tile_m), 1, kp)
     wp = kb.pad_axis(kb.pad_axis(w, n_axis, 2 * cfg.tile_n), k_axis, kp)
     mp, np_ = xp.shape[0], wp.shape[n_axis]
