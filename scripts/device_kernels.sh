@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# What the Pallas kernels need from a GPU, in one run of at most about 7 minutes, so that a 15-minute
-# device budget holds the machine's start, this run and a partial rerun. Every step has a time
-# limit (120 + 75 + 45 + 180 s; the benchmark stops cleanly at its 150 s budget and writes its
-# results after every shape, so the limit only guards against a hang):
+# What the Pallas kernels need from a GPU, in one run of at most about 7.5 minutes, so that a
+# 15-minute device budget holds the machine's start, this run and a partial rerun. Every step has a
+# time limit (120 + 75 + 100 + 160 s; the profile and the benchmark stop cleanly at their budgets
+# and write their results as they go, so the limits only guard against a hang):
 #   1. every kernel against its reference on the device (Triton and, on sm_90, Mosaic GPU),
-#   2. the Hopper path's tile configs at M = 1024 and 4096 (K = N = 4096) and W4A16's blocks at
-#      M = 1 and 16 (K = 4096, N = 12288), with XLA's bf16 matmul timed beside them,
-#   3. the benchmark on the four shapes of the earlier H100 runs (7b.qkv, 7b.down, 70b.gate_up,
+#   2. the Hopper path's tile configs at M = 1024 and 4096 (K = N = 4096), with XLA's bf16 matmul
+#      timed beside them,
+#   3. where W4A16's time goes at M = 1 and 16 (experiments.profile_w4a16: the kernel's loads alone,
+#      loads + unpack, the kernel, and one-change variants: split_k=1, swap_ab, blocks, warps,
+#      stages) on 7b.qkv and 7b.down,
+#   4. the benchmark on the four shapes of the earlier H100 runs (7b.qkv, 7b.down, 70b.gate_up,
 #      70b.down), every kernel, M = 1..4096; the full 8-shape sweep is
 #      `python -m experiments.bench_kernels` alone.
 # Results go to $OUT (the device tool's folder) or runs/device_kernels: device.txt, check.json,
-# check.log, tune.log, bench.json, bench.md, bench.log. Run from the repository root:
+# check.log, tune.log, profile.json, profile.log, bench.json, bench.md, bench.log. Run from the
+# repository root:
 #   bash scripts/device_kernels.sh
 set -uo pipefail
 out="${OUT:-runs/device_kernels}"
@@ -24,8 +28,8 @@ py="${PYTHON:-python3}"
 timeout 120 "$py" -m experiments.check_kernels --out "$out/check.json" 2>&1 | tee "$out/check.log"
 timeout 75 "$py" -m experiments.tune_blocks --kernels bf16,w8a8-mgpu,fp8-mgpu --m 1024,4096 2>&1 |
   tee "$out/tune.log"
-timeout 45 "$py" -m experiments.tune_blocks --kernels bf16,w4a16 --m 1,16 --k 4096 --n 12288 2>&1 |
-  tee -a "$out/tune.log"
-timeout 180 "$py" -m experiments.bench_kernels --shapes 7b.qkv,7b.down,70b.gate_up,70b.down \
-  --time-budget-s 150 --out "$out/bench.json" --md "$out/bench.md" 2>&1 |
+timeout 100 "$py" -m experiments.profile_w4a16 --shapes 7b.qkv,7b.down --m 1,16 --time-budget-s 75 \
+  --out "$out/profile.json" 2>&1 | tee "$out/profile.log"
+timeout 160 "$py" -m experiments.bench_kernels --shapes 7b.qkv,7b.down,70b.gate_up,70b.down \
+  --time-budget-s 130 --out "$out/bench.json" --md "$out/bench.md" 2>&1 |
   tee "$out/bench.log"

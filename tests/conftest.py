@@ -1,5 +1,6 @@
 """Make silent mistakes loud: strict dtype promotion, no implicit rank promotion."""
 
+import contextlib
 import os
 
 import jax
@@ -40,3 +41,25 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture
+def lowered():
+    """``lowered(jitted, *args, platform=..., **kwargs)``: the text of ``jitted.trace(*args, **kwargs)
+    .lower(lowering_platforms=(platform,))``.
+
+    jax >= 0.11 asks which GPU a Triton kernel targets (its compute capability) when it lowers and
+    refuses on a host without one; there, tracing and lowering for ``cuda`` name an abstract H100
+    (sm_90). On a GPU host the GPU that is there is the target."""
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    def lower(jitted, *args, platform: str, **kwargs) -> str:
+        if platform != "cuda" or any(d.platform == "gpu" for d in jax.devices()):
+            target = contextlib.nullcontext()
+        else:
+            h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+            target = use_abstract_mesh(AbstractMesh((1,), ("_",), abstract_device=h100))
+        with target:
+            return jitted.trace(*args, **kwargs).lower(lowering_platforms=(platform,)).as_text()
+
+    return lower

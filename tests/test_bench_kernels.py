@@ -158,10 +158,10 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("kernel", bk.HOPPER_KERNELS)
-def test_mosaic_gpu_programs_lower_for_cuda(kernel):
+def test_mosaic_gpu_programs_lower_for_cuda(kernel, lowered):
     k, n, m = 512, 384, 64
     weights = [bk.make_weights(bk.WEIGHT_FAMILY[kernel], jax.random.key(r), k, n) for r in range(2)]
     x = bk.make_activations(bk.ACT_FAMILY[kernel], jax.random.key(9), m, k)
     assert weights[0][0].shape == (512, 512)  # (N, K), N padded to the CTA tile
     program = jax.jit(bk.build_program(bk.kernel_fn(kernel, "gpu")))
-    assert "mosaic_gpu" in program.trace(x, *weights).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in lowered(program, x, *weights, platform="cuda")

@@ -143,8 +143,8 @@ def test_refuses_bad_inputs(x, kwargs, exc, match):
 @pytest.mark.parametrize("m", [1, 64])
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
 @pytest.mark.parametrize("backend, platform", [("gpu", "cuda"), ("tpu", "tpu")])
-def test_lowers_for_accelerators(backend, platform, dtype, m):
+def test_lowers_for_accelerators(backend, platform, dtype, m, lowered):
     x = jax.ShapeDtypeStruct((m, 4000), jnp.bfloat16)
     f = functools.partial(quantize_per_token, dtype=DTYPES[dtype], backend=backend)
-    text = jax.jit(f).trace(x).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered(jax.jit(f), x, platform=platform)
     assert "qjax_act_quant" in text

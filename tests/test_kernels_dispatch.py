@@ -141,7 +141,7 @@ def test_kernel_paths_are_validated():
     ],
     ids=["w8a8", "fp8", "w4a16"],
 )
-def test_mosaic_gpu_path_lowers_a_served_model_for_cuda(rng, rules, custom_call):
+def test_mosaic_gpu_path_lowers_a_served_model_for_cuda(rng, rules, custom_call, lowered):
     _, served = _served(rules, rng)
     qjax.nn.set_kernels(served, "mosaic_gpu")
     graph, state = nnx.split(served)
@@ -150,5 +150,5 @@ def test_mosaic_gpu_path_lowers_a_served_model_for_cuda(rng, rules, custom_call)
         return nnx.merge(graph, state)(x)
 
     x = jax.ShapeDtypeStruct((256, WIDTHS[0]), jnp.float32)
-    text = jax.jit(forward).trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered(jax.jit(forward), state, x, platform="cuda")
     assert custom_call in text

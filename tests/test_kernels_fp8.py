@@ -139,7 +139,7 @@ def test_fp8_refuses_bad_inputs(kwargs, exc, match):
 
 @pytest.mark.parametrize("m", [1, 64])
 @pytest.mark.parametrize("backend, platform", [("gpu", "cuda"), ("tpu", "tpu")])
-def test_lowers_for_accelerators(backend, platform, m):
+def test_lowers_for_accelerators(backend, platform, m, lowered):
     k, n = 512, 256
     args = (
         jax.ShapeDtypeStruct((m, k), FP8),
@@ -149,5 +149,5 @@ def test_lowers_for_accelerators(backend, platform, m):
     )
     b = jax.ShapeDtypeStruct((n,), jnp.float32)
     f = functools.partial(fp8_matmul, backend=backend)
-    text = jax.jit(f).trace(*args, bias=b).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered(jax.jit(f), *args, bias=b, platform=platform)
     assert "qjax_fp8" in text

@@ -135,7 +135,7 @@ def test_refuses_bad_inputs(change, exc, match):
 
 @pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
 @pytest.mark.parametrize("m", [1, 1024])
-def test_lowers_for_accelerators(backend, platform, m):
+def test_lowers_for_accelerators(backend, platform, m, lowered):
     k, n = 4096, 1000
     args = (
         jax.ShapeDtypeStruct((m, k), FP8),
@@ -144,5 +144,5 @@ def test_lowers_for_accelerators(backend, platform, m):
         jax.ShapeDtypeStruct((k // 128, 8), jnp.float32),
     )
     fn = jax.jit(functools.partial(fp8_block_matmul, backend=backend))
-    text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered(fn, *args, platform=platform)
     assert "qjax_fp8_block" in text

@@ -97,7 +97,7 @@ def test_interpreted_epilogue_matches_reference(seed):
 
 @pytest.mark.parametrize("m", [1, 200, 4096])
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
-def test_8bit_kernels_lower_for_cuda(m, out_dtype):
+def test_8bit_kernels_lower_for_cuda(m, out_dtype, lowered):
     k, n = 1000, 520
     x = jax.ShapeDtypeStruct((m, k), jnp.int8)
     w = jax.ShapeDtypeStruct((k, n), jnp.int8)
@@ -109,7 +109,7 @@ def test_8bit_kernels_lower_for_cuda(m, out_dtype):
     def w8a8(*a):
         return w8a8_matmul(*a[:4], x_zero_point=a[4], bias=a[5], out_dtype=out_dtype, backend="mosaic_gpu")
 
-    text = jax.jit(w8a8).trace(x, xs, w, ws, zp, bias).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered(jax.jit(w8a8), x, xs, w, ws, zp, bias, platform="cuda")
     assert "mosaic_gpu" in text
     x8 = jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn)
     w8 = jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn)
@@ -117,10 +117,10 @@ def test_8bit_kernels_lower_for_cuda(m, out_dtype):
     def fp8(*a):
         return fp8_matmul(*a, out_dtype=out_dtype, backend="mosaic_gpu")
 
-    text = jax.jit(fp8).trace(x8, xs, w8, ws).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered(jax.jit(fp8), x8, xs, w8, ws, platform="cuda")
     assert "mosaic_gpu" in text
     raw = jax.jit(lambda a, b: int8_matmul(a, b, backend="mosaic_gpu"))
-    assert "mosaic_gpu" in raw.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in lowered(raw, x, w, platform="cuda")
 
 
 def test_prepared_weight_is_the_padded_transpose():
@@ -183,7 +183,7 @@ def test_refusals_name_the_fix():
 
 
 @pytest.mark.parametrize(("size", "m"), [("small", 16), ("large", 4096)])
-def test_tuning_candidates_lower_for_cuda(size, m):
+def test_tuning_candidates_lower_for_cuda(size, m, lowered):
     """Every config ``experiments.tune_blocks`` tries fits sm_90's shared memory by our estimate
     and by Mosaic GPU's own accounting at lowering (bf16 output, K = N = 4096)."""
     from experiments.tune_blocks import HOPPER_CANDIDATES
@@ -194,4 +194,4 @@ def test_tuning_candidates_lower_for_cuda(size, m):
     ws = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
     for cfg in HOPPER_CANDIDATES[size]:
         fn = jax.jit(lambda *a, cfg=cfg: w8a8_matmul(*a, backend="mosaic_gpu", blocks=cfg))
-        assert "mosaic_gpu" in fn.trace(x, xs, w, ws).lower(lowering_platforms=("cuda",)).as_text(), cfg
+        assert "mosaic_gpu" in lowered(fn, x, xs, w, ws, platform="cuda"), cfg

@@ -130,6 +130,26 @@ def test_uneven_k_split_interpret(split_k):
     assert_close(jax.jit(f)(x, w), w4a16_matmul_reference(x, w, out_dtype=jnp.float32), jnp.float32)
 
 
+@pytest.mark.parametrize(
+    ("m", "dtype", "split_k", "asym", "bias"),
+    [(1, jnp.bfloat16, 1, False, True), (1, jnp.float32, 2, True, False), (17, jnp.float16, 3, True, True)],
+)
+def test_swap_ab_matches_reference(m, dtype, split_k, asym, bias):
+    """The transposed tile (w^T x^T)^T gives y like the plain kernel: within float rounding of the
+    reference, M = 1 and 17, split and unsplit K, signed and asymmetric weights."""
+    rng = np.random.default_rng(m + split_k)
+    k, n, g = 640, 130, 64
+    _, _, _, w = make_weight(rng, k, n, g, asym)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    b = jnp.asarray(rng.normal(size=(n,)), jnp.float32) if bias else None
+    f = functools.partial(w4a16_matmul, backend="interpret", split_k=split_k, swap_ab=True)
+    y = jax.jit(f)(x, w, bias=b)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close(y, w4a16_matmul_reference(x, w, bias=b), dtype)
+    plain = jax.jit(functools.partial(w4a16_matmul, backend="interpret", split_k=split_k))(x, w, bias=b)
+    assert_close(y, plain, dtype)
+
+
 def test_auto_split_reaches_the_target_with_short_last_range():
     from qjax.kernels.w4a16 import _GPU_TARGET_PROGRAMS, _auto_split
 
@@ -169,12 +189,15 @@ def test_reference_matches_float64_numpy(asym):
 @pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
 @pytest.mark.parametrize("m", [1, 256])
 @pytest.mark.parametrize("asym", [False, True])
-def test_lowers_for_accelerators(backend, platform, m, asym):
+def test_lowers_for_accelerators(backend, platform, m, asym, lowered):
     _, _, _, w = make_weight(np.random.default_rng(0), 512, 384, 128, asym)
     x = jnp.zeros((m, 512), jnp.bfloat16)
     f = jax.jit(functools.partial(w4a16_matmul, backend=backend))
-    text = f.trace(x, w, bias=jnp.zeros((384,), jnp.float32)).lower(lowering_platforms=(platform,)).as_text()
+    text = lowered(f, x, w, bias=jnp.zeros((384,), jnp.float32), platform=platform)
     assert ("triton" in text.lower()) if backend == "gpu" else ("tpu_custom_call" in text)
+    if backend == "gpu":
+        f = jax.jit(functools.partial(w4a16_matmul, backend=backend, swap_ab=True))
+        assert "triton" in lowered(f, x, w, platform=platform).lower()
 
 
 def test_packed_is_a_pytree_with_static_shape_fields():
@@ -217,6 +240,8 @@ def test_validation_errors():
         )
     with pytest.raises(ValueError, match=r"split_k=5: must be between 1 and the 1 K steps"):
         w4a16_matmul(jnp.zeros((2, 96), jnp.float32), w, backend="interpret", split_k=5)
+    with pytest.raises(ValueError, match=r"swap_ab=True is an option of the GPU kernel"):
+        w4a16_matmul(jnp.zeros((2, 96), jnp.float32), w, backend="tpu", swap_ab=True)
     with pytest.raises(TypeError, match=r"w: expected a PackedW4"):
         w4a16_matmul(jnp.zeros((2, 96), jnp.float32), (q, s), backend="interpret")  # type: ignore[arg-type]
 

@@ -215,7 +215,7 @@ def test_int8_matmul_refuses_bad_inputs():
 
 @pytest.mark.parametrize("m", [1, 64])
 @pytest.mark.parametrize("backend, platform", [("gpu", "cuda"), ("tpu", "tpu")])
-def test_lowers_for_accelerators(backend, platform, m):
+def test_lowers_for_accelerators(backend, platform, m, lowered):
     k, n = 512, 256
     x = jax.ShapeDtypeStruct((m, k), jnp.int8)
     w = jax.ShapeDtypeStruct((k, n), jnp.int8)
@@ -224,11 +224,6 @@ def test_lowers_for_accelerators(backend, platform, m):
     zp = jax.ShapeDtypeStruct((m, 1), jnp.int32)
     b = jax.ShapeDtypeStruct((n,), jnp.float32)
     f = functools.partial(w8a8_matmul, backend=backend)
-    text = (
-        jax.jit(f)
-        .trace(x, xs, w, ws, x_zero_point=zp, bias=b)
-        .lower(lowering_platforms=(platform,))
-        .as_text()
-    )
+    text = lowered(jax.jit(f), x, xs, w, ws, x_zero_point=zp, bias=b, platform=platform)
     assert "qjax_w8a8" in text
-    jax.jit(functools.partial(int8_matmul, backend=backend)).trace(x, w).lower(lowering_platforms=(platform,))
+    lowered(jax.jit(functools.partial(int8_matmul, backend=backend)), x, w, platform=platform)

@@ -301,7 +301,7 @@ def _kernel(
             def mma(idx: Any, x_smem: Any, w_smem: Any, acc_ref: Any) -> Any:
                 del idx
                 if w_kmajor:  # 8-bit: both operands K-major, the weight half read transposed
-                    w_half = plgpu.transpose_ref(w_smem.at[pl.ds(wg * tn, tn)], (1, 0))
+                    w_half = w_smem.at[pl.ds(wg * tn, tn)].transpose((1, 0))
                 else:
                     w_half = w_smem.at[:, pl.ds(wg * tn, tn)]  # (tk, tn)
                 plgpu.wgmma(acc_ref, x_smem, w_half)

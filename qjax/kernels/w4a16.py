@@ -35,7 +35,10 @@ exact (integer zero points), and
 f32 after the dot, so no weight is rounded to bf16. Triton dots need every dimension >= 16, so
 ``M`` is padded to ``block_m >= 16`` (M = 1 decode pads to 16) and ``g >= 32``. When the (M, N) grid
 is too small to fill the GPU (decode with a narrow N or a long K) K is split over programs that write
-f32 partial sums, added up by XLA (``split_k``; ``None`` picks it).
+f32 partial sums, added up by XLA (``split_k``; ``None`` picks it). ``swap_ab=True`` computes each
+tile transposed, ``(w^T x^T)^T``, so the dequantized weight is the left operand of the dot (on
+Hopper the operand ``wgmma`` can take from registers) and the padded M its narrow side; an option to
+time (``experiments.profile_w4a16``), not the default.
 
 **TPU (Mosaic).** Grid (M/bm, N/bn, K/bk) with K ``"arbitrary"`` and a VMEM f32 accumulator
 initialised and written out under ``pl.when``. The ``(bk/2, bn)`` byte tile is widened to int32,
@@ -228,6 +231,8 @@ def _unpack_group(p: jax.Array, z: jax.Array | None) -> tuple[jax.Array, jax.Arr
     return (p & 0xF).astype(jnp.float32) - zero, ((p >> 4) & 0xF).astype(jnp.float32) - zero
 
 
+_TN = (((0,), (1,)), ((), ()))  # dot_general dimension numbers of a^T b^T: contract a's rows, b's columns
+
 # Activation dtype -> (same-width unsigned int, bits of 2**mantissa_bits, 2**mantissa_bits): the bits
 # ``magic | n`` of a nibble n read as a float are ``2**mantissa_bits + n`` exactly.
 _MAGIC: dict[Any, tuple[Any, int, float]] = {
@@ -261,9 +266,14 @@ def _gpu_kernel(
     has_zeros: bool,
     has_bias: bool,
     precision: Any,
+    swap_ab: bool,
 ) -> None:
     """One (block_m, block_n) output tile over ``steps`` of the ``total_steps`` K steps (of
-    ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``."""
+    ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``.
+
+    ``swap_ab`` computes the transposed tile ``w^T x^T`` (block_n, block_m): the dequantized weight
+    becomes the dot's left operand, which Hopper's ``wgmma`` may read from registers (its right
+    operand must sit in shared memory), and the small M the right operand's narrow N."""
     x_ref, p_ref, s_ref = refs[:3]  # (bm, K_pad), (K_pad // 2, bn) uint8, (G, bn) f32
     z_ref = refs[3] if has_zeros else None  # (G, bn) f32
     b_ref = refs[3 + has_zeros] if has_bias else None  # (1, bn) f32
@@ -290,12 +300,25 @@ def _gpu_kernel(
                 lo, hi = lo.astype(dt), hi.astype(dt)
             x_lo = x_ref[:, pl.ds(grp * group, half)]  # (bm, g/2)
             x_hi = x_ref[:, pl.ds(grp * group + half, half)]  # (bm, g/2)
-            d = jnp.dot(x_lo, lo, preferred_element_type=jnp.float32, precision=precision)
-            d += jnp.dot(x_hi, hi, preferred_element_type=jnp.float32, precision=precision)
-            acc += d * (s_ref[pl.ds(grp, 1), :] * keep)  # (bm, bn) * (1, bn)
+            scale = s_ref[pl.ds(grp, 1), :] * keep  # (1, bn)
+            if swap_ab:  # (bn, bm) += (w^T x^T) * s^T
+                d = jax.lax.dot_general(
+                    lo, x_lo, _TN, preferred_element_type=jnp.float32, precision=precision
+                )
+                d += jax.lax.dot_general(
+                    hi, x_hi, _TN, preferred_element_type=jnp.float32, precision=precision
+                )
+                acc += d * scale.T
+            else:  # (bm, bn) += (x w) * s
+                d = jnp.dot(x_lo, lo, preferred_element_type=jnp.float32, precision=precision)
+                d += jnp.dot(x_hi, hi, preferred_element_type=jnp.float32, precision=precision)
+                acc += d * scale
         return acc
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape[-2:], jnp.float32))
+    bm, bn = o_ref.shape[-2:]
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm) if swap_ab else (bm, bn), jnp.float32))
+    if swap_ab:
+        acc = acc.T
     if b_ref is not None:
         acc += b_ref[...]
     o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
@@ -352,6 +375,7 @@ def w4a16_matmul(
     blocks: Blocks | Mapping[str, Any] | None = None,
     backend: str | None = None,
     split_k: int | None = None,
+    swap_ab: bool = False,
 ) -> jax.Array:
     """``y = x @ dequant(w) (+ bias)`` with f32 accumulation, by a Pallas kernel.
 
@@ -360,10 +384,15 @@ def w4a16_matmul(
     does not divide the padded weight is halved until it does). ``backend``: ``"gpu"``, ``"tpu"``,
     ``"interpret"`` or None (default device). ``split_k`` (GPU/interpret): number of K ranges run by
     separate programs and summed in f32 (None: 1, or on GPU enough to reach ~256 programs).
+    ``swap_ab`` (GPU/interpret): each program computes its tile transposed, ``(w^T x^T)^T``, so
+    the dequantized weight is the dot's left operand (same values; an option to time at small M).
     """
     _check_call(x, w, bias)
     backend = resolve_backend(backend)
-    return _w4a16(x, w, bias, out_dtype, blocks, backend, split_k, "tpu" if backend == "tpu" else "gpu")
+    if swap_ab and backend == "tpu":
+        raise ValueError("swap_ab=True is an option of the GPU kernel; the TPU kernel has none")
+    kernel = "tpu" if backend == "tpu" else "gpu"
+    return _w4a16(x, w, bias, out_dtype, blocks, backend, split_k, kernel, swap_ab=swap_ab)
 
 
 def _w4a16(
@@ -375,8 +404,14 @@ def _w4a16(
     backend: str,
     split_k: int | None,
     kernel: str,
+    *,
+    swap_ab: bool = False,
+    gpu_body: Any = None,
 ) -> jax.Array:
-    """:func:`w4a16_matmul` with the kernel body (``"gpu"`` or ``"tpu"``) named: tests interpret both."""
+    """:func:`w4a16_matmul` with the kernel body (``"gpu"`` or ``"tpu"``) named: tests interpret both.
+
+    ``gpu_body`` replaces :func:`_gpu_kernel` on the same grid, blocks and operands (it receives the
+    same keyword arguments): ``experiments.profile_w4a16`` times parts of the kernel that way."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m = x.shape[0]
     b = choose_blocks("w4a16", backend, m, blocks)
@@ -450,7 +485,7 @@ def _w4a16(
         out_spec = pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j))
     y = pl.pallas_call(
         functools.partial(
-            _gpu_kernel,
+            gpu_body or _gpu_kernel,
             group=g,
             groups_per_step=bk // g,
             steps=per,
@@ -458,6 +493,7 @@ def _w4a16(
             has_zeros=has_z,
             has_bias=fused_bias,
             precision=precision,
+            swap_ab=swap_ab,
         ),
         out_shape=out_shape,
         grid=(gm, gn, split),
