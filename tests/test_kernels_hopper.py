@@ -1,13 +1,16 @@
 """The Hopper (Mosaic GPU) path of W8A8 and FP8 (``qjax.kernels.hopper``).
 
 On CPU the kernel runs in Pallas' GPU interpreter, which simulates the shared memory, barriers,
-TMA copies and ``wgmma`` of the kernel but cannot read the transposed shared-memory views that
-8-bit ``wgmma`` needs; so the interpreted runs use the kernel's 16-bit variant (the weight read
-``(K, N)``) on integer data that bfloat16 holds exactly, which checks the persistent schedule,
-the pipeline, padding, the epilogue and the output tiling against the int32 reference bit for
-bit. The 8-bit variants are checked to lower for ``cuda`` (Mosaic GPU's layout inference and its
+TMA copies and ``wgmma`` of the kernel. The kernel's 16-bit variant (the weight read ``(K, N)``) on
+integer data that bfloat16 holds exactly checks the persistent schedule, the pipeline, padding, the
+epilogue and the output tiling against the int32 reference bit for bit on every jax. The 8-bit
+variants (int8 and e4m3 ``wgmma``, weight ``(N, K)`` read through a transposed shared-memory view)
+run in the interpreter of jax >= 0.11 (jax 0.10's cannot read such views: there the test checks
+the error that says so), are checked to lower for ``cuda`` (Mosaic GPU's layout inference and its
 shared-memory accounting run at lowering), and on a GPU by ``experiments.check_kernels``.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +98,93 @@ def test_interpreted_epilogue_matches_reference(seed):
     np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_interpreted_8bit_variants(seed):
+    """int8 ``wgmma`` (int32 accumulator, zero points, scales, bias) and e4m3 ``wgmma`` (f32
+    accumulator) on the (N, K) weight: int8 equal to the reference up to float32 rounding of the
+    epilogue, e4m3 within float32 rounding of a float64 evaluation. Where the interpreter cannot
+    run them (jax < 0.11), the call is refused with an error that names the way out."""
+    m, k, n = 70, 300, 200
+    rng = np.random.default_rng(seed)
+    x, w = _ints(rng, (m, k)), _ints(rng, (k, n), -127, 128)
+    x_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (m, 1)), jnp.float32)
+    w_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (1, n)), jnp.float32)
+    if not hopper.INTERPRETS_8BIT:
+        with pytest.raises(NotImplementedError, match=r"16-bit variant, use jax >= 0\.11"):
+            hopper.scaled_matmul_hopper(
+                x, hopper.prepare_weight(w), {}, n=n, acc_dtype=jnp.int32, out_dtype=jnp.int32, interpret=True
+            )
+        return
+    exact = np.asarray(
+        hopper.scaled_matmul_hopper(
+            x,
+            hopper.prepare_weight(w),
+            {},
+            n=n,
+            acc_dtype=jnp.int32,
+            out_dtype=jnp.int32,
+            config=SMALL,
+            interpret=True,
+        )
+    )
+    np.testing.assert_array_equal(exact, np.asarray(x, np.int64) @ np.asarray(w, np.int64))
+    for m2, k2, n2 in [(256, 384, 600), (16, 256, 256)]:  # the table's tiles for large and small M
+        cfg = dataclasses.replace(hopper.choose_config(m2), max_ctas=2)
+        x2, w2 = _ints(rng, (m2, k2)), _ints(rng, (k2, n2))
+        y2 = hopper.scaled_matmul_hopper(
+            x2,
+            hopper.prepare_weight(w2),
+            {},
+            n=n2,
+            acc_dtype=jnp.int32,
+            out_dtype=jnp.int32,
+            config=cfg,
+            interpret=True,
+        )
+        np.testing.assert_array_equal(np.asarray(y2), np.asarray(x2, np.int64) @ np.asarray(w2, np.int64))
+    zp = jnp.asarray(rng.integers(-20, 20, (m, 1)), jnp.int32)
+    bias = jnp.asarray(rng.normal(size=n), jnp.float32)
+    epi = {
+        "x_scale": x_scale,
+        "w_scale": w_scale,
+        "x_zp": zp,
+        "colsum": jnp.sum(w.astype(jnp.int32), axis=0, keepdims=True),
+        "bias": bias.reshape(1, n),
+    }
+    out = hopper.scaled_matmul_hopper(
+        x,
+        hopper.prepare_weight(w),
+        epi,
+        n=n,
+        acc_dtype=jnp.int32,
+        out_dtype=jnp.float32,
+        config=SMALL,
+        interpret=True,
+    )
+    ref = w8a8_matmul_reference(x, x_scale, w, w_scale, x_zero_point=zp, bias=bias, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=4 * np.finfo(np.float32).eps, atol=1e-6)
+    xf = jnp.asarray(rng.normal(size=(m, k)), jnp.float8_e4m3fn)
+    wf = jnp.asarray(rng.normal(size=(k, n)), jnp.float8_e4m3fn)
+    out = hopper.scaled_matmul_hopper(
+        xf,
+        hopper.prepare_weight(wf),
+        {"x_scale": x_scale, "w_scale": w_scale},
+        n=n,
+        acc_dtype=jnp.float32,
+        out_dtype=jnp.float32,
+        config=SMALL,
+        interpret=True,
+    )
+    terms = np.abs(np.asarray(xf, np.float64)) @ np.abs(np.asarray(wf, np.float64))
+    scale = np.asarray(x_scale, np.float64) * np.asarray(w_scale, np.float64)
+    expect = (np.asarray(xf, np.float64) @ np.asarray(wf, np.float64)) * scale
+    # f32 accumulation of K products (exact: e4m3 x e4m3 fits float32), then two scalings
+    np.testing.assert_array_less(
+        np.abs(np.asarray(out) - expect), (k + 3) * np.finfo(np.float32).eps * terms * scale + 1e-30
+    )
+
+
 @pytest.mark.parametrize("m", [1, 200, 4096])
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
 def test_8bit_kernels_lower_for_cuda(m, out_dtype, lowered):
@@ -173,10 +263,6 @@ def test_refusals_name_the_fix():
         w8a8_matmul(x, s, w, s, backend="mosaic_gpu", blocks=Blocks(64, 64, 64))
     with pytest.raises(ValueError, match="unknown fields"):
         w8a8_matmul(x, s, w, s, backend="mosaic_gpu", blocks={"block_m": 64})
-    with pytest.raises(NotImplementedError, match="16-bit variant"):
-        hopper.scaled_matmul_hopper(
-            x, hopper.prepare_weight(w), {}, n=128, acc_dtype=jnp.int32, out_dtype=jnp.int32, interpret=True
-        )
     packed = pack_w4(jnp.zeros((256, 128), jnp.int32), jnp.ones((2, 128), jnp.float32), group_size=128)
     with pytest.raises(ValueError, match="no 'mosaic_gpu' backend"):
         w4a16_matmul(jnp.zeros((4, 256), jnp.bfloat16), packed, backend="mosaic_gpu")

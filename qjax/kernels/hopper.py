@@ -25,10 +25,11 @@ shared memory by TMA.
 **Padding.** M and N are padded to the CTA tile and K to ``tile_k`` (zeros add nothing); the
 output is sliced back. Pad weights ahead of time to skip the weight copy on each call.
 
-**Testing.** On CPU the kernel's 16-bit variant (bf16 operands, the weight read ``(K, N)``) runs
-in Pallas' GPU interpret mode (shared memory, barriers, TMA and ``wgmma`` simulated;
-:func:`interpret_params`) and equals the references; the interpreter cannot read the transposed
-shared-memory views of 8-bit ``wgmma``, so the int8 and e4m3 variants are checked by lowering for
+**Testing.** On CPU the kernel runs in Pallas' GPU interpret mode (shared memory, barriers, TMA
+and ``wgmma`` simulated; :func:`interpret_params`) and equals the references. jax 0.10's
+interpreter cannot read the transposed shared-memory views of 8-bit ``wgmma`` (there only the
+kernel's 16-bit variant, the weight read ``(K, N)``, is interpreted; :data:`INTERPRETS_8BIT`);
+jax >= 0.11's runs the int8 and e4m3 variants too. Every variant is also checked by lowering for
 ``cuda`` (any machine) and against the references on a GPU (``experiments.check_kernels``). Not yet
 timed on a device: ``auto`` dispatch keeps Triton on GPUs.
 """
@@ -146,6 +147,11 @@ def choose_config(
             "sm_90 CTA; lower max_concurrent_steps, tile_k, tile_n or epi_tile_n"
         )
     return chosen
+
+
+# Whether Pallas' GPU interpreter reads the transposed shared-memory views of 8-bit wgmma: jax 0.10.2's
+# does not; 0.11.2's runs the int8 and e4m3 variants, int32-exact against numpy.
+INTERPRETS_8BIT = jax.__version_info__ >= (0, 11)
 
 
 def interpret_params() -> Any:
@@ -355,7 +361,7 @@ def scaled_matmul_hopper(
     (:func:`prepare_weight`); 16-bit operands take it ``(K', N')``; ``N' >= n``, ``K' >= K``, the
     padding zero. ``epilogue`` holds ``(M, 1)``/``(1, 1)`` row and ``(1, N)``/``(1, 1)`` column
     operands keyed as in :mod:`qjax.kernels.w8a8`. ``interpret`` runs Pallas' GPU interpreter
-    (16-bit operands only: it cannot read the transposed views of 8-bit ``wgmma``). Returns
+    (16-bit operands only before jax 0.11, see :data:`INTERPRETS_8BIT`). Returns
     ``(M, n)``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -366,10 +372,11 @@ def scaled_matmul_hopper(
     if w.shape[k_axis] < k or w.shape[n_axis] < n:
         layout = "(N, K), see prepare_weight" if kmajor else "(K, N)"
         raise ValueError(f"w has shape {tuple(w.shape)}; for x of K={k} and N={n} it must be {layout}")
-    if interpret and kmajor:
+    if interpret and kmajor and not INTERPRETS_8BIT:
         raise NotImplementedError(
-            "Pallas' GPU interpreter cannot run 8-bit wgmma (it reads no transposed shared-memory "
-            "views); interpret the 16-bit variant, or run on an sm_90 GPU"
+            f"Pallas' GPU interpreter of jax {jax.__version__} cannot run 8-bit wgmma (it reads no "
+            "transposed shared-memory views); interpret the 16-bit variant, use jax >= 0.11, or run "
+            "on an sm_90 GPU"
         )
     k_max = max(k, w.shape[k_axis])
     rows = sum(name in _ROW for name in epilogue)

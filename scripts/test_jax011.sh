@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The kernel tests under jax 0.11.2, the version of the GPU machines the kernels are timed on (jax
+# 0.11 needs Python >= 3.12; the main suite runs jax 0.10.2 on Python 3.11). Makes .venv-jax011
+# from the first Python 3.12 found (on PATH or under pyenv); says so and exits 0 if there is none.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=""
+for cand in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do
+  if "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+    py="$cand"
+    break
+  fi
+done
+if [ -z "$py" ]; then
+  echo "note: no Python 3.12 here; the kernel tests under jax 0.11.2 did not run" >&2
+  exit 0
+fi
+[ -x .venv-jax011/bin/python ] || "$py" -m venv .venv-jax011
+.venv-jax011/bin/python -m pip install -q --upgrade pip
+.venv-jax011/bin/python -m pip install -q "jax==0.11.2" "jaxlib==0.11.2" -e ".[test]"
+.venv-jax011/bin/python -c "import jax; assert jax.__version__ == '0.11.2', jax.__version__"
+.venv-jax011/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/test_kernels_*.py \
+  tests/test_bench_kernels.py tests/test_profile_w4a16.py tests/test_nn_serve.py "$@"
