@@ -7,8 +7,9 @@ their lowering for ``cuda`` and ``tpu``; this script is the check on a real acce
 Triton or Mosaic compile the kernels: int8 exactness of the W8A8 accumulator, the W8A8 / FP8 /
 W4A16 outputs within float rounding of their references, and the per-token quantization bit for
 bit, at decode (M = 1), odd and Llama-sized shapes; on a GPU also the W8A8, int8 and FP8 matmuls
-of the Hopper path (``backend="mosaic_gpu"``, sm_90 only). It prints one line per case and exits non-zero
-if any case fails (compile errors included).
+of the Hopper path (``backend="mosaic_gpu"``, sm_90 only) and the W4A16 options that
+``experiments.profile_w4a16`` times (``unpack="asm"``, ``swap_ab``). It prints one line per case and
+exits non-zero if any case fails (compile errors included).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def case_fp8_block(rng: np.random.Generator, m: int, k: int, n: int, backend: st
     return _rel(y, fp8_block.fp8_block_matmul_reference(x, xs, w, ws, **kw)), 2e-3
 
 
-def case_w4a16(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+def case_w4a16(
+    rng: np.random.Generator, m: int, k: int, n: int, backend: str, **options: Any
+) -> tuple[float, float]:
     g = 128 if k % 128 == 0 else 32 if k % 32 == 0 else 0
     if g == 0:
         k, g = k - k % 32, 32
@@ -88,7 +91,8 @@ def case_w4a16(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -
     z = jnp.asarray(rng.integers(0, 16, (k // g, n)), jnp.float32)
     packed = jax.jit(functools.partial(w4a16.pack_w4, group_size=g))(q, s, z)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-    y = jax.jit(functools.partial(w4a16.w4a16_matmul, backend=backend, out_dtype=jnp.float32))(x, packed)
+    f = functools.partial(w4a16.w4a16_matmul, backend=backend, out_dtype=jnp.float32, **options)
+    y = jax.jit(f)(x, packed)
     return _rel(y, w4a16.w4a16_matmul_reference(x, packed, out_dtype=jnp.float32)), 1e-2
 
 
@@ -124,6 +128,21 @@ CASES: dict[str, Callable[..., tuple[float, float]]] = {
 }
 # The Hopper path (qjax.kernels.hopper, Pallas on Mosaic GPU), checked when the backend is "gpu".
 MOSAIC_GPU_CASES = ("int8_matmul (int32 exact)", "w8a8_matmul (zero point, bias)", "fp8_matmul")
+# W4A16 options timed by experiments.profile_w4a16, checked when the backend is "gpu" (the PTX unpack
+# runs nowhere else).
+W4A16_GPU_CASES: dict[str, Callable[..., tuple[float, float]]] = {
+    "w4a16_matmul (asym) [unpack=asm]": functools.partial(case_w4a16, unpack="asm"),
+    "w4a16_matmul (asym) [swap_ab]": functools.partial(case_w4a16, swap_ab=True),
+}
+
+
+def planned_runs(backend: str) -> list[tuple[str, Callable[..., tuple[float, float]], str]]:
+    """``(name, case, backend)`` of every case run on ``backend``."""
+    runs = [(name, case, backend) for name, case in CASES.items()]
+    if backend == "gpu":
+        runs += [(f"{name} [mosaic_gpu]", CASES[name], "mosaic_gpu") for name in MOSAIC_GPU_CASES]
+        runs += [(name, case, "gpu") for name, case in W4A16_GPU_CASES.items()]
+    return runs
 
 
 def write_json(path: str, data: Any) -> None:
@@ -148,10 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}", flush=True)
     rng = np.random.default_rng(0)
     results, failed = [], 0
-    runs = [(name, case, backend) for name, case in CASES.items()]
-    if backend == "gpu":
-        runs += [(f"{name} [mosaic_gpu]", CASES[name], "mosaic_gpu") for name in MOSAIC_GPU_CASES]
-    for name, case, case_backend in runs:
+    for name, case, case_backend in planned_runs(backend):
         for m, k, n in shapes:
             row: dict[str, Any] = {"case": name, "m": m, "k": k, "n": n}
             try:

@@ -13,8 +13,10 @@ same grid, blocks and packed weights, so one GPU run says which part costs the t
 * ``stream``: the kernel's grid and loads of the packed bytes (:func:`stream_body`), summed as
   integers: no unpack, no dot, no activations;
 * ``unpack``: ``stream`` plus the float-bits unpack into bf16 (:func:`unpack_body`), summed: no dot;
+  ``unpack asm`` the same with the PTX unpack (``unpack="asm"``, GPU only);
 * ``kernel``: :func:`qjax.kernels.w4a16.w4a16_matmul` as served (table blocks, automatic split of K);
-* variants of ``kernel``: one change each (``split_k=1``, ``swap_ab``, other blocks, warps, stages).
+* variants of ``kernel``: one change each (``split_k=1``, ``swap_ab``, ``unpack="convert"`` /
+  ``"asm"``, other blocks, warps, stages).
 
 Every row is timed as ``experiments.bench_kernels`` times a cell (one jitted program over ``R``
 weight copies that together exceed the L2 cache, median of repeated samples, compile excluded) and
@@ -76,9 +78,11 @@ def stream_body(*refs: Any, group: int, groups_per_step: int, steps: int, total_
     _write_columns(o_ref, jnp.sum(carry, axis=0, keepdims=True))
 
 
-def unpack_body(*refs: Any, group: int, groups_per_step: int, steps: int, total_steps: int, **_: Any) -> None:
-    """The loads and the float-bits unpack of signed codes into the activation dtype, summed per
-    column: ``sum_k q_kn`` (output)."""
+def unpack_body(
+    *refs: Any, group: int, groups_per_step: int, steps: int, total_steps: int, unpack: str, **_: Any
+) -> None:
+    """The loads and the float-bits unpack (``unpack``: ``"magic"`` or ``"asm"``) of signed codes into
+    the activation dtype, summed per column: ``sum_k q_kn`` (output)."""
     x_ref, p_ref, o_ref = refs[0], refs[1], refs[-1]
     half, dt, first = group // 2, x_ref.dtype, pl.program_id(2) * steps
     offset = w4a16._MAGIC[dt][2] + 8.0  # signed codes are stored excess-8
@@ -87,7 +91,8 @@ def unpack_body(*refs: Any, group: int, groups_per_step: int, steps: int, total_
         t, keep = _step(first, step, total_steps)
         for j in range(groups_per_step):
             grp = t * groups_per_step + j
-            lo, hi = w4a16._unpack_group_magic(p_ref[pl.ds(grp * half, half), :], offset, dt)
+            unpack_group = w4a16._unpack_group_asm if unpack == "asm" else w4a16._unpack_group_magic
+            lo, hi = unpack_group(p_ref[pl.ds(grp * half, half), :], offset, dt)
             carry = carry + (lo + hi) * keep.astype(dt)
         return carry
 
@@ -95,11 +100,13 @@ def unpack_body(*refs: Any, group: int, groups_per_step: int, steps: int, total_
     _write_columns(o_ref, jnp.sum(carry.astype(jnp.float32), axis=0, keepdims=True))
 
 
-def part_fn(body: Callable[..., None], backend: str) -> Callable[[jax.Array, w4a16.PackedW4], jax.Array]:
+def part_fn(
+    body: Callable[..., None], backend: str, unpack: str = "magic"
+) -> Callable[[jax.Array, w4a16.PackedW4], jax.Array]:
     """``(x, w) -> (M, N)`` running ``body`` on the grid, blocks and operands of the served kernel."""
 
     def part(x: jax.Array, w: w4a16.PackedW4) -> jax.Array:
-        return w4a16._w4a16(x, w, None, jnp.float32, None, backend, None, "gpu", gpu_body=body)
+        return w4a16._w4a16(x, w, None, jnp.float32, None, backend, None, "gpu", unpack=unpack, gpu_body=body)
 
     return part
 
@@ -122,7 +129,11 @@ def variants(m: int, backend: str) -> list[tuple[str, str, Callable[[Any, Any], 
         ("kernel", "w4", kernel()),
         ("kernel split_k=1", "w4", kernel(split_k=1)),
         ("kernel swap_ab", "w4", kernel(swap_ab=True)),
+        ("kernel unpack=convert", "w4", kernel(unpack="convert")),
     ]
+    if backend == "gpu":  # PTX: nowhere else
+        rows[4:4] = [("unpack asm", "w4", part_fn(unpack_body, backend, "asm"))]
+        rows.append(("kernel unpack=asm", "w4", kernel(unpack="asm")))
     for name, values in (
         ("block_n", (64, 256)),
         ("block_k", (512,)),

@@ -79,3 +79,16 @@ def test_bad_arguments():
         pw.main(["--interpret", "--shapes", "nope"])
     with pytest.raises(SystemExit):
         pw.main(["--interpret", "--m", "0"])
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_every_gpu_row_lowers_for_cuda(m, lowered):
+    """What a GPU run times: every row (the PTX unpack rows included) lowers for cuda."""
+    w = w4a16.pack_w4(jnp.zeros((1024, 512), jnp.int32), jnp.ones((8, 512), jnp.float32), group_size=128)
+    x = jnp.zeros((m, 1024), jnp.bfloat16)
+    wb = jnp.zeros((1024, 512), jnp.bfloat16)
+    rows = pw.variants(m, "gpu")
+    assert {"unpack asm", "kernel unpack=asm"} <= {name for name, _, _ in rows}
+    for name, family, fn in rows:
+        text = lowered(jax.jit(fn), x, wb if family == "bf16" else w, platform="cuda")
+        assert name in ("bf16", "xla-read") or "triton" in text.lower(), name

@@ -67,7 +67,7 @@ ACT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 N_ALIGN = 128
 K_ALIGN = 128
 _GPU_TARGET_PROGRAMS = 256  # a few waves of 132 SMs: below this, split K over programs
-_GPU_MAGIC = True  # unpack by the float-bits trick (False: int32 -> f32 -> x dtype converts)
+UNPACKS = ("magic", "asm", "convert")  # how the GPU kernel unpacks nibbles; see _gpu_kernel
 
 
 class PackedW4(NamedTuple):
@@ -257,6 +257,46 @@ def _unpack_group_magic(p: jax.Array, offset: jax.Array | float, dtype: Any) -> 
     return lo - offset, hi - offset
 
 
+# PTX for four packed bytes b0..b3 (one 32-bit register, $2) -> the 16-bit floats 2**m + nibble of
+# their low nibbles (SHIFT 0) or high nibbles (SHIFT 4), elements 0, 1 in $0 and 2, 3 in $1: prmt
+# spreads two bytes into the two 16-bit lanes of a register, shr moves the wanted nibbles to the
+# bottom of each byte, lop3 (LUT 0xEA: (a & b) | c) keeps one nibble per lane and ORs in the
+# exponent bits of 2**m. (One result per call: Pallas lowers inline assembly with one result.)
+_ASM_UNPACK = """{
+.reg .b32 zero, t0, t1;
+mov.b32 zero, 0;
+prmt.b32 t0, $2, zero, 0x5150;
+prmt.b32 t1, $2, zero, 0x5352;
+shr.u32 t0, t0, SHIFT;
+shr.u32 t1, t1, SHIFT;
+lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xEA;
+}"""
+
+
+def asm_unpack_source(dtype: Any, high: bool) -> str:
+    """The PTX of :func:`_unpack_group_asm` for 16-bit ``dtype`` (bf16: 2**7 + n, f16: 2**10 + n) and
+    the low or ``high`` nibbles."""
+    if jnp.dtype(dtype).itemsize != 2:
+        raise ValueError(f"unpack='asm' builds 16-bit floats; got activations of {jnp.dtype(dtype)}")
+    _, bits, _ = _MAGIC[jnp.dtype(dtype)]
+    return _ASM_UNPACK.replace("MAGIC", f"0x{bits:04X}{bits:04X}").replace("SHIFT", "4" if high else "0")
+
+
+def _unpack_group_asm(p: jax.Array, offset: jax.Array | float, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """:func:`_unpack_group_magic` with the float bits made by PTX four bytes at a time (GPU only)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    out = jax.ShapeDtypeStruct(p.shape, dtype)
+    lo, hi = (
+        pltriton.elementwise_inline_asm(
+            asm_unpack_source(dtype, high), args=[p], constraints="=r,=r,r", pack=4, result_shape_dtypes=[out]
+        )[0]
+        for high in (False, True)
+    )
+    return lo - offset, hi - offset
+
+
 def _gpu_kernel(
     *refs: Any,
     group: int,
@@ -267,13 +307,18 @@ def _gpu_kernel(
     has_bias: bool,
     precision: Any,
     swap_ab: bool,
+    unpack: str,
 ) -> None:
     """One (block_m, block_n) output tile over ``steps`` of the ``total_steps`` K steps (of
     ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``.
 
     ``swap_ab`` computes the transposed tile ``w^T x^T`` (block_n, block_m): the dequantized weight
     becomes the dot's left operand, which Hopper's ``wgmma`` may read from registers (its right
-    operand must sit in shared memory), and the small M the right operand's narrow N."""
+    operand must sit in shared memory), and the small M the right operand's narrow N.
+
+    ``unpack``: ``"magic"`` (float bits, :func:`_unpack_group_magic`), ``"asm"`` (the same float bits
+    built four bytes at a time by PTX, :func:`_unpack_group_asm`; 16-bit activations, GPU only) or
+    ``"convert"`` (int32 -> f32 -> activation dtype conversions)."""
     x_ref, p_ref, s_ref = refs[:3]  # (bm, K_pad), (K_pad // 2, bn) uint8, (G, bn) f32
     z_ref = refs[3] if has_zeros else None  # (G, bn) f32
     b_ref = refs[3 + has_zeros] if has_bias else None  # (1, bn) f32
@@ -291,10 +336,11 @@ def _gpu_kernel(
             grp = t * groups_per_step + j
             p = p_ref[pl.ds(grp * half, half), :]  # (g/2, bn) uint8
             z = None if z_ref is None else z_ref[pl.ds(grp, 1), :]  # (1, bn) f32
-            if _GPU_MAGIC:
+            if unpack != "convert":
                 magic = _MAGIC[dt][2]
                 offset = magic + 8.0 if z is None else (z + magic).astype(dt)
-                lo, hi = _unpack_group_magic(p, offset, dt)
+                unpack_group = _unpack_group_asm if unpack == "asm" else _unpack_group_magic
+                lo, hi = unpack_group(p, offset, dt)
             else:
                 lo, hi = _unpack_group(p.astype(jnp.int32), z)
                 lo, hi = lo.astype(dt), hi.astype(dt)
@@ -376,6 +422,7 @@ def w4a16_matmul(
     backend: str | None = None,
     split_k: int | None = None,
     swap_ab: bool = False,
+    unpack: str = "magic",
 ) -> jax.Array:
     """``y = x @ dequant(w) (+ bias)`` with f32 accumulation, by a Pallas kernel.
 
@@ -386,13 +433,21 @@ def w4a16_matmul(
     separate programs and summed in f32 (None: 1, or on GPU enough to reach ~256 programs).
     ``swap_ab`` (GPU/interpret): each program computes its tile transposed, ``(w^T x^T)^T``, so
     the dequantized weight is the dot's left operand (same values; an option to time at small M).
+    ``unpack`` (GPU/interpret): how nibbles become floats, one of :data:`UNPACKS` (same values;
+    ``"asm"`` is PTX, so ``backend="gpu"`` and 16-bit ``x`` only).
     """
     _check_call(x, w, bias)
     backend = resolve_backend(backend)
     if swap_ab and backend == "tpu":
         raise ValueError("swap_ab=True is an option of the GPU kernel; the TPU kernel has none")
+    if unpack not in UNPACKS:
+        raise ValueError(f"unpack={unpack!r}: expected one of {UNPACKS}")
+    if unpack == "asm":
+        if backend != "gpu":
+            raise ValueError(f"unpack='asm' is PTX inline assembly: backend='gpu' only, not {backend!r}")
+        asm_unpack_source(x.dtype, False)  # 16-bit activations only
     kernel = "tpu" if backend == "tpu" else "gpu"
-    return _w4a16(x, w, bias, out_dtype, blocks, backend, split_k, kernel, swap_ab=swap_ab)
+    return _w4a16(x, w, bias, out_dtype, blocks, backend, split_k, kernel, swap_ab=swap_ab, unpack=unpack)
 
 
 def _w4a16(
@@ -406,6 +461,7 @@ def _w4a16(
     kernel: str,
     *,
     swap_ab: bool = False,
+    unpack: str = "magic",
     gpu_body: Any = None,
 ) -> jax.Array:
     """:func:`w4a16_matmul` with the kernel body (``"gpu"`` or ``"tpu"``) named: tests interpret both.
@@ -494,6 +550,7 @@ def _w4a16(
             has_bias=fused_bias,
             precision=precision,
             swap_ab=swap_ab,
+            unpack=unpack,
         ),
         out_shape=out_shape,
         grid=(gm, gn, split),

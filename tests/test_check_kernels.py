@@ -1,0 +1,38 @@
+"""``experiments.check_kernels``: every case runs and passes in the Pallas interpreter, results are
+written as JSON, a failing case makes the run fail, and a GPU run plans the Hopper and W4A16 cases."""
+
+from __future__ import annotations
+
+import json
+
+from experiments import check_kernels as ck
+
+
+def test_interpret_run_passes_and_writes(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert ck.main(["--backend", "interpret", "--shapes", "1x256x128,3x200x130", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2 * len(ck.CASES) and all(r["ok"] for r in results)
+    assert f"{len(results)}/{len(results)} cases OK" in capsys.readouterr().out
+
+
+def test_a_failing_case_fails_the_run(tmp_path, monkeypatch):
+    def wrong(rng, m, k, n, backend):
+        return 1.0, 0.0  # error above tolerance
+
+    def broken(rng, m, k, n, backend):
+        raise RuntimeError("does not compile")
+
+    monkeypatch.setattr(ck, "CASES", {"wrong": wrong, "broken": broken})
+    out = tmp_path / "check.json"
+    assert ck.main(["--backend", "interpret", "--shapes", "1x64x64", "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["results"]
+    assert [r["ok"] for r in rows] == [False, False]
+    assert "does not compile" in rows[1]["exception"]
+
+
+def test_gpu_runs_add_the_hopper_and_w4a16_options():
+    names = [(name, backend) for name, _, backend in ck.planned_runs("gpu")]
+    assert ("int8_matmul (int32 exact) [mosaic_gpu]", "mosaic_gpu") in names
+    assert ("w4a16_matmul (asym) [unpack=asm]", "gpu") in names
+    assert len(ck.planned_runs("interpret")) == len(ck.CASES)
