@@ -16,7 +16,10 @@ every token count ``M`` of the sweep, ``y = x @ W`` with ``x`` of shape ``(M, K)
 * ``w8a8-mgpu``, ``fp8-mgpu``: the ``w8a8`` and ``fp8`` matmuls on the Hopper path
   (``qjax.kernels.hopper``: Pallas on Mosaic GPU, TMA and ``wgmma``), ``W`` stored ``(N, K)`` by
   ``prepare_weight`` once, outside the timing, as ``w4a16``'s packing is; run with ``--backend gpu``
-  only (listed as skipped otherwise).
+  only (listed as skipped otherwise);
+* ``w4a16-mgpu``: the ``w4a16`` matmul on the Hopper path for small M (``qjax.kernels.hopper_w4``:
+  the int4 weight ``(N, K)`` as ``wgmma``'s register operand, ``prepare_w4`` once), M <= 128 only,
+  ``--backend gpu`` only.
 
 Data is random (uniform floats and integer codes; not zeros, which make GPU matmuls faster). On
 a GPU (TPU) the Pallas kernels run with ``backend="gpu"`` (``"tpu"``). On CPU the default backend is
@@ -97,8 +100,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-KERNELS = ("bf16", "w4a16", "w8a8", "w8a8+quant", "fp8", "w8a8-mgpu", "fp8-mgpu")
-HOPPER_KERNELS = ("w8a8-mgpu", "fp8-mgpu")  # Pallas on Mosaic GPU: run with --backend gpu only
+KERNELS = ("bf16", "w4a16", "w8a8", "w8a8+quant", "fp8", "w8a8-mgpu", "fp8-mgpu", "w4a16-mgpu")
+# Pallas on Mosaic GPU: run with --backend gpu only
+HOPPER_KERNELS = ("w8a8-mgpu", "fp8-mgpu", "w4a16-mgpu")
+MAX_M = {"w4a16-mgpu": 128}  # kernels for small M only: no cells above
 BASELINE = "bf16"
 GROUP_SIZE = 128
 M_SWEEP = (1, 16, 64, 256, 1024, 4096)
@@ -148,6 +153,7 @@ WEIGHT_FAMILY = {
     "fp8": "fp8",
     "w8a8-mgpu": "int8-nk",  # the (N, K) layout of qjax.kernels.hopper, transposed once
     "fp8-mgpu": "fp8-nk",
+    "w4a16-mgpu": "w4-hopper",  # qjax.kernels.hopper_w4.prepare_w4 of the w4 weight
 }
 ACT_FAMILY = {
     "bf16": "bf16",
@@ -157,6 +163,7 @@ ACT_FAMILY = {
     "fp8": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
+    "w4a16-mgpu": "bf16",
 }
 ARITHMETIC = {
     "bf16": "bf16",
@@ -166,6 +173,7 @@ ARITHMETIC = {
     "fp8": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
+    "w4a16-mgpu": "bf16",
 }
 MODULES = {
     "w4a16": ("w4a16",),
@@ -174,6 +182,7 @@ MODULES = {
     "fp8": ("fp8",),
     "w8a8-mgpu": ("hopper",),
     "fp8-mgpu": ("hopper",),
+    "w4a16-mgpu": ("hopper_w4",),
 }
 
 
@@ -213,9 +222,9 @@ def matmul_flops(m: int, k: int, n: int) -> int:
 def activation_bytes(kernel: str, m: int, k: int) -> int:
     """Bytes of activation traffic per call (see the module docstring)."""
     quantized = m * k + 4 * m  # int8 / fp8 values and one f32 scale per token
-    if kernel in ("bf16", "w4a16"):
+    if kernel in ("bf16", "w4a16", "w4a16-mgpu"):
         return 2 * m * k
-    if kernel in ("w8a8", "fp8", *HOPPER_KERNELS):
+    if kernel in ("w8a8", "fp8", "w8a8-mgpu", "fp8-mgpu"):
         return quantized
     if kernel == "w8a8+quant":
         return 2 * m * k + 2 * quantized
@@ -282,6 +291,9 @@ def kernel_fn(kernel: str, backend: str) -> Callable[[Any, Any], jax.Array]:
     opts: dict[str, Any] = {} if ref else {"backend": backend}
     if kernel == "bf16":
         return lambda x, w: jnp.dot(x, w)
+    if kernel == "w4a16-mgpu":  # weight prepared by hopper_w4.prepare_w4
+        w4h = kernel_module("hopper_w4")
+        return lambda x, w: w4h.w4a16_matmul_hopper(x, w)
     if kernel in HOPPER_KERNELS:  # operands as the public kernels check them; weight (N, K) prepared
         hop = kernel_module("hopper")
         acc = jnp.int32 if kernel.startswith("w8a8") else jnp.float32
@@ -349,9 +361,10 @@ def make_weights(family: str, key: jax.Array, k: int, n: int) -> Any:
             ks, (1, n), 1e-3 if base == "int8" else 1e-2
         )
     # w4: symmetric int4 codes with f32 group scales, packed under jit (pack_w4 checks the code range
-    # only on concrete arrays, which would copy the codes to the host)
+    # only on concrete arrays, which would copy the codes to the host); w4-hopper: that, prepared
     q, scales = _values(kv, (k, n), "int4"), _scales(ks, (-(-k // GROUP_SIZE), n), 1e-2)
-    return kernel_module("w4a16").pack_w4(q, scales, None, group_size=GROUP_SIZE)
+    packed = kernel_module("w4a16").pack_w4(q, scales, None, group_size=GROUP_SIZE)
+    return kernel_module("hopper_w4").prepare_w4(packed) if family == "w4-hopper" else packed
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -364,9 +377,9 @@ def make_activations(family: str, key: jax.Array, m: int, k: int) -> Any:
 
 
 def tree_nbytes(tree: Any) -> int:
-    """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) of ``tree``."""
+    """Bytes of the arrays (or ``jax.ShapeDtypeStruct``) of ``tree``, sub-byte types (int4) packed."""
     leaves = jax.tree_util.tree_leaves(tree)
-    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    return sum(-(-math.prod(leaf.shape) * jax.dtypes.itemsize_bits(leaf.dtype) // 8) for leaf in leaves)
 
 
 def delete_tree(tree: Any) -> None:
@@ -589,7 +602,8 @@ def run_group(
     """Every kernel at one (shape, M): inputs made and programs lowered one by one, compiled (in
     parallel), then timed one after another. Failures are recorded in the cells, not raised."""
     name, k, n = shape
-    cells = {kern: {"kernel": kern, "shape": name, "k": k, "n": n, "m": m} for kern in sweep.config.kernels}
+    kernels = [kern for kern in sweep.config.kernels if m <= MAX_M.get(kern, m)]
+    cells = {kern: {"kernel": kern, "shape": name, "k": k, "n": n, "m": m} for kern in kernels}
     lowered: dict[str, Any] = {}
     args: dict[str, tuple[Any, ...]] = {}
     for kernel, cell in cells.items():

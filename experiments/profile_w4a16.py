@@ -16,7 +16,9 @@ same grid, blocks and packed weights, so one GPU run says which part costs the t
   ``unpack asm`` the same with the PTX unpack (``unpack="asm"``, GPU only);
 * ``kernel``: :func:`qjax.kernels.w4a16.w4a16_matmul` as served (table blocks, automatic split of K);
 * variants of ``kernel``: one change each (``split_k=1``, ``swap_ab``, ``unpack="convert"`` /
-  ``"asm"``, other blocks, warps, stages).
+  ``"asm"``, other blocks, warps, stages);
+* ``mgpu``: the Hopper kernel for small M (:mod:`qjax.kernels.hopper_w4`, GPU only), and with the
+  converted weight staged through shared memory or 8 K slices in flight.
 
 Every row is timed as ``experiments.bench_kernels`` times a cell (one jitted program over ``R``
 weight copies that together exceed the L2 cache, median of repeated samples, compile excluded) and
@@ -45,7 +47,7 @@ from jax.experimental import pallas as pl
 
 from experiments import bench_kernels as bk
 from qjax.kernels import blocks as kb
-from qjax.kernels import w4a16
+from qjax.kernels import hopper_w4, w4a16
 
 Row = dict[str, Any]
 
@@ -134,6 +136,17 @@ def variants(m: int, backend: str) -> list[tuple[str, str, Callable[[Any, Any], 
     if backend == "gpu":  # PTX: nowhere else
         rows[4:4] = [("unpack asm", "w4", part_fn(unpack_body, backend, "asm"))]
         rows.append(("kernel unpack=asm", "w4", kernel(unpack="asm")))
+        if m <= hopper_w4.MAX_M:  # the Hopper kernel (Mosaic GPU), weight prepared once
+
+            def hopper(**kw: Any) -> Callable[[Any, Any], jax.Array]:
+                config = hopper_w4.HopperW4Config(**kw)
+                return lambda x, w: hopper_w4.w4a16_matmul_hopper(x, w, config=config)
+
+            rows += [
+                ("mgpu", "w4-hopper", hopper()),
+                ("mgpu a_in_smem", "w4-hopper", hopper(a_in_smem=True)),
+                ("mgpu steps=8", "w4-hopper", hopper(max_concurrent_steps=8)),
+            ]
     for name, values in (
         ("block_n", (64, 256)),
         ("block_k", (512,)),

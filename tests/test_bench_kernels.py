@@ -155,6 +155,9 @@ def test_bad_arguments():
     assert bk.parse_kernels("fp8") == ("bf16", "fp8")
     assert bk.nominal_weight_bytes("w8a8-mgpu", 64, 32) == bk.nominal_weight_bytes("w8a8", 64, 32)
     assert bk.activation_bytes("fp8-mgpu", 4, 64) == bk.activation_bytes("fp8", 4, 64)
+    assert bk.activation_bytes("w4a16-mgpu", 4, 64) == bk.activation_bytes("w4a16", 4, 64)
+    w4h = bk.make_weights("w4-hopper", jax.random.key(0), 256, 128)
+    assert bk.tree_nbytes(w4h) == 128 * 1024 // 2 + 8 * 128 * 4  # int4 codes counted at 4 bits
 
 
 @pytest.mark.parametrize("kernel", bk.HOPPER_KERNELS)
@@ -162,6 +165,7 @@ def test_mosaic_gpu_programs_lower_for_cuda(kernel, lowered):
     k, n, m = 512, 384, 64
     weights = [bk.make_weights(bk.WEIGHT_FAMILY[kernel], jax.random.key(r), k, n) for r in range(2)]
     x = bk.make_activations(bk.ACT_FAMILY[kernel], jax.random.key(9), m, k)
-    assert weights[0][0].shape == (512, 512)  # (N, K), N padded to the CTA tile
+    # (N, K), N padded to the CTA tile (256 or 128 columns; K to 8 groups of 128 for int4 weights)
+    assert weights[0][0].shape == ((384, 1024) if kernel == "w4a16-mgpu" else (512, 512))
     program = jax.jit(bk.build_program(bk.kernel_fn(kernel, "gpu")))
     assert "mosaic_gpu" in lowered(program, x, *weights, platform="cuda")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from experiments import check_kernels as ck
 
 
@@ -35,4 +38,22 @@ def test_gpu_runs_add_the_hopper_and_w4a16_options():
     names = [(name, backend) for name, _, backend in ck.planned_runs("gpu")]
     assert ("int8_matmul (int32 exact) [mosaic_gpu]", "mosaic_gpu") in names
     assert ("w4a16_matmul (asym) [unpack=asm]", "gpu") in names
+    assert ("w4a16_matmul_hopper (asym) [mosaic_gpu]", "gpu") in names
     assert len(ck.planned_runs("interpret")) == len(ck.CASES)
+
+
+def test_hopper_w4_case_runs_in_the_interpreter(monkeypatch):
+    """The Hopper W4A16 case (group 64 where 128 does not divide K) against its reference, in the GPU
+    interpreter of jax >= 0.11 (weight staged through shared memory)."""
+    from qjax.kernels import hopper, hopper_w4
+
+    real = hopper_w4.w4a16_matmul_hopper
+    monkeypatch.setattr(hopper_w4, "w4a16_matmul_hopper", lambda *a, **kw: real(*a, interpret=True, **kw))
+    case = ck.W4A16_GPU_CASES["w4a16_matmul_hopper (asym) [mosaic_gpu]"]
+    if not hopper.INTERPRETS_8BIT:  # jax 0.10's interpreter cannot run it and says so
+        with pytest.raises(NotImplementedError, match=r"use jax >= 0\.11"):
+            case(np.random.default_rng(0), 1, 256, 128, "gpu")
+        return
+    for m, k, n in [(1, 256, 128), (33, 200, 130)]:
+        err, tol = case(np.random.default_rng(0), m, k, n, "gpu")
+        assert err <= tol, (m, k, n, err)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import profile_w4a16 as pw
-from qjax.kernels import w4a16
+from qjax.kernels import hopper_w4, w4a16
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -87,8 +87,10 @@ def test_every_gpu_row_lowers_for_cuda(m, lowered):
     w = w4a16.pack_w4(jnp.zeros((1024, 512), jnp.int32), jnp.ones((8, 512), jnp.float32), group_size=128)
     x = jnp.zeros((m, 1024), jnp.bfloat16)
     wb = jnp.zeros((1024, 512), jnp.bfloat16)
+    weights = {"bf16": wb, "w4": w, "w4-hopper": hopper_w4.prepare_w4(w)}
     rows = pw.variants(m, "gpu")
-    assert {"unpack asm", "kernel unpack=asm"} <= {name for name, _, _ in rows}
+    assert {"unpack asm", "kernel unpack=asm", "mgpu", "mgpu a_in_smem"} <= {name for name, _, _ in rows}
     for name, family, fn in rows:
-        text = lowered(jax.jit(fn), x, wb if family == "bf16" else w, platform="cuda")
-        assert name in ("bf16", "xla-read") or "triton" in text.lower(), name
+        text = lowered(jax.jit(fn), x, weights[family], platform="cuda")
+        custom_call = "mosaic_gpu" if family == "w4-hopper" else "triton"
+        assert name in ("bf16", "xla-read") or custom_call in text.lower(), name

@@ -1,7 +1,8 @@
 """Low-precision contractions: Pallas kernels (W8A8, W4A16, FP8 with per-row/column or 128 x 128
 block scales, per-token activation quantization) with a pure-jnp ``*_reference`` beside each, the
 XLA integer/fp8 path, and the dispatch between them that ``serve`` mode uses
-(:mod:`qjax.kernels.dispatch`)."""
+(:mod:`qjax.kernels.dispatch`). Hopper (sm_90) paths on Pallas Mosaic GPU: :mod:`qjax.kernels.hopper`
+(W8A8, FP8) and :mod:`qjax.kernels.hopper_w4` (W4A16 at M <= 128)."""
 
 from qjax.kernels.act_quant import quantize_per_token, quantize_per_token_reference
 from qjax.kernels.blocks import BLOCK_TABLE, Blocks, choose_blocks, resolve_backend, set_blocks
