@@ -18,7 +18,7 @@ same grid, blocks and packed weights, so one GPU run says which part costs the t
 * variants of ``kernel``: one change each (``split_k=1``, ``swap_ab``, ``unpack="convert"`` /
   ``"asm"``, other blocks, warps, stages);
 * ``mgpu``: the Hopper kernel for small M (:mod:`qjax.kernels.hopper_w4`, GPU only), and with the
-  converted weight staged through shared memory or 8 K slices in flight.
+  converted weight staged through shared memory or 4 K slices in flight (not 8).
 
 Every row is timed as ``experiments.bench_kernels`` times a cell (one jitted program over ``R``
 weight copies that together exceed the L2 cache, median of repeated samples, compile excluded) and
@@ -145,7 +145,7 @@ def variants(m: int, backend: str) -> list[tuple[str, str, Callable[[Any, Any], 
             rows += [
                 ("mgpu", "w4-hopper", hopper()),
                 ("mgpu a_in_smem", "w4-hopper", hopper(a_in_smem=True)),
-                ("mgpu steps=8", "w4-hopper", hopper(max_concurrent_steps=8)),
+                ("mgpu steps=4", "w4-hopper", hopper(max_concurrent_steps=4)),
             ]
     for name, values in (
         ("block_n", (64, 256)),

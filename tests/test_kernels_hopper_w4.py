@@ -112,6 +112,19 @@ def test_splits_default_to_two_waves():
     assert hopper_w4._splits(1, 8, 2) == 2
 
 
+def test_stages_fit_shared_memory():
+    """As many K slices in flight as fit in sm_90's 227 KiB: 8 at decode sizes, fewer at M = 128 (32 KiB
+    of bf16 activations per 128-row slice); an explicit config that does not fit is refused."""
+    cfg = HopperW4Config()
+    assert hopper_w4._stages(cfg, 32, 16, 128, 2, True) == 8
+    assert hopper_w4._stages(cfg, 32, 128, 128, 2, True) == 3
+    for mp, asym in [(16, False), (64, True), (128, True)]:
+        stages = hopper_w4._stages(cfg, 32, mp, 128, 2, asym)
+        assert hopper_w4.smem_bytes(mp, 128, 2, asym, stages, False) <= hopper.SMEM_BYTES - 1024
+    with pytest.raises(ValueError, match=r"more than the 232448 of an sm_90 CTA; lower max_concurrent_steps"):
+        hopper_w4._stages(HopperW4Config(max_concurrent_steps=8), 32, 128, 128, 2, True)
+
+
 def test_refuses_bad_inputs():
     rng = np.random.default_rng(1)
     x, w, _ = make(rng, 2, 256, 128, 128, False, jnp.bfloat16)

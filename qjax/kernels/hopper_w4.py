@@ -62,7 +62,8 @@ class HopperW4(NamedTuple):
 
     ``codes`` int4 ``(N_pad, K_pad)``: ``q - 8`` (signed codes as stored, or unsigned codes minus 8);
     ``scales`` float32 ``(G, N_pad)``; ``zeros`` float32 ``(G, N_pad)`` of ``z - 8`` or None
-    (symmetric); padded rows and columns have code, scale and zero 0."""
+    (symmetric). Padded columns have scale 0, and ``x`` is zero-padded over padded rows, so
+    neither adds anything."""
 
     codes: jax.Array
     scales: jax.Array
@@ -81,15 +82,17 @@ jax.tree_util.register_pytree_node(
 
 @dataclasses.dataclass(frozen=True)
 class HopperW4Config:
-    """Launch parameters: K slices in flight, K ranges (None: enough CTAs for two waves) and where
-    the converted weight meets ``wgmma`` (registers, or staged through shared memory)."""
+    """Launch parameters: K slices in flight (None: as many of 8, 6, 4, 3, 2 as fit in shared
+    memory), K ranges (None: enough CTAs for two waves) and where the converted weight meets
+    ``wgmma`` (registers, or staged through shared memory)."""
 
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int | None = None
     splits: int | None = None
     a_in_smem: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_concurrent_steps, int) or not 2 <= self.max_concurrent_steps <= 16:
+        steps = self.max_concurrent_steps
+        if steps is not None and (not isinstance(steps, int) or not 2 <= steps <= 16):
             raise ValueError(
                 f"max_concurrent_steps={self.max_concurrent_steps!r}: expected an int in [2, 16]"
             )
@@ -118,6 +121,32 @@ def prepare_w4(w: PackedW4) -> HopperW4:
     return HopperW4(signed, grid(w.scales), zeros, w.k, w.n, w.group_size)
 
 
+def smem_bytes(mp: int, tk: int, x_bytes: int, asym: bool, stages: int, a_in_smem: bool) -> int:
+    """Shared memory of one CTA: ``stages`` K slices of x, w and the group's vectors, the two
+    warpgroups' output tiles (and staged weight tiles)."""
+    per_stage = mp * tk * x_bytes + CTA_N * tk // 2 + 4 * CTA_N * (2 if asym else 1)
+    staged = 2 * TILE_N * tk * x_bytes if a_in_smem else 0
+    return stages * per_stage + 2 * TILE_N * mp * 4 + staged
+
+
+def _stages(cfg: HopperW4Config, per: int, mp: int, tk: int, x_bytes: int, asym: bool) -> int:
+    """K slices in flight: ``cfg``'s (checked against sm_90's shared memory) or the most that fit."""
+    budget = hopper.SMEM_BYTES - 1024  # barriers and alignment
+
+    def need(stages: int) -> int:
+        return smem_bytes(mp, tk, x_bytes, asym, min(stages, per), cfg.a_in_smem)
+
+    chosen = cfg.max_concurrent_steps
+    if chosen is not None:
+        if need(chosen) > budget:
+            raise ValueError(
+                f"{cfg} at M_pad={mp}, tile_k={tk} needs about {need(chosen)} bytes of shared memory, "
+                f"more than the {hopper.SMEM_BYTES} of an sm_90 CTA; lower max_concurrent_steps"
+            )
+        return chosen
+    return next((s for s in (8, 6, 4, 3, 2) if need(s) <= budget), 2)
+
+
 def _splits(n_ctas: int, steps: int, splits: int | None) -> int:
     """K ranges: ``splits``, or the fewest that divide the ``steps`` K slices and give
     ``TARGET_CTAS`` CTAs (all of them if none does)."""
@@ -130,7 +159,15 @@ def _splits(n_ctas: int, steps: int, splits: int | None) -> int:
 
 
 def _kernel(
-    x_gmem: Any, w_gmem: Any, s_gmem: Any, *refs: Any, per: int, mp: int, tk: int, cfg: HopperW4Config
+    x_gmem: Any,
+    w_gmem: Any,
+    s_gmem: Any,
+    *refs: Any,
+    per: int,
+    mp: int,
+    tk: int,
+    stages: int,
+    a_in_smem: bool,
 ) -> None:
     # x (Mp, Kp) 16-bit; w (Np, Kp) int4; s (G, Np) f32; [z (G, Np) f32]; out (S, Np, Mp)
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -161,7 +198,7 @@ def _kernel(
             in_specs=specs,
             wg_axis="wg",
             num_compute_wgs=2,
-            max_concurrent_steps=cfg.max_concurrent_steps,
+            max_concurrent_steps=stages,
             compute_context=context,
         )
 
@@ -178,9 +215,7 @@ def _kernel(
     if zx:
         operands.append(zx[0].at[pl.ds(k0, per), n_sl])
     a_smem = (
-        plgpu.SMEM((2, TILE_N, tk), x_gmem.dtype, transforms=transforms(tk, act_bits))
-        if cfg.a_in_smem
-        else None
+        plgpu.SMEM((2, TILE_N, tk), x_gmem.dtype, transforms=transforms(tk, act_bits)) if a_in_smem else None
     )
 
     @functools.partial(
@@ -270,8 +305,9 @@ def w4a16_matmul_hopper(
     mp = kb.round_up(max(m, 1), 16)
     xp = kb.pad_axis(kb.pad_axis(x, 0, mp), 1, kp)  # zeros on the weight's K padding add nothing
     operands = [xp, w.codes, w.scales] + ([] if w.zeros is None else [w.zeros])
+    stages = _stages(cfg, per, mp, tk, jnp.dtype(x.dtype).itemsize, w.zeros is not None)
     fn = plgpu.kernel(
-        functools.partial(_kernel, per=per, mp=mp, tk=tk, cfg=cfg),
+        functools.partial(_kernel, per=per, mp=mp, tk=tk, stages=stages, a_in_smem=cfg.a_in_smem),
         out_type=jax.ShapeDtypeStruct((splits, np_, mp), jnp.float32),
         grid=(np_ // CTA_N, splits),
         grid_names=("n", "s"),
