@@ -3,14 +3,15 @@
 # 15-minute device budget holds the machine's start, this run and a partial rerun. Every step has a
 # time limit (120 + 75 + 100 + 160 s; the profile and the benchmark stop cleanly at their budgets
 # and write their results as they go, so the limits only guard against a hang):
-#   1. every kernel against its reference on the device (Triton and, on sm_90, Mosaic GPU),
+#   1. every kernel against its reference on the device (Triton and, on sm_90, Mosaic GPU: the
+#      W8A8 / FP8 Hopper path and the Hopper W4A16 kernel; the W4A16 options unpack=asm, swap_ab),
 #   2. the Hopper path's tile configs at M = 1024 and 4096 (K = N = 4096), with XLA's bf16 matmul
 #      timed beside them,
 #   3. where W4A16's time goes at M = 1 and 16 (experiments.profile_w4a16: the kernel's loads alone,
-#      loads + unpack, the kernel, and one-change variants: split_k=1, swap_ab, blocks, warps,
-#      stages) on 7b.qkv and 7b.down,
+#      loads + unpack, the kernel, one-change variants: split_k=1, swap_ab, unpack, blocks, warps,
+#      stages; and the Hopper W4A16 kernel) on 7b.qkv and 7b.down,
 #   4. the benchmark on the four shapes of the earlier H100 runs (7b.qkv, 7b.down, 70b.gate_up,
-#      70b.down), every kernel, M = 1..4096; the full 8-shape sweep is
+#      70b.down), every kernel (w4a16-mgpu at M <= 128), M = 1..4096; the full 8-shape sweep is
 #      `python -m experiments.bench_kernels` alone.
 # Results go to $OUT (the device tool's folder) or runs/device_kernels: device.txt, check.json,
 # check.log, tune.log, profile.json, profile.log, bench.json, bench.md, bench.log. Run from the
