@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from experiments import bench_kernels as bk
+from experiments.records import write_json
 from qjax.kernels import blocks as kb
 from qjax.kernels import hopper_w4, w4a16
 
@@ -236,16 +234,11 @@ def run(
 
 
 def atomic_writer(out: pathlib.Path | None, meta: dict[str, Any]) -> Callable[[list[Row]], None]:
-    """Write ``{"meta", "rows"}`` to ``out`` through a temporary file and a rename (never half-written)."""
+    """Write ``{"meta", "rows"}`` to ``out`` atomically (``experiments.records.write_json``)."""
 
     def write(rows: list[Row]) -> None:
-        if out is None:
-            return
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        os.replace(tmp, out)
+        if out is not None:
+            write_json(out, {"meta": meta, "rows": rows})
 
     return write
 

@@ -48,6 +48,21 @@ def _ints(rng, shape, lo=-128, hi=128):
     return jnp.asarray(rng.integers(lo, hi, shape), jnp.int8)
 
 
+def _w8a8_epilogue(rng, w, m, n, x_scale=None, w_scale=None):
+    """The W8A8 epilogue operands of the kernel: scales (drawn unless given), zero points, the
+    weight's column sums, bias."""
+    if x_scale is None:
+        x_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (m, 1)), jnp.float32)
+        w_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (1, n)), jnp.float32)
+    return {
+        "x_scale": x_scale,
+        "w_scale": w_scale,
+        "x_zp": jnp.asarray(rng.integers(-20, 20, (m, 1)), jnp.int32),
+        "colsum": jnp.sum(w.astype(jnp.int32), axis=0, keepdims=True),
+        "bias": jnp.asarray(rng.normal(size=n), jnp.float32).reshape(1, n),
+    }
+
+
 # (M, K, N, config): one tile with the default tiles; M = 1 and N, K off the tiles; more tiles than
 # CTAs (the persistent loop walks several tiles per CTA), K over several slices.
 CASES = [
@@ -76,17 +91,9 @@ def test_interpreted_epilogue_matches_reference(seed):
     m, k, n = 70, 300, 520
     rng = np.random.default_rng(seed)
     x, w = _ints(rng, (m, k)), _ints(rng, (k, n), -127, 128)
-    x_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (m, 1)), jnp.float32)
-    w_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (1, n)), jnp.float32)
-    zp = jnp.asarray(rng.integers(-20, 20, (m, 1)), jnp.int32)
-    bias = jnp.asarray(rng.normal(size=n), jnp.float32)
-    epi = {
-        "x_scale": x_scale,
-        "w_scale": w_scale,
-        "x_zp": zp,
-        "colsum": jnp.sum(w.astype(jnp.int32), axis=0, keepdims=True),
-        "bias": bias.reshape(1, n),
-    }
+    epi = _w8a8_epilogue(rng, w, m, n)
+    x_scale, w_scale, zp = epi["x_scale"], epi["w_scale"], epi["x_zp"]
+    bias = epi["bias"].reshape(n)
     out = np.asarray(_interp(x, w, epi, n, SMALL))
     ref = w8a8_matmul_reference(x, x_scale, w, w_scale, x_zero_point=zp, bias=bias, out_dtype=jnp.float32)
     # Same float32 operations in the same order on an exact accumulator: equal up to the
@@ -143,15 +150,8 @@ def test_interpreted_8bit_variants(seed):
             interpret=True,
         )
         np.testing.assert_array_equal(np.asarray(y2), np.asarray(x2, np.int64) @ np.asarray(w2, np.int64))
-    zp = jnp.asarray(rng.integers(-20, 20, (m, 1)), jnp.int32)
-    bias = jnp.asarray(rng.normal(size=n), jnp.float32)
-    epi = {
-        "x_scale": x_scale,
-        "w_scale": w_scale,
-        "x_zp": zp,
-        "colsum": jnp.sum(w.astype(jnp.int32), axis=0, keepdims=True),
-        "bias": bias.reshape(1, n),
-    }
+    epi = _w8a8_epilogue(rng, w, m, n, x_scale, w_scale)
+    zp, bias = epi["x_zp"], epi["bias"].reshape(n)
     out = hopper.scaled_matmul_hopper(
         x,
         hopper.prepare_weight(w),

@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 
 from qjax.kernels import blocks as kb
 from qjax.kernels import hopper
-from qjax.kernels.w4a16 import PackedW4, _codes
+from qjax.kernels.w4a16 import PackedW4, _check_call, _codes
 
 __all__ = ["HopperW4", "HopperW4Config", "prepare_w4", "w4a16_matmul_hopper"]
 
@@ -278,17 +278,18 @@ def w4a16_matmul_hopper(
     GPU interpreter (jax >= 0.11; the weight staged through shared memory)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if not isinstance(w, HopperW4):
-        raise TypeError(f"w: expected a HopperW4 from prepare_w4, got {type(w).__name__}")
-    if x.ndim != 2 or x.shape[1] != w.k:
-        raise ValueError(f"x: expected shape (M, K={w.k}) to match the weight, got {x.shape}")
-    if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"x: dtype {x.dtype} is not bfloat16 or float16; cast x, or use w4a16_matmul")
+    _check_call(
+        x,
+        w,
+        bias,
+        weight_type=HopperW4,
+        maker="prepare_w4",
+        dtypes=ACT_DTYPES,
+        dtype_fix="is not bfloat16 or float16; cast x, or use w4a16_matmul",
+    )
     m = x.shape[0]
     if m > MAX_M:
         raise ValueError(f"x: M={m} rows; this kernel is for M <= {MAX_M} (decode), use w4a16_matmul")
-    if bias is not None and bias.shape != (w.n,):
-        raise ValueError(f"bias: expected shape (N,) = ({w.n},), got {bias.shape}")
     cfg = config or HopperW4Config()
     if interpret:
         if not hopper.INTERPRETS_8BIT:

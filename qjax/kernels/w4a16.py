@@ -190,13 +190,23 @@ def unpack_w4(w: PackedW4) -> jax.Array:
     return (q * jnp.repeat(w.scales, g, axis=0))[: w.k, : w.n]
 
 
-def _check_call(x: jax.Array, w: PackedW4, bias: jax.Array | None) -> None:
-    if not isinstance(w, PackedW4):
-        raise TypeError(f"w: expected a PackedW4 from pack_w4, got {type(w).__name__}")
+def _check_call(
+    x: jax.Array,
+    w: Any,
+    bias: jax.Array | None,
+    *,
+    weight_type: type[Any] = PackedW4,
+    maker: str = "pack_w4",
+    dtypes: tuple[Any, ...] = ACT_DTYPES,
+    dtype_fix: str = "is not one of bfloat16, float16, float32; cast x first",
+) -> None:
+    """Checks of a W4A16 call (``w`` a ``weight_type`` with ``k, n``); the Hopper kernel passes its own."""
+    if not isinstance(w, weight_type):
+        raise TypeError(f"w: expected a {weight_type.__name__} from {maker}, got {type(w).__name__}")
     if x.ndim != 2 or x.shape[1] != w.k:
         raise ValueError(f"x: expected shape (M, K={w.k}) to match the weight, got {x.shape}")
-    if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"x: dtype {x.dtype} is not one of bfloat16, float16, float32; cast x first")
+    if x.dtype not in dtypes:
+        raise ValueError(f"x: dtype {x.dtype} {dtype_fix}")
     if bias is not None and bias.shape != (w.n,):
         raise ValueError(f"bias: expected shape (N,) = ({w.n},), got {bias.shape}")
 
