@@ -27,31 +27,33 @@ a GPU (TPU) the Pallas kernels run with ``backend="gpu"`` (``"tpu"``). On CPU th
 output; it measures XLA on CPU, not the kernels. ``--interpret`` runs the real Pallas kernels in the
 Pallas interpreter on tiny shapes (a smoke test of the kernels; the times mean nothing).
 
-**Method: wall clock of whole programs, not CUDA events.** For each (kernel, shape, M) one jitted
-program applies the kernel to ``R`` distinct random weight copies, passed as separate arguments so
-that neither XLA's CSE nor the L2 cache can reuse one copy for another: ``R`` is chosen so that the
-copies together exceed the L2 cache (``R * weight_bytes >= COPY_TARGET_BYTES``, 4x the 50 MB L2 of
-an H100), with ``2 <= R <= MAX_COPIES`` and at most ``MAX_PROGRAM_WEIGHT_BYTES`` (4 GiB) of weights
-per program. The kernel is wrapped in its own ``jax.jit``, so it is traced and lowered once per
-program, not ``R`` times. The activations of each copy pass through an ``optimization_barrier``
-tied to the copy index, so the ``R`` quantizations of the same ``x`` in ``w8a8+quant`` are not
-merged into one; the ``R`` outputs go through an ``optimization_barrier`` (XLA can neither drop nor
-shrink a matmul) and the program returns the sum of one element of each.
+**Method: whole programs over rotating weights, device time.** For each (kernel, shape, M) one
+jitted program applies the kernel to ``R`` distinct random weight copies, passed as separate
+arguments so that neither XLA's CSE nor the L2 cache can reuse one copy for another: ``R`` is chosen
+so that the copies together exceed the L2 cache (``R * weight_bytes >= COPY_TARGET_BYTES``, 4x the
+50 MB L2 of an H100), with ``2 <= R <= MAX_COPIES`` and at most ``MAX_PROGRAM_WEIGHT_BYTES`` (4 GiB)
+of weights per program. The kernel is wrapped in its own ``jax.jit``, so it is traced and lowered
+once per program, not ``R`` times. The activations of each copy pass through an
+``optimization_barrier`` tied to the copy index, so the ``R`` quantizations of the same ``x`` in
+``w8a8+quant`` are not merged into one; the ``R`` outputs go through an ``optimization_barrier``
+(XLA can neither drop nor shrink a matmul) and the program returns the sum of one element of each.
 
 Per (shape, M), the programs of all kernels are lowered, then compiled ahead of time (the bf16
 baseline alone, since XLA autotunes its dot by timing candidates on the device; the Pallas programs
 on ``--compile-workers`` threads), then timed one after another, so compilation never overlaps a
-measurement and is excluded from it (its time is recorded). Each program is called once to warm up
-and once to calibrate, then timed ``n`` times with ``time.perf_counter`` around
-``jax.block_until_ready``: a sample launches the program ``L`` times back to back (``L`` such that a
-sample lasts >= ``MIN_SAMPLE_S``, so that host dispatch overlaps device work), and per-call time =
-sample time / (``L * R``). The reported time is the median over the ``n`` samples (``n =
---repeats``, fewer for long programs: ``n >= 3`` and ``n * sample <= CELL_TIMING_S``); ``spread``
-is their interquartile range over the median. The times therefore include the launch gaps between
-kernels inside a program, as a model's layers would. Weights of a shape are generated (and packed)
-once and reused for every M; activations are generated once at the largest M and sliced; device
-buffers are deleted before the next shape. Results are written after every shape, and the sweep
-stops before a (shape, M) group that would overrun ``--time-budget-s``.
+measurement and is excluded from it (its time is recorded). The clock (``--clock``,
+:mod:`experiments.timing`): on a GPU, **device time**, the summed durations of the program's
+kernels from CUPTI activity records (device timestamps), one warm-up execution, then one sample per
+execution (``n = --repeats``); every kernel of the program counts, the program's final reduction
+included, and each cell lists its kernels by name, launches and time. Elsewhere (or with ``--clock
+wall``, or where CUPTI fails, which the results then say) the **wall clock**: ``time.perf_counter``
+around ``jax.block_until_ready``, a sample launching the program ``L`` times back to back (so that
+host dispatch overlaps device work), ``n >= 3`` samples within about 0.4 s; wall times include the
+launch gaps between kernels. Per-call time = sample time / (``L * R``); the reported time is the
+median over the samples, ``spread`` their interquartile range over the median. Weights of a shape
+are generated (and packed) once and reused for every M; activations are generated once at the
+largest M and sliced; device buffers are deleted before the next shape. Results are written after
+every shape, and the sweep stops before a (shape, M) group that would overrun ``--time-budget-s``.
 
 **Accounting.** ``FLOPs = 2 M K N`` (the quantization and scaling work is not counted).
 Bytes moved per call, counting each operand once at its stored size:
@@ -90,7 +92,6 @@ import importlib
 import math
 import os
 import pathlib
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -99,6 +100,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from experiments import timing
 
 KERNELS = ("bf16", "w4a16", "w8a8", "w8a8+quant", "fp8", "w8a8-mgpu", "fp8-mgpu", "w4a16-mgpu")
 # Pallas on Mosaic GPU: run with --backend gpu only
@@ -141,8 +144,6 @@ L2_BYTES = 50 * 10**6
 COPY_TARGET_BYTES = 4 * L2_BYTES
 MAX_PROGRAM_WEIGHT_BYTES = 4 * 2**30
 MAX_COPIES = 32
-MIN_SAMPLE_S = 2e-3
-CELL_TIMING_S = 0.4
 
 # Which weights (and activations) each kernel takes: kernels of one family share the same copies.
 WEIGHT_FAMILY = {
@@ -418,35 +419,6 @@ def build_program(fn: Callable[[Any, Any], jax.Array]) -> Callable[..., jax.Arra
     return program
 
 
-@dataclasses.dataclass
-class Timing:
-    seconds: float  # median per-call time
-    min_seconds: float
-    spread: float  # (p75 - p25) / median of the per-call samples
-    launches: int
-    repeats: int
-
-
-def time_compiled(compiled: Callable[..., Any], args: Sequence[Any], copies: int, repeats: int) -> Timing:
-    """Median per-call seconds of ``compiled(*args)`` (which makes ``copies`` calls)."""
-    jax.block_until_ready(compiled(*args))  # warm-up
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    once = max(time.perf_counter() - start, 1e-7)
-    launches = min(64, max(1, math.ceil(MIN_SAMPLE_S / once)))
-    n = min(repeats, max(3, int(CELL_TIMING_S / (once * launches))))
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        for _ in range(launches):
-            out = compiled(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / (launches * copies))
-    med = statistics.median(samples)
-    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [med, med, med]
-    return Timing(med, min(samples), (q[2] - q[0]) / med, launches, n)
-
-
 # --------------------------------------------------------------------------------------------------
 # The sweep
 
@@ -462,6 +434,8 @@ class Config:
     budget_s: float | None
     compile_workers: int = 1
     skipped: tuple[str, ...] = ()
+    clock: str = "wall"  # "device" (CUPTI) or "wall", see experiments.timing
+    clock_note: str | None = None  # why --clock auto fell back to the wall clock
 
 
 @dataclasses.dataclass
@@ -586,9 +560,11 @@ def compile_cells(
 
 
 def time_cell(cell: dict[str, Any], compiled: Any, args: tuple[Any, ...], sweep: Sweep) -> None:
-    timing = time_compiled(compiled, args, cell["copies"], sweep.config.repeats)
-    cell.update(time_s=timing.seconds, time_min_s=timing.min_seconds, spread=timing.spread)
-    cell.update(launches=timing.launches, repeats=timing.repeats)
+    t = timing.time_program(sweep.config.clock, compiled, args, cell["copies"], sweep.config.repeats)
+    cell.update(time_s=t.seconds, time_min_s=t.min_seconds, spread=t.spread, clock=t.clock)
+    cell.update(launches=t.launches, repeats=t.repeats)
+    if t.kernels is not None:
+        cell["device_kernels"] = t.kernels
     add_metrics(cell, sweep.peaks)
 
 
@@ -699,8 +675,19 @@ def cell_line(cell: dict[str, Any], elapsed: float) -> str:
         f"{head} {1e6 * cell['time_s']:9.1f} us {cell['tflops']:7.1f} TF/s {cell['gbps']:7.0f} GB/s "
         f"roof {'-' if pct is None else f'{pct:.1f}%':>6} speedup {_num(cell['speedup'], '.2f')} "
         f"(R={cell['copies']} L={cell['launches']} n={cell['repeats']} spread {100 * cell['spread']:.0f}% "
-        f"compile {cell['compile_s']:.1f}s)"
+        f"compile {cell['compile_s']:.1f}s){top_kernel(cell)}"
     )
+
+
+def top_kernel(cell: dict[str, Any]) -> str:
+    """`` longest: NAME xLAUNCHES P%`` of a device-timed cell's program (empty otherwise)."""
+    kernels = cell.get("device_kernels")
+    if not kernels:
+        return ""
+    total = sum(k["us"] for k in kernels)
+    top = kernels[0]
+    share = 100 * top["us"] / total if total > 0 else 0.0
+    return f" longest: {top['name'][:48]} x{top['launches']} {share:.0f}% of {len(kernels)} kernels"
 
 
 def compact_table(sweep: Sweep) -> str:
@@ -837,6 +824,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--interpret", action="store_true", help="real Pallas kernels in interpret mode, tiny shapes"
     )
+    p.add_argument(
+        "--clock",
+        choices=timing.CLOCKS,
+        default="auto",
+        help="device: CUPTI kernel durations (GPU); wall: perf_counter; auto (default): device if it works",
+    )
     p.add_argument("--copies", type=int, help="weight copies per program R (default: by size; 2 on CPU)")
     workers = max(1, min(4, (os.cpu_count() or 2) // 2))
     p.add_argument(
@@ -874,8 +867,22 @@ def make_config(args: argparse.Namespace) -> Config:
         kernels = tuple(k for k in kernels if k not in HOPPER_KERNELS)
     repeats = args.repeats or (5 if args.quick or backend == "interpret" else 10)
     copies = args.copies or (2 if cpu or backend == "interpret" else None)
+    try:
+        clock, clock_note = timing.choose_clock(args.clock, jax.default_backend())
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return Config(
-        kernels, shapes, ms, repeats, backend, copies, args.time_budget_s, args.compile_workers, skipped
+        kernels,
+        shapes,
+        ms,
+        repeats,
+        backend,
+        copies,
+        args.time_budget_s,
+        args.compile_workers,
+        skipped,
+        clock,
+        clock_note,
     )
 
 
@@ -885,11 +892,15 @@ BACKEND_NOTES = {
     "gpu": "Pallas kernels on Triton; the -mgpu rows Pallas on Mosaic GPU (sm_90)",
     "tpu": "Pallas kernels on Mosaic",
 }
-METHOD = (
-    "wall clock (time.perf_counter around jax.block_until_ready) of whole jitted programs, not CUDA "
-    "events; each program applies the kernel to R distinct weight copies (> L2 in total), time per call "
-    "= program time / R, median over samples; compile excluded"
+PROGRAMS = (
+    "each program applies the kernel to R distinct weight copies (> L2 in total); time per call = "
+    "program time / R, median over samples; compile excluded"
 )
+
+
+def method(config: Config) -> str:
+    """How the cells were timed, for the results' header."""
+    return f"{timing.describe(config.clock, config.clock_note)}; {PROGRAMS}"
 
 
 def make_meta(config: Config, argv: Sequence[str] | None) -> dict[str, Any]:
@@ -900,7 +911,8 @@ def make_meta(config: Config, argv: Sequence[str] | None) -> dict[str, Any]:
         "jax_version": jax.__version__,
         "backend": config.backend,
         "backend_note": BACKEND_NOTES[config.backend],
-        "method": METHOD,
+        "method": method(config),
+        "clock": config.clock,
         "peaks": None if (p := device_peaks(device.device_kind)) is None else dataclasses.asdict(p),
         "kernels": list(config.kernels),
         "skipped_kernels": list(config.skipped),

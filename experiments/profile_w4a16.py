@@ -21,7 +21,9 @@ same grid, blocks and packed weights, so one GPU run says which part costs the t
   converted weight staged through shared memory or 4 K slices in flight (not 8).
 
 Every row is timed as ``experiments.bench_kernels`` times a cell (one jitted program over ``R``
-weight copies that together exceed the L2 cache, median of repeated samples, compile excluded) and
+weight copies that together exceed the L2 cache, median of repeated samples, compile excluded; on a
+GPU by CUPTI's kernel durations, with the program's kernels listed by name, so that e.g. the split-K
+reduction after the kernel shows as its own line; ``--clock``, :mod:`experiments.timing`) and
 reports microseconds per call, GB/s of the packed weight and scales, the Pallas grid that ran
 (M blocks x N blocks x K ranges) and ``bf16`` time / row time. ``--interpret`` runs every Pallas
 row in the interpreter on the ``tiny`` shapes (a smoke test: the times mean nothing). Results go to
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from experiments import bench_kernels as bk
+from experiments import timing
 from experiments.records import write_json
 from qjax.kernels import blocks as kb
 from qjax.kernels import hopper_w4, w4a16
@@ -174,19 +177,25 @@ def pallas_grid(fn: Callable[..., Any], *args: Any) -> str:
     return find(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def time_row(fn: Callable[[Any, Any], jax.Array], x: Any, ws: list[Any], repeats: int) -> Row:
+def time_row(
+    fn: Callable[[Any, Any], jax.Array], x: Any, ws: list[Any], repeats: int, clock: str = "wall"
+) -> Row:
     """Time ``fn`` over the weight copies ``ws`` as ``experiments.bench_kernels`` times a cell."""
     grid = pallas_grid(fn, x, ws[0])
     compiled = jax.jit(bk.build_program(fn)).lower(x, *ws).compile()
-    t = bk.time_compiled(compiled, (x, *ws), len(ws), repeats)
+    t = timing.time_program(clock, compiled, (x, *ws), len(ws), repeats)
     nbytes = bk.tree_nbytes(ws[0])
-    return {
+    row = {
         "us": t.seconds * 1e6,
         "spread": t.spread,
+        "clock": t.clock,
         "grid": grid,
         "weight_bytes": nbytes,
         "gb_per_s": nbytes / t.seconds / 1e9,
     }
+    if t.kernels is not None:
+        row["device_kernels"] = t.kernels
+    return row
 
 
 def run(
@@ -197,6 +206,7 @@ def run(
     repeats: int,
     budget_s: float,
     write: Callable[[list[Row]], None],
+    clock: str = "wall",
 ) -> list[Row]:
     """Every row of :func:`variants` for every shape and M; ``write(rows)`` after each (shape, M)."""
     started = time.perf_counter()
@@ -214,7 +224,7 @@ def run(
                 row: Row = {"shape": shape, "k": k, "n": n, "m": m, "row": name}
                 rows.append(row)
                 try:
-                    row |= time_row(fn, x, data.weight_copies(family), repeats)
+                    row |= time_row(fn, x, data.weight_copies(family), repeats, clock)
                 except Exception as e:  # a variant that fails is reported; the others still run
                     row["error"] = bk._error(e)
                     print(f"  {shape} M={m} {name}: failed: {row['error']}", flush=True)
@@ -224,7 +234,7 @@ def run(
                 ratio = "" if base is None else f"{row['vs_bf16']:.2f}x"
                 print(
                     f"  {shape:8s} M={m:<3d} {name:24s} {row['us']:9.1f} us {row['gb_per_s']:8.1f} GB/s "
-                    f"{ratio:>7s}  grid {row['grid']}",
+                    f"{ratio:>7s}  grid {row['grid']}{bk.top_kernel(row)}",
                     flush=True,
                 )
             data.delete(activations_only=True)
@@ -252,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--time-budget-s", type=float, default=90.0)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--clock", choices=timing.CLOCKS, default="auto", help="experiments.timing; auto: device on a GPU"
+    )
     args = parser.parse_args(argv)
     backend = "interpret" if args.interpret else kb.resolve_backend(None)
     if backend not in ("gpu", "interpret"):
@@ -268,11 +281,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--m: expected comma-separated integers, got {args.m!r}")
     if any(m < 1 for m in ms):
         parser.error(f"--m: token counts must be >= 1, got {args.m!r}")
+    try:
+        clock, clock_note = timing.choose_clock(args.clock, jax.default_backend())
+    except ValueError as e:
+        parser.error(str(e))
     device = jax.devices()[0].device_kind
-    meta = {"device": device, "jax": jax.__version__, "backend": backend, "argv": list(argv or sys.argv[1:])}
-    print(f"device: {device}, jax {jax.__version__}, backend {backend}", flush=True)
+    meta = {
+        "device": device,
+        "jax": jax.__version__,
+        "backend": backend,
+        "clock": clock,
+        "method": timing.describe(clock, clock_note),
+        "argv": list(argv or sys.argv[1:]),
+    }
+    print(f"device: {device}, jax {jax.__version__}, backend {backend}; clock: {meta['method']}", flush=True)
     write = atomic_writer(args.out, meta)
-    rows = run(shapes, ms, backend, args.copies, args.repeats, args.time_budget_s, write)
+    rows = run(shapes, ms, backend, args.copies, args.repeats, args.time_budget_s, write, clock)
     write(rows)
     print(f"{len(rows)} rows" + (f"; wrote {args.out}" if args.out else ""))
     return 0

@@ -7,18 +7,17 @@ For each kernel and M it times every candidate :class:`~qjax.kernels.blocks.Bloc
 ``fp8-mgpu`` (the Hopper path, :mod:`qjax.kernels.hopper`, weight prepared ``(N, K)`` once) every
 :class:`~qjax.kernels.hopper.HopperConfig` of :data:`HOPPER_CANDIDATES`, and XLA's bf16 matmul of
 the same shape as a yardstick. Each is timed as one jitted program of
-``CALLS`` back-to-back kernel calls on ``CALLS`` distinct weight copies, wall clock around
-``jax.block_until_ready``, median of 5 samples after a warm-up; then prints the candidates from
-fastest to slowest and the best one. Candidates that fail to compile are reported and skipped.
+``CALLS`` back-to-back kernel calls on ``CALLS`` distinct weight copies, median of 5 samples after
+a warm-up, on the clock of ``--clock`` (:mod:`experiments.timing`: by default CUPTI's kernel
+durations on a GPU, the wall clock elsewhere); then prints the candidates from fastest to slowest
+and the best one. Candidates that fail to compile are reported and skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import timing
 from qjax.kernels import blocks as kb
 from qjax.kernels import fp8, hopper, w4a16, w8a8
 
@@ -114,20 +114,14 @@ def _operands(
     return [xf, ws], lambda x, w, b: fp8.fp8_matmul(x[0], x[1], w[0], w[1], blocks=b)
 
 
-def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any) -> float:
+def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any, clock: str = "wall") -> float:
     """Median seconds per kernel call of ``CALLS`` calls in one program (see the module docstring)."""
 
-    @jax.jit
     def program(x: Any, ws: list[Any]) -> jax.Array:
         return sum(call(x, w, b)[0, 0].astype(jnp.float32) for w in ws)  # type: ignore[return-value]
 
-    jax.block_until_ready(program(x, ws))
-    samples = []
-    for _ in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(program(x, ws))
-        samples.append((time.perf_counter() - t) / CALLS)
-    return statistics.median(samples)
+    compiled = jax.jit(program).lower(x, ws).compile()
+    return timing.time_program(clock, compiled, (x, ws), len(ws), 5).seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,9 +132,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--m", default="16,1024,4096")
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument(
+        "--clock", choices=timing.CLOCKS, default="auto", help="experiments.timing; auto: device on a GPU"
+    )
     args = parser.parse_args(argv)
     backend = kb.resolve_backend(None)
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}", flush=True)
+    try:
+        clock, clock_note = timing.choose_clock(args.clock, jax.default_backend())
+    except ValueError as e:
+        parser.error(str(e))
+    print(
+        f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}; clock: "
+        + timing.describe(clock, clock_note),
+        flush=True,
+    )
     rng = np.random.default_rng(0)
     for kernel in args.kernels.split(","):
         for m in (int(v) for v in args.m.split(",")):
@@ -159,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = []
             for b in cands:
                 try:
-                    rows.append((time_blocks(call, x, ws, b), b))
+                    rows.append((time_blocks(call, x, ws, b, clock), b))
                 except Exception as e:  # a candidate that does not compile is skipped, with the reason
                     print(f"  {kernel} M={m} {b}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             rows.sort(key=lambda r: r[0])

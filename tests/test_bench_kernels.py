@@ -145,7 +145,39 @@ def test_interpret_runs_the_pallas_kernels(tmp_path):
     assert all("error" not in c and c["time_s"] > 0 for c in cells)
 
 
+def test_device_clock_sweep_records_cupti_kernels(tmp_path, monkeypatch, capsys):
+    """The sweep on the device clock, with a stand-in for jax's CUPTI profiler: each program's time is
+    the sum of its recorded kernels over R, and the cells list the kernels."""
+    programs_timed = []
+
+    def measure(f, *, aggregate, iterations):
+        def wrapper(*args):
+            programs_timed.append(len(args) - 1)  # R weight copies follow x
+            copies = len(args) - 1
+            its = [[("matmul", 0.010)] * copies + [("reduce", 0.004)] for _ in range(iterations)]
+            return f(*args), its
+
+        return wrapper
+
+    monkeypatch.setattr(bk.timing, "cupti_measure", lambda: measure)
+    monkeypatch.setattr(bk.timing, "device_clock_problem", lambda platform, m=None: None)
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--kernels", "w8a8", "--shapes", "tiny.a", "--m", "1,16", "--clock", "device"]
+    assert bk.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["clock"] == "device" and "CUPTI" in result["meta"]["method"]
+    assert len(result["cells"]) == 4 and programs_timed == [2] * 4
+    for cell in result["cells"]:
+        assert cell["clock"] == "device" and cell["copies"] == 2
+        assert cell["time_s"] == pytest.approx((2 * 10 + 4) * 1e-6 / 2)
+        assert cell["device_kernels"][0] == {"name": "matmul", "launches": 2, "us": pytest.approx(20.0)}
+    assert "longest: matmul x2 83% of 2 kernels" in capsys.readouterr().out
+
+
 def test_bad_arguments():
+    if jax.default_backend() != "gpu":
+        with pytest.raises(SystemExit, match="--clock device: the device clock .CUPTI. needs a GPU"):
+            bk.make_config(bk.parse_args(["--clock", "device"]))
     with pytest.raises(SystemExit, match="unknown"):
         bk.parse_shapes("7b.qkv,nope")
     with pytest.raises(SystemExit, match="unknown"):

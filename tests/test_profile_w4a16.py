@@ -66,7 +66,7 @@ def test_main_writes_rows(tmp_path, monkeypatch):
     out = tmp_path / "profile.json"
     assert pw.main(["--interpret", "--m", "1", "--copies", "2", "--repeats", "3", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["meta"]["backend"] == "interpret"
+    assert data["meta"]["backend"] == "interpret" and data["meta"]["clock"] == "wall"
     rows = data["rows"]
     assert [r["row"] for r in rows] == ["bf16", "stream", "unpack", "kernel swap_ab"]
     for r in rows:
@@ -74,11 +74,15 @@ def test_main_writes_rows(tmp_path, monkeypatch):
     assert rows[0]["grid"] == "-" and rows[1]["grid"] == "1x2x1"
 
 
-def test_bad_arguments():
+def test_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         pw.main(["--interpret", "--shapes", "nope"])
     with pytest.raises(SystemExit):
         pw.main(["--interpret", "--m", "0"])
+    if jax.default_backend() != "gpu":
+        with pytest.raises(SystemExit):
+            pw.main(["--interpret", "--clock", "device"])
+        assert "needs a GPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("m", [1, 16])
