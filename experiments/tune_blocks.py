@@ -160,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cands = [table] + [c for c in HOPPER_CANDIDATES[size] if c != table]
             else:
                 table = kb.choose_blocks(kernel, backend, m)
+                key = kb.table_key(kernel, backend)
+                print(f"  {kernel} M={m}: table entry BLOCK_TABLE[{key}]", flush=True)
                 cands = [table] + [c for c in CANDIDATES[size] if c != table]
             rows = []
             for b in cands:

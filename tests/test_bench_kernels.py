@@ -176,7 +176,7 @@ def test_device_clock_sweep_records_cupti_kernels(tmp_path, monkeypatch, capsys)
 
 def test_bad_arguments():
     if jax.default_backend() != "gpu":
-        with pytest.raises(SystemExit, match="--clock device: the device clock .CUPTI. needs a GPU"):
+        with pytest.raises(SystemExit, match=r"--clock device: the device clock \(CUPTI\) needs a GPU"):
             bk.make_config(bk.parse_args(["--clock", "device"]))
     with pytest.raises(SystemExit, match="unknown"):
         bk.parse_shapes("7b.qkv,nope")

@@ -99,9 +99,9 @@ def test_choose_clock():
     assert clock == "wall" and "CUPTI failed: RuntimeError: CUPTI profiling is not supported" in why
     clock, why = timing.choose_clock("auto", "cpu")
     assert clock == "wall" and "needs a GPU" in why
-    with pytest.raises(ValueError, match="needs a GPU; this is 'tpu'. Use --clock wall"):
+    with pytest.raises(ValueError, match=r"needs a GPU; this is 'tpu'\. Use --clock wall"):
         timing.choose_clock("device", "tpu")
-    with pytest.raises(ValueError, match="CUPTI failed.*Use --clock wall"):
+    with pytest.raises(ValueError, match=r"CUPTI failed.*Use --clock wall"):
         timing.choose_clock("device", "gpu", broken)
     with pytest.raises(ValueError, match="clock must be one of"):
         timing.choose_clock("events", "gpu")

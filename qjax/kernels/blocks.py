@@ -12,7 +12,11 @@ host's.
 
 **Blocks.** :data:`BLOCK_TABLE` holds block sizes ``(block_m, block_n, block_k)`` per kernel and
 backend, keyed by the smallest M bucket that holds the problem's M (small M: decode; large M:
-prefill). :func:`choose_blocks` reads it; a kernel's ``blocks=`` argument (a :class:`Blocks` or a
+prefill), and per device family where one was measured: ``(kernel, backend, family)`` entries
+(:func:`device_family` of jax's ``device_kind``, e.g. ``"hopper"`` for an H100 or H200) take
+precedence over ``(kernel, backend)`` on that family's devices. :func:`choose_blocks` reads it
+(the family of the default device when the kernel is built for it; none when lowering for another
+platform, unless ``device_kind=`` is given); a kernel's ``blocks=`` argument (a :class:`Blocks` or a
 mapping with any of its fields) overrides it, and :func:`set_blocks` changes the table for a
 session. TPU tiles respect Mosaic's (8, 128) layout: ``block_m`` a multiple of 8 (32 for int8
 operands), ``block_n`` and ``block_k`` multiples of 128. Triton's ``dot`` needs every block
@@ -73,19 +77,35 @@ class Blocks:
                 raise ValueError(f"Blocks.{name}={value!r}: expected a positive integer")
 
 
-# (kernel, backend) -> ((largest M of the bucket, Blocks), ...) in increasing M; the last bucket has
-# no upper bound. Entries are starting points measured on the machines named in
-# docs/benchmarks/; override per call with blocks= or per session with set_blocks().
+# Device kind substrings (jax's Device.device_kind, e.g. "NVIDIA H100 80GB HBM3") -> device family,
+# the third part of device-specific BLOCK_TABLE keys.
+DEVICE_FAMILIES: dict[str, tuple[str, ...]] = {"hopper": ("H100", "H200", "H800", "H20", "GH200")}
+
+# (kernel, backend) or (kernel, backend, device family) -> ((largest M of the bucket, Blocks), ...) in
+# increasing M; the last bucket has no upper bound. (kernel, backend) entries are untuned starting
+# points; family entries were measured on the machines named in docs/benchmarks/. Override per call
+# with blocks= or per session with set_blocks().
 _INF = 1 << 62
-BLOCK_TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
-    ("w8a8", "gpu"): (  # M <= 16 and > 64: the best of experiments.tune_blocks on an H100 (K = N = 4096)
+BLOCK_TABLE: dict[tuple[str, ...], tuple[tuple[int, Blocks], ...]] = {
+    ("w8a8", "gpu"): (
+        (16, Blocks(16, 128, 128, num_warps=4, num_stages=4)),
+        (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),
+        (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
+    ),
+    # M <= 16 and > 64: the best of experiments.tune_blocks on an H100 (K = N = 4096)
+    ("w8a8", "gpu", "hopper"): (
         (16, Blocks(16, 64, 128, num_warps=4, num_stages=4)),
         (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),
         (_INF, Blocks(256, 128, 64, num_warps=8, num_stages=3)),
     ),
     ("w8a8", "tpu"): ((32, Blocks(32, 256, 512)), (_INF, Blocks(256, 256, 512))),
     ("w8a8", "interpret"): ((_INF, Blocks(32, 128, 128)),),
-    ("fp8", "gpu"): (  # as for w8a8
+    ("fp8", "gpu"): (
+        (16, Blocks(16, 128, 128, num_warps=4, num_stages=4)),
+        (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),
+        (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
+    ),
+    ("fp8", "gpu", "hopper"): (  # as for w8a8
         (16, Blocks(16, 64, 128, num_warps=4, num_stages=4)),
         (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),
         (_INF, Blocks(128, 256, 64, num_warps=8, num_stages=3)),
@@ -93,6 +113,11 @@ BLOCK_TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
     ("fp8", "tpu"): ((32, Blocks(32, 256, 512)), (_INF, Blocks(256, 256, 512))),
     ("fp8", "interpret"): ((_INF, Blocks(32, 128, 128)),),
     ("w4a16", "gpu"): (
+        (16, Blocks(16, 64, 128, num_warps=4, num_stages=4)),
+        (64, Blocks(64, 64, 128, num_warps=4, num_stages=4)),
+        (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
+    ),
+    ("w4a16", "gpu", "hopper"): (
         (16, Blocks(16, 128, 256, num_warps=4, num_stages=3)),  # best of a block sweep on an H100
         (64, Blocks(64, 64, 128, num_warps=4, num_stages=4)),
         (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
@@ -105,13 +130,45 @@ BLOCK_TABLE: dict[tuple[str, str], tuple[tuple[int, Blocks], ...]] = {
 }
 
 
+def device_family(device_kind: str | None) -> str | None:
+    """The :data:`DEVICE_FAMILIES` family of a jax ``device_kind`` (``None`` if it has none)."""
+    if not device_kind:
+        return None
+    return next((f for f, names in DEVICE_FAMILIES.items() if any(n in device_kind for n in names)), None)
+
+
+def _default_device_kind(backend: str) -> str | None:
+    """The default device's kind if a kernel for ``backend`` runs on it (not when lowering for
+    another platform)."""
+    platform = {"gpu": "gpu", "mosaic_gpu": "gpu", "tpu": "tpu"}.get(backend)
+    if platform is None or jax.default_backend() != platform:
+        return None
+    return jax.devices()[0].device_kind
+
+
+def table_key(kernel: str, backend: str, device_kind: str | None = None) -> tuple[str, ...]:
+    """The :data:`BLOCK_TABLE` key :func:`choose_blocks` reads: the device family's entry if there
+    is one, else ``(kernel, backend)``. ``device_kind`` defaults to the default device's."""
+    backend = resolve_backend(backend)
+    family = device_family(device_kind if device_kind is not None else _default_device_kind(backend))
+    if family is not None and (kernel, backend, family) in BLOCK_TABLE:
+        return (kernel, backend, family)
+    return (kernel, backend)
+
+
 def choose_blocks(
-    kernel: str, backend: str, m: int, blocks: Blocks | Mapping[str, Any] | None = None
+    kernel: str,
+    backend: str,
+    m: int,
+    blocks: Blocks | Mapping[str, Any] | None = None,
+    *,
+    device_kind: str | None = None,
 ) -> Blocks:
-    """The table's blocks for ``kernel`` on ``backend`` at ``m`` rows, with ``blocks`` over them."""
-    key = (kernel, resolve_backend(backend))
+    """The table's blocks for ``kernel`` on ``backend`` at ``m`` rows (the entry of the device's
+    family if the table has one, see :func:`table_key`), with ``blocks`` over them."""
+    key = table_key(kernel, backend, device_kind)
     if key not in BLOCK_TABLE:
-        kernels = sorted({k for k, b in BLOCK_TABLE if b == key[1]})
+        kernels = sorted({k[0] for k in BLOCK_TABLE if k[1] == key[1]})
         raise ValueError(
             f"kernel {kernel!r} has no {key[1]!r} backend (kernels there: {kernels}); "
             "use backend='gpu' (Triton), 'tpu' or 'interpret'"
@@ -130,11 +187,17 @@ def choose_blocks(
     return dataclasses.replace(chosen, **dict(blocks))
 
 
-def set_blocks(kernel: str, backend: str, table: tuple[tuple[int, Blocks], ...]) -> None:
-    """Replace the table entry of ``kernel`` on ``backend`` (buckets ``(largest m, Blocks)``)."""
+def set_blocks(
+    kernel: str, backend: str, table: tuple[tuple[int, Blocks], ...], *, family: str | None = None
+) -> None:
+    """Replace the table entry of ``kernel`` on ``backend`` (buckets ``(largest m, Blocks)``), or
+    with ``family`` (a key of :data:`DEVICE_FAMILIES`) the entry for that device family only."""
     if not table or any(a[0] >= b[0] for a, b in itertools.pairwise(table)):
         raise ValueError("table: expected a non-empty tuple of (largest m, Blocks) in increasing m")
-    BLOCK_TABLE[(kernel, resolve_backend(backend))] = (*table[:-1], (_INF, table[-1][1]))
+    if family is not None and family not in DEVICE_FAMILIES:
+        raise ValueError(f"family={family!r}: expected one of {sorted(DEVICE_FAMILIES)} or None")
+    key = (kernel, resolve_backend(backend)) + (() if family is None else (family,))
+    BLOCK_TABLE[key] = (*table[:-1], (_INF, table[-1][1]))
 
 
 def round_up(n: int, multiple: int) -> int:

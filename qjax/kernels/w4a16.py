@@ -437,7 +437,7 @@ def w4a16_matmul(
     """``y = x @ dequant(w) (+ bias)`` with f32 accumulation, by a Pallas kernel.
 
     ``x`` (M, K) bf16/f16/f32; ``w`` from :func:`pack_w4`; ``bias`` (N,); ``out_dtype`` defaults to
-    ``x.dtype``. ``blocks`` overrides ``BLOCK_TABLE["w4a16", backend]`` (powers of two; a block that
+    ``x.dtype``. ``blocks`` overrides the block table (``choose_blocks``; powers of two; a block that
     does not divide the padded weight is halved until it does). ``backend``: ``"gpu"``, ``"tpu"``,
     ``"interpret"`` or None (default device). ``split_k`` (GPU/interpret): number of K ranges run by
     separate programs and summed in f32 (None: 1, or on GPU enough to reach ~256 programs).
