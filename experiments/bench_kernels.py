@@ -13,6 +13,9 @@ every token count ``M`` of the sweep, ``y = x @ W`` with ``x`` of shape ``(M, K)
   (``qjax.kernels.act_quant``), i.e. what serving actually pays per layer;
 * ``fp8``: ``x`` and ``W`` in float8_e4m3fn, per-token and per-column f32 scales
   (``qjax.kernels.fp8``);
+* ``w8a8-nk``, ``fp8-nk``: the ``w8a8`` and ``fp8`` kernels with ``W`` stored ``(N, K)``
+  (``w_layout="nk"``, transposed once outside the timing): the K-major operand that Hopper's 8-bit
+  ``wgmma`` reads, which Triton otherwise replaces by older instructions;
 * ``w8a8-mgpu``, ``fp8-mgpu``: the ``w8a8`` and ``fp8`` matmuls on the Hopper path
   (``qjax.kernels.hopper``: Pallas on Mosaic GPU, TMA and ``wgmma``), ``W`` stored ``(N, K)`` by
   ``prepare_weight`` once, outside the timing, as ``w4a16``'s packing is; run with ``--backend gpu``
@@ -103,7 +106,18 @@ from jax import lax
 
 from experiments import timing
 
-KERNELS = ("bf16", "w4a16", "w8a8", "w8a8+quant", "fp8", "w8a8-mgpu", "fp8-mgpu", "w4a16-mgpu")
+KERNELS = (
+    "bf16",
+    "w4a16",
+    "w8a8",
+    "w8a8+quant",
+    "fp8",
+    "w8a8-nk",
+    "fp8-nk",
+    "w8a8-mgpu",
+    "fp8-mgpu",
+    "w4a16-mgpu",
+)
 # Pallas on Mosaic GPU: run with --backend gpu only
 HOPPER_KERNELS = ("w8a8-mgpu", "fp8-mgpu", "w4a16-mgpu")
 MAX_M = {"w4a16-mgpu": 128}  # kernels for small M only: no cells above
@@ -152,8 +166,10 @@ WEIGHT_FAMILY = {
     "w8a8": "int8",
     "w8a8+quant": "int8",
     "fp8": "fp8",
-    "w8a8-mgpu": "int8-nk",  # the (N, K) layout of qjax.kernels.hopper, transposed once
-    "fp8-mgpu": "fp8-nk",
+    "w8a8-nk": "int8-nk",  # (N, K): the weight transposed once
+    "fp8-nk": "fp8-nk",
+    "w8a8-mgpu": "int8-hopper",  # (N, K) padded to the tiles of qjax.kernels.hopper, once
+    "fp8-mgpu": "fp8-hopper",
     "w4a16-mgpu": "w4-hopper",  # qjax.kernels.hopper_w4.prepare_w4 of the w4 weight
 }
 ACT_FAMILY = {
@@ -162,6 +178,8 @@ ACT_FAMILY = {
     "w8a8": "int8",
     "w8a8+quant": "bf16",
     "fp8": "fp8",
+    "w8a8-nk": "int8",
+    "fp8-nk": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
     "w4a16-mgpu": "bf16",
@@ -172,6 +190,8 @@ ARITHMETIC = {
     "w8a8": "int8",
     "w8a8+quant": "int8",
     "fp8": "fp8",
+    "w8a8-nk": "int8",
+    "fp8-nk": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
     "w4a16-mgpu": "bf16",
@@ -181,6 +201,8 @@ MODULES = {
     "w8a8": ("w8a8",),
     "w8a8+quant": ("w8a8", "act_quant"),
     "fp8": ("fp8",),
+    "w8a8-nk": ("w8a8",),
+    "fp8-nk": ("fp8",),
     "w8a8-mgpu": ("hopper",),
     "fp8-mgpu": ("hopper",),
     "w4a16-mgpu": ("hopper_w4",),
@@ -225,7 +247,7 @@ def activation_bytes(kernel: str, m: int, k: int) -> int:
     quantized = m * k + 4 * m  # int8 / fp8 values and one f32 scale per token
     if kernel in ("bf16", "w4a16", "w4a16-mgpu"):
         return 2 * m * k
-    if kernel in ("w8a8", "fp8", "w8a8-mgpu", "fp8-mgpu"):
+    if kernel in ("w8a8", "fp8", "w8a8-nk", "fp8-nk", "w8a8-mgpu", "fp8-mgpu"):
         return quantized
     if kernel == "w8a8+quant":
         return 2 * m * k + 2 * quantized
@@ -239,7 +261,7 @@ def nominal_weight_bytes(
     family = WEIGHT_FAMILY[kernel]
     if family == "bf16":
         return 2 * k * n
-    if family in ("int8", "fp8", "int8-nk", "fp8-nk"):
+    if family in ("int8", "fp8", "int8-nk", "fp8-nk", "int8-hopper", "fp8-hopper"):
         return k * n + 4 * n
     groups = -(-k // group_size) * n
     return k * n // 2 + groups * scale_itemsize * (2 if zeros else 1)
@@ -310,13 +332,15 @@ def kernel_fn(kernel: str, backend: str) -> Callable[[Any, Any], jax.Array]:
         mod = kernel_module("w4a16")
         w4 = mod.w4a16_matmul_reference if ref else mod.w4a16_matmul
         return lambda x, w: w4(x, w, **opts)
-    if kernel == "fp8":
+    if kernel.endswith("-nk"):  # the weight (N, K), K contiguous
+        opts["w_layout"] = "nk"
+    if kernel.startswith("fp8"):
         mod = kernel_module("fp8")
         f8 = mod.fp8_matmul_reference if ref else mod.fp8_matmul
         return lambda x, w: f8(x[0], x[1], w[0], w[1], **opts)
     mod = kernel_module("w8a8")
     i8 = mod.w8a8_matmul_reference if ref else mod.w8a8_matmul
-    if kernel == "w8a8":
+    if kernel in ("w8a8", "w8a8-nk"):
         return lambda x, w: i8(x[0], x[1], w[0], w[1], **opts)
     aq = kernel_module("act_quant")
     quant = aq.quantize_per_token_reference if ref else aq.quantize_per_token
@@ -355,12 +379,11 @@ def make_weights(family: str, key: jax.Array, k: int, n: int) -> Any:
         return _values(kv, (k, n), "bf16")
     if family in ("int8", "fp8"):
         return _values(kv, (k, n), family), _scales(ks, (1, n), 1e-3 if family == "int8" else 1e-2)
-    if family in ("int8-nk", "fp8-nk"):
-        base = family[:-3]
+    if family in ("int8-nk", "fp8-nk", "int8-hopper", "fp8-hopper"):
+        base = family.split("-")[0]
         w = _values(kv, (k, n), base)
-        return kernel_module("hopper").prepare_weight(w), _scales(
-            ks, (1, n), 1e-3 if base == "int8" else 1e-2
-        )
+        w = kernel_module("hopper").prepare_weight(w) if family.endswith("hopper") else w.T
+        return w, _scales(ks, (1, n), 1e-3 if base == "int8" else 1e-2)
     # w4: symmetric int4 codes with f32 group scales, packed under jit (pack_w4 checks the code range
     # only on concrete arrays, which would copy the codes to the host); w4-hopper: that, prepared
     q, scales = _values(kv, (k, n), "int4"), _scales(ks, (-(-k // GROUP_SIZE), n), 1e-2)

@@ -6,7 +6,8 @@ For each kernel and M it times every candidate :class:`~qjax.kernels.blocks.Bloc
 :data:`CANDIDATES` (and the table's current entry) on random data; for ``w8a8-mgpu`` and
 ``fp8-mgpu`` (the Hopper path, :mod:`qjax.kernels.hopper`, weight prepared ``(N, K)`` once) every
 :class:`~qjax.kernels.hopper.HopperConfig` of :data:`HOPPER_CANDIDATES`, and XLA's bf16 matmul of
-the same shape as a yardstick. Each is timed as one jitted program of
+the same shape as a yardstick; ``w8a8-nk`` and ``fp8-nk`` time the Triton kernels with the weight
+stored ``(N, K)`` (``w_layout="nk"``) on the same candidates. Each is timed as one jitted program of
 ``CALLS`` back-to-back kernel calls on ``CALLS`` distinct weight copies, median of 5 samples after
 a warm-up, on the clock of ``--clock`` (:mod:`experiments.timing`: by default CUPTI's kernel
 durations on a GPU, the wall clock elsewhere); then prints the candidates from fastest to slowest
@@ -101,17 +102,19 @@ def _operands(
             )
 
         return [xh, wsh], hopper_call
-    if kernel == "w8a8":
+    layout = "nk" if kernel.endswith("-nk") else "kn"  # -nk: the weight stored (N, K)
+    shape = (n, k) if layout == "nk" else (k, n)
+    if kernel.startswith("w8a8"):
         xi = (jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8), jnp.ones((m, 1), jnp.float32))
         ws = [
-            (jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8), jnp.ones((1, n), jnp.float32))
+            (jnp.asarray(rng.integers(-127, 128, shape), jnp.int8), jnp.ones((1, n), jnp.float32))
             for _ in range(CALLS)
         ]
-        return [xi, ws], lambda x, w, b: w8a8.w8a8_matmul(x[0], x[1], w[0], w[1], blocks=b)
+        return [xi, ws], lambda x, w, b: w8a8.w8a8_matmul(x[0], x[1], w[0], w[1], blocks=b, w_layout=layout)
     e4m3 = jnp.float8_e4m3fn
     xf = (jnp.asarray(rng.normal(size=(m, k)), e4m3), jnp.ones((m, 1), jnp.float32))
-    ws = [(jnp.asarray(rng.normal(size=(k, n)), e4m3), jnp.ones((1, n), jnp.float32)) for _ in range(CALLS)]
-    return [xf, ws], lambda x, w, b: fp8.fp8_matmul(x[0], x[1], w[0], w[1], blocks=b)
+    ws = [(jnp.asarray(rng.normal(size=shape), e4m3), jnp.ones((1, n), jnp.float32)) for _ in range(CALLS)]
+    return [xf, ws], lambda x, w, b: fp8.fp8_matmul(x[0], x[1], w[0], w[1], blocks=b, w_layout=layout)
 
 
 def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any, clock: str = "wall") -> float:
@@ -127,7 +130,9 @@ def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any, clock: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.tune_blocks", description=__doc__)
     parser.add_argument(
-        "--kernels", default="w8a8,fp8,w4a16", help="of w8a8, fp8, w4a16, w8a8-mgpu, fp8-mgpu, bf16 (XLA)"
+        "--kernels",
+        default="w8a8,fp8,w4a16",
+        help="of w8a8, fp8, w4a16, w8a8-nk, fp8-nk (weight (N, K)), w8a8-mgpu, fp8-mgpu, bf16 (XLA)",
     )
     parser.add_argument("--m", default="16,1024,4096")
     parser.add_argument("--k", type=int, default=4096)
@@ -159,8 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 table = hopper.choose_config(m)
                 cands = [table] + [c for c in HOPPER_CANDIDATES[size] if c != table]
             else:
-                table = kb.choose_blocks(kernel, backend, m)
-                key = kb.table_key(kernel, backend)
+                base = kernel.removesuffix("-nk")  # the weight layout shares the kernel's table
+                table = kb.choose_blocks(base, backend, m)
+                key = kb.table_key(base, backend)
                 print(f"  {kernel} M={m}: table entry BLOCK_TABLE[{key}]", flush=True)
                 cands = [table] + [c for c in CANDIDATES[size] if c != table]
             rows = []

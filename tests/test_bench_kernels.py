@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import bench_kernels as bk
@@ -172,6 +173,24 @@ def test_device_clock_sweep_records_cupti_kernels(tmp_path, monkeypatch, capsys)
         assert cell["time_s"] == pytest.approx((2 * 10 + 4) * 1e-6 / 2)
         assert cell["device_kernels"][0] == {"name": "matmul", "launches": 2, "us": pytest.approx(20.0)}
     assert "longest: matmul x2 83% of 2 kernels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+@pytest.mark.parametrize("base", ["w8a8", "fp8"])
+def test_nk_rows_compute_the_same_matmul(base, backend):
+    """``-nk`` rows: the same weight values stored (N, K), the same outputs."""
+    k, n, m = 256, 384, 16
+    key = jax.random.key(3)
+    family = bk.WEIGHT_FAMILY[base]
+    w, w_nk = bk.make_weights(family, key, k, n), bk.make_weights(family + "-nk", key, k, n)
+    assert w_nk[0].shape == (n, k) and bool((w_nk[0] == w[0].T).all())
+    x = bk.make_activations(bk.ACT_FAMILY[base], jax.random.key(4), m, k)
+    y, y_nk = bk.kernel_fn(base, backend)(x, w), bk.kernel_fn(base + "-nk", backend)(x, w_nk)
+    assert y.shape == y_nk.shape == (m, n)
+    scale = float(jnp.max(jnp.abs(y.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs((y - y_nk).astype(jnp.float32)))) <= 1e-2 * scale  # bf16 outputs
+    assert bk.nominal_weight_bytes(base + "-nk", k, n) == bk.nominal_weight_bytes(base, k, n)
+    assert bk.activation_bytes(base + "-nk", m, k) == bk.activation_bytes(base, m, k)
 
 
 def test_bad_arguments():

@@ -211,6 +211,10 @@ def test_8bit_kernels_lower_for_cuda(m, out_dtype, lowered):
     assert "mosaic_gpu" in text
     raw = jax.jit(lambda a, b: int8_matmul(a, b, backend="mosaic_gpu"))
     assert "mosaic_gpu" in lowered(raw, x, w, platform="cuda")
+    raw_nk = jax.jit(lambda a, b: int8_matmul(a, b, backend="mosaic_gpu", w_layout="nk"))  # no transpose
+    text = lowered(raw_nk, x, jax.ShapeDtypeStruct((n, k), jnp.int8), platform="cuda")
+    assert "mosaic_gpu" in text and "stablehlo.transpose" not in text
+    assert "stablehlo.transpose" in lowered(raw, x, w, platform="cuda")
 
 
 def test_prepared_weight_is_the_padded_transpose():

@@ -28,13 +28,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from qjax.kernels import blocks as kb
-from qjax.kernels.w8a8 import _epilogue, _scaled_matmul, check_scaled_operands
+from qjax.kernels.w8a8 import _as_kn, _epilogue, _scaled_matmul, check_scaled_operands
 
 FP8 = jnp.float8_e4m3fn
 
 
 def _check_fp8(
-    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, bias: Any, out_dtype: Any
+    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, bias: Any, out_dtype: Any, w_layout: str = "kn"
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
     return check_scaled_operands(
         x_q,
@@ -47,6 +47,7 @@ def _check_fp8(
         x_hint="quantize first, e.g. quantize_per_token(x, dtype=jnp.float8_e4m3fn)",
         w_hint="quantize weights to float8_e4m3fn",
         w_scale_doc="(1, N) per channel or (1, 1) per tensor",
+        w_layout=w_layout,
     )
 
 
@@ -60,6 +61,7 @@ def fp8_matmul(
     out_dtype: Any = jnp.bfloat16,
     blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
+    w_layout: str = "kn",
 ) -> jax.Array:
     """E4M3 x E4M3 matmul with float32 accumulation and a fused float32 epilogue.
 
@@ -70,7 +72,7 @@ def fp8_matmul(
     Args:
       x_q: float8_e4m3fn ``(M, K)``.
       x_scale: float32 ``(M, 1)`` or ``(1, 1)``.
-      w_q: float8_e4m3fn ``(K, N)``.
+      w_q: float8_e4m3fn ``(K, N)`` (``(N, K)`` with ``w_layout="nk"``).
       w_scale: float32 ``(1, N)`` or ``(1, 1)``.
       bias: float ``(N,)`` or ``None``.
       out_dtype: float32, bfloat16 or float16.
@@ -78,8 +80,10 @@ def fp8_matmul(
       backend: ``"gpu"``, ``"tpu"``, ``"interpret"``, ``"mosaic_gpu"`` (the Hopper path,
         :mod:`qjax.kernels.hopper`; ``blocks`` then a :class:`~qjax.kernels.hopper.HopperConfig`
         or a mapping of its fields) or ``None`` (the default device's).
+      w_layout: ``"kn"`` or ``"nk"`` (``w_q`` stored ``(N, K)``, K contiguous: what Hopper's fp8
+        tensor cores read; see :mod:`qjax.kernels.w8a8`).
     """
-    x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype, w_layout)
     return _scaled_matmul(
         x_q,
         w_q,
@@ -90,6 +94,7 @@ def fp8_matmul(
         blocks=blocks,
         backend=backend,
         tpu_operand_dtype=jnp.bfloat16,
+        w_layout=w_layout,
     )
 
 
@@ -101,13 +106,14 @@ def fp8_matmul_reference(
     *,
     bias: jax.Array | None = None,
     out_dtype: Any = jnp.bfloat16,
+    w_layout: str = "kn",
 ) -> jax.Array:
     """:func:`fp8_matmul` in plain ``jax.numpy``: the operands upcast to float32 (exact), a float32
     dot at full precision, the same epilogue."""
-    x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype, w_layout)
     acc = lax.dot_general(
         x_q.astype(jnp.float32),
-        w_q.astype(jnp.float32),
+        _as_kn(w_q, w_layout).astype(jnp.float32),
         (((1,), (0,)), ((), ())),
         precision=lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32,

@@ -169,10 +169,11 @@ def num_sms() -> int:
     return _H100_SMS
 
 
-def prepare_weight(w: jax.Array, config: HopperConfig | None = None) -> jax.Array:
-    """``w`` ``(K, N)`` as the kernel reads it: transposed to ``(N, K)``, padded to the tiles."""
+def prepare_weight(w: jax.Array, config: HopperConfig | None = None, *, w_layout: str = "kn") -> jax.Array:
+    """``w`` ``(K, N)`` (or ``(N, K)`` if ``w_layout == "nk"``) as the kernel reads it: ``(N, K)``,
+    padded to the tiles."""
     cfg = config or HOPPER_TABLE[-1][1]
-    wt = jnp.transpose(w)  # (N, K)
+    wt = w if w_layout == "nk" else jnp.transpose(w)  # (N, K)
     return kb.pad_axis(kb.pad_axis(wt, 0, 2 * cfg.tile_n), 1, cfg.tile_k)
 
 

@@ -19,6 +19,14 @@ The kernel has two bodies (:mod:`qjax.kernels.blocks` picks the backend):
   ``"arbitrary"``; a VMEM scratch accumulator is zeroed at the first K step and the epilogue
   written at the last.
 
+**Weight layout.** ``w_layout="kn"`` (the default) takes the weight ``(K, N)``; ``w_layout="nk"``
+takes it ``(N, K)``, K contiguous, and each K slice enters the dot transposed
+(``dot_general`` contracting both operands' last axes: ``tt.dot(x, tt.trans(w))`` in Triton). On
+Hopper the 8-bit ``wgmma`` instructions read both operands K-major from shared memory; Triton
+lowers a dot with a ``(K, N)`` row-major 8-bit operand to the older ``mma.sync`` instructions
+instead, and fp8 ones through fp16. Store the weight ``(N, K)`` once (``w.T``, outside the hot
+path) to give Triton the K-major operand; the ``"mosaic_gpu"`` backend reads it as it is.
+
 The interpreter (``backend="interpret"``, CPU and tests) runs the GPU body; the TPU body runs
 interpreted too (``_scaled_matmul(..., body="tpu")``). Shapes that are not multiples of the blocks
 are zero-padded (zeros add nothing to the contraction) and the output sliced back; pad weights
@@ -41,6 +49,8 @@ from jax.experimental import pallas as pl
 from qjax.kernels import blocks as kb
 
 _EPILOGUE_ORDER = ("x_scale", "w_scale", "x_zp", "colsum", "bias")
+W_LAYOUTS = ("kn", "nk")  # the weight (K, N), or (N, K) with K contiguous (see the module docstring)
+_NT = (((1,), (1,)), ((), ()))  # dot_general of x (M, K) and w (N, K): contract both last axes
 _ROW_OPERANDS = ("x_scale", "x_zp")  # (M, 1): indexed by the row block; the rest (1, N)
 
 
@@ -65,12 +75,23 @@ def check_operand(a: Any, name: str, dtype: Any, shape_doc: str, hint: str) -> j
     return jnp.asarray(a)
 
 
-def check_contraction(x: jax.Array, w: jax.Array, x_name: str, w_name: str) -> None:
-    if x.shape[1] != w.shape[0]:
+def check_w_layout(w_layout: str) -> bool:
+    """Whether the weight is ``(N, K)`` (``"nk"``); ``"kn"`` is ``(K, N)``; anything else is an error."""
+    if w_layout not in W_LAYOUTS:
+        raise ValueError(f"w_layout={w_layout!r}: expected 'kn' (weight (K, N)) or 'nk' (weight (N, K))")
+    return w_layout == "nk"
+
+
+def check_contraction(x: jax.Array, w: jax.Array, x_name: str, w_name: str, w_layout: str = "kn") -> None:
+    nk = check_w_layout(w_layout)
+    k_w = w.shape[1] if nk else w.shape[0]
+    if x.shape[1] != k_w:
+        other = "kn" if nk else "nk"
         raise ValueError(
-            f"{x_name} has K={x.shape[1]} columns but {w_name} has {w.shape[0]} rows "
-            f"(shapes {tuple(x.shape)} and {tuple(w.shape)}); {w_name} must be (K, N), "
-            f"transpose it if it is stored (N, K)"
+            f"{x_name} has K={x.shape[1]} columns but {w_name} has {k_w} {'columns' if nk else 'rows'} "
+            f"(shapes {tuple(x.shape)} and {tuple(w.shape)}); with w_layout={w_layout!r} {w_name} must be "
+            f"{'(N, K)' if nk else '(K, N)'}: transpose it, or pass w_layout={other!r} if it is stored "
+            f"{'(K, N)' if nk else '(N, K)'}"
         )
 
 
@@ -132,9 +153,12 @@ def check_blocks(kernel: str, backend: str, m: int, blocks: Any, operand_bits: i
 # ------------------------------------------------------------------------------------------------
 
 
-def _dot(x: jax.Array, w: jax.Array, acc_dtype: Any, operand_dtype: Any | None) -> jax.Array:
+def _dot(x: jax.Array, w: jax.Array, acc_dtype: Any, operand_dtype: Any | None, w_nk: bool) -> jax.Array:
+    """``x (bm, bk) @ w`` with ``w`` ``(bk, bn)``, or ``(bn, bk)`` transposed if ``w_nk``."""
     if operand_dtype is not None:  # e.g. fp8 -> bf16 on TPU: exact, and the MXU takes bf16 everywhere
         x, w = x.astype(operand_dtype), w.astype(operand_dtype)
+    if w_nk:
+        return lax.dot_general(x, w, _NT, preferred_element_type=acc_dtype)
     return jnp.dot(x, w, preferred_element_type=acc_dtype)
 
 
@@ -160,16 +184,18 @@ def _gpu_kernel(
     acc_dtype: Any,
     operand_dtype: Any,
     out_dtype: Any,
+    w_nk: bool,
 ) -> None:
-    # x_ref: (block_m, K); w_ref: (K, block_n); refs: epilogue operands, then o_ref (block_m, block_n)
+    # x_ref: (block_m, K); w_ref: (K, block_n), or (block_n, K) if w_nk; refs: epilogue operands,
+    # then o_ref (block_m, block_n)
     *epi_refs, o_ref = refs
-    bm, bn = x_ref.shape[0], w_ref.shape[1]
+    bm, bn = o_ref.shape
 
     def step(k: jax.Array, acc: jax.Array) -> jax.Array:
         start = pl.multiple_of(k * bk, bk)
         x = x_ref[:, pl.ds(start, bk)]  # (block_m, block_k)
-        w = w_ref[pl.ds(start, bk), :]  # (block_k, block_n)
-        return acc + _dot(x, w, acc_dtype, operand_dtype)
+        w = w_ref[:, pl.ds(start, bk)] if w_nk else w_ref[pl.ds(start, bk), :]
+        return acc + _dot(x, w, acc_dtype, operand_dtype, w_nk)
 
     acc = lax.fori_loop(0, nk, step, jnp.zeros((bm, bn), acc_dtype))  # (block_m, block_n)
     o_ref[...] = _epilogue(acc, {n: r[...] for n, r in zip(names, epi_refs, strict=True)}, out_dtype)
@@ -184,9 +210,10 @@ def _tpu_kernel(
     acc_dtype: Any,
     operand_dtype: Any,
     out_dtype: Any,
+    w_nk: bool,
 ) -> None:
-    # x_ref: (block_m, block_k); w_ref: (block_k, block_n); refs: epilogue operands, o_ref
-    # (block_m, block_n), then the VMEM accumulator acc_ref (block_m, block_n)
+    # x_ref: (block_m, block_k); w_ref: (block_k, block_n), or (block_n, block_k) if w_nk; refs:
+    # epilogue operands, o_ref (block_m, block_n), then the VMEM accumulator acc_ref (block_m, block_n)
     *epi_refs, o_ref, acc_ref = refs
     k = pl.program_id(2)
 
@@ -194,7 +221,7 @@ def _tpu_kernel(
     def _init() -> None:
         acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
 
-    acc_ref[...] += _dot(x_ref[...], w_ref[...], acc_dtype, operand_dtype)
+    acc_ref[...] += _dot(x_ref[...], w_ref[...], acc_dtype, operand_dtype, w_nk)
 
     @pl.when(k == nk - 1)
     def _finish() -> None:
@@ -219,18 +246,22 @@ def _scaled_matmul(
     backend: str | None,
     tpu_operand_dtype: Any = None,
     body: str | None = None,
+    w_layout: str = "kn",
 ) -> jax.Array:
     """Pad, launch the Pallas kernel and slice back. ``epilogue``: checked operands keyed by
     ``_EPILOGUE_ORDER`` names, row operands (M, 1), column operands (1, N); empty for the raw
-    accumulator. ``body`` ("gpu"/"tpu") overrides which body the interpreter runs."""
+    accumulator. ``body`` ("gpu"/"tpu") overrides which body the interpreter runs. ``w`` is
+    ``(K, N)``, or ``(N, K)`` if ``w_layout == "nk"``."""
     be = kb.resolve_backend(backend)
-    m, n = x.shape[0], w.shape[1]
+    w_nk = check_w_layout(w_layout)
+    m, n = x.shape[0], w.shape[0 if w_nk else 1]
     if be == "mosaic_gpu":
         from qjax.kernels import hopper
 
         return hopper.scaled_matmul_hopper(
             x,
-            hopper.prepare_weight(w),  # (N, K): a transpose per call; prepare once to avoid it
+            # (N, K) padded to the tiles: a transpose per call for "kn"; prepare once to avoid it
+            hopper.prepare_weight(w, w_layout=w_layout),
             epilogue,
             n=n,
             acc_dtype=acc_dtype,
@@ -243,9 +274,10 @@ def _scaled_matmul(
         raise ValueError(f"body={body!r}: expected 'gpu' or 'tpu'")
     bm, bn, bk = bl.block_m, bl.block_n, bl.block_k
     xp = kb.pad_axis(kb.pad_axis(x, 0, bm), 1, bk)  # (Mp, Kp)
-    wp = kb.pad_axis(kb.pad_axis(w, 0, bk), 1, bn)  # (Kp, Np)
+    n_block, k_block = (bn, bk) if w_nk else (bk, bn)  # the blocks of w's axes 0 and 1
+    wp = kb.pad_axis(kb.pad_axis(w, 0, n_block), 1, k_block)  # (Np, Kp) or (Kp, Np)
     mp, kp = xp.shape
-    np_ = wp.shape[1]
+    np_ = wp.shape[0 if w_nk else 1]
     nk = kp // bk
     names = tuple(name for name in _EPILOGUE_ORDER if name in epilogue)
     operands = []
@@ -259,7 +291,11 @@ def _scaled_matmul(
     operand_dtype = tpu_operand_dtype if body == "tpu" else None
     if body == "gpu":
         grid: tuple[int, ...] = (mp // bm, np_ // bn)
-        in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), pl.BlockSpec((kp, bn), lambda i, j: (0, j))]
+        if w_nk:
+            w_spec = pl.BlockSpec((bn, kp), lambda i, j: (j, 0))
+        else:
+            w_spec = pl.BlockSpec((kp, bn), lambda i, j: (0, j))
+        in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), w_spec]
         row_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
         col_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
         out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
@@ -271,6 +307,7 @@ def _scaled_matmul(
             acc_dtype=acc_dtype,
             operand_dtype=operand_dtype,
             out_dtype=out_dtype,
+            w_nk=w_nk,
         )
         scratch: list[Any] = []
         semantics: tuple[str, ...] = ("parallel", "parallel")
@@ -278,7 +315,9 @@ def _scaled_matmul(
         grid = (mp // bm, np_ // bn, nk)
         in_specs = [
             pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-            pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+            pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk))
+            if w_nk
+            else pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
         ]
         row_spec = pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0))
         col_spec = pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))
@@ -290,6 +329,7 @@ def _scaled_matmul(
             acc_dtype=acc_dtype,
             operand_dtype=operand_dtype,
             out_dtype=out_dtype,
+            w_nk=w_nk,
         )
         from jax.experimental.pallas import tpu as pltpu
 
@@ -315,7 +355,12 @@ def _scaled_matmul(
 # ------------------------------------------------------------------------------------------------
 
 _X_DOC = "of shape (M, K)"
-_W_DOC = "of shape (K, N)"
+_W_DOCS = {"kn": "of shape (K, N)", "nk": "of shape (N, K) (w_layout='nk')"}
+
+
+def _as_kn(w: jax.Array, w_layout: str) -> jax.Array:
+    """The weight ``(K, N)`` whatever its layout (the references compute in one layout)."""
+    return w.T if check_w_layout(w_layout) else w
 
 
 def check_scaled_operands(
@@ -330,14 +375,17 @@ def check_scaled_operands(
     x_hint: str,
     w_hint: str,
     w_scale_doc: str,
+    w_layout: str = "kn",
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
     """The operands of a scaled matmul (W8A8, FP8) checked: ``x_q`` ``(M, K)`` and ``w_q``
-    ``(K, N)`` of ``dtype``, ``x_scale`` per token or per tensor, ``w_scale`` per column or per
-    tensor, ``bias`` ``(N,)`` or None; returns them with the epilogue operands and the out dtype."""
+    ``(K, N)`` (``(N, K)`` if ``w_layout == "nk"``) of ``dtype``, ``x_scale`` per token or per
+    tensor, ``w_scale`` per column or per tensor, ``bias`` ``(N,)`` or None; returns them with the
+    epilogue operands and the out dtype."""
+    nk = check_w_layout(w_layout)
     x_q = check_operand(x_q, "x_q", dtype, _X_DOC, x_hint)
-    w_q = check_operand(w_q, "w_q", dtype, _W_DOC, w_hint)
-    check_contraction(x_q, w_q, "x_q", "w_q")
-    m, n = x_q.shape[0], w_q.shape[1]
+    w_q = check_operand(w_q, "w_q", dtype, _W_DOCS[w_layout], w_hint)
+    check_contraction(x_q, w_q, "x_q", "w_q", w_layout)
+    m, n = x_q.shape[0], w_q.shape[0 if nk else 1]
     epi = {
         "x_scale": check_scale(x_scale, "x_scale", ((m, 1), (1, 1)), "(M, 1) per token or (1, 1) per tensor"),
         "w_scale": check_scale(w_scale, "w_scale", ((1, n), (1, 1)), w_scale_doc),
@@ -349,7 +397,14 @@ def check_scaled_operands(
 
 
 def _check_w8a8(
-    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, x_zero_point: Any, bias: Any, out_dtype: Any
+    x_q: Any,
+    x_scale: Any,
+    w_q: Any,
+    w_scale: Any,
+    x_zero_point: Any,
+    bias: Any,
+    out_dtype: Any,
+    w_layout: str = "kn",
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jnp.dtype]:
     x_q, w_q, epi, dt = check_scaled_operands(
         x_q,
@@ -362,6 +417,7 @@ def _check_w8a8(
         x_hint="quantize activations first, e.g. quantize_per_token(x)",
         w_hint="quantize weights to symmetric int8 per output channel",
         w_scale_doc="(1, N) per output channel",
+        w_layout=w_layout,
     )
     if x_zero_point is not None:
         zp_shape = tuple(epi["x_scale"].shape)
@@ -376,7 +432,8 @@ def _check_w8a8(
                 "give one zero point per scale"
             )
         epi["x_zp"] = jnp.asarray(x_zero_point).astype(jnp.int32)
-        epi["colsum"] = jnp.sum(w_q.astype(jnp.int32), axis=0, keepdims=True)  # (1, N)
+        k_axis = 1 if w_layout == "nk" else 0
+        epi["colsum"] = jnp.sum(w_q.astype(jnp.int32), axis=k_axis).reshape(1, -1)  # (1, N)
     return x_q, w_q, epi, dt
 
 
@@ -391,6 +448,7 @@ def w8a8_matmul(
     out_dtype: Any = jnp.bfloat16,
     blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
+    w_layout: str = "kn",
 ) -> jax.Array:
     """Int8 x int8 matmul with int32 accumulation and a fused float32 epilogue.
 
@@ -401,7 +459,7 @@ def w8a8_matmul(
     Args:
       x_q: int8 ``(M, K)`` activations.
       x_scale: float32 ``(M, 1)`` (per token) or ``(1, 1)`` (per tensor).
-      w_q: int8 ``(K, N)`` weights, symmetric per output channel.
+      w_q: int8 ``(K, N)`` weights (``(N, K)`` with ``w_layout="nk"``), symmetric per output channel.
       w_scale: float32 ``(1, N)`` (or ``(1, 1)``).
       x_zero_point: int32 of ``x_scale``'s shape (asymmetric activations) or ``None``; the
         correction uses the column sums of ``w_q``, computed once per call outside the kernel.
@@ -411,14 +469,15 @@ def w8a8_matmul(
       backend: ``"gpu"``, ``"tpu"``, ``"interpret"``, ``"mosaic_gpu"`` (the Hopper path,
         :mod:`qjax.kernels.hopper`; ``blocks`` then a :class:`~qjax.kernels.hopper.HopperConfig`
         or a mapping of its fields) or ``None`` (the default device's).
+      w_layout: ``"kn"`` (``w_q`` is ``(K, N)``) or ``"nk"`` (``(N, K)``, K contiguous: the operand
+        Hopper's 8-bit tensor cores read; see the module docstring).
 
     Returns:
       ``(M, N)`` of ``out_dtype``.
     """
-    x_q, w_q, epi, dt = _check_w8a8(x_q, x_scale, w_q, w_scale, x_zero_point, bias, out_dtype)
-    return _scaled_matmul(
-        x_q, w_q, epi, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=dt, blocks=blocks, backend=backend
-    )
+    x_q, w_q, epi, dt = _check_w8a8(x_q, x_scale, w_q, w_scale, x_zero_point, bias, out_dtype, w_layout)
+    kw: dict[str, Any] = dict(blocks=blocks, backend=backend, w_layout=w_layout)
+    return _scaled_matmul(x_q, w_q, epi, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=dt, **kw)
 
 
 def w8a8_matmul_reference(
@@ -430,10 +489,11 @@ def w8a8_matmul_reference(
     x_zero_point: jax.Array | None = None,
     bias: jax.Array | None = None,
     out_dtype: Any = jnp.bfloat16,
+    w_layout: str = "kn",
 ) -> jax.Array:
     """:func:`w8a8_matmul` in plain ``jax.numpy`` (XLA's int32 dot, the same float32 epilogue)."""
-    x_q, w_q, epi, dt = _check_w8a8(x_q, x_scale, w_q, w_scale, x_zero_point, bias, out_dtype)
-    acc = int8_matmul_reference(x_q, w_q)
+    x_q, w_q, epi, dt = _check_w8a8(x_q, x_scale, w_q, w_scale, x_zero_point, bias, out_dtype, w_layout)
+    acc = int8_matmul_reference(x_q, _as_kn(w_q, w_layout))
     return _epilogue(acc, epi, dt)
 
 
@@ -443,20 +503,26 @@ def int8_matmul(
     *,
     blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
+    w_layout: str = "kn",
 ) -> jax.Array:
-    """The raw int32 accumulator :math:`\\sum_k q^x_{mk} q^w_{kn}` of int8 ``(M, K)`` and ``(K, N)``:
-    the :func:`w8a8_matmul` kernel without its epilogue."""
-    x_q = check_operand(x_q, "x_q", jnp.int8, _X_DOC, "convert with x_q.astype(jnp.int8) if in range")
-    w_q = check_operand(w_q, "w_q", jnp.int8, _W_DOC, "convert with w_q.astype(jnp.int8) if in range")
-    check_contraction(x_q, w_q, "x_q", "w_q")
-    return _scaled_matmul(
-        x_q, w_q, {}, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=jnp.int32, blocks=blocks, backend=backend
-    )
+    """The raw int32 accumulator :math:`\\sum_k q^x_{mk} q^w_{kn}` of int8 ``(M, K)`` and ``(K, N)``
+    (``(N, K)`` with ``w_layout="nk"``): the :func:`w8a8_matmul` kernel without its epilogue."""
+    x_q, w_q = _check_int8(x_q, w_q, w_layout)
+    kw: dict[str, Any] = dict(blocks=blocks, backend=backend, w_layout=w_layout)
+    return _scaled_matmul(x_q, w_q, {}, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=jnp.int32, **kw)
 
 
-def int8_matmul_reference(x_q: jax.Array, w_q: jax.Array) -> jax.Array:
-    """``x_q @ w_q`` in int32 by XLA (exact)."""
-    x_q = check_operand(x_q, "x_q", jnp.int8, _X_DOC, "convert with x_q.astype(jnp.int8) if in range")
-    w_q = check_operand(w_q, "w_q", jnp.int8, _W_DOC, "convert with w_q.astype(jnp.int8) if in range")
-    check_contraction(x_q, w_q, "x_q", "w_q")
+def _check_int8(x_q: Any, w_q: Any, w_layout: str) -> tuple[jax.Array, jax.Array]:
+    check_w_layout(w_layout)
+    hint = "convert with {}.astype(jnp.int8) if in range"
+    x_q = check_operand(x_q, "x_q", jnp.int8, _X_DOC, hint.format("x_q"))
+    w_q = check_operand(w_q, "w_q", jnp.int8, _W_DOCS[w_layout], hint.format("w_q"))
+    check_contraction(x_q, w_q, "x_q", "w_q", w_layout)
+    return x_q, w_q
+
+
+def int8_matmul_reference(x_q: jax.Array, w_q: jax.Array, *, w_layout: str = "kn") -> jax.Array:
+    """``x_q @ w_q`` (``x_q @ w_q.T`` with ``w_layout="nk"``) in int32 by XLA (exact)."""
+    x_q, w_q = _check_int8(x_q, w_q, w_layout)
+    w_q = _as_kn(w_q, w_layout)
     return lax.dot_general(x_q, w_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
