@@ -6,9 +6,9 @@ The unit tests (``tests/test_kernels_*.py``) check the kernels in the Pallas int
 their lowering for ``cuda`` and ``tpu``; this script is the check on a real accelerator, where
 Triton or Mosaic compile the kernels: int8 exactness of the W8A8 accumulator, the W8A8 / FP8 /
 W4A16 outputs within float rounding of their references, and the per-token quantization bit for
-bit, at decode (M = 1), odd and Llama-sized shapes, W8A8 / int8 / FP8 also with the weight stored
-``(N, K)`` (``w_layout="nk"``); on a GPU also the W8A8, int8 and FP8 matmuls
-of the Hopper path (``backend="mosaic_gpu"``, sm_90 only) and the W4A16 options that
+bit, at decode (M = 1), odd and Llama-sized shapes, W8A8 / int8 / FP8 / block-scaled FP8 also
+with the weight stored ``(N, K)`` (``w_layout="nk"``); on a GPU also the W8A8, int8 and FP8
+matmuls of the Hopper path (``backend="mosaic_gpu"``, sm_90 only) and the W4A16 options that
 ``experiments.profile_w4a16`` times (``unpack="asm"``, ``swap_ab``). It prints one line per case and
 exits non-zero if any case fails (compile errors included).
 """
@@ -84,14 +84,17 @@ def case_fp8(
     return _rel(y, fp8.fp8_matmul_reference(x, xs, w, ws, out_dtype=jnp.float32)), 2e-3
 
 
-def case_fp8_block(rng: np.random.Generator, m: int, k: int, n: int, backend: str) -> tuple[float, float]:
+def case_fp8_block(
+    rng: np.random.Generator, m: int, k: int, n: int, backend: str, w_layout: str = "kn"
+) -> tuple[float, float]:
     e4m3 = jnp.float8_e4m3fn
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32).astype(e4m3)
     w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32).astype(e4m3)
     xs = jnp.asarray(rng.uniform(0.5, 2, (m, -(-k // 128))), jnp.float32)
     ws = jnp.asarray(rng.uniform(0.5, 2, (-(-k // 128), -(-n // 128))), jnp.float32)
     kw: dict[str, Any] = dict(out_dtype=jnp.float32)
-    y = jax.jit(functools.partial(fp8_block.fp8_block_matmul, backend=backend, **kw))(x, xs, w, ws)
+    f = functools.partial(fp8_block.fp8_block_matmul, backend=backend, w_layout=w_layout, **kw)
+    y = jax.jit(f)(x, xs, _layout(w, w_layout), ws)
     return _rel(y, fp8_block.fp8_block_matmul_reference(x, xs, w, ws, **kw)), 2e-3
 
 
@@ -147,6 +150,7 @@ CASES: dict[str, Callable[..., tuple[float, float]]] = {
     "int8_matmul (int32 exact) [w_layout=nk]": functools.partial(case_int8, w_layout="nk"),
     "w8a8_matmul (zero point, bias) [w_layout=nk]": functools.partial(case_w8a8, w_layout="nk"),
     "fp8_matmul [w_layout=nk]": functools.partial(case_fp8, w_layout="nk"),
+    "fp8_block_matmul [w_layout=nk]": functools.partial(case_fp8_block, w_layout="nk"),
     "fp8_block_matmul (128 x 128 blocks)": case_fp8_block,
     "w4a16_matmul (asym, g128/g32)": case_w4a16,
     "quantize_per_token (int8, fp8)": case_act_quant,

@@ -146,3 +146,33 @@ def test_lowers_for_accelerators(backend, platform, m, lowered):
     fn = jax.jit(functools.partial(fp8_block_matmul, backend=backend))
     text = lowered(fn, *args, platform=platform)
     assert "qjax_fp8_block" in text
+
+
+@pytest.mark.parametrize("body", ["gpu", "tpu"])
+def test_weight_stored_nk_gives_the_same_values(body):
+    """``w_layout="nk"``: the weight ``(N, K)`` (K contiguous), block scales unchanged; within the
+    float32 rounding bound of the formula, like the ``(K, N)`` kernel, in both bodies."""
+    m, k, n = 33, 384, 300
+    x, xs, w, ws, bias = _operands(np.random.default_rng(5), m, k, n, 2)
+    y64, terms = _float64(x, xs, w, ws, bias)
+    tol = (128 + xs.shape[1] + 4) * EPS32 * terms + 1e-30
+    f = functools.partial(fp8_block_matmul, out_dtype=jnp.float32, backend="interpret", body=body)
+    y = np.asarray(jax.jit(functools.partial(f, w_layout="nk"))(x, xs, w.T, ws, bias=bias), np.float64)
+    assert y.shape == (m, n) and np.all(np.abs(y - y64) <= tol)
+    ref = fp8_block_matmul_reference(x, xs, w.T, ws, bias=bias, out_dtype=jnp.float32, w_layout="nk")
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(_reference(x, xs, w, ws, bias=bias)))
+    with pytest.raises(ValueError, match=r"w_q has 300 columns .*w_layout='kn'"):
+        fp8_block_matmul(x, xs, w, ws, backend="interpret", w_layout="nk")
+
+
+@pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
+def test_weight_stored_nk_lowers(backend, platform, lowered):
+    m, k, n = 64, 1024, 384
+    args = (
+        jax.ShapeDtypeStruct((m, k), FP8),
+        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+        jax.ShapeDtypeStruct((n, k), FP8),
+        jax.ShapeDtypeStruct((k // 128, 3), jnp.float32),
+    )
+    fn = jax.jit(functools.partial(fp8_block_matmul, backend=backend, w_layout="nk"))
+    assert "qjax_fp8_block" in lowered(fn, *args, platform=platform)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,19 +39,30 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from qjax.kernels import blocks as kb
-from qjax.kernels.w8a8 import check_bias, check_contraction, check_operand, check_out_dtype
+from qjax.kernels.w8a8 import (
+    _W_DOCS,
+    _as_kn,
+    _dot,
+    check_bias,
+    check_contraction,
+    check_operand,
+    check_out_dtype,
+    gpu_weight_spec,
+    tpu_weight_spec,
+)
 
 FP8 = jnp.float8_e4m3fn
 GROUP = 128
 
 
 def _check(
-    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, bias: Any, out_dtype: Any
+    x_q: Any, x_scale: Any, w_q: Any, w_scale: Any, bias: Any, out_dtype: Any, w_layout: str = "kn"
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, jnp.dtype]:
     x_q = check_operand(x_q, "x_q", FP8, "of shape (M, K)", "quantize per token and 128-wide K group")
-    w_q = check_operand(w_q, "w_q", FP8, "of shape (K, N)", "quantize per 128 x 128 block to float8_e4m3fn")
-    check_contraction(x_q, w_q, "x_q", "w_q")
-    (m, k), n = x_q.shape, w_q.shape[1]
+    w_hint = "quantize per 128 x 128 block to float8_e4m3fn"
+    w_q = check_operand(w_q, "w_q", FP8, _W_DOCS.get(w_layout, ""), w_hint)
+    check_contraction(x_q, w_q, "x_q", "w_q", w_layout)
+    (m, k), n = x_q.shape, w_q.shape[0 if w_layout == "nk" else 1]
     g, gn = -(-k // GROUP), -(-n // GROUP)
     for name, s, shape, doc in (
         ("x_scale", x_scale, (m, g), "one per token and 128-wide K group: (M, ceil(K/128))"),
@@ -80,10 +91,12 @@ def fp8_block_matmul_reference(
     *,
     bias: jax.Array | None = None,
     out_dtype: Any = jnp.bfloat16,
+    w_layout: str = "kn",
 ) -> jax.Array:
     """:func:`fp8_block_matmul` in plain ``jax.numpy``: each group's float32 dot at full precision,
     scaled by its two scales, summed over the groups in order; the bias; the cast."""
-    x_q, xs, w_q, ws, b, dt = _check(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    x_q, xs, w_q, ws, b, dt = _check(x_q, x_scale, w_q, w_scale, bias, out_dtype, w_layout)
+    w_q = _as_kn(w_q, w_layout)
     m, n = x_q.shape[0], w_q.shape[1]
     g = xs.shape[1]
     x = kb.pad_axis(x_q.astype(jnp.float32), 1, GROUP).reshape(m, g, GROUP)
@@ -96,31 +109,36 @@ def fp8_block_matmul_reference(
     return acc.astype(dt)
 
 
-def _gpu_kernel(
-    x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, groups: int, has_bias: bool, out_dtype: Any
-) -> None:
-    # x_ref (bm, Kp), w_ref (Kp, bn), xs_ref (bm, G), ws_ref (G, bn); refs: [bias (1, bn)], o_ref
+class _Static(NamedTuple):
+    """What the kernel bodies know at trace time."""
+
+    groups: int
+    has_bias: bool
+    out_dtype: Any
+    w_nk: bool
+
+
+def _gpu_kernel(x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, st: _Static) -> None:
+    # x_ref (bm, Kp), w_ref (Kp, bn) or (bn, Kp) if w_nk, xs_ref (bm, G), ws_ref (G, bn); refs:
+    # [bias (1, bn)], o_ref
     o_ref = refs[-1]
-    bm, bn = x_ref.shape[0], w_ref.shape[1]
+    bm, bn = o_ref.shape
 
     def step(i: jax.Array, acc: jax.Array) -> jax.Array:
         start = pl.multiple_of(i * GROUP, GROUP)
-        part = jnp.dot(
-            x_ref[:, pl.ds(start, GROUP)], w_ref[pl.ds(start, GROUP), :], preferred_element_type=jnp.float32
-        )  # (bm, bn)
+        w = w_ref[:, pl.ds(start, GROUP)] if st.w_nk else w_ref[pl.ds(start, GROUP), :]
+        part = _dot(x_ref[:, pl.ds(start, GROUP)], w, jnp.float32, None, st.w_nk)  # (bm, bn)
         return acc + part * xs_ref[:, pl.ds(i, 1)] * ws_ref[pl.ds(i, 1), :]
 
-    acc = lax.fori_loop(0, groups, step, jnp.zeros((bm, bn), jnp.float32))
-    if has_bias:
+    acc = lax.fori_loop(0, st.groups, step, jnp.zeros((bm, bn), jnp.float32))
+    if st.has_bias:
         acc = acc + refs[0][...]
-    o_ref[...] = acc.astype(out_dtype)
+    o_ref[...] = acc.astype(st.out_dtype)
 
 
-def _tpu_kernel(
-    x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, groups: int, has_bias: bool, out_dtype: Any
-) -> None:
-    # x_ref (bm, 128), w_ref (128, bn), xs_ref (bm, 1), ws_ref (1, bn); refs: [bias (1, bn)], o_ref,
-    # acc_ref (bm, bn) f32 in VMEM
+def _tpu_kernel(x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, st: _Static) -> None:
+    # x_ref (bm, 128), w_ref (128, bn) or (bn, 128) if w_nk, xs_ref (bm, 1), ws_ref (1, bn); refs:
+    # [bias (1, bn)], o_ref, acc_ref (bm, bn) f32 in VMEM
     o_ref, acc_ref = refs[-2], refs[-1]
     g = pl.program_id(2)
 
@@ -128,17 +146,15 @@ def _tpu_kernel(
     def _init() -> None:
         acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
 
-    part = jnp.dot(
-        x_ref[...].astype(jnp.bfloat16), w_ref[...].astype(jnp.bfloat16), preferred_element_type=jnp.float32
-    )
+    part = _dot(x_ref[...], w_ref[...], jnp.float32, jnp.bfloat16, st.w_nk)  # bf16 holds every e4m3 value
     acc_ref[...] += part * xs_ref[...] * ws_ref[...]
 
-    @pl.when(g == groups - 1)
+    @pl.when(g == st.groups - 1)
     def _finish() -> None:
         acc = acc_ref[...]
-        if has_bias:
+        if st.has_bias:
             acc = acc + refs[0][...]
-        o_ref[...] = acc.astype(out_dtype)
+        o_ref[...] = acc.astype(st.out_dtype)
 
 
 def fp8_block_matmul(
@@ -152,6 +168,7 @@ def fp8_block_matmul(
     blocks: kb.Blocks | Mapping[str, Any] | None = None,
     backend: str | None = None,
     body: str | None = None,
+    w_layout: str = "kn",
 ) -> jax.Array:
     """E4M3 x E4M3 matmul with per-(token, 128-wide K group) activation scales and per-128 x 128
     block weight scales (module docstring).
@@ -159,16 +176,19 @@ def fp8_block_matmul(
     Args:
       x_q: float8_e4m3fn ``(M, K)``.
       x_scale: float32 ``(M, ceil(K/128))``.
-      w_q: float8_e4m3fn ``(K, N)``.
-      w_scale: float32 ``(ceil(K/128), ceil(N/128))``.
+      w_q: float8_e4m3fn ``(K, N)``, or ``(N, K)`` with ``w_layout="nk"`` (K contiguous: the
+        operand Hopper's fp8 tensor cores read, see :mod:`qjax.kernels.w8a8`).
+      w_scale: float32 ``(ceil(K/128), ceil(N/128))`` in either layout.
       bias: float ``(N,)`` or ``None``.
       out_dtype: float32, bfloat16 or float16.
       blocks: overrides of the ``"fp8"`` block table (``block_m``, ``block_n``, launch
         parameters; ``block_k`` is always 128).
       backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
       body: ``"gpu"`` or ``"tpu"``: which body the interpreter runs (tests); default by backend.
+      w_layout: ``"kn"`` or ``"nk"`` (see ``w_q``).
     """
-    x_q, xs, w_q, ws, b, dt = _check(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    x_q, xs, w_q, ws, b, dt = _check(x_q, x_scale, w_q, w_scale, bias, out_dtype, w_layout)
+    w_nk = w_layout == "nk"
     be = kb.resolve_backend(backend)
     if be == "mosaic_gpu":
         raise ValueError(
@@ -177,7 +197,7 @@ def fp8_block_matmul(
     body = body or ("tpu" if be == "tpu" else "gpu")
     if body not in ("gpu", "tpu"):
         raise ValueError(f"body={body!r}: expected 'gpu' or 'tpu'")
-    m, n = x_q.shape[0], w_q.shape[1]
+    m, n = x_q.shape[0], w_q.shape[0 if w_nk else 1]
     groups = xs.shape[1]
     chosen = kb.choose_blocks("fp8", be, m, blocks)
     bl = kb.Blocks(chosen.block_m, chosen.block_n, GROUP, chosen.num_warps, chosen.num_stages)
@@ -185,18 +205,19 @@ def fp8_block_matmul(
         raise ValueError(f"blocks={bl}: Mosaic tiles need block_m a multiple of 32 and block_n of 128")
     bm, bn = bl.block_m, bl.block_n
     xp = kb.pad_axis(kb.pad_axis(x_q, 0, bm), 1, GROUP)  # (Mp, Kp)
-    wp = kb.pad_axis(kb.pad_axis(w_q, 0, GROUP), 1, bn)  # (Kp, Np)
+    n_block, k_block = (bn, GROUP) if w_nk else (GROUP, bn)  # the blocks of w's axes 0 and 1
+    wp = kb.pad_axis(kb.pad_axis(w_q, 0, n_block), 1, k_block)  # (Np, Kp) or (Kp, Np)
     mp, kp = xp.shape
-    np_ = wp.shape[1]
+    np_ = wp.shape[0 if w_nk else 1]
     xs_p = kb.pad_axis(xs, 0, bm)  # (Mp, G)
     ws_p = kb.pad_axis(_column_scales(ws, n), 1, bn)  # (G, Np)
     extra = [] if b is None else [kb.pad_axis(b, 1, bn)]  # (1, Np)
-    kw: dict[str, Any] = {"groups": groups, "has_bias": b is not None, "out_dtype": dt}
+    kw = {"st": _Static(groups, b is not None, dt, w_nk)}
     if body == "gpu":
         grid: tuple[int, ...] = (mp // bm, np_ // bn)
         in_specs = [
             pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
+            gpu_weight_spec(kp, bn, w_nk),
             pl.BlockSpec((bm, groups), lambda i, j: (i, 0)),
             pl.BlockSpec((groups, bn), lambda i, j: (0, j)),
         ] + [pl.BlockSpec((1, bn), lambda i, j: (0, j)) for _ in extra]
@@ -212,7 +233,7 @@ def fp8_block_matmul(
         sq = pl.squeezed
         in_specs = [
             pl.BlockSpec((bm, GROUP), lambda i, j, g: (i, g)),
-            pl.BlockSpec((GROUP, bn), lambda i, j, g: (g, j)),
+            tpu_weight_spec(GROUP, bn, w_nk),
             pl.BlockSpec((sq, bm, 1), lambda i, j, g: (g, i, 0)),  # (G, Mp, 1): the group squeezed
             pl.BlockSpec((sq, 1, bn), lambda i, j, g: (g, 0, j)),  # (G, 1, Np)
         ] + [pl.BlockSpec((1, bn), lambda i, j, g: (0, j)) for _ in extra]

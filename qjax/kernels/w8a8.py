@@ -234,6 +234,20 @@ def _tpu_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+def gpu_weight_spec(kp: int, bn: int, w_nk: bool) -> Any:
+    """The weight's block at grid point ``(i, j)`` of the GPU bodies: all of K for column block ``j``."""
+    if w_nk:
+        return pl.BlockSpec((bn, kp), lambda i, j: (j, 0))
+    return pl.BlockSpec((kp, bn), lambda i, j: (0, j))
+
+
+def tpu_weight_spec(bk: int, bn: int, w_nk: bool) -> Any:
+    """The weight's block at grid point ``(i, j, k)`` of the TPU bodies: K block ``k``, columns ``j``."""
+    if w_nk:
+        return pl.BlockSpec((bn, bk), lambda i, j, k: (j, k))
+    return pl.BlockSpec((bk, bn), lambda i, j, k: (k, j))
+
+
 def _scaled_matmul(
     x: jax.Array,
     w: jax.Array,
@@ -291,11 +305,7 @@ def _scaled_matmul(
     operand_dtype = tpu_operand_dtype if body == "tpu" else None
     if body == "gpu":
         grid: tuple[int, ...] = (mp // bm, np_ // bn)
-        if w_nk:
-            w_spec = pl.BlockSpec((bn, kp), lambda i, j: (j, 0))
-        else:
-            w_spec = pl.BlockSpec((kp, bn), lambda i, j: (0, j))
-        in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), w_spec]
+        in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), gpu_weight_spec(kp, bn, w_nk)]
         row_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
         col_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
         out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
@@ -315,9 +325,7 @@ def _scaled_matmul(
         grid = (mp // bm, np_ // bn, nk)
         in_specs = [
             pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-            pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk))
-            if w_nk
-            else pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+            tpu_weight_spec(bk, bn, w_nk),
         ]
         row_spec = pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0))
         col_spec = pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))
