@@ -588,6 +588,8 @@ def time_cell(cell: dict[str, Any], compiled: Any, args: tuple[Any, ...], sweep:
     cell.update(launches=t.launches, repeats=t.repeats)
     if t.kernels is not None:
         cell["device_kernels"] = t.kernels
+    if t.note is not None:
+        cell["clock_note"] = t.note
     add_metrics(cell, sweep.peaks)
 
 
@@ -699,6 +701,7 @@ def cell_line(cell: dict[str, Any], elapsed: float) -> str:
         f"roof {'-' if pct is None else f'{pct:.1f}%':>6} speedup {_num(cell['speedup'], '.2f')} "
         f"(R={cell['copies']} L={cell['launches']} n={cell['repeats']} spread {100 * cell['spread']:.0f}% "
         f"compile {cell['compile_s']:.1f}s){top_kernel(cell)}"
+        + (f" [wall clock: {cell['clock_note']}]" if "clock_note" in cell else "")
     )
 
 
@@ -762,7 +765,8 @@ def markdown(sweep: Sweep) -> str:
             )
             continue
         lines.append(
-            f"| {c['kernel']} | {c['shape']} | {c['k']} | {c['n']} | {c['m']} | {1e6 * c['time_s']:.1f} | "
+            f"| {c['kernel']} | {c['shape']} | {c['k']} | {c['n']} | {c['m']} | {1e6 * c['time_s']:.1f}"
+            f"{' (wall)' if 'clock_note' in c else ''} | "
             f"{c['tflops']:.1f} | {c['gbps']:.0f} | {_num(c['roofline_pct'], '.1f')} | "
             f"{_num(c['speedup'], '.2f')} | {c['copies']} |"
         )

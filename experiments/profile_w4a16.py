@@ -195,6 +195,8 @@ def time_row(
     }
     if t.kernels is not None:
         row["device_kernels"] = t.kernels
+    if t.note is not None:
+        row["clock_note"] = t.note
     return row
 
 

@@ -19,7 +19,8 @@ divided by ``copies``. Two clocks:
   backend.
 
 Both report the median per-call time over the samples and their interquartile range over the
-median (``spread``).
+median (``spread``). A program the device clock fails on is timed by the wall clock, and its
+:class:`Timing` says so (``clock``, ``note``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Timing:
     repeats: int  # samples
     clock: str  # "device" or "wall"
     kernels: list[dict[str, Any]] | None = None  # device clock: per kernel name, see kernel_breakdown
+    note: str | None = None  # why a program asked of the device clock was timed by the wall clock
 
 
 def _summary(samples: Sequence[float]) -> tuple[float, float, float]:
@@ -161,9 +163,17 @@ def choose_clock(requested: str, platform: str, measure: Measure | None = None) 
 def time_program(
     clock: str, compiled: Callable[..., Any], args: Sequence[Any], copies: int, repeats: int
 ) -> Timing:
-    """Per-call time of ``compiled(*args)`` on ``clock`` (``"device"`` or ``"wall"``)."""
+    """Per-call time of ``compiled(*args)`` on ``clock`` (``"device"`` or ``"wall"``). A program
+    the device clock fails on (CUPTI's records inconsistent between executions, say) is timed by the
+    wall clock instead, with the reason in :attr:`Timing.note`: one program does not end a sweep,
+    and its time says which clock measured it."""
     if clock == "device":
-        return time_device(compiled, args, copies, repeats)
+        try:
+            return time_device(compiled, args, copies, repeats)
+        except RuntimeError as e:
+            t = time_wall(compiled, args, copies, repeats)
+            t.note = f"device clock failed ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+            return t
     if clock == "wall":
         return time_wall(compiled, args, copies, repeats)
     raise ValueError(f"clock must be 'device' or 'wall' (resolve 'auto' with choose_clock), got {clock!r}")

@@ -124,3 +124,17 @@ def test_wall_clock_times_a_program():
     assert t.clock == "wall" and t.kernels is None
     assert 3 <= t.repeats <= 4 and 1 <= t.launches <= timing.MAX_LAUNCHES
     assert 0 < t.min_seconds <= t.seconds and t.spread >= 0
+
+
+def test_a_program_the_device_clock_fails_on_is_timed_by_the_wall_clock(monkeypatch):
+    def inconsistent(f, *, aggregate, iterations):
+        def wrapper(*args):
+            f(*args)
+            raise RuntimeError("The number of kernel launches is not divisible by the number of iterations")
+
+        return wrapper
+
+    monkeypatch.setattr(timing, "cupti_measure", lambda: inconsistent)
+    t = timing.time_program("device", *_compiled(), 1, 3)
+    assert t.clock == "wall" and t.seconds > 0 and t.kernels is None
+    assert t.note is not None and "device clock failed (The number of kernel launches" in t.note
