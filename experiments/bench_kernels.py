@@ -7,6 +7,9 @@ every token count ``M`` of the sweep, ``y = x @ W`` with ``x`` of shape ``(M, K)
   baseline every speedup divides;
 * ``w4a16``: bf16 ``x``, 4-bit ``W`` packed two per byte, symmetric, one scale per group of 128
   rows of ``W`` (``qjax.kernels.w4a16``);
+* ``w4a16-swap``: the same with ``swap_ab=True``: each tile computed as ``(w^T x^T)^T``, so the
+  dequantized weight is the dot's left operand (Hopper's ``wgmma`` can take it from registers) and
+  the small M the narrow side (GPU and interpreter only);
 * ``w8a8``: ``x`` already int8 with one f32 scale per token, int8 ``W`` with one f32 scale per
   output column (``qjax.kernels.w8a8``);
 * ``w8a8+quant``: the same matmul preceded by ``quantize_per_token`` of the bf16 ``x``
@@ -109,6 +112,7 @@ from experiments import timing
 KERNELS = (
     "bf16",
     "w4a16",
+    "w4a16-swap",
     "w8a8",
     "w8a8+quant",
     "fp8",
@@ -163,6 +167,7 @@ MAX_COPIES = 32
 WEIGHT_FAMILY = {
     "bf16": "bf16",
     "w4a16": "w4",
+    "w4a16-swap": "w4",
     "w8a8": "int8",
     "w8a8+quant": "int8",
     "fp8": "fp8",
@@ -175,6 +180,7 @@ WEIGHT_FAMILY = {
 ACT_FAMILY = {
     "bf16": "bf16",
     "w4a16": "bf16",
+    "w4a16-swap": "bf16",
     "w8a8": "int8",
     "w8a8+quant": "bf16",
     "fp8": "fp8",
@@ -187,6 +193,7 @@ ACT_FAMILY = {
 ARITHMETIC = {
     "bf16": "bf16",
     "w4a16": "bf16",
+    "w4a16-swap": "bf16",
     "w8a8": "int8",
     "w8a8+quant": "int8",
     "fp8": "fp8",
@@ -198,6 +205,7 @@ ARITHMETIC = {
 }
 MODULES = {
     "w4a16": ("w4a16",),
+    "w4a16-swap": ("w4a16",),
     "w8a8": ("w8a8",),
     "w8a8+quant": ("w8a8", "act_quant"),
     "fp8": ("fp8",),
@@ -245,7 +253,7 @@ def matmul_flops(m: int, k: int, n: int) -> int:
 def activation_bytes(kernel: str, m: int, k: int) -> int:
     """Bytes of activation traffic per call (see the module docstring)."""
     quantized = m * k + 4 * m  # int8 / fp8 values and one f32 scale per token
-    if kernel in ("bf16", "w4a16", "w4a16-mgpu"):
+    if kernel in ("bf16", "w4a16", "w4a16-swap", "w4a16-mgpu"):
         return 2 * m * k
     if kernel in ("w8a8", "fp8", "w8a8-nk", "fp8-nk", "w8a8-mgpu", "fp8-mgpu"):
         return quantized
@@ -328,9 +336,11 @@ def kernel_fn(kernel: str, backend: str) -> Callable[[Any, Any], jax.Array]:
             acc_dtype=acc,
             out_dtype=jnp.bfloat16,
         )
-    if kernel == "w4a16":
+    if kernel in ("w4a16", "w4a16-swap"):
         mod = kernel_module("w4a16")
         w4 = mod.w4a16_matmul_reference if ref else mod.w4a16_matmul
+        if kernel == "w4a16-swap" and not ref:  # the reference has no tiles to swap
+            opts["swap_ab"] = True
         return lambda x, w: w4(x, w, **opts)
     if kernel.endswith("-nk"):  # the weight (N, K), K contiguous
         opts["w_layout"] = "nk"
@@ -887,6 +897,9 @@ def make_config(args: argparse.Namespace) -> Config:
     missing = {k: missing_modules(k) for k in kernels}
     skipped = tuple(f"{k} (missing {', '.join(missing[k])})" for k in kernels if missing[k])
     kernels = tuple(k for k in kernels if not missing[k])
+    if backend == "tpu" and "w4a16-swap" in kernels:
+        skipped += ("w4a16-swap (swap_ab: an option of the GPU kernel)",)
+        kernels = tuple(k for k in kernels if k != "w4a16-swap")
     if backend != "gpu":
         skipped += tuple(
             f"{k} (Mosaic GPU: runs with backend gpu only)" for k in kernels if k in HOPPER_KERNELS

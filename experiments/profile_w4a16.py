@@ -255,7 +255,8 @@ def atomic_writer(out: pathlib.Path | None, meta: dict[str, Any]) -> Callable[[l
     return write
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m experiments.profile_w4a16``."""
     parser = argparse.ArgumentParser(prog="python -m experiments.profile_w4a16", description=__doc__)
     parser.add_argument("--shapes", default=None, help="of experiments.bench_kernels.SHAPES")
     parser.add_argument("--m", default="1,16")
@@ -267,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--clock", choices=timing.CLOCKS, default="auto", help="experiments.timing; auto: device on a GPU"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     backend = "interpret" if args.interpret else kb.resolve_backend(None)
     if backend not in ("gpu", "interpret"):

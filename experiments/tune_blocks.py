@@ -127,7 +127,8 @@ def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any, clock: 
     return timing.time_program(clock, compiled, (x, ws), len(ws), 5).seconds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m experiments.tune_blocks``."""
     parser = argparse.ArgumentParser(prog="python -m experiments.tune_blocks", description=__doc__)
     parser.add_argument(
         "--kernels",
@@ -140,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--clock", choices=timing.CLOCKS, default="auto", help="experiments.timing; auto: device on a GPU"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     backend = kb.resolve_backend(None)
     try:

@@ -13,9 +13,9 @@
 #      loads + unpack, the kernel, one-change variants: split_k=1, swap_ab, unpack, blocks, warps,
 #      stages; and the Hopper W4A16 kernel) on 7b.qkv and 7b.down,
 #   4. the benchmark on the four shapes of the earlier H100 runs (7b.qkv, 7b.down, 70b.gate_up,
-#      70b.down), every kernel (w8a8-nk / fp8-nk: the Triton kernels with the weight (N, K);
-#      w4a16-mgpu at M <= 128), M = 1..4096; the full 8-shape sweep is
-#      `python -m experiments.bench_kernels` alone.
+#      70b.down), M = 1..4096, every kernel but w8a8+quant (time): w4a16 and w4a16-swap (swap_ab),
+#      w8a8 / fp8 and w8a8-nk / fp8-nk (the weight (N, K)), the Hopper rows (w4a16-mgpu at
+#      M <= 128); the full sweep is `python -m experiments.bench_kernels` alone.
 # Results go to $OUT (the device tool's folder) or runs/device_kernels: device.txt, check.json,
 # check.log, tune.log, profile.json, profile.log, bench.json, bench.md, bench.log. Run from the
 # repository root:
@@ -35,5 +35,6 @@ timeout 75 "$py" -m experiments.tune_blocks --kernels bf16,w8a8-mgpu,fp8-mgpu --
 timeout 100 "$py" -m experiments.profile_w4a16 --shapes 7b.qkv,7b.down --m 1,16 --time-budget-s 75 \
   --out "$out/profile.json" 2>&1 | tee "$out/profile.log"
 timeout 160 "$py" -m experiments.bench_kernels --shapes 7b.qkv,7b.down,70b.gate_up,70b.down \
+  --kernels bf16,w4a16,w4a16-swap,w8a8,w8a8-nk,fp8,fp8-nk,w8a8-mgpu,fp8-mgpu,w4a16-mgpu \
   --time-budget-s 130 --out "$out/bench.json" --md "$out/bench.md" 2>&1 |
   tee "$out/bench.log"

@@ -220,3 +220,17 @@ def test_mosaic_gpu_programs_lower_for_cuda(kernel, lowered):
     assert weights[0][0].shape == ((384, 1024) if kernel == "w4a16-mgpu" else (512, 512))
     program = jax.jit(bk.build_program(bk.kernel_fn(kernel, "gpu")))
     assert "mosaic_gpu" in lowered(program, x, *weights, platform="cuda")
+
+
+def test_w4a16_swap_row():
+    """``w4a16-swap`` computes the ``w4a16`` matmul with swapped tiles; TPU runs skip it."""
+    k, n, m = 256, 256, 16
+    w = bk.make_weights("w4", jax.random.key(5), k, n)
+    x = bk.make_activations("bf16", jax.random.key(6), m, k)
+    y, y_swap = bk.kernel_fn("w4a16", "interpret")(x, w), bk.kernel_fn("w4a16-swap", "interpret")(x, w)
+    scale = float(jnp.max(jnp.abs(y.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs((y - y_swap).astype(jnp.float32)))) <= 1e-2 * scale  # bf16 outputs
+    assert bk.nominal_weight_bytes("w4a16-swap", k, n) == bk.nominal_weight_bytes("w4a16", k, n)
+    config = bk.make_config(bk.parse_args(["--backend", "tpu", "--kernels", "w4a16,w4a16-swap"]))
+    assert config.kernels == ("bf16", "w4a16")
+    assert config.skipped == ("w4a16-swap (swap_ab: an option of the GPU kernel)",)

@@ -1,0 +1,70 @@
+"""``scripts/device_kernels.sh``, the one run a lent GPU gets: every experiment it starts accepts its
+arguments (a typo found on the device costs device time), and its step limits fit the budget it
+states."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shlex
+
+import pytest
+
+from experiments import bench_kernels as bk
+from experiments import profile_w4a16 as pw
+from experiments import tune_blocks as tb
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "device_kernels.sh"
+
+
+def _steps() -> list[tuple[int, str, list[str]]]:
+    """``(timeout seconds, module, arguments)`` of every ``timeout N "$py" -m experiments.X ...``."""
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    steps = []
+    for line in text.splitlines():
+        found = re.match(r'\s*timeout (\d+) "\$py" -m (experiments\.\w+) (.*)', line)
+        if found:
+            words = shlex.split(found.group(3).split("|")[0].split("2>&1")[0])
+            steps.append((int(found.group(1)), found.group(2), words))
+    return steps
+
+
+def _value(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_the_script_runs_the_four_steps_within_its_stated_limit():
+    steps = _steps()
+    assert [module for _, module, _ in steps] == [
+        "experiments.check_kernels",
+        "experiments.tune_blocks",
+        "experiments.profile_w4a16",
+        "experiments.bench_kernels",
+    ]
+    total = sum(limit for limit, _, _ in steps)
+    stated = re.search(r"time limit \(([\d + ]+) s", SCRIPT.read_text())
+    assert stated is not None and sum(map(int, stated.group(1).split("+"))) == total
+    assert total <= 8 * 60  # leaves a 15-minute device budget room for the start and a partial rerun
+    for limit, _, args in steps:  # the experiments' own budgets end before the hard limit
+        budget = _value(args, "--time-budget-s")
+        assert budget is None or float(budget) < limit
+
+
+@pytest.mark.parametrize("module", ["experiments.bench_kernels", "experiments.profile_w4a16"])
+def test_benchmark_and_profile_arguments_parse(module):
+    (args,) = [a for _, m, a in _steps() if m == module]
+    if module == "experiments.bench_kernels":
+        parsed = bk.parse_args(args)
+        assert len(bk.parse_kernels(parsed.kernels)) > 1
+        assert [s for s, _, _ in bk.parse_shapes(parsed.shapes)] == parsed.shapes.split(",")
+    else:
+        parsed = pw.make_parser().parse_args(args)
+        assert all(s in bk.SHAPES for s in parsed.shapes.split(","))
+        assert all(int(m) >= 1 for m in parsed.m.split(","))
+
+
+def test_tuning_kernels_exist():
+    (args,) = [a for _, m, a in _steps() if m == "experiments.tune_blocks"]
+    kernels = tb.make_parser().parse_args(args).kernels.split(",")
+    known = {"w8a8", "fp8", "w4a16", "w8a8-nk", "fp8-nk", "bf16", *tb.MOSAIC_GPU}
+    assert kernels and set(kernels) <= known
