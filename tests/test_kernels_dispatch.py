@@ -152,3 +152,48 @@ def test_mosaic_gpu_path_lowers_a_served_model_for_cuda(rng, rules, custom_call,
     x = jax.ShapeDtypeStruct((256, WIDTHS[0]), jnp.float32)
     text = lowered(jax.jit(forward), state, x, platform="cuda")
     assert custom_call in text
+
+
+def test_prepared_w4a16_weights_are_packed_once(rng, monkeypatch):
+    """``prepare_kernels`` stores each W4A16 layer's packed weight; the served forward then packs
+    nothing and gives the same outputs, bit for bit, on every path."""
+    rules = _rules(INT4_G32_ASYM, NO_ACTS)
+    qat, served = _served(rules, rng)
+    x = shifted(rng, 8, WIDTHS[0])
+    xs = layer_inputs(qat, x)
+    before = {}
+    for path in ("pallas", "reference", "xla"):
+        qjax.nn.set_kernels(served, path)
+        before[path] = [np.asarray(y) for y in each_layer(served, xs)]
+    prepared = qjax.nn.prepare_kernels(served)
+    assert prepared == [f"layers/{i}" for i in range(4)]
+    rows = {r["path"]: r for r in qjax.nn.summary(served)}
+    k, n_pad = WIDTHS[0], 256  # layer 0: K = 128 in groups of 32 (zero points too), N = 192 padded
+    assert rows["layers/0"]["kernel_layout_bytes"] == k // 2 * n_pad + 2 * (k // 32) * n_pad * 4
+
+    def no_packing(*args, **kwargs):
+        raise AssertionError("a prepared layer packed its weight in the call")
+
+    monkeypatch.setattr(qjax.kernels.dispatch, "pack_w4", no_packing)
+    for path in ("pallas", "reference", "xla"):
+        qjax.nn.set_kernels(served, path)
+        for y, y0 in zip(each_layer(served, xs), before[path], strict=True):
+            np.testing.assert_array_equal(np.asarray(y), y0)
+    graph, state = nnx.split(served)  # the prepared weights are state: jit and split/merge carry them
+    qjax.nn.set_kernels(served, "pallas")
+    y = jax.jit(lambda s, v: nnx.merge(graph, s)(v))(state, x)
+    assert y.shape == (8, WIDTHS[-1])
+
+
+def test_prepare_kernels_refusals_and_uncovered_layers(rng):
+    qat, served = _served(_rules(INT8_CH, INT8_ACTS), rng)
+    with pytest.raises(ValueError, match=r"layer 'layers/0' is in mode 'qat': .*qjax.nn.convert"):
+        qjax.nn.prepare_kernels(qat)
+    assert qjax.nn.prepare_kernels(served) == []  # W8A8 layers: no W4A16 layout to prepare
+    _, w4 = _served(_rules(INT4_G32, NO_ACTS), rng)
+    qjax.nn.prepare_kernels(w4)
+    ops = [op for _, _, op in qjax.nn.quantized_ops(w4)]
+    ops[0].prepared, ops[1].prepared = ops[1].prepared, ops[0].prepared  # another layer's weight
+    qjax.nn.set_kernels(w4, "pallas")
+    with pytest.raises(ValueError, match=r"W4A16 weight is 192 x 128 but the layer's weight is 128 x 192"):
+        w4(shifted(rng, 8, WIDTHS[0]))

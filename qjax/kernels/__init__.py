@@ -10,6 +10,7 @@ from qjax.kernels.dispatch import (
     KERNEL_PATHS,
     check_kernel_path,
     kernel_plan,
+    prepare_w4a16,
     resolved_kernel_path,
     serve_dot_general,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "int8_matmul_reference",
     "kernel_plan",
     "pack_w4",
+    "prepare_w4a16",
     "quantize_per_token",
     "quantize_per_token_reference",
     "quantized_conv",

@@ -31,8 +31,10 @@ changes. A contraction the kernels do not cover runs on ``"xla"`` whatever the p
 each for a contraction of the activations' last axis with the weight's first, the weight 2-D and
 no batch axes (``x @ W`` of Linear layers and Einsum layers of that form). Integer weights are
 stored by :func:`qjax.nn.convert` as a :class:`~qjax.numerics.QArray` packed along the output axis;
-W4A16 repacks them along the contraction axis on every call (:func:`~qjax.kernels.w4a16.pack_w4`),
-an extra read and write of the packed weight that a serving stack would do once, at load time.
+W4A16 repacks them along the contraction axis (:func:`~qjax.kernels.w4a16.pack_w4`) on every call,
+an extra read and write of the weight per call, unless the layer holds the kernel's layout already:
+:func:`prepare_w4a16` makes it, :func:`qjax.nn.prepare_kernels` stores it in every served Linear
+layer it covers, and the calls then pass it as ``prepared``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import jax.numpy as jnp
 from qjax.kernels import xla
 from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
 from qjax.kernels.fp8_block import fp8_block_matmul, fp8_block_matmul_reference
-from qjax.kernels.w4a16 import pack_w4, w4a16_matmul, w4a16_matmul_reference
+from qjax.kernels.w4a16 import PackedW4, pack_w4, w4a16_matmul, w4a16_matmul_reference
 from qjax.kernels.w8a8 import w8a8_matmul, w8a8_matmul_reference
 from qjax.numerics import QArray
 from qjax.numerics.formats import FloatFormat, IntFormat
@@ -199,12 +201,13 @@ def _w4_group(w: QArray, k: int, n: int) -> int | None:
     return g if g in (32, 64, 128) or (groups == 1 and g % 128 == 0) else None
 
 
-def _w4a16_plan(x: jax.Array, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+def w4a16_operands(w: QArray) -> tuple[jax.Array, jax.Array, jax.Array | None, int] | None:
+    """``(codes, scales, zeros, group_size)``, the arguments of :func:`pack_w4`, of a served 2-D
+    4-bit weight ``(K, N)`` that the W4A16 kernel covers; ``None`` if it does not."""
     fw = w.spec.format
-    if not isinstance(fw, IntFormat) or fw.bits != 4:
+    if len(w.shape) != 2 or not isinstance(fw, IntFormat) or fw.bits != 4:
         return None
-    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        return None
+    k, n = w.shape
     g = _w4_group(w, k, n)
     if g is None:
         return None
@@ -219,10 +222,41 @@ def _w4a16_plan(x: jax.Array, w: QArray, m: int, k: int, n: int, out_dtype: Any)
     if group_size != g:  # one scale per channel: repeat it for every group of 128
         scales = jnp.repeat(scales, g // 128, axis=0)
         zeros = None if zeros is None else jnp.repeat(zeros, g // 128, axis=0)
+    return values, scales, zeros, group_size
+
+
+def prepare_w4a16(w: QArray) -> PackedW4 | None:
+    """The W4A16 kernel's packed weight of a served 4-bit weight (``None`` if the kernel does not
+    cover it): what a call would pack, made once."""
+    operands = w4a16_operands(w)
+    if operands is None:
+        return None
+    values, scales, zeros, group_size = operands
+    return pack_w4(values, scales, zeros, group_size=group_size)
+
+
+def _w4a16_plan(
+    x: jax.Array, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: PackedW4 | None
+) -> KernelPlan | None:
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return None
+    operands = w4a16_operands(w) if prepared is None else None
+    if prepared is None and operands is None:
+        return None
+    if prepared is not None and (prepared.k, prepared.n) != (k, n):
+        raise ValueError(
+            f"the prepared W4A16 weight is {prepared.k} x {prepared.n} but the layer's weight is {k} x {n}; "
+            "prepare it again from this weight (qjax.nn.prepare_kernels) after changing the weights"
+        )
     xs = x.reshape(m, k)
 
     def run(impl: str) -> jax.Array:
-        packed = pack_w4(values, scales, zeros, group_size=group_size)
+        if prepared is not None:
+            packed = prepared
+        else:
+            assert operands is not None
+            values, scales, zeros, group_size = operands
+            packed = pack_w4(values, scales, zeros, group_size=group_size)
         if impl == "reference":
             return w4a16_matmul_reference(xs, packed, out_dtype=out_dtype)
         return w4a16_matmul(xs, packed, out_dtype=out_dtype, backend=_backend(impl, mosaic_gpu_body=False))
@@ -231,9 +265,15 @@ def _w4a16_plan(x: jax.Array, w: QArray, m: int, k: int, n: int, out_dtype: Any)
 
 
 def kernel_plan(
-    x: jax.Array | QArray, w: QArray, dimension_numbers: Any, out_dtype: Any = jnp.float32
+    x: jax.Array | QArray,
+    w: QArray,
+    dimension_numbers: Any,
+    out_dtype: Any = jnp.float32,
+    prepared: PackedW4 | None = None,
 ) -> KernelPlan | None:
-    """The kernel that covers ``dot_general(x, w, dimension_numbers)``, or None (see the module docstring)."""
+    """The kernel that covers ``dot_general(x, w, dimension_numbers)``, or None (see the module
+    docstring). ``prepared``: ``w`` in the W4A16 kernel's layout (:func:`prepare_w4a16`), used
+    instead of packing ``w`` in the call."""
     x_shape: Sequence[int] = x.shape
     if not isinstance(w, QArray) or w.spec.format.container_bits > 8 or not len(x_shape):
         return None
@@ -251,7 +291,7 @@ def kernel_plan(
             or _fp8_plan(x, w, m, k, n, out_dtype)
             or _fp8_block_plan(x, w, m, k, n, out_dtype)
         )
-    return _w4a16_plan(x, w, m, k, n, out_dtype)
+    return _w4a16_plan(x, w, m, k, n, out_dtype, prepared)
 
 
 def serve_dot_general(
@@ -261,10 +301,12 @@ def serve_dot_general(
     *,
     out_dtype: Any = jnp.float32,
     path: str = "auto",
+    prepared: PackedW4 | None = None,
 ) -> jax.Array:
-    """``lax.dot_general(x, w)`` of a served layer on the kernel path in force (module docstring)."""
+    """``lax.dot_general(x, w)`` of a served layer on the kernel path in force (module docstring);
+    ``prepared`` as in :func:`kernel_plan` (the XLA path does not use it)."""
     resolved = resolved_kernel_path(path)
-    plan = None if resolved == "xla" else kernel_plan(x, w, dimension_numbers, out_dtype)
+    plan = None if resolved == "xla" else kernel_plan(x, w, dimension_numbers, out_dtype, prepared)
     if plan is None:
         return xla.quantized_dot_general(x, w, dimension_numbers, out_dtype=out_dtype)
     y = plan.run(resolved)

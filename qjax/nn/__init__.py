@@ -24,6 +24,7 @@ from qjax.nn.model import (
     convert,
     learned_quantizer_params,
     pin_weight_qparams,
+    prepare_kernels,
     quantizable_layers,
     quantize_model,
     quantized_ops,
@@ -31,7 +32,7 @@ from qjax.nn.model import (
     set_mode,
     summary,
 )
-from qjax.nn.ops import CodebookIndices, QuantizedEmbedding, QuantizedOp
+from qjax.nn.ops import CodebookIndices, KernelLayout, QuantizedEmbedding, QuantizedOp
 from qjax.nn.rules import ActivationScale, Observer, Rule
 from qjax.nn.stats import QuantStats, StaticQParams
 
@@ -41,6 +42,7 @@ __all__ = [
     "FakeQuantDotGeneral",
     "FoldedBatchNorm",
     "HookCall",
+    "KernelLayout",
     "Observer",
     "QuantStats",
     "QuantizedEmbedding",
@@ -61,6 +63,7 @@ __all__ = [
     "learned_quantizer_params",
     "mean_output_error",
     "pin_weight_qparams",
+    "prepare_kernels",
     "quantizable_layers",
     "quantize_model",
     "quantized_ops",

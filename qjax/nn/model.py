@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.kernels.dispatch import check_kernel_path
+from qjax.kernels.dispatch import check_kernel_path, prepare_w4a16
 from qjax.nn.ops import (
     MODES,
+    KernelLayout,
     QuantizedEmbedding,
     QuantizedOp,
     promote_keeping_quantized,
@@ -305,6 +306,35 @@ def convert(model: M) -> M:
     return served
 
 
+def prepare_kernels(model: nnx.Module) -> list[str]:
+    """Store, in place, the weight of every served Linear layer that the W4A16 kernel covers in that
+    kernel's layout (:func:`qjax.kernels.dispatch.prepare_w4a16`), so that its calls on the
+    ``pallas``, ``mosaic_gpu`` and ``reference`` paths stop repacking the weight each time. Returns
+    the paths of the layers prepared.
+
+    The ``QArray`` stays (the ``xla`` path, checkpoints and :func:`summary` read it), so a prepared
+    layer holds its weight twice (:func:`summary`'s ``kernel_layout_bytes``). Prepare again after
+    changing a converted weight."""
+    ops = quantized_ops(model)
+    if not ops:
+        raise ValueError("the model has no quantized layers; call qjax.nn.quantize_model and convert first")
+    prepared = []
+    for path, layer, op in ops:
+        if op.mode != "serve":
+            raise ValueError(
+                f"layer {path!r} is in mode {op.mode!r}: prepare_kernels takes a converted model "
+                "(served = qjax.nn.convert(model))"
+            )
+        if not isinstance(op, QuantizedOp) or op.kind != "dot_general":
+            continue
+        weight = getattr(layer, _hook_spec(layer)[1])[...]
+        packed = prepare_w4a16(weight) if isinstance(weight, QArray) else None
+        if packed is not None:
+            op.prepared = KernelLayout(packed)
+            prepared.append(path)
+    return prepared
+
+
 def _check_integer_conv(path: str, rule: Rule, kernel: jax.Array) -> None:
     """An integer convolution applies one scale per output channel and one per input tensor."""
     assert rule.weights is not None and rule.activations is not None
@@ -347,6 +377,9 @@ def summary(model: nnx.Module) -> list[dict[str, Any]]:
             if isinstance(kernel, QArray):
                 row["weight_bytes"] = kernel.nbytes
                 row["compression_ratio"] = kernel.compression_ratio()
+            if isinstance(op, QuantizedOp) and op.prepared is not None:
+                leaves = jax.tree_util.tree_leaves(op.prepared.get_value())
+                row["kernel_layout_bytes"] = sum(int(leaf.nbytes) for leaf in leaves)
         rows.append(row)
     return rows
 
@@ -374,6 +407,7 @@ __all__ = [
     "calibrate",
     "convert",
     "learned_quantizer_params",
+    "prepare_kernels",
     "quantizable_layers",
     "quantize_model",
     "quantized_ops",

@@ -76,6 +76,11 @@ def _codebook_state(
         raise ValueError(f"layer {path!r} (k-means of the kernel): {e}") from None
 
 
+class KernelLayout(nnx.Variable):
+    """A served layer's weight in its kernel's layout (e.g. the W4A16 kernel's
+    :class:`~qjax.kernels.w4a16.PackedW4`), made once by :func:`qjax.nn.prepare_kernels`."""
+
+
 class QuantizedOp(nnx.Module):
     """A layer's quantized contraction (see the module docstring).
 
@@ -84,6 +89,8 @@ class QuantizedOp(nnx.Module):
       path: the layer's path in the model (for error messages and reports).
       rule: the :class:`~qjax.nn.Rule` that selected the layer.
       mode: ``qat``, ``calibrate`` or ``serve``.
+      prepared: ``None``, or in ``serve`` mode the weight in its kernel's layout
+        (:func:`qjax.nn.prepare_kernels`).
     """
 
     def __init__(self, kind: str, path: str, rule: Rule, kernel: jax.Array, mode: str, seed: int = 0):
@@ -106,6 +113,7 @@ class QuantizedOp(nnx.Module):
         self.weight_static = StaticQParams(None)  # fixed kernel parameters (e.g. AdaRound's grid)
         stochastic = any(s is not None and s.rounding == Rounding.STOCHASTIC for s in (w, a))
         self.rngs = nnx.Rngs(quantize=seed) if stochastic else None
+        self.prepared: KernelLayout | None = nnx.data(None)  # data: a KernelLayout once prepared
 
     # -- the hook ---------------------------------------------------------------------------------
 
@@ -266,7 +274,10 @@ class QuantizedOp(nnx.Module):
             return float_op(dequantize(x, lhs.dtype) if isinstance(x, QArray) else x, rhs)
         out_dtype = jnp.result_type(lhs)
         if self.kind == "dot_general":
-            return kernels.serve_dot_general(x, rhs, rest[0], out_dtype=out_dtype, path=self.rule.kernels)
+            prepared = None if self.prepared is None else self.prepared.get_value()
+            return kernels.serve_dot_general(
+                x, rhs, rest[0], out_dtype=out_dtype, path=self.rule.kernels, prepared=prepared
+            )
         if self.kind == "conv":
             conv_kwargs = _conv_kwargs(rest, kwargs)
             return self._checked(
