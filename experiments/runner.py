@@ -302,6 +302,8 @@ def run_cell(
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
         if cfg.eval.serve and cfg.method.name in ("ptq", "qat"):
             served = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
+            if qjax.kernels.resolved_kernel_path(cfg.eval.kernels) != "xla":
+                qjax.nn.prepare_kernels(served)  # W4A16 layers: pack for the kernel once, not per batch
             metrics.update(
                 {
                     f"serve_{k}": v
