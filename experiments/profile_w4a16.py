@@ -16,7 +16,7 @@ same grid, blocks and packed weights, so one GPU run says which part costs the t
   ``unpack asm`` the same with the PTX unpack (``unpack="asm"``, GPU only);
 * ``kernel``: :func:`qjax.kernels.w4a16.w4a16_matmul` as served (table blocks, automatic split of K);
 * variants of ``kernel``: one change each (``split_k=1``, ``swap_ab``, ``unpack="convert"`` /
-  ``"asm"``, other blocks, warps, stages);
+  ``"asm"``, other blocks, warps, stages), and on a GPU ``swap_ab`` with ``unpack="asm"`` together;
 * ``mgpu``: the Hopper kernel for small M (:mod:`qjax.kernels.hopper_w4`, GPU only), and with the
   converted weight staged through shared memory or 4 K slices in flight (not 8).
 
@@ -137,6 +137,7 @@ def variants(m: int, backend: str) -> list[tuple[str, str, Callable[[Any, Any], 
     if backend == "gpu":  # PTX: nowhere else
         rows[4:4] = [("unpack asm", "w4", part_fn(unpack_body, backend, "asm"))]
         rows.append(("kernel unpack=asm", "w4", kernel(unpack="asm")))
+        rows.append(("kernel swap_ab unpack=asm", "w4", kernel(swap_ab=True, unpack="asm")))  # both
         if m <= hopper_w4.MAX_M:  # the Hopper kernel (Mosaic GPU), weight prepared once
 
             def hopper(**kw: Any) -> Callable[[Any, Any], jax.Array]:
