@@ -317,7 +317,7 @@ def w4a16_matmul_hopper(
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=hopper.interpret_params() if interpret else None,
     )
-    y = fn(*operands).sum(axis=0)[: w.n, :m].T  # (M, N) float32
+    y = fn(*operands)[:, : w.n, :m].sum(axis=0).T  # (M, N) float32: the real rows and columns only
     if bias is not None:
         y = y + bias.astype(jnp.float32)[None, :]
     return y.astype(out_dtype or x.dtype)

@@ -318,9 +318,12 @@ def _gpu_kernel(
     precision: Any,
     swap_ab: bool,
     unpack: str,
+    rows: int,
 ) -> None:
     """One (block_m, block_n) output tile over ``steps`` of the ``total_steps`` K steps (of
-    ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``.
+    ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``. Only the first
+    ``rows`` rows of the output are real (M padded to the block): the others are not written, so
+    that at decode (M = 1 in a 16-row block) the kernel writes one row of (partial) sums, not 16.
 
     ``swap_ab`` computes the transposed tile ``w^T x^T`` (block_n, block_m): the dequantized weight
     becomes the dot's left operand, which Hopper's ``wgmma`` may read from registers (its right
@@ -377,7 +380,14 @@ def _gpu_kernel(
         acc = acc.T
     if b_ref is not None:
         acc += b_ref[...]
-    o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
+    out = acc.reshape(o_ref.shape).astype(o_ref.dtype)
+    if rows % bm == 0:
+        o_ref[...] = out
+    else:  # rows past M stay unwritten; the caller reads the first M rows only
+        from jax.experimental.pallas import triton as pltriton
+
+        row = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, o_ref.ndim - 2)
+        pltriton.store(o_ref, out, mask=row < rows)
 
 
 def _tpu_kernel(
@@ -561,6 +571,7 @@ def _w4a16(
             precision=precision,
             swap_ab=swap_ab,
             unpack=unpack,
+            rows=m,
         ),
         out_shape=out_shape,
         grid=(gm, gn, split),
@@ -569,9 +580,9 @@ def _w4a16(
         compiler_params=params,
         interpret=backend == "interpret",
     )(*operands)
-    if split > 1:
-        y = y.sum(axis=0)
+    if split > 1:  # the real rows and columns of the partial sums only (the kernel wrote no others)
+        y = y[:, :m, : w.n].sum(axis=0)
         if bias_row is not None:
-            y = y + bias_row
-        y = y.astype(out_dtype)
+            y = y + bias_row[:, : w.n]
+        return y.astype(out_dtype)
     return y[:m, : w.n]
