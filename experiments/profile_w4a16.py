@@ -59,13 +59,16 @@ def _step(first: Any, step: Any, total_steps: int) -> tuple[Any, Any]:
     return jnp.minimum(t, total_steps - 1), (t < total_steps).astype(jnp.int32)
 
 
-def _write_columns(o_ref: Any, columns: jax.Array) -> None:
-    """Every row of the output tile gets the (1, bn) column values."""
+def _write_columns(o_ref: Any, columns: jax.Array, rows: int) -> None:
+    """Every real row (the first ``rows`` of the output, as the kernel writes them) of the output
+    tile gets the (1, bn) column values."""
     tile = jnp.broadcast_to(columns.astype(jnp.float32), o_ref.shape[-2:])
-    o_ref[...] = tile.reshape(o_ref.shape).astype(o_ref.dtype)
+    w4a16.store_rows(o_ref, tile.reshape(o_ref.shape).astype(o_ref.dtype), rows)
 
 
-def stream_body(*refs: Any, group: int, groups_per_step: int, steps: int, total_steps: int, **_: Any) -> None:
+def stream_body(
+    *refs: Any, group: int, groups_per_step: int, steps: int, total_steps: int, rows: int, **_: Any
+) -> None:
     """The W4A16 kernel's loads of packed bytes, summed as integers per column (output: the sums)."""
     p_ref, o_ref = refs[1], refs[-1]
     half, first = group // 2, pl.program_id(2) * steps
@@ -78,11 +81,18 @@ def stream_body(*refs: Any, group: int, groups_per_step: int, steps: int, total_
         return carry
 
     carry = jax.lax.fori_loop(0, steps, body, jnp.zeros((half, p_ref.shape[-1]), jnp.int32))
-    _write_columns(o_ref, jnp.sum(carry, axis=0, keepdims=True))
+    _write_columns(o_ref, jnp.sum(carry, axis=0, keepdims=True), rows)
 
 
 def unpack_body(
-    *refs: Any, group: int, groups_per_step: int, steps: int, total_steps: int, unpack: str, **_: Any
+    *refs: Any,
+    group: int,
+    groups_per_step: int,
+    steps: int,
+    total_steps: int,
+    unpack: str,
+    rows: int,
+    **_: Any,
 ) -> None:
     """The loads and the float-bits unpack (``unpack``: ``"magic"`` or ``"asm"``) of signed codes into
     the activation dtype, summed per column: ``sum_k q_kn`` (output)."""
@@ -100,7 +110,7 @@ def unpack_body(
         return carry
 
     carry = jax.lax.fori_loop(0, steps, body, jnp.zeros((half, p_ref.shape[-1]), dt))
-    _write_columns(o_ref, jnp.sum(carry.astype(jnp.float32), axis=0, keepdims=True))
+    _write_columns(o_ref, jnp.sum(carry.astype(jnp.float32), axis=0, keepdims=True), rows)
 
 
 def part_fn(

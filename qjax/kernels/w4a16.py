@@ -33,7 +33,9 @@ int -> f32 -> bf16 converts for symmetric weights (about even for asymmetric one
 exact (integer zero points), and
 ``acc += (dot(x_lo, lo) + dot(x_hi, hi)) * s_j`` with f32 accumulation applies the group scale in
 f32 after the dot, so no weight is rounded to bf16. Triton dots need every dimension >= 16, so
-``M`` is padded to ``block_m >= 16`` (M = 1 decode pads to 16) and ``g >= 32``. When the (M, N) grid
+``M`` is tiled by ``block_m >= 16`` and ``g >= 32``; ``x`` is not padded: the rows of the last M
+block past M load as zeros (masked loads) and are not stored (masked stores), so M = 1 decode
+reads one row of ``x`` and writes one row of output. When the (M, N) grid
 is too small to fill the GPU (decode with a narrow N or a long K) K is split over programs that write
 f32 partial sums, added up by XLA (``split_k``; ``None`` picks it). ``swap_ab=True`` computes each
 tile transposed, ``(w^T x^T)^T``, so the dequantized weight is the left operand of the dot (on
@@ -307,6 +309,24 @@ def _unpack_group_asm(p: jax.Array, offset: jax.Array | float, dtype: Any) -> tu
     return lo - offset, hi - offset
 
 
+def _row_mask(shape: tuple[int, ...], bm: int, rows: int) -> jax.Array:
+    """Which elements of a block of ``shape`` (rows on axis -2) of M block ``program_id(0)`` lie in
+    the first ``rows`` rows of the whole array."""
+    return pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 2) < rows
+
+
+def store_rows(o_ref: Any, value: jax.Array, rows: int) -> None:
+    """``o_ref[...] = value`` for the rows of the block that exist: the output has ``rows`` (M) rows,
+    its last block of ``block_m`` rows may run past them (GPU grid axis 0 over M blocks)."""
+    bm = o_ref.shape[-2]
+    if rows % bm == 0:
+        o_ref[...] = value
+        return
+    from jax.experimental.pallas import triton as pltriton
+
+    pltriton.store(o_ref, value, mask=_row_mask(o_ref.shape, bm, rows))
+
+
 def _gpu_kernel(
     *refs: Any,
     group: int,
@@ -321,9 +341,10 @@ def _gpu_kernel(
     rows: int,
 ) -> None:
     """One (block_m, block_n) output tile over ``steps`` of the ``total_steps`` K steps (of
-    ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``. Only the first
-    ``rows`` rows of the output are real (M padded to the block): the others are not written, so
-    that at decode (M = 1 in a 16-row block) the kernel writes one row of (partial) sums, not 16.
+    ``groups_per_step`` groups each), starting at step ``program_id(2) * steps``. ``x`` and the
+    output have ``rows`` (M) rows, not padded to the block: the last M block loads zeros past
+    them and writes only them, so at decode (M = 1 in a 16-row block) nothing pads ``x`` and the
+    kernel writes one row of (partial) sums, not 16.
 
     ``swap_ab`` computes the transposed tile ``w^T x^T`` (block_n, block_m): the dequantized weight
     becomes the dot's left operand, which Hopper's ``wgmma`` may read from registers (its right
@@ -339,6 +360,17 @@ def _gpu_kernel(
     half = group // 2
     dt = x_ref.dtype
     first = pl.program_id(2) * steps  # this program's first K step
+    bm, bn = o_ref.shape[-2:]
+    # x and the output have M rows: unless M is a multiple of block_m, the last block is masked
+    x_mask = None if rows % bm == 0 else _row_mask((bm, half), bm, rows)
+
+    def load_x(start: Any) -> jax.Array:
+        """Columns ``start .. start + g/2`` of the block's rows of ``x``: zeros past row M."""
+        if x_mask is None:
+            return x_ref[:, pl.ds(start, half)]
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.load(x_ref.at[:, pl.ds(start, half)], mask=x_mask, other=0)
 
     def body(step: Any, acc: jax.Array) -> jax.Array:
         # The last K range may be short: its steps past the end repeat the last step, masked out.
@@ -357,8 +389,8 @@ def _gpu_kernel(
             else:
                 lo, hi = _unpack_group(p.astype(jnp.int32), z)
                 lo, hi = lo.astype(dt), hi.astype(dt)
-            x_lo = x_ref[:, pl.ds(grp * group, half)]  # (bm, g/2)
-            x_hi = x_ref[:, pl.ds(grp * group + half, half)]  # (bm, g/2)
+            x_lo = load_x(grp * group)  # (bm, g/2)
+            x_hi = load_x(grp * group + half)  # (bm, g/2)
             scale = s_ref[pl.ds(grp, 1), :] * keep  # (1, bn)
             if swap_ab:  # (bn, bm) += (w^T x^T) * s^T
                 d = jax.lax.dot_general(
@@ -374,20 +406,12 @@ def _gpu_kernel(
                 acc += d * scale
         return acc
 
-    bm, bn = o_ref.shape[-2:]
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, bm) if swap_ab else (bm, bn), jnp.float32))
     if swap_ab:
         acc = acc.T
     if b_ref is not None:
         acc += b_ref[...]
-    out = acc.reshape(o_ref.shape).astype(o_ref.dtype)
-    if rows % bm == 0:
-        o_ref[...] = out
-    else:  # rows past M stay unwritten; the caller reads the first M rows only
-        from jax.experimental.pallas import triton as pltriton
-
-        row = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, o_ref.ndim - 2)
-        pltriton.store(o_ref, out, mask=row < rows)
+    store_rows(o_ref, acc.reshape(o_ref.shape).astype(o_ref.dtype), rows)
 
 
 def _tpu_kernel(
@@ -501,8 +525,10 @@ def _w4a16(
         raise ValueError(f"blocks.block_m={b.block_m}: Triton dots need block_m >= 16")
     bn = _fit(n_pad, b.block_n, 128 if tpu else 16, 128 if tpu else 1, "block_n")
     bk = _fit(k_pad, max(b.block_k, g), g, 128 if tpu else g, "block_k")
-    xp = pad_axis(pad_axis(x, 1, k_pad), 0, bm)  # (M_pad, K_pad)
-    m_pad = xp.shape[0]
+    xp = pad_axis(x, 1, k_pad)  # (M, K_pad); the TPU kernel's blocks need M padded too
+    if tpu:
+        xp = pad_axis(xp, 0, bm)
+    m_pad = round_up(m, bm)
     operands = [xp, w.packed, w.scales] + ([] if w.zeros is None else [w.zeros])
     bias_row = None if bias is None else pad_axis(bias.astype(jnp.float32).reshape(1, -1), 1, n_pad)
     params = compiler_params(backend, b, ("parallel", "parallel", "arbitrary"))
@@ -554,10 +580,10 @@ def _w4a16(
         in_specs.append(pl.BlockSpec((1, bn), lambda i, j, s: (0, j)))
         operands.append(bias_row)
     if split == 1:
-        out_shape = jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype)
+        out_shape = jax.ShapeDtypeStruct((m, n_pad), out_dtype)  # the last M block is masked
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
     else:
-        out_shape = jax.ShapeDtypeStruct((split, m_pad, n_pad), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((split, m, n_pad), jnp.float32)
         out_spec = pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j))
     y = pl.pallas_call(
         functools.partial(
