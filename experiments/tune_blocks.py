@@ -47,6 +47,7 @@ LARGE = [
     kb.Blocks(128, 256, 128, 8, 3),
     kb.Blocks(256, 128, 64, 8, 3),
     kb.Blocks(128, 128, 128, 4, 5),
+    kb.Blocks(128, 256, 128, 8, 4),  # wide tiles for wgmma (the K-major "-nk" layouts)
 ]
 CANDIDATES = {"small": SMALL, "large": LARGE}
 H = hopper.HopperConfig

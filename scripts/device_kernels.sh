@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # What the Pallas kernels need from a GPU, in one run of at most about 8 minutes, so that a
 # 15-minute device budget holds the machine's start, this run and a partial rerun. Every step has a
-# time limit (140 + 75 + 100 + 160 s; the profile and the benchmark stop cleanly at their budgets
+# time limit (130 + 90 + 100 + 160 s; the profile and the benchmark stop cleanly at their budgets
 # and write their results as they go, so the limits only guard against a hang). Times are CUPTI's
 # kernel durations where CUPTI works (experiments.timing), else the wall clock; the logs say which.
 #   1. every kernel against its reference on the device (Triton, W8A8 / FP8 also with the weight
 #      stored (N, K), and on sm_90 Mosaic GPU: the W8A8 / FP8 Hopper path and the Hopper W4A16
 #      kernel; the W4A16 options unpack=asm, swap_ab),
-#   2. the Hopper path's tile configs at M = 1024 and 4096 (K = N = 4096), with XLA's bf16 matmul
-#      timed beside them,
+#   2. at M = 4096 (K = N = 4096): the Hopper path's tile configs and the Triton W8A8 / FP8 block
+#      candidates with the weight (N, K) (the K-major operand of wgmma, which the table's blocks
+#      were not tuned for), with XLA's bf16 matmul timed beside them,
 #   3. where W4A16's time goes at M = 1 and 16 (experiments.profile_w4a16: the kernel's loads alone,
 #      loads + unpack, the kernel, one-change variants: split_k=1, swap_ab, unpack, blocks, warps,
 #      stages; and the Hopper W4A16 kernel) on 7b.qkv and 7b.down,
@@ -29,8 +30,8 @@ py="${PYTHON:-python3}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1
 } | tee "$out/device.txt"
-timeout 140 "$py" -m experiments.check_kernels --out "$out/check.json" 2>&1 | tee "$out/check.log"
-timeout 75 "$py" -m experiments.tune_blocks --kernels bf16,w8a8-mgpu,fp8-mgpu --m 1024,4096 2>&1 |
+timeout 130 "$py" -m experiments.check_kernels --out "$out/check.json" 2>&1 | tee "$out/check.log"
+timeout 90 "$py" -m experiments.tune_blocks --kernels bf16,w8a8-nk,fp8-nk,w8a8-mgpu,fp8-mgpu --m 4096 2>&1 |
   tee "$out/tune.log"
 timeout 100 "$py" -m experiments.profile_w4a16 --shapes 7b.qkv,7b.down --m 1,16 --time-budget-s 75 \
   --out "$out/profile.json" 2>&1 | tee "$out/profile.log"

@@ -109,3 +109,19 @@ def test_every_gpu_entry_lowers_for_cuda(key, lowered):
     for limit, blocks in kb.BLOCK_TABLE[key]:
         m = min(limit, 300)
         assert "triton" in _lower_with(key[0], blocks, m, lowered).lower()
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_tuning_candidates_lower_for_cuda(size, lowered):
+    """Every block candidate ``experiments.tune_blocks`` times lowers for W8A8 and FP8, with the weight
+    in either layout (a candidate that fails on the device wastes device time)."""
+    from experiments.tune_blocks import CANDIDATES
+
+    m, k, n = (16, 1024, 512) if size == "small" else (512, 1024, 512)
+    s = jax.ShapeDtypeStruct
+    for blocks in CANDIDATES[size]:
+        for dtype, matmul in ((jnp.int8, w8a8.w8a8_matmul), (jnp.float8_e4m3fn, fp8.fp8_matmul)):
+            for layout, w_shape in (("kn", (k, n)), ("nk", (n, k))):
+                f = functools.partial(matmul, backend="gpu", blocks=blocks, w_layout=layout)
+                args = (s((m, k), dtype), s((m, 1), jnp.float32), s(w_shape, dtype), s((1, n), jnp.float32))
+                assert "triton" in lowered(jax.jit(f), *args, platform="cuda").lower()
