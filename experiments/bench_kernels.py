@@ -786,6 +786,20 @@ def markdown(sweep: Sweep) -> str:
     for r in crossovers(sweep):
         vals = [_num(r["speedups"].get(m), ".2f") for m in ms]
         lines.append(f"| {r['kernel']} | {r['shape']} | " + " | ".join(vals) + f" | {r['crossover']} |")
+    timed = [c for c in sweep.cells if c.get("device_kernels")]
+    if timed:
+        lines += [
+            "",
+            "GPU kernels of each program (device clock; per program of R calls, longest first, top 3):",
+            "",
+            "| kernel | shape | M | R | kernels: name x launches: us |",
+            "|---|---|---:|---:|---|",
+        ]
+        for c in timed:
+            top = "; ".join(
+                f"`{k['name'][:60]}` x{k['launches']}: {k['us']:.1f}" for k in c["device_kernels"][:3]
+            )
+            lines.append(f"| {c['kernel']} | {c['shape']} | {c['m']} | {c['copies']} | {top} |")
     if sweep.stopped:
         lines += ["", f"Stopped early: {sweep.stopped}."]
     return "\n".join(lines) + "\n"

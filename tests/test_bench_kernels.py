@@ -173,6 +173,8 @@ def test_device_clock_sweep_records_cupti_kernels(tmp_path, monkeypatch, capsys)
         assert cell["time_s"] == pytest.approx((2 * 10 + 4) * 1e-6 / 2)
         assert cell["device_kernels"][0] == {"name": "matmul", "launches": 2, "us": pytest.approx(20.0)}
     assert "longest: matmul x2 83% of 2 kernels" in capsys.readouterr().out
+    md = out.with_suffix(".md").read_text()
+    assert "| w8a8 | tiny.a | 16 | 2 | `matmul` x2: 20.0; `reduce` x1: 4.0 |" in md
 
 
 @pytest.mark.parametrize("backend", ["reference", "interpret"])
