@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
+import pathlib
 import sys
-import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.records import write_json
 from qjax.kernels import act_quant, blocks, fp8, fp8_block, hopper_w4, w4a16, w8a8
 
 SHAPES = ((1, 4096, 4096), (16, 4096, 12288), (33, 200, 130), (1024, 4096, 4096))
@@ -176,20 +176,14 @@ def planned_runs(backend: str) -> list[tuple[str, Callable[..., tuple[float, flo
     return runs
 
 
-def write_json(path: str, data: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.check_kernels", description=__doc__)
     parser.add_argument("--backend", default=None, help="gpu, tpu or interpret (default: the device's)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--shapes", default=None, help="e.g. 1x64x128,16x256x384 (MxKxN)")
+    parser.add_argument(
+        "--time-budget-s", type=float, default=None, help="stop before a case once this much time has passed"
+    )
     args = parser.parse_args(argv)
     backend = blocks.resolve_backend(args.backend)
     shapes = (
@@ -197,10 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}", flush=True)
     rng = np.random.default_rng(0)
-    results, failed = [], 0
+    results: list[dict[str, Any]] = []
+    failed, started, stopped = 0, time.perf_counter(), None
+    header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     for name, case, case_backend in planned_runs(backend):
         for m, k, n in shapes:
-            if m > CASE_MAX_M.get(name, m):
+            if m > CASE_MAX_M.get(name, m) or stopped:
+                continue
+            if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
+                stopped = f"time budget of {args.time_budget_s:g} s reached before {name} M={m} K={k} N={n}"
+                print(f"stopped: {stopped}", flush=True)
                 continue
             row: dict[str, Any] = {"case": name, "m": m, "k": k, "n": n}
             try:
@@ -216,11 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"error {row['error']:.3g} (tol {row['tolerance']:g})" if "error" in row else row["exception"]
             )
             print(f"{'OK  ' if row['ok'] else 'FAIL'} {name} M={m} K={k} N={n}: {detail}", flush=True)
+            if args.out:  # after every case: a run cut short keeps what it checked
+                write_json(pathlib.Path(args.out), {**header, "results": results, "stopped": None})
     if args.out:
-        write_json(
-            args.out, {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}
-        )
-    print(f"{len(results) - failed}/{len(results)} cases OK", flush=True)
+        write_json(pathlib.Path(args.out), {**header, "results": results, "stopped": stopped})
+    note = " (stopped early)" if stopped else ""
+    print(f"{len(results) - failed}/{len(results)} cases OK{note}", flush=True)
     return 1 if failed else 0
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What the Pallas kernels need from a GPU, in one run of at most about 8 minutes, so that a
 # 15-minute device budget holds the machine's start, this run and a partial rerun. Every step has a
-# time limit (130 + 90 + 100 + 160 s; the profile and the benchmark stop cleanly at their budgets
-# and write their results as they go, so the limits only guard against a hang). Times are CUPTI's
+# time limit (130 + 90 + 100 + 160 s; the check, the profile and the benchmark stop cleanly at their
+# budgets and write their results as they go, so the limits only guard against a hang). Times are CUPTI's
 # kernel durations where CUPTI works (experiments.timing), else the wall clock; the logs say which.
 #   1. every kernel against its reference on the device (Triton, W8A8 / FP8 also with the weight
 #      stored (N, K), and on sm_90 Mosaic GPU: the W8A8 / FP8 Hopper path and the Hopper W4A16
@@ -30,7 +30,8 @@ py="${PYTHON:-python3}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1
 } | tee "$out/device.txt"
-timeout 130 "$py" -m experiments.check_kernels --out "$out/check.json" 2>&1 | tee "$out/check.log"
+timeout 130 "$py" -m experiments.check_kernels --time-budget-s 110 --out "$out/check.json" 2>&1 |
+  tee "$out/check.log"
 timeout 90 "$py" -m experiments.tune_blocks --kernels bf16,w8a8-nk,fp8-nk,w8a8-mgpu,fp8-mgpu --m 4096 2>&1 |
   tee "$out/tune.log"
 timeout 100 "$py" -m experiments.profile_w4a16 --shapes 7b.qkv,7b.down --m 1,16 --time-budget-s 75 \

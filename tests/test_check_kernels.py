@@ -4,6 +4,7 @@ written as JSON, a failing case makes the run fail, and a GPU run plans the Hopp
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -57,3 +58,18 @@ def test_hopper_w4_case_runs_in_the_interpreter(monkeypatch):
     for m, k, n in [(1, 256, 128), (33, 200, 130)]:
         err, tol = case(np.random.default_rng(0), m, k, n, "gpu")
         assert err <= tol, (m, k, n, err)
+
+
+def test_time_budget_stops_cleanly_and_keeps_what_ran(tmp_path, monkeypatch, capsys):
+    def slow(rng, m, k, n, backend):
+        time.sleep(0.2)
+        return 0.0, 0.0
+
+    monkeypatch.setattr(ck, "CASES", {"slow": slow, "never": slow})
+    out = tmp_path / "check.json"
+    argv = ["--backend", "interpret", "--shapes", "1x64x64", "--time-budget-s", "0.1", "--out", str(out)]
+    assert ck.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [r["case"] for r in data["results"]] == ["slow"]
+    assert data["stopped"] == "time budget of 0.1 s reached before never M=1 K=64 N=64"
+    assert "1/1 cases OK (stopped early)" in capsys.readouterr().out

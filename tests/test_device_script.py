@@ -50,6 +50,17 @@ def test_the_script_runs_the_four_steps_within_its_stated_limit():
         assert budget is None or float(budget) < limit
 
 
+def test_check_arguments_parse(tmp_path, monkeypatch):
+    """The device check's arguments, run on no cases (its cases are checked in test_check_kernels)."""
+    from experiments import check_kernels as ck
+
+    (args,) = [a for _, m, a in _steps() if m == "experiments.check_kernels"]
+    monkeypatch.setattr(ck, "planned_runs", lambda backend: [])
+    out = tmp_path / "check.json"
+    assert ck.main(["--backend", "interpret", *[a if "$out" not in a else str(out) for a in args]]) == 0
+    assert out.exists()
+
+
 @pytest.mark.parametrize("module", ["experiments.bench_kernels", "experiments.profile_w4a16"])
 def test_benchmark_and_profile_arguments_parse(module):
     (args,) = [a for _, m, a in _steps() if m == module]
