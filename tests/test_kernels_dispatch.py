@@ -6,6 +6,8 @@ must agree with the simulated (``qat``) forward within float rounding, and :func
 must pick the kernel the layer's formats call for.
 """
 
+import itertools
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -197,3 +199,42 @@ def test_prepare_kernels_refusals_and_uncovered_layers(rng):
     qjax.nn.set_kernels(w4, "pallas")
     with pytest.raises(ValueError, match=r"W4A16 weight is 192 x 128 but the layer's weight is 128 x 192"):
         w4(shifted(rng, 8, WIDTHS[0]))
+
+
+@pytest.mark.parametrize(
+    ("weights", "acts", "kernel"),
+    [(INT8_CH, INT8_ACTS, "w8a8_matmul"), (FP8_CH, FP8_ACTS, "fp8_matmul")],
+    ids=["w8a8", "fp8"],
+)
+def test_prepared_nk_weights_feed_the_kernels_transposed(rng, monkeypatch, weights, acts, kernel):
+    """``prepare_kernels(w8_layout="nk")``: every 8-bit layer holds an (N, K) copy, the kernels read
+    it with ``w_layout="nk"``, and the outputs stay those of the (K, N) weights (W8A8: bit for bit,
+    its int32 sums are exact; FP8: within float32 summation order)."""
+    _, served = _served(_rules(weights, acts), rng)
+    x = shifted(rng, 8, WIDTHS[0])
+    xs = layer_inputs(served, x)
+    qjax.nn.set_kernels(served, "pallas")
+    before = [np.asarray(y, np.float64) for y in each_layer(served, xs)]
+    assert qjax.nn.prepare_kernels(served) == []  # "kn": 8-bit weights are read as stored
+    assert qjax.nn.prepare_kernels(served, w8_layout="nk") == [f"layers/{i}" for i in range(4)]
+    layouts = []
+    real = getattr(qjax.kernels.dispatch, kernel)
+
+    def spy(*args, **kwargs):
+        layouts.append((kwargs["w_layout"], tuple(args[2].shape)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qjax.kernels.dispatch, kernel, spy)
+    after = [np.asarray(y, np.float64) for y in each_layer(served, xs)]
+    assert layouts == [("nk", (n, k)) for k, n in itertools.pairwise(WIDTHS)]
+    for y, y0 in zip(after, before, strict=True):
+        if kernel == "w8a8_matmul":
+            np.testing.assert_array_equal(y, y0)
+        else:
+            assert np.max(np.abs(y - y0)) <= 1e-5 * np.max(np.abs(y0))
+    for path in ("reference", "xla"):  # the reference reads the (N, K) copy too; XLA the QArray
+        qjax.nn.set_kernels(served, path)
+        for y, y0 in zip(each_layer(served, xs), before, strict=True):
+            assert np.max(np.abs(np.asarray(y, np.float64) - y0)) <= 2e-5 * np.max(np.abs(y0))
+    with pytest.raises(ValueError, match="w8_layout='kk': expected 'kn'"):
+        qjax.nn.prepare_kernels(served, w8_layout="kk")

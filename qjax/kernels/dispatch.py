@@ -34,7 +34,10 @@ stored by :func:`qjax.nn.convert` as a :class:`~qjax.numerics.QArray` packed alo
 W4A16 repacks them along the contraction axis (:func:`~qjax.kernels.w4a16.pack_w4`) on every call,
 an extra read and write of the weight per call, unless the layer holds the kernel's layout already:
 :func:`prepare_w4a16` makes it, :func:`qjax.nn.prepare_kernels` stores it in every served Linear
-layer it covers, and the calls then pass it as ``prepared``.
+layer it covers, and the calls then pass it as ``prepared``. The same way, :func:`prepare_nk` makes
+an ``(N, K)`` copy of an 8-bit weight, which the W8A8 / FP8 / block-scaled FP8 kernels then read
+with ``w_layout="nk"`` (the K-major operand of Hopper's 8-bit ``wgmma``; opt-in:
+``prepare_kernels(model, w8_layout="nk")``).
 """
 
 from __future__ import annotations
@@ -118,7 +121,38 @@ def _activation_rows(x: QArray, m: int) -> bool:
     return s.size == 1 or (s.shape[-1] == 1 and s.size == m)
 
 
-def _w8a8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+Prepared = PackedW4 | jax.Array  # a weight in a kernel's layout: W4A16's packing, or (N, K) 8-bit
+_PREPARE_AGAIN = "prepare it again from this weight (qjax.nn.prepare_kernels) after changing the weights"
+
+
+def prepare_nk(w: QArray) -> jax.Array | None:
+    """The ``(N, K)`` copy of a served 2-D 8-bit weight that the W8A8 (symmetric int8), FP8 and
+    block-scaled FP8 (e4m3) kernels read with ``w_layout="nk"``; ``None`` for other weights."""
+    if len(w.shape) != 2:
+        return None
+    fw = w.spec.format
+    if isinstance(fw, IntFormat) and fw.bits == 8 and fw.signed and w.zero_point is None:
+        return jnp.transpose(xla.operand(w).values)
+    if w.data.dtype == jnp.dtype(jnp.float8_e4m3fn):
+        return jnp.transpose(w.data)
+    return None
+
+
+def _nk_weight(prepared: Prepared | None, w: jax.Array, k: int, n: int) -> tuple[jax.Array, str]:
+    """The weight operand and its ``w_layout``: the prepared ``(N, K)`` copy if there is one."""
+    if not isinstance(prepared, jax.Array):
+        return w, "kn"
+    if prepared.shape != (n, k):
+        raise ValueError(
+            f"the prepared (N, K) weight has shape {tuple(prepared.shape)} but the layer's weight is "
+            f"{k} x {n}; {_PREPARE_AGAIN}"
+        )
+    return prepared, "nk"
+
+
+def _w8a8_plan(
+    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: Prepared | None = None
+) -> KernelPlan | None:
     fx, fw = x.spec.format, w.spec.format
     if not (isinstance(fx, IntFormat) and isinstance(fw, IntFormat)) or fx.bits > 8 or fw.bits != 8:
         return None
@@ -132,17 +166,21 @@ def _w8a8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> 
     assert x_scale is not None
     zp = _rows(xo.zero_point, m)
     zp = None if zp is None else jnp.broadcast_to(zp, x_scale.shape).astype(jnp.int32)
-    args = (xo.values.reshape(m, k), x_scale, wo.values, w_scale)
+    w_values, layout = _nk_weight(prepared, wo.values, k, n)
+    args = (xo.values.reshape(m, k), x_scale, w_values, w_scale)
+    kw = dict(x_zero_point=zp, out_dtype=out_dtype, w_layout=layout)
 
     def run(impl: str) -> jax.Array:
         if impl == "reference":
-            return w8a8_matmul_reference(*args, x_zero_point=zp, out_dtype=out_dtype)
-        return w8a8_matmul(*args, x_zero_point=zp, out_dtype=out_dtype, backend=_backend(impl))
+            return w8a8_matmul_reference(*args, **kw)
+        return w8a8_matmul(*args, backend=_backend(impl), **kw)
 
     return KernelPlan("w8a8", run)
 
 
-def _fp8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+def _fp8_plan(
+    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: Prepared | None = None
+) -> KernelPlan | None:
     fx, fw = x.spec.format, w.spec.format
     e4m3 = jnp.dtype(jnp.float8_e4m3fn)
     if not (isinstance(fx, FloatFormat) and isinstance(fw, FloatFormat)):
@@ -154,17 +192,20 @@ def _fp8_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> K
         return None
     x_scale = _rows(x.qparams.scale.astype(jnp.float32), m)
     assert x_scale is not None
-    args = (x.data.reshape(m, k), x_scale, w.data, w_scale)
+    w_values, layout = _nk_weight(prepared, w.data, k, n)
+    args = (x.data.reshape(m, k), x_scale, w_values, w_scale)
 
     def run(impl: str) -> jax.Array:
         if impl == "reference":
-            return fp8_matmul_reference(*args, out_dtype=out_dtype)
-        return fp8_matmul(*args, out_dtype=out_dtype, backend=_backend(impl))
+            return fp8_matmul_reference(*args, out_dtype=out_dtype, w_layout=layout)
+        return fp8_matmul(*args, out_dtype=out_dtype, backend=_backend(impl), w_layout=layout)
 
     return KernelPlan("fp8", run)
 
 
-def _fp8_block_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any) -> KernelPlan | None:
+def _fp8_block_plan(
+    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: Prepared | None = None
+) -> KernelPlan | None:
     """E4M3 activations in groups of 128 along K (per token) x e4m3 weights in 128 x 128 blocks."""
     e4m3 = jnp.dtype(jnp.float8_e4m3fn)
     if x.data.dtype != e4m3 or w.data.dtype != e4m3 or k % 128 or n % 128:
@@ -177,17 +218,19 @@ def _fp8_block_plan(x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any
     g = k // 128
     if x.qparams.scale.size != m * g or w.qparams.scale.shape != (g, n // 128):
         return None
+    w_values, layout = _nk_weight(prepared, w.data, k, n)
     args = (
         x.data.reshape(m, k),
         x.qparams.scale.astype(jnp.float32).reshape(m, g),
-        w.data,
+        w_values,
         w.qparams.scale.astype(jnp.float32),
     )
 
     def run(impl: str) -> jax.Array:
         if impl == "reference":
-            return fp8_block_matmul_reference(*args, out_dtype=out_dtype)
-        return fp8_block_matmul(*args, out_dtype=out_dtype, backend=_backend(impl, mosaic_gpu_body=False))
+            return fp8_block_matmul_reference(*args, out_dtype=out_dtype, w_layout=layout)
+        backend = _backend(impl, mosaic_gpu_body=False)
+        return fp8_block_matmul(*args, out_dtype=out_dtype, backend=backend, w_layout=layout)
 
     return KernelPlan("fp8_block", run)
 
@@ -246,7 +289,7 @@ def _w4a16_plan(
     if prepared is not None and (prepared.k, prepared.n) != (k, n):
         raise ValueError(
             f"the prepared W4A16 weight is {prepared.k} x {prepared.n} but the layer's weight is {k} x {n}; "
-            "prepare it again from this weight (qjax.nn.prepare_kernels) after changing the weights"
+            + _PREPARE_AGAIN
         )
     xs = x.reshape(m, k)
 
@@ -269,11 +312,12 @@ def kernel_plan(
     w: QArray,
     dimension_numbers: Any,
     out_dtype: Any = jnp.float32,
-    prepared: PackedW4 | None = None,
+    prepared: Prepared | None = None,
 ) -> KernelPlan | None:
     """The kernel that covers ``dot_general(x, w, dimension_numbers)``, or None (see the module
-    docstring). ``prepared``: ``w`` in the W4A16 kernel's layout (:func:`prepare_w4a16`), used
-    instead of packing ``w`` in the call."""
+    docstring). ``prepared``: ``w`` in its kernel's layout, used instead of ``w``'s own: the W4A16
+    packing (:func:`prepare_w4a16`, not repacked in the call) or an ``(N, K)`` 8-bit copy
+    (:func:`prepare_nk`, read with ``w_layout="nk"``)."""
     x_shape: Sequence[int] = x.shape
     if not isinstance(w, QArray) or w.spec.format.container_bits > 8 or not len(x_shape):
         return None
@@ -286,12 +330,13 @@ def kernel_plan(
     if isinstance(x, QArray):
         if w.spec.format.container_bits == 4:
             return None
+        nk = prepared if isinstance(prepared, jax.Array) else None
         return (
-            _w8a8_plan(x, w, m, k, n, out_dtype)
-            or _fp8_plan(x, w, m, k, n, out_dtype)
-            or _fp8_block_plan(x, w, m, k, n, out_dtype)
+            _w8a8_plan(x, w, m, k, n, out_dtype, nk)
+            or _fp8_plan(x, w, m, k, n, out_dtype, nk)
+            or _fp8_block_plan(x, w, m, k, n, out_dtype, nk)
         )
-    return _w4a16_plan(x, w, m, k, n, out_dtype, prepared)
+    return _w4a16_plan(x, w, m, k, n, out_dtype, prepared if isinstance(prepared, PackedW4) else None)
 
 
 def serve_dot_general(
@@ -301,7 +346,7 @@ def serve_dot_general(
     *,
     out_dtype: Any = jnp.float32,
     path: str = "auto",
-    prepared: PackedW4 | None = None,
+    prepared: Prepared | None = None,
 ) -> jax.Array:
     """``lax.dot_general(x, w)`` of a served layer on the kernel path in force (module docstring);
     ``prepared`` as in :func:`kernel_plan` (the XLA path does not use it)."""

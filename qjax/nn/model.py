@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.kernels.dispatch import check_kernel_path, prepare_w4a16
+from qjax.kernels.dispatch import Prepared, check_kernel_path, prepare_nk, prepare_w4a16
 from qjax.nn.ops import (
     MODES,
     KernelLayout,
@@ -306,15 +306,20 @@ def convert(model: M) -> M:
     return served
 
 
-def prepare_kernels(model: nnx.Module) -> list[str]:
+def prepare_kernels(model: nnx.Module, *, w8_layout: str = "kn") -> list[str]:
     """Store, in place, the weight of every served Linear layer that the W4A16 kernel covers in that
     kernel's layout (:func:`qjax.kernels.dispatch.prepare_w4a16`), so that its calls on the
-    ``pallas``, ``mosaic_gpu`` and ``reference`` paths stop repacking the weight each time. Returns
-    the paths of the layers prepared.
+    ``pallas``, ``mosaic_gpu`` and ``reference`` paths stop repacking the weight each time; with
+    ``w8_layout="nk"`` also an ``(N, K)`` copy of every 8-bit weight (symmetric int8, e4m3;
+    :func:`qjax.kernels.dispatch.prepare_nk`), which the W8A8 / FP8 kernels then read with
+    ``w_layout="nk"`` (the K-major operand of Hopper's 8-bit tensor cores). Returns the paths of the
+    layers prepared.
 
     The ``QArray`` stays (the ``xla`` path, checkpoints and :func:`summary` read it), so a prepared
     layer holds its weight twice (:func:`summary`'s ``kernel_layout_bytes``). Prepare again after
     changing a converted weight."""
+    if w8_layout not in ("kn", "nk"):
+        raise ValueError(f"w8_layout={w8_layout!r}: expected 'kn' (8-bit weights as stored) or 'nk'")
     ops = quantized_ops(model)
     if not ops:
         raise ValueError("the model has no quantized layers; call qjax.nn.quantize_model and convert first")
@@ -328,9 +333,13 @@ def prepare_kernels(model: nnx.Module) -> list[str]:
         if not isinstance(op, QuantizedOp) or op.kind != "dot_general":
             continue
         weight = getattr(layer, _hook_spec(layer)[1])[...]
-        packed = prepare_w4a16(weight) if isinstance(weight, QArray) else None
-        if packed is not None:
-            op.prepared = KernelLayout(packed)
+        if not isinstance(weight, QArray):
+            continue
+        layout: Prepared | None = prepare_w4a16(weight)
+        if layout is None and w8_layout == "nk":
+            layout = prepare_nk(weight)
+        if layout is not None:
+            op.prepared = KernelLayout(layout)
             prepared.append(path)
     return prepared
 
