@@ -101,7 +101,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -875,12 +875,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--interpret", action="store_true", help="real Pallas kernels in interpret mode, tiny shapes"
     )
-    p.add_argument(
-        "--clock",
-        choices=timing.CLOCKS,
-        default="auto",
-        help="device: CUPTI kernel durations (GPU); wall: perf_counter; auto (default): device if it works",
-    )
+    timing.add_clock_argument(p)
     p.add_argument("--copies", type=int, help="weight copies per program R (default: by size; 2 on CPU)")
     workers = max(1, min(4, (os.cpu_count() or 2) // 2))
     p.add_argument(
@@ -921,10 +916,7 @@ def make_config(args: argparse.Namespace) -> Config:
         kernels = tuple(k for k in kernels if k not in HOPPER_KERNELS)
     repeats = args.repeats or (5 if args.quick or backend == "interpret" else 10)
     copies = args.copies or (2 if cpu or backend == "interpret" else None)
-    try:
-        clock, clock_note = timing.choose_clock(args.clock, jax.default_backend())
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    clock, clock_note = timing.resolve_clock(args.clock, _exit)
     return Config(
         kernels,
         shapes,
@@ -938,6 +930,10 @@ def make_config(args: argparse.Namespace) -> Config:
         clock,
         clock_note,
     )
+
+
+def _exit(message: str) -> NoReturn:
+    raise SystemExit(message)
 
 
 BACKEND_NOTES = {

@@ -276,9 +276,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--time-budget-s", type=float, default=90.0)
     parser.add_argument("--out", type=pathlib.Path, default=None)
-    parser.add_argument(
-        "--clock", choices=timing.CLOCKS, default="auto", help="experiments.timing; auto: device on a GPU"
-    )
+    timing.add_clock_argument(parser)
     return parser
 
 
@@ -300,10 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--m: expected comma-separated integers, got {args.m!r}")
     if any(m < 1 for m in ms):
         parser.error(f"--m: token counts must be >= 1, got {args.m!r}")
-    try:
-        clock, clock_note = timing.choose_clock(args.clock, jax.default_backend())
-    except ValueError as e:
-        parser.error(str(e))
+    clock, clock_note = timing.resolve_clock(args.clock, parser.error)
     device = jax.devices()[0].device_kind
     meta = {
         "device": device,

@@ -25,12 +25,13 @@ median (``spread``). A program the device clock fails on is timed by the wall cl
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 
@@ -158,6 +159,25 @@ def choose_clock(requested: str, platform: str, measure: Measure | None = None) 
     if requested == "device":
         raise ValueError(f"--clock device: {problem}. Use --clock wall (or auto).")
     return "wall", problem
+
+
+def add_clock_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--clock`` option of the kernel experiments."""
+    parser.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="auto",
+        help="device: CUPTI kernel durations (GPU); wall: perf_counter; auto (default): device if it works",
+    )
+
+
+def resolve_clock(requested: str, fail: Callable[[str], NoReturn]) -> tuple[str, str | None]:
+    """:func:`choose_clock` on the default backend; a clock that cannot work goes to ``fail`` (a
+    command line's error exit) with the reason."""
+    try:
+        return choose_clock(requested, jax.default_backend())
+    except ValueError as e:
+        fail(str(e))
 
 
 def time_program(

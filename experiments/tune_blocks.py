@@ -139,9 +139,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--m", default="16,1024,4096")
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument(
-        "--clock", choices=timing.CLOCKS, default="auto", help="experiments.timing; auto: device on a GPU"
-    )
+    timing.add_clock_argument(parser)
     return parser
 
 
@@ -149,10 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     backend = kb.resolve_backend(None)
-    try:
-        clock, clock_note = timing.choose_clock(args.clock, jax.default_backend())
-    except ValueError as e:
-        parser.error(str(e))
+    clock, clock_note = timing.resolve_clock(args.clock, parser.error)
     print(
         f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}; clock: "
         + timing.describe(clock, clock_note),

@@ -117,38 +117,29 @@ def test_interpreted_8bit_variants(seed):
     x, w = _ints(rng, (m, k)), _ints(rng, (k, n), -127, 128)
     x_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (m, 1)), jnp.float32)
     w_scale = jnp.asarray(rng.uniform(1e-3, 1e-1, (1, n)), jnp.float32)
-    if not hopper.INTERPRETS_8BIT:
-        with pytest.raises(NotImplementedError, match=r"16-bit variant, use jax >= 0\.11"):
-            hopper.scaled_matmul_hopper(
-                x, hopper.prepare_weight(w), {}, n=n, acc_dtype=jnp.int32, out_dtype=jnp.int32, interpret=True
-            )
-        return
-    exact = np.asarray(
-        hopper.scaled_matmul_hopper(
+
+    def int32_sums(x, w, config=None):
+        return hopper.scaled_matmul_hopper(
             x,
             hopper.prepare_weight(w),
             {},
-            n=n,
+            n=w.shape[1],
             acc_dtype=jnp.int32,
             out_dtype=jnp.int32,
-            config=SMALL,
+            config=config,
             interpret=True,
         )
-    )
+
+    if not hopper.INTERPRETS_8BIT:
+        with pytest.raises(NotImplementedError, match=r"16-bit variant, use jax >= 0\.11"):
+            int32_sums(x, w)
+        return
+    exact = np.asarray(int32_sums(x, w, SMALL))
     np.testing.assert_array_equal(exact, np.asarray(x, np.int64) @ np.asarray(w, np.int64))
     for m2, k2, n2 in [(256, 384, 600), (16, 256, 256)]:  # the table's tiles for large and small M
         cfg = dataclasses.replace(hopper.choose_config(m2), max_ctas=2)
         x2, w2 = _ints(rng, (m2, k2)), _ints(rng, (k2, n2))
-        y2 = hopper.scaled_matmul_hopper(
-            x2,
-            hopper.prepare_weight(w2),
-            {},
-            n=n2,
-            acc_dtype=jnp.int32,
-            out_dtype=jnp.int32,
-            config=cfg,
-            interpret=True,
-        )
+        y2 = int32_sums(x2, w2, cfg)
         np.testing.assert_array_equal(np.asarray(y2), np.asarray(x2, np.int64) @ np.asarray(w2, np.int64))
     epi = _w8a8_epilogue(rng, w, m, n, x_scale, w_scale)
     zp, bias = epi["x_zp"], epi["bias"].reshape(n)
