@@ -25,13 +25,18 @@ every token count ``M`` of the sweep, ``y = x @ W`` with ``x`` of shape ``(M, K)
   only (listed as skipped otherwise);
 * ``w4a16-mgpu``: the ``w4a16`` matmul on the Hopper path for small M (``qjax.kernels.hopper_w4``:
   the int4 weight ``(N, K)`` as ``wgmma``'s register operand, ``prepare_w4`` once), M <= 128 only,
-  ``--backend gpu`` only.
+  ``--backend gpu`` only;
+* ``w8a8-xla``, ``fp8-xla``: the operands of ``w8a8`` and ``fp8`` through XLA's native int8 / fp8
+  dot: ``qjax.kernels.xla.contract`` (int8 x int8 -> int32, or e4m3 x e4m3 -> f32, then times the
+  outer product of the scales, float32), cast to bf16; what serving with ``kernels="xla"`` runs.
+  XLA on every backend (on a GPU XLA hands the dot to cuBLAS where it can).
 
 Data is random (uniform floats and integer codes; not zeros, which make GPU matmuls faster). On
 a GPU (TPU) the Pallas kernels run with ``backend="gpu"`` (``"tpu"``). On CPU the default backend is
 ``reference``: each kernel's ``*_reference`` function compiled by XLA, labelled as such in every
-output; it measures XLA on CPU, not the kernels. ``--interpret`` runs the real Pallas kernels in the
-Pallas interpreter on tiny shapes (a smoke test of the kernels; the times mean nothing).
+output; it measures XLA on CPU, not the kernels. The ``-xla`` rows are XLA on every backend.
+``--interpret`` runs the real Pallas kernels in the Pallas interpreter on tiny shapes (a smoke test
+of the kernels; the times mean nothing).
 
 **Method: whole programs over rotating weights, device time.** For each (kernel, shape, M) one
 jitted program applies the kernel to ``R`` distinct random weight copies, passed as separate
@@ -44,10 +49,11 @@ once per program, not ``R`` times. The activations of each copy pass through an
 ``w8a8+quant`` are not merged into one; the ``R`` outputs go through an ``optimization_barrier``
 (XLA can neither drop nor shrink a matmul) and the program returns the sum of one element of each.
 
-Per (shape, M), the programs of all kernels are lowered, then compiled ahead of time (the bf16
-baseline alone, since XLA autotunes its dot by timing candidates on the device; the Pallas programs
-on ``--compile-workers`` threads), then timed one after another, so compilation never overlaps a
-measurement and is excluded from it (its time is recorded). The clock (``--clock``,
+Per (shape, M), the programs of all kernels are lowered, then compiled ahead of time (the XLA
+programs, the bf16 baseline and the ``-xla`` rows, one at a time, since XLA autotunes its dots by
+timing candidates on the device; the Pallas programs on ``--compile-workers`` threads), then timed
+one after another, so compilation never overlaps a measurement and is excluded from it (its time is
+recorded). The clock (``--clock``,
 :mod:`experiments.timing`): on a GPU, **device time**, the summed durations of the program's
 kernels from CUPTI activity records (device timestamps), one warm-up execution, then one sample per
 execution (``n = --repeats``); every kernel of the program counts, the program's final reduction
@@ -74,11 +80,11 @@ Bytes moved per call, counting each operand once at its stored size:
 
 ``TFLOP/s = FLOPs / t`` and ``GB/s = bytes / t``. Roofline time
 ``t_roof = max(bytes / peak_bw, FLOPs / peak_flops)`` with ``peak_flops`` of the arithmetic the
-kernel does (bf16 for bf16 and w4a16, int8 for w8a8, fp8 for fp8), from :data:`DEVICE_PEAKS`
-(dense, no sparsity); ``% of roofline = 100 t_roof / t``. Devices not in the table (and CPUs) get
-``-`` in the roofline column. ``speedup = t_bf16 / t_kernel`` at the same (shape, M) in the same
-run. The **crossover M** of a (kernel, shape) is the smallest M of the sweep with speedup < 1;
-``none`` if the kernel beats bf16 at every measured M.
+kernel does (bf16 for bf16 and the w4a16 rows, int8 for the w8a8 rows, fp8 for the fp8 rows), from
+:data:`DEVICE_PEAKS` (dense, no sparsity); ``% of roofline = 100 t_roof / t``. Devices not in the
+table (and CPUs) get ``-`` in the roofline column. ``speedup = t_bf16 / t_kernel`` at the same
+(shape, M) in the same run. The **crossover M** of a (kernel, shape) is the smallest M of the sweep
+with speedup < 1; ``none`` if the kernel beats bf16 at every measured M.
 
 Run (GPU, the whole sweep; stops cleanly when ``--time-budget-s``, default 450 s, would be exceeded)::
 
@@ -118,14 +124,20 @@ KERNELS = (
     "fp8",
     "w8a8-nk",
     "fp8-nk",
+    "w8a8-xla",
+    "fp8-xla",
     "w8a8-mgpu",
     "fp8-mgpu",
     "w4a16-mgpu",
 )
 # Pallas on Mosaic GPU: run with --backend gpu only
 HOPPER_KERNELS = ("w8a8-mgpu", "fp8-mgpu", "w4a16-mgpu")
+# XLA's native int8 / fp8 dot (qjax.kernels.xla.contract), XLA on every backend
+XLA_KERNELS = ("w8a8-xla", "fp8-xla")
 MAX_M = {"w4a16-mgpu": 128}  # kernels for small M only: no cells above
 BASELINE = "bf16"
+# The programs whose dots XLA autotunes by timing candidates on the device: compiled one at a time
+AUTOTUNED = (BASELINE, *XLA_KERNELS)
 GROUP_SIZE = 128
 M_SWEEP = (1, 16, 64, 256, 1024, 4096)
 SHAPES: dict[str, tuple[int, int]] = {
@@ -173,6 +185,8 @@ WEIGHT_FAMILY = {
     "fp8": "fp8",
     "w8a8-nk": "int8-nk",  # (N, K): the weight transposed once
     "fp8-nk": "fp8-nk",
+    "w8a8-xla": "int8",
+    "fp8-xla": "fp8",
     "w8a8-mgpu": "int8-hopper",  # (N, K) padded to the tiles of qjax.kernels.hopper, once
     "fp8-mgpu": "fp8-hopper",
     "w4a16-mgpu": "w4-hopper",  # qjax.kernels.hopper_w4.prepare_w4 of the w4 weight
@@ -186,6 +200,8 @@ ACT_FAMILY = {
     "fp8": "fp8",
     "w8a8-nk": "int8",
     "fp8-nk": "fp8",
+    "w8a8-xla": "int8",
+    "fp8-xla": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
     "w4a16-mgpu": "bf16",
@@ -199,6 +215,8 @@ ARITHMETIC = {
     "fp8": "fp8",
     "w8a8-nk": "int8",
     "fp8-nk": "fp8",
+    "w8a8-xla": "int8",
+    "fp8-xla": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
     "w4a16-mgpu": "bf16",
@@ -211,6 +229,8 @@ MODULES = {
     "fp8": ("fp8",),
     "w8a8-nk": ("w8a8",),
     "fp8-nk": ("fp8",),
+    "w8a8-xla": ("xla",),
+    "fp8-xla": ("xla",),
     "w8a8-mgpu": ("hopper",),
     "fp8-mgpu": ("hopper",),
     "w4a16-mgpu": ("hopper_w4",),
@@ -255,7 +275,7 @@ def activation_bytes(kernel: str, m: int, k: int) -> int:
     quantized = m * k + 4 * m  # int8 / fp8 values and one f32 scale per token
     if kernel in ("bf16", "w4a16", "w4a16-swap", "w4a16-mgpu"):
         return 2 * m * k
-    if kernel in ("w8a8", "fp8", "w8a8-nk", "fp8-nk", "w8a8-mgpu", "fp8-mgpu"):
+    if kernel in ("w8a8", "fp8", "w8a8-nk", "fp8-nk", "w8a8-xla", "fp8-xla", "w8a8-mgpu", "fp8-mgpu"):
         return quantized
     if kernel == "w8a8+quant":
         return 2 * m * k + 2 * quantized
@@ -317,11 +337,18 @@ def missing_modules(kernel: str) -> list[str]:
 
 def kernel_fn(kernel: str, backend: str) -> Callable[[Any, Any], jax.Array]:
     """``(activations, weights) -> (M, N) output`` of ``kernel``; ``backend="reference"`` calls the
-    ``*_reference`` functions (XLA), any other backend the Pallas kernel built for it."""
+    ``*_reference`` functions (XLA), any other backend the Pallas kernel built for it; the ``-xla``
+    rows are XLA's own int8 / fp8 dot on every backend."""
     ref = backend == "reference"
     opts: dict[str, Any] = {} if ref else {"backend": backend}
     if kernel == "bf16":
         return lambda x, w: jnp.dot(x, w)
+    if kernel in XLA_KERNELS:  # the same on every backend
+        xla = kernel_module("xla")
+        kn = (((1,), (0,)), ((), ()))
+        return lambda x, w: xla.contract(
+            xla.Operand(x[0], None, x[1]), xla.Operand(w[0], None, w[1]), kn
+        ).astype(jnp.bfloat16)
     if kernel == "w4a16-mgpu":  # weight prepared by hopper_w4.prepare_w4
         w4h = kernel_module("hopper_w4")
         return lambda x, w: w4h.w4a16_matmul_hopper(x, w)
@@ -566,8 +593,9 @@ def lower_cell(
 def compile_cells(
     lowered: Mapping[str, Any], cells: Mapping[str, dict[str, Any]], workers: int
 ) -> dict[str, Any]:
-    """Compile the lowered programs: the baseline alone first (XLA autotunes its dot by timing it on
-    the device), then the others on ``workers`` threads. Failures are recorded in the cells."""
+    """Compile the lowered programs: the XLA programs (:data:`AUTOTUNED`) one at a time first (XLA
+    autotunes their dots by timing candidates on the device), then the others on ``workers``
+    threads. Failures are recorded in the cells."""
 
     def compile_one(kernel: str) -> Any:
         start = time.perf_counter()
@@ -584,9 +612,10 @@ def compile_cells(
             cells[kernel]["error"] = _error(e)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        if BASELINE in lowered:
-            collect(BASELINE, pool.submit(compile_one, BASELINE))
-        futures = {kernel: pool.submit(compile_one, kernel) for kernel in lowered if kernel != BASELINE}
+        for kernel in AUTOTUNED:
+            if kernel in lowered:
+                collect(kernel, pool.submit(compile_one, kernel))
+        futures = {kernel: pool.submit(compile_one, kernel) for kernel in lowered if kernel not in AUTOTUNED}
         for kernel, future in futures.items():
             collect(kernel, future)
     return out
@@ -942,10 +971,17 @@ BACKEND_NOTES = {
     "gpu": "Pallas kernels on Triton; the -mgpu rows Pallas on Mosaic GPU (sm_90)",
     "tpu": "Pallas kernels on Mosaic",
 }
+XLA_NOTE = "; the -xla rows: XLA's native int8 / fp8 dot (qjax.kernels.xla.contract) on every backend"
 PROGRAMS = (
     "each program applies the kernel to R distinct weight copies (> L2 in total); time per call = "
     "program time / R, median over samples; compile excluded"
 )
+
+
+def backend_note(config: Config) -> str:
+    """What the backend runs, for the results' header."""
+    xla_rows = any(k in XLA_KERNELS for k in config.kernels)
+    return BACKEND_NOTES[config.backend] + (XLA_NOTE if xla_rows else "")
 
 
 def method(config: Config) -> str:
@@ -960,7 +996,7 @@ def make_meta(config: Config, argv: Sequence[str] | None) -> dict[str, Any]:
         "platform": device.platform,
         "jax_version": jax.__version__,
         "backend": config.backend,
-        "backend_note": BACKEND_NOTES[config.backend],
+        "backend_note": backend_note(config),
         "method": method(config),
         "clock": config.clock,
         "peaks": None if (p := device_peaks(device.device_kind)) is None else dataclasses.asdict(p),

@@ -63,7 +63,7 @@ def _write_columns(o_ref: Any, columns: jax.Array, rows: int) -> None:
     """Every real row (the first ``rows`` of the output, as the kernel writes them) of the output
     tile gets the (1, bn) column values."""
     tile = jnp.broadcast_to(columns.astype(jnp.float32), o_ref.shape[-2:])
-    w4a16.store_rows(o_ref, tile.reshape(o_ref.shape).astype(o_ref.dtype), rows)
+    kb.store_rows(o_ref, tile.reshape(o_ref.shape).astype(o_ref.dtype), rows)
 
 
 def stream_body(

@@ -7,11 +7,14 @@ For each kernel and M it times every candidate :class:`~qjax.kernels.blocks.Bloc
 ``fp8-mgpu`` (the Hopper path, :mod:`qjax.kernels.hopper`, weight prepared ``(N, K)`` once) every
 :class:`~qjax.kernels.hopper.HopperConfig` of :data:`HOPPER_CANDIDATES`, and XLA's bf16 matmul of
 the same shape as a yardstick; ``w8a8-nk`` and ``fp8-nk`` time the Triton kernels with the weight
-stored ``(N, K)`` (``w_layout="nk"``) on the same candidates. Each is timed as one jitted program of
-``CALLS`` back-to-back kernel calls on ``CALLS`` distinct weight copies, median of 5 samples after
-a warm-up, on the clock of ``--clock`` (:mod:`experiments.timing`: by default CUPTI's kernel
-durations on a GPU, the wall clock elsewhere); then prints the candidates from fastest to slowest
-and the best one. Candidates that fail to compile are reported and skipped.
+stored ``(N, K)`` (``w_layout="nk"``) on the same candidates. ``w8a8-xla`` and ``fp8-xla`` have no
+blocks: they time XLA's native int8 / fp8 dot (``qjax.kernels.xla.contract``, what serving with
+``kernels="xla"`` runs) with the weight stored ``(K, N)`` and stored ``(N, K)``, the two "candidates"
+``XLA (K, N)`` and ``XLA (N, K)``. Each is timed as one jitted program of ``CALLS`` back-to-back
+kernel calls on ``CALLS`` distinct weight copies, median of 5 samples after a warm-up, on the clock
+of ``--clock`` (:mod:`experiments.timing`: by default CUPTI's kernel durations on a GPU, the wall
+clock elsewhere); then prints the candidates from fastest to slowest and the best one. Candidates
+that fail to compile are reported and skipped.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 
 from experiments import timing
 from qjax.kernels import blocks as kb
-from qjax.kernels import fp8, hopper, w4a16, w8a8
+from qjax.kernels import fp8, hopper, w4a16, w8a8, xla
 
 CALLS = 8
 SMALL = [
@@ -65,6 +68,15 @@ HOPPER_CANDIDATES = {
     ],
 }
 MOSAIC_GPU = {"w8a8-mgpu": jnp.int32, "fp8-mgpu": jnp.float32}  # kernel -> accumulator
+XLA_DOTS = {"w8a8-xla": jnp.int8, "fp8-xla": jnp.float8_e4m3fn}  # kernel -> operand dtype
+# The "candidates" of the XLA dots: where the weight is stored, and the dimension numbers reading it
+XLA_LAYOUTS = {"XLA (K, N)": (((1,), (0,)), ((), ())), "XLA (N, K)": (((1,), (1,)), ((), ()))}
+
+
+def _codes(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Random int8 codes on [-127, 127], or e4m3 values of normal samples."""
+    values = rng.integers(-127, 128, shape) if dtype == jnp.int8 else rng.normal(size=shape)
+    return jnp.asarray(values, dtype)
 
 
 def _operands(
@@ -86,10 +98,21 @@ def _operands(
         xb = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
         ws = [jnp.asarray(rng.normal(size=(k, n)), jnp.bfloat16) for _ in range(CALLS)]
         return [xb, ws], lambda x, w, b: jnp.dot(x, w)
+    if kernel in XLA_DOTS:  # each weight copy stored both ways; the candidate picks one
+        dtype = XLA_DOTS[kernel]
+        xq = xla.Operand(_codes(rng, (m, k), dtype), None, jnp.ones((m, 1), jnp.float32))
+        wq = [_codes(rng, (k, n), dtype) for _ in range(CALLS)]
+        wsx = [
+            {
+                "XLA (K, N)": xla.Operand(w, None, jnp.ones((1, n), jnp.float32)),
+                "XLA (N, K)": xla.Operand(w.T, None, jnp.ones((n, 1), jnp.float32)),
+            }
+            for w in wq
+        ]
+        return [xq, wsx], lambda x, w, b: xla.contract(x, w[b], XLA_LAYOUTS[b]).astype(jnp.bfloat16)
     if kernel in MOSAIC_GPU:
         dtype = jnp.int8 if kernel.startswith("w8a8") else jnp.float8_e4m3fn
-        values = rng.integers(-127, 128, (m, k)) if dtype == jnp.int8 else rng.normal(size=(m, k))
-        xh = (jnp.asarray(values, dtype), jnp.ones((m, 1), jnp.float32))
+        xh = (_codes(rng, (m, k), dtype), jnp.ones((m, 1), jnp.float32))
         prep = jax.jit(hopper.prepare_weight)
         wsh = [
             (prep(jnp.asarray(rng.integers(-127, 128, (k, n)), dtype)), jnp.ones((1, n), jnp.float32))
@@ -105,17 +128,11 @@ def _operands(
         return [xh, wsh], hopper_call
     layout = "nk" if kernel.endswith("-nk") else "kn"  # -nk: the weight stored (N, K)
     shape = (n, k) if layout == "nk" else (k, n)
-    if kernel.startswith("w8a8"):
-        xi = (jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8), jnp.ones((m, 1), jnp.float32))
-        ws = [
-            (jnp.asarray(rng.integers(-127, 128, shape), jnp.int8), jnp.ones((1, n), jnp.float32))
-            for _ in range(CALLS)
-        ]
-        return [xi, ws], lambda x, w, b: w8a8.w8a8_matmul(x[0], x[1], w[0], w[1], blocks=b, w_layout=layout)
-    e4m3 = jnp.float8_e4m3fn
-    xf = (jnp.asarray(rng.normal(size=(m, k)), e4m3), jnp.ones((m, 1), jnp.float32))
-    ws = [(jnp.asarray(rng.normal(size=shape), e4m3), jnp.ones((1, n), jnp.float32)) for _ in range(CALLS)]
-    return [xf, ws], lambda x, w, b: fp8.fp8_matmul(x[0], x[1], w[0], w[1], blocks=b, w_layout=layout)
+    int8 = kernel.startswith("w8a8")
+    dtype, matmul = (jnp.int8, w8a8.w8a8_matmul) if int8 else (jnp.float8_e4m3fn, fp8.fp8_matmul)
+    xi = (_codes(rng, (m, k), dtype), jnp.ones((m, 1), jnp.float32))
+    ws = [(_codes(rng, shape, dtype), jnp.ones((1, n), jnp.float32)) for _ in range(CALLS)]
+    return [xi, ws], lambda x, w, b: matmul(x[0], x[1], w[0], w[1], blocks=b, w_layout=layout)
 
 
 def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any, clock: str = "wall") -> float:
@@ -134,7 +151,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--kernels",
         default="w8a8,fp8,w4a16",
-        help="of w8a8, fp8, w4a16, w8a8-nk, fp8-nk (weight (N, K)), w8a8-mgpu, fp8-mgpu, bf16 (XLA)",
+        help=(
+            "of w8a8, fp8, w4a16, w8a8-nk, fp8-nk (weight (N, K)), w8a8-mgpu, fp8-mgpu, bf16 (XLA), "
+            "w8a8-xla, fp8-xla (XLA's int8 / fp8 dot, weight (K, N) and (N, K))"
+        ),
     )
     parser.add_argument("--m", default="16,1024,4096")
     parser.add_argument("--k", type=int, default=4096)
@@ -162,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             table: Any
             if kernel == "bf16":
                 table, cands = None, [None]
+            elif kernel in XLA_DOTS:
+                table, cands = None, list(XLA_LAYOUTS)
             elif kernel in MOSAIC_GPU:
                 table = hopper.choose_config(m)
                 cands = [table] + [c for c in HOPPER_CANDIDATES[size] if c != table]

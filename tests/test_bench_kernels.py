@@ -6,6 +6,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import bench_kernels as bk
@@ -119,6 +120,10 @@ def test_quick_cpu_smoke_run(tmp_path, capsys):
         assert "error" not in cell, cell
         assert cell["time_s"] > 0 and cell["gbps"] > 0 and cell["speedup"] > 0
         assert cell["roofline_pct"] is None  # CPU: no peaks
+    xla_rows = [c for c in cells.values() if c["kernel"] in bk.XLA_KERNELS]  # XLA's int8 / fp8 dot
+    assert len(xla_rows) == 2 * len(bk.QUICK_CPU.shapes) * len(bk.QUICK_CPU.m)
+    assert all(c["speedup"] > 0 for c in xla_rows)
+    assert "the -xla rows: XLA's native int8 / fp8 dot" in result["meta"]["backend_note"]
     assert {(r["kernel"], r["shape"]) for r in result["crossover"]} == {
         (k, s) for k in run[1:] for s in bk.QUICK_CPU.shapes
     }
@@ -193,6 +198,59 @@ def test_nk_rows_compute_the_same_matmul(base, backend):
     assert float(jnp.max(jnp.abs((y - y_nk).astype(jnp.float32)))) <= 1e-2 * scale  # bf16 outputs
     assert bk.nominal_weight_bytes(base + "-nk", k, n) == bk.nominal_weight_bytes(base, k, n)
     assert bk.activation_bytes(base + "-nk", m, k) == bk.activation_bytes(base, m, k)
+
+
+@pytest.mark.parametrize("kernel", ["w8a8-xla", "fp8-xla"])
+def test_xla_rows_compute_the_scaled_low_precision_product(kernel):
+    """``w8a8-xla`` / ``fp8-xla`` (XLA's int8 / fp8 dot, the same on every backend) on the operands of
+    ``w8a8`` / ``fp8``: ``x_scale * w_scale * (x_q @ w_q)`` in float64 (the int8 product exact, the
+    e4m3 values upcast), within the bf16 rounding of the output and the f32 accumulation of fp8."""
+    k, n, m = 256, 384, 16
+    base = kernel.removesuffix("-xla")
+    w_q, w_scale = bk.make_weights(bk.WEIGHT_FAMILY[kernel], jax.random.key(7), k, n)
+    x_q, x_scale = bk.make_activations(bk.ACT_FAMILY[kernel], jax.random.key(8), m, k)
+    assert (bk.WEIGHT_FAMILY[kernel], bk.ACT_FAMILY[kernel]) == (bk.WEIGHT_FAMILY[base], bk.ACT_FAMILY[base])
+    assert w_q.shape == (k, n) and w_scale.shape == (1, n) and x_scale.shape == (m, 1)
+    y = bk.kernel_fn(kernel, "reference")((x_q, x_scale), (w_q, w_scale))
+    assert y.dtype == jnp.bfloat16 and y.shape == (m, n)
+    if base == "w8a8":
+        product = (np.asarray(x_q, np.int64) @ np.asarray(w_q, np.int64)).astype(np.float64)
+    else:
+        product = np.asarray(x_q).astype(np.float64) @ np.asarray(w_q).astype(np.float64)
+    scales = np.asarray(x_scale, np.float64) * np.asarray(w_scale, np.float64)
+    want = scales * product
+    magnitude = scales * (
+        np.abs(np.asarray(x_q).astype(np.float64)) @ np.abs(np.asarray(w_q).astype(np.float64))
+    )
+    bound = 2.0**-8 * np.abs(want) + (k + 3) * 2.0**-24 * magnitude  # bf16 output; f32 sums and scaling
+    err = np.abs(np.asarray(y, np.float64) - want)
+    assert np.all(err <= bound), float(np.max(err - bound))
+    assert float(np.max(np.abs(want))) > 0.1  # not a trivially small output
+    assert bk.kernel_fn(kernel, "gpu")((x_q, x_scale), (w_q, w_scale)).dtype == jnp.bfloat16  # XLA anywhere
+    assert bk.nominal_weight_bytes(kernel, k, n) == bk.nominal_weight_bytes(base, k, n)
+    assert bk.activation_bytes(kernel, m, k) == bk.activation_bytes(base, m, k) == m * k + 4 * m
+    assert bk.ARITHMETIC[kernel] == bk.ARITHMETIC[base] and bk.MODULES[kernel] == ("xla",)
+
+
+def test_xla_programs_compile_one_at_a_time_first():
+    """The programs XLA autotunes on the device (bf16 and the -xla rows) compile alone, before the
+    Pallas programs compile on the worker threads."""
+    order: list[str] = []
+
+    class Lowered:
+        def __init__(self, kernel: str):
+            self.kernel = kernel
+
+        def compile(self) -> str:
+            order.append(self.kernel)
+            return self.kernel
+
+    kernels = ("w8a8", "fp8-xla", "bf16", "fp8", "w8a8-xla")
+    cells = {k: {"kernel": k} for k in kernels}
+    compiled = bk.compile_cells({k: Lowered(k) for k in kernels}, cells, workers=4)
+    assert compiled == {k: k for k in kernels}
+    assert order[:3] == ["bf16", "w8a8-xla", "fp8-xla"] and set(order[3:]) == {"w8a8", "fp8"}
+    assert all(c["compile_s"] >= 0 for c in cells.values())
 
 
 def test_bad_arguments():

@@ -151,11 +151,12 @@ def test_swap_ab_matches_reference(m, dtype, split_k, asym, bias):
 
 
 def test_auto_split_reaches_the_target_with_short_last_range():
-    from qjax.kernels.w4a16 import _GPU_TARGET_PROGRAMS, _auto_split
+    from qjax.kernels.blocks import GPU_TARGET_PROGRAMS as _GPU_TARGET_PROGRAMS
+    from qjax.kernels.blocks import split_k_ranges
 
     for programs, steps in [(32, 43), (32, 86), (1, 64), (512, 8), (96, 32), (4, 3)]:
-        split = _auto_split(programs, steps)
-        per = -(-steps // split)
+        split, per = split_k_ranges(programs, steps)
+        assert per == -(-steps // split)
         assert 1 <= split <= steps and (split - 1) * per < steps <= split * per
         assert per >= 2 or steps < 4
         if programs * 2 <= _GPU_TARGET_PROGRAMS and steps >= 4:

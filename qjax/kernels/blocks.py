@@ -229,3 +229,60 @@ def compiler_params(backend: str, blocks: Blocks, dimension_semantics: tuple[str
 
         return pltpu.CompilerParams(dimension_semantics=dimension_semantics)  # type: ignore[arg-type]
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# What the GPU (Triton) bodies share: rows of M not padded to the block, K split over programs
+
+GPU_TARGET_PROGRAMS = 256  # a few waves of an H100's 132 SMs: below this, split K over programs
+
+
+def split_k_ranges(programs: int, steps: int, split_k: int | None = None) -> tuple[int, int]:
+    """``(ranges, steps per range)`` of a K loop of ``steps`` steps run by ``programs`` (M x N blocks).
+
+    ``split_k=None`` picks a power of two of ranges, each of >= 2 steps, so that about
+    :data:`GPU_TARGET_PROGRAMS` programs run (decode with a narrow N or a long K leaves SMs idle
+    otherwise); an int asks for that many ranges. Ranges hold ``ceil(steps / ranges)`` steps, the
+    last one the rest, so the count returned may be smaller than asked (10 steps in 4 ranges is
+    3 + 3 + 3 + 1; 9 steps in 4 is 3 + 3 + 3, three ranges)."""
+    if split_k is None:
+        want = 1 << (max(1, -(-GPU_TARGET_PROGRAMS // programs)) - 1).bit_length()
+        split_k = max(1, min(want, steps // 2))
+    elif not 1 <= split_k <= steps:
+        raise ValueError(f"split_k={split_k}: must be between 1 and the {steps} K steps of the kernel")
+    per = -(-steps // split_k)
+    return -(-steps // per), per
+
+
+def row_mask(shape: tuple[int, ...], block_m: int, rows: int) -> jax.Array:
+    """Which elements of a block of ``shape`` (rows on axis -2) of M block ``program_id(0)`` lie in
+    the first ``rows`` rows of the whole array."""
+    from jax.experimental import pallas as pl
+
+    first = pl.program_id(0) * block_m
+    return first + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 2) < rows
+
+
+def load_rows(ref: Any, rows: int, block_m: int, mask: jax.Array | None = None) -> jax.Array:
+    """``ref[...]`` of a block of ``block_m`` rows (axis -2) of an array of ``rows`` rows: zeros past
+    them when ``rows`` is not a multiple of ``block_m`` (a masked load, so the array need not be
+    padded to the block). ``mask``: :func:`row_mask` of the block's shape, if already built (e.g.
+    once outside a loop over K slices)."""
+    if rows % block_m == 0:
+        return ref[...]
+    from jax.experimental.pallas import triton as pltriton
+
+    mask = row_mask(tuple(ref.shape), block_m, rows) if mask is None else mask
+    return pltriton.load(ref, mask=mask, other=jnp.zeros((), ref.dtype))  # zero of the ref's type (fp8 too)
+
+
+def store_rows(o_ref: Any, value: jax.Array, rows: int) -> None:
+    """``o_ref[...] = value`` for the rows of the block that exist: the output has ``rows`` (M) rows,
+    its last block of ``block_m`` rows may run past them (GPU grid axis 0 over M blocks)."""
+    bm = o_ref.shape[-2]
+    if rows % bm == 0:
+        o_ref[...] = value
+        return
+    from jax.experimental.pallas import triton as pltriton
+
+    pltriton.store(o_ref, value, mask=row_mask(tuple(o_ref.shape), bm, rows))

@@ -62,6 +62,7 @@ def fp8_matmul(
     blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
     w_layout: str = "kn",
+    split_k: int | None = None,
 ) -> jax.Array:
     """E4M3 x E4M3 matmul with float32 accumulation and a fused float32 epilogue.
 
@@ -82,6 +83,9 @@ def fp8_matmul(
         or a mapping of its fields) or ``None`` (the default device's).
       w_layout: ``"kn"`` or ``"nk"`` (``w_q`` stored ``(N, K)``, K contiguous: what Hopper's fp8
         tensor cores read; see :mod:`qjax.kernels.w8a8`).
+      split_k: K ranges run by separate programs of the GPU body, their float32 partial sums added
+        and the epilogue applied by XLA (the sums round in another order); ``None``: on ``"gpu"``
+        enough ranges to fill the GPU when the (M, N) grid is small (decode), else one.
     """
     x_q, w_q, epi, dt = _check_fp8(x_q, x_scale, w_q, w_scale, bias, out_dtype, w_layout)
     return _scaled_matmul(
@@ -95,6 +99,7 @@ def fp8_matmul(
         backend=backend,
         tpu_operand_dtype=jnp.bfloat16,
         w_layout=w_layout,
+        split_k=split_k,
     )
 
 

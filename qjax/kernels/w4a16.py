@@ -61,14 +61,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from qjax.kernels.blocks import Blocks, choose_blocks, compiler_params, pad_axis, resolve_backend, round_up
+from qjax.kernels.blocks import (
+    Blocks,
+    choose_blocks,
+    compiler_params,
+    load_rows,
+    pad_axis,
+    resolve_backend,
+    round_up,
+    row_mask,
+    split_k_ranges,
+    store_rows,
+)
 
 __all__ = ["PackedW4", "pack_w4", "unpack_w4", "w4a16_matmul", "w4a16_matmul_reference"]
 
 ACT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 N_ALIGN = 128
 K_ALIGN = 128
-_GPU_TARGET_PROGRAMS = 256  # a few waves of 132 SMs: below this, split K over programs
 UNPACKS = ("magic", "asm", "convert")  # how the GPU kernel unpacks nibbles; see _gpu_kernel
 
 
@@ -309,24 +319,6 @@ def _unpack_group_asm(p: jax.Array, offset: jax.Array | float, dtype: Any) -> tu
     return lo - offset, hi - offset
 
 
-def _row_mask(shape: tuple[int, ...], bm: int, rows: int) -> jax.Array:
-    """Which elements of a block of ``shape`` (rows on axis -2) of M block ``program_id(0)`` lie in
-    the first ``rows`` rows of the whole array."""
-    return pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 2) < rows
-
-
-def store_rows(o_ref: Any, value: jax.Array, rows: int) -> None:
-    """``o_ref[...] = value`` for the rows of the block that exist: the output has ``rows`` (M) rows,
-    its last block of ``block_m`` rows may run past them (GPU grid axis 0 over M blocks)."""
-    bm = o_ref.shape[-2]
-    if rows % bm == 0:
-        o_ref[...] = value
-        return
-    from jax.experimental.pallas import triton as pltriton
-
-    pltriton.store(o_ref, value, mask=_row_mask(o_ref.shape, bm, rows))
-
-
 def _gpu_kernel(
     *refs: Any,
     group: int,
@@ -362,15 +354,11 @@ def _gpu_kernel(
     first = pl.program_id(2) * steps  # this program's first K step
     bm, bn = o_ref.shape[-2:]
     # x and the output have M rows: unless M is a multiple of block_m, the last block is masked
-    x_mask = None if rows % bm == 0 else _row_mask((bm, half), bm, rows)
+    x_mask = None if rows % bm == 0 else row_mask((bm, half), bm, rows)
 
     def load_x(start: Any) -> jax.Array:
         """Columns ``start .. start + g/2`` of the block's rows of ``x``: zeros past row M."""
-        if x_mask is None:
-            return x_ref[:, pl.ds(start, half)]
-        from jax.experimental.pallas import triton as pltriton
-
-        return pltriton.load(x_ref.at[:, pl.ds(start, half)], mask=x_mask, other=0)
+        return load_rows(x_ref.at[:, pl.ds(start, half)], rows, bm, x_mask)
 
     def body(step: Any, acc: jax.Array) -> jax.Array:
         # The last K range may be short: its steps past the end repeat the last step, masked out.
@@ -446,14 +434,6 @@ def _tpu_kernel(
         if b_ref is not None:
             acc += b_ref[...]
         o_ref[...] = acc.astype(o_ref.dtype)
-
-
-def _auto_split(programs: int, steps: int) -> int:
-    """K ranges (of >= 2 steps each, the last one possibly shorter) so that ~_GPU_TARGET_PROGRAMS run."""
-    want = 1 << (max(1, -(-_GPU_TARGET_PROGRAMS // programs)) - 1).bit_length()  # a power of two
-    want = max(1, min(want, steps // 2))
-    per = -(-steps // want)  # steps per range
-    return -(-steps // per)  # ranges, the last one holding steps - (ranges - 1) * per
 
 
 def w4a16_matmul(
@@ -565,11 +545,8 @@ def _w4a16(
         )(*operands)
         return y[:m, : w.n]
 
-    split = _auto_split(gm * gn, steps) if split_k is None and backend == "gpu" else (split_k or 1)
-    if split < 1 or split > steps:
-        raise ValueError(f"split_k={split_k}: must be between 1 and the {steps} K steps of {bk} rows")
-    per = -(-steps // split)  # steps per K range; the last range may be shorter
-    split = -(-steps // per)
+    # K ranges of `per` steps, the last one possibly shorter (None on the interpreter: one range)
+    split, per = split_k_ranges(gm * gn, steps, 1 if split_k is None and backend != "gpu" else split_k)
     fused_bias = bias_row is not None and split == 1
     in_specs = [
         pl.BlockSpec((bm, k_pad), lambda i, j, s: (i, 0)),

@@ -12,9 +12,14 @@ accumulator never leaves the chip.
 
 The kernel has two bodies (:mod:`qjax.kernels.blocks` picks the backend):
 
-* **GPU** (Pallas on Triton): grid ``(M/block_m, N/block_n)``; each program holds a
-  ``(block_m, K)`` row panel of ``x`` and a ``(K, block_n)`` column panel of ``w`` and walks K in
-  a ``fori_loop`` of ``block_k`` slices, accumulating in registers.
+* **GPU** (Pallas on Triton): grid ``(M/block_m, N/block_n, K ranges)``; each program holds a
+  ``(block_m, K)`` row panel of ``x`` and a ``(K, block_n)`` column panel of ``w`` and walks its
+  range of K in a ``fori_loop`` of ``block_k`` slices, accumulating in registers. ``x`` is not
+  padded to the M block: the rows of the last block past M load as zeros (masked loads) and are not
+  stored (masked stores), so decode (M = 1 in a 16-row block) reads and writes one row. When the
+  ``(M, N)`` grid is too small to fill the GPU (decode, a narrow N) K is split into ranges
+  (``split_k``; :func:`qjax.kernels.blocks.split_k_ranges`) whose raw partial sums (int32 for
+  W8A8, so exact) XLA adds up before applying the same epilogue.
 * **TPU** (Pallas on Mosaic): grid ``(M/block_m, N/block_n, K/block_k)``, K last and
   ``"arbitrary"``; a VMEM scratch accumulator is zeroed at the first K step and the epilogue
   written at the last.
@@ -29,8 +34,9 @@ path) to give Triton the K-major operand; the ``"mosaic_gpu"`` backend reads it 
 
 The interpreter (``backend="interpret"``, CPU and tests) runs the GPU body; the TPU body runs
 interpreted too (``_scaled_matmul(..., body="tpu")``). Shapes that are not multiples of the blocks
-are zero-padded (zeros add nothing to the contraction) and the output sliced back; pad weights
-once ahead of time (N and K multiples of the blocks) so that a call pads only the activations.
+are zero-padded (zeros add nothing to the contraction; on GPU, K only: M is masked) and the output
+sliced back; pad weights once ahead of time (N and K multiples of the blocks) so that a call pads
+only the activations, if at all.
 
 :func:`_scaled_matmul` is shared with :mod:`qjax.kernels.fp8` (float32 accumulation).
 """
@@ -179,26 +185,43 @@ def _gpu_kernel(
     w_ref: Any,
     *refs: Any,
     names: tuple[str, ...],
-    nk: int,
+    steps: int,
+    total_steps: int,
     bk: int,
     acc_dtype: Any,
     operand_dtype: Any,
     out_dtype: Any,
     w_nk: bool,
+    rows: int,
 ) -> None:
+    """One output tile over ``steps`` of the ``total_steps`` K steps of ``bk``, from step
+    ``program_id(2) * steps``. ``x`` and the output have ``rows`` (M) rows, not padded to the block:
+    the last M block loads zeros past them and stores only them. With K split (a grid of more than
+    one K range) the tile is a raw partial sum, ``names`` is empty and XLA applies the epilogue."""
     # x_ref: (block_m, K); w_ref: (K, block_n), or (block_n, K) if w_nk; refs: epilogue operands,
-    # then o_ref (block_m, block_n)
+    # then o_ref (block_m, block_n), or (1, block_m, block_n) when K is split
     *epi_refs, o_ref = refs
-    bm, bn = o_ref.shape
+    bm, bn = o_ref.shape[-2:]
+    first = pl.program_id(2) * steps
+    short = total_steps % steps != 0  # the last K range is shorter: its extra steps are masked out
+    x_mask = None if rows % bm == 0 else kb.row_mask((bm, bk), bm, rows)
 
-    def step(k: jax.Array, acc: jax.Array) -> jax.Array:
-        start = pl.multiple_of(k * bk, bk)
-        x = x_ref[:, pl.ds(start, bk)]  # (block_m, block_k)
+    def step(s: jax.Array, acc: jax.Array) -> jax.Array:
+        t = first + s
+        keep = (t < total_steps).astype(acc_dtype)
+        t = jnp.minimum(t, total_steps - 1) if short else t
+        start = pl.multiple_of(t * bk, bk)
+        x = kb.load_rows(x_ref.at[:, pl.ds(start, bk)], rows, bm, x_mask)  # (block_m, block_k)
         w = w_ref[:, pl.ds(start, bk)] if w_nk else w_ref[pl.ds(start, bk), :]
-        return acc + _dot(x, w, acc_dtype, operand_dtype, w_nk)
+        d = _dot(x, w, acc_dtype, operand_dtype, w_nk)
+        return acc + (d * keep if short else d)
 
-    acc = lax.fori_loop(0, nk, step, jnp.zeros((bm, bn), acc_dtype))  # (block_m, block_n)
-    o_ref[...] = _epilogue(acc, {n: r[...] for n, r in zip(names, epi_refs, strict=True)}, out_dtype)
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), acc_dtype))  # (block_m, block_n)
+    epi = {
+        name: kb.load_rows(r, rows, bm) if name in _ROW_OPERANDS else r[...]
+        for name, r in zip(names, epi_refs, strict=True)
+    }
+    kb.store_rows(o_ref, _epilogue(acc, epi, out_dtype).reshape(o_ref.shape), rows)
 
 
 def _tpu_kernel(
@@ -235,10 +258,11 @@ def _tpu_kernel(
 
 
 def gpu_weight_spec(kp: int, bn: int, w_nk: bool) -> Any:
-    """The weight's block at grid point ``(i, j)`` of the GPU bodies: all of K for column block ``j``."""
+    """The weight's block at grid point ``(i, j, ...)`` of the GPU bodies: all of K for column block
+    ``j`` (a K range, if the grid has one, picks its steps inside the block)."""
     if w_nk:
-        return pl.BlockSpec((bn, kp), lambda i, j: (j, 0))
-    return pl.BlockSpec((kp, bn), lambda i, j: (0, j))
+        return pl.BlockSpec((bn, kp), lambda i, j, *_: (j, 0))
+    return pl.BlockSpec((kp, bn), lambda i, j, *_: (0, j))
 
 
 def tpu_weight_spec(bk: int, bn: int, w_nk: bool) -> Any:
@@ -261,14 +285,19 @@ def _scaled_matmul(
     tpu_operand_dtype: Any = None,
     body: str | None = None,
     w_layout: str = "kn",
+    split_k: int | None = None,
 ) -> jax.Array:
     """Pad, launch the Pallas kernel and slice back. ``epilogue``: checked operands keyed by
     ``_EPILOGUE_ORDER`` names, row operands (M, 1), column operands (1, N); empty for the raw
     accumulator. ``body`` ("gpu"/"tpu") overrides which body the interpreter runs. ``w`` is
-    ``(K, N)``, or ``(N, K)`` if ``w_layout == "nk"``."""
+    ``(K, N)``, or ``(N, K)`` if ``w_layout == "nk"``. ``split_k``: K ranges of the GPU body
+    (:func:`qjax.kernels.blocks.split_k_ranges`; ``None``: enough to fill the GPU on ``"gpu"``, one
+    on the interpreter)."""
     be = kb.resolve_backend(backend)
     w_nk = check_w_layout(w_layout)
     m, n = x.shape[0], w.shape[0 if w_nk else 1]
+    if be == "mosaic_gpu" and split_k not in (None, 1):
+        raise ValueError(f"split_k={split_k}: the mosaic_gpu backend does not split K; use backend='gpu'")
     if be == "mosaic_gpu":
         from qjax.kernels import hopper
 
@@ -287,41 +316,62 @@ def _scaled_matmul(
     if body not in ("gpu", "tpu"):
         raise ValueError(f"body={body!r}: expected 'gpu' or 'tpu'")
     bm, bn, bk = bl.block_m, bl.block_n, bl.block_k
-    xp = kb.pad_axis(kb.pad_axis(x, 0, bm), 1, bk)  # (Mp, Kp)
     n_block, k_block = (bn, bk) if w_nk else (bk, bn)  # the blocks of w's axes 0 and 1
     wp = kb.pad_axis(kb.pad_axis(w, 0, n_block), 1, k_block)  # (Np, Kp) or (Kp, Np)
-    mp, kp = xp.shape
+    kp = wp.shape[1 if w_nk else 0]
     np_ = wp.shape[0 if w_nk else 1]
+    mp = kb.round_up(m, bm)
     nk = kp // bk
-    names = tuple(name for name in _EPILOGUE_ORDER if name in epilogue)
-    operands = []
-    for name in names:
-        a = epilogue[name]
-        if name in _ROW_OPERANDS:
-            operands.append(kb.pad_axis(jnp.broadcast_to(a, (m, 1)), 0, bm))  # (Mp, 1)
-        else:
-            operands.append(kb.pad_axis(jnp.broadcast_to(a, (1, n)), 1, bn))  # (1, Np)
-    out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
-    operand_dtype = tpu_operand_dtype if body == "tpu" else None
+    full = {  # the epilogue operands at full extent: row operands (M, 1), column operands (1, N)
+        name: jnp.broadcast_to(a, (m, 1) if name in _ROW_OPERANDS else (1, n)) for name, a in epilogue.items()
+    }
     if body == "gpu":
-        grid: tuple[int, ...] = (mp // bm, np_ // bn)
-        in_specs = [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)), gpu_weight_spec(kp, bn, w_nk)]
-        row_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
-        col_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+        # K ranges: one unless the (M, N) grid is too small to fill the GPU (split_k=None) or asked
+        split, per = kb.split_k_ranges(
+            (mp // bm) * (np_ // bn), nk, 1 if split_k is None and be != "gpu" else split_k
+        )
+    elif split_k not in (None, 1):
+        raise ValueError(f"split_k={split_k}: K is split on GPU (Triton) only; the TPU body takes none")
+    else:
+        split, per = 1, nk
+    fused = split == 1  # the epilogue in the kernel; with K split, after XLA's sum of the partials
+    names = tuple(name for name in _EPILOGUE_ORDER if name in epilogue) if fused else ()
+    operand_dtype = tpu_operand_dtype if body == "tpu" else None
+    if body == "gpu":  # x not padded to the M block (masked rows)
+        xp = kb.pad_axis(x, 1, bk)  # (M, Kp)
+        pad = lambda name: full[name] if name in _ROW_OPERANDS else kb.pad_axis(full[name], 1, bn)
+        operands = [pad(name) for name in names]  # row operands not padded (masked loads)
+        grid: tuple[int, ...] = (mp // bm, np_ // bn, split)
+        in_specs = [pl.BlockSpec((bm, kp), lambda i, j, s: (i, 0)), gpu_weight_spec(kp, bn, w_nk)]
+        row_spec = pl.BlockSpec((bm, 1), lambda i, j, s: (i, 0))
+        col_spec = pl.BlockSpec((1, bn), lambda i, j, s: (0, j))
+        if fused:
+            out_shape = jax.ShapeDtypeStruct((m, np_), out_dtype)
+            out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+        else:
+            out_shape = jax.ShapeDtypeStruct((split, m, np_), acc_dtype)
+            out_spec = pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j))
         fn = functools.partial(
             _gpu_kernel,
             names=names,
-            nk=nk,
+            steps=per,
+            total_steps=nk,
             bk=bk,
             acc_dtype=acc_dtype,
             operand_dtype=operand_dtype,
-            out_dtype=out_dtype,
+            out_dtype=out_dtype if fused else acc_dtype,
             w_nk=w_nk,
+            rows=m,
         )
         scratch: list[Any] = []
-        semantics: tuple[str, ...] = ("parallel", "parallel")
+        semantics: tuple[str, ...] = ("parallel", "parallel", "arbitrary")
     else:
+        xp = kb.pad_axis(kb.pad_axis(x, 0, bm), 1, bk)  # (Mp, Kp)
+        operands = [
+            kb.pad_axis(full[name], 0 if name in _ROW_OPERANDS else 1, bm if name in _ROW_OPERANDS else bn)
+            for name in names
+        ]
+        out_shape = jax.ShapeDtypeStruct((mp, np_), out_dtype)
         grid = (mp // bm, np_ // bn, nk)
         in_specs = [
             pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
@@ -355,7 +405,11 @@ def _scaled_matmul(
         interpret=be == "interpret",
         name=f"qjax_{kernel}",
     )(xp, wp, *operands)
-    return out[:m, :n]
+    if fused:
+        return out[:m, :n]
+    # the real rows and columns of the partial sums only (the kernel wrote no others), then the
+    # epilogue: exact for int32 partial sums, as in the kernel
+    return _epilogue(out[:, :, :n].sum(axis=0), full, out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,6 +511,7 @@ def w8a8_matmul(
     blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
     w_layout: str = "kn",
+    split_k: int | None = None,
 ) -> jax.Array:
     """Int8 x int8 matmul with int32 accumulation and a fused float32 epilogue.
 
@@ -479,12 +534,15 @@ def w8a8_matmul(
         or a mapping of its fields) or ``None`` (the default device's).
       w_layout: ``"kn"`` (``w_q`` is ``(K, N)``) or ``"nk"`` (``(N, K)``, K contiguous: the operand
         Hopper's 8-bit tensor cores read; see the module docstring).
+      split_k: K ranges run by separate programs of the GPU body (Triton, interpreter), their int32
+        partial sums added and the epilogue applied by XLA (exact: the same result). ``None``: on
+        ``"gpu"`` enough ranges to fill the GPU when the (M, N) grid is small (decode), else one.
 
     Returns:
       ``(M, N)`` of ``out_dtype``.
     """
     x_q, w_q, epi, dt = _check_w8a8(x_q, x_scale, w_q, w_scale, x_zero_point, bias, out_dtype, w_layout)
-    kw: dict[str, Any] = dict(blocks=blocks, backend=backend, w_layout=w_layout)
+    kw: dict[str, Any] = dict(blocks=blocks, backend=backend, w_layout=w_layout, split_k=split_k)
     return _scaled_matmul(x_q, w_q, epi, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=dt, **kw)
 
 
@@ -512,11 +570,12 @@ def int8_matmul(
     blocks: kb.Blocks | Mapping[str, Any] | Any | None = None,
     backend: str | None = None,
     w_layout: str = "kn",
+    split_k: int | None = None,
 ) -> jax.Array:
     """The raw int32 accumulator :math:`\\sum_k q^x_{mk} q^w_{kn}` of int8 ``(M, K)`` and ``(K, N)``
     (``(N, K)`` with ``w_layout="nk"``): the :func:`w8a8_matmul` kernel without its epilogue."""
     x_q, w_q = _check_int8(x_q, w_q, w_layout)
-    kw: dict[str, Any] = dict(blocks=blocks, backend=backend, w_layout=w_layout)
+    kw: dict[str, Any] = dict(blocks=blocks, backend=backend, w_layout=w_layout, split_k=split_k)
     return _scaled_matmul(x_q, w_q, {}, kernel="w8a8", acc_dtype=jnp.int32, out_dtype=jnp.int32, **kw)
 
 
