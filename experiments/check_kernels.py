@@ -7,9 +7,9 @@ their lowering for ``cuda`` and ``tpu``; this script is the check on a real acce
 Triton or Mosaic compile the kernels: int8 exactness of the W8A8 accumulator, the W8A8 / FP8 /
 W4A16 outputs within float rounding of their references, and the per-token quantization bit for
 bit, at decode (M = 1), odd and Llama-sized shapes, W8A8 / int8 / FP8 / block-scaled FP8 also
-with the weight stored ``(N, K)`` (``w_layout="nk"``), W8A8 / int8 / FP8 also with K split in three
-ranges of unequal length (``split_k=3``; the default splits K at M = 1 and 16 on a GPU); on a GPU also the W8A8, int8 and FP8
-matmuls of the Hopper path (``backend="mosaic_gpu"``, sm_90 only) and the W4A16 options that
+with the weight stored ``(N, K)`` (``w_layout="nk"``) and with K split in three ranges of unequal
+length (``split_k=3``; the default splits K at M = 1 and 16 on a GPU); on a GPU also the W8A8, int8
+and FP8 matmuls of the Hopper path (``backend="mosaic_gpu"``, sm_90 only) and the W4A16 options that
 ``experiments.profile_w4a16`` times (``unpack="asm"``, ``swap_ab``). It prints one line per case and
 exits non-zero if any case fails (compile errors included).
 """
@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,39 +49,37 @@ def _layout(w: jax.Array, w_layout: str) -> jax.Array:
     return w.T if w_layout == "nk" else w
 
 
-def _split(split_k: int | None, kernel: str, backend: str, m: int, k: int) -> int | None:
-    """``split_k``, or the K steps of the kernel's blocks if there are fewer (a short K)."""
-    if split_k is None:
-        return None
-    return min(split_k, -(-k // blocks.choose_blocks(kernel, backend, m).block_k))
+Error = tuple[float, float]  # (error, tolerance) of a case
 
 
-def case_int8(
-    rng: np.random.Generator,
-    m: int,
-    k: int,
-    n: int,
-    backend: str,
-    w_layout: str = "kn",
-    split_k: int | None = None,
-) -> tuple[float, float]:
+class Variant(NamedTuple):
+    """How a W8A8 / int8 / FP8 / block-scaled FP8 case calls its kernel: the weight's layout and the
+    K ranges (``None``: the kernel's default)."""
+
+    w_layout: str = "kn"
+    split_k: int | None = None
+
+    def split(self, kernel: str, backend: str, m: int, k: int) -> int | None:
+        """``split_k``, or the K steps of the kernel's blocks if there are fewer (a short K)."""
+        if self.split_k is None:
+            return None
+        bk = fp8_block.GROUP if kernel == "fp8_block" else blocks.choose_blocks(kernel, backend, m).block_k
+        return min(self.split_k, -(-k // bk))
+
+
+PLAIN = Variant()
+
+
+def case_int8(rng: np.random.Generator, m: int, k: int, n: int, backend: str, v: Variant = PLAIN) -> Error:
     x, w = _int8(rng, m, k), _int8(rng, k, n)
     f = functools.partial(
-        w8a8.int8_matmul, backend=backend, w_layout=w_layout, split_k=_split(split_k, "w8a8", backend, m, k)
+        w8a8.int8_matmul, backend=backend, w_layout=v.w_layout, split_k=v.split("w8a8", backend, m, k)
     )
-    y = jax.jit(f)(x, _layout(w, w_layout))
+    y = jax.jit(f)(x, _layout(w, v.w_layout))
     return float(np.max(np.abs(np.asarray(y, np.int64) - np.asarray(w8a8.int8_matmul_reference(x, w))))), 0.0
 
 
-def case_w8a8(
-    rng: np.random.Generator,
-    m: int,
-    k: int,
-    n: int,
-    backend: str,
-    w_layout: str = "kn",
-    split_k: int | None = None,
-) -> tuple[float, float]:
+def case_w8a8(rng: np.random.Generator, m: int, k: int, n: int, backend: str, v: Variant = PLAIN) -> Error:
     x, w = _int8(rng, m, k), _int8(rng, k, n)
     xs = jnp.asarray(rng.uniform(1e-3, 1e-2, (m, 1)), jnp.float32)
     ws = jnp.asarray(rng.uniform(1e-3, 1e-2, (1, n)), jnp.float32)
@@ -91,47 +89,42 @@ def case_w8a8(
     f = functools.partial(
         w8a8.w8a8_matmul,
         backend=backend,
-        w_layout=w_layout,
-        split_k=_split(split_k, "w8a8", backend, m, k),
+        w_layout=v.w_layout,
+        split_k=v.split("w8a8", backend, m, k),
         **kw,
     )
-    y = jax.jit(f)(x, xs, _layout(w, w_layout), ws)
+    y = jax.jit(f)(x, xs, _layout(w, v.w_layout), ws)
     return _rel(y, w8a8.w8a8_matmul_reference(x, xs, w, ws, **kw)), 1e-5
 
 
-def case_fp8(
-    rng: np.random.Generator,
-    m: int,
-    k: int,
-    n: int,
-    backend: str,
-    w_layout: str = "kn",
-    split_k: int | None = None,
-) -> tuple[float, float]:
+def case_fp8(rng: np.random.Generator, m: int, k: int, n: int, backend: str, v: Variant = PLAIN) -> Error:
     e4m3 = jnp.float8_e4m3fn
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32).astype(e4m3)
     w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32).astype(e4m3)
     xs = jnp.asarray(rng.uniform(0.5, 2, (m, 1)), jnp.float32)
     ws = jnp.asarray(rng.uniform(0.5, 2, (1, n)), jnp.float32)
     kw: dict[str, Any] = dict(
-        out_dtype=jnp.float32, w_layout=w_layout, split_k=_split(split_k, "fp8", backend, m, k)
+        out_dtype=jnp.float32, w_layout=v.w_layout, split_k=v.split("fp8", backend, m, k)
     )
     f = functools.partial(fp8.fp8_matmul, backend=backend, **kw)
-    y = jax.jit(f)(x, xs, _layout(w, w_layout), ws)
+    y = jax.jit(f)(x, xs, _layout(w, v.w_layout), ws)
     return _rel(y, fp8.fp8_matmul_reference(x, xs, w, ws, out_dtype=jnp.float32)), 2e-3
 
 
 def case_fp8_block(
-    rng: np.random.Generator, m: int, k: int, n: int, backend: str, w_layout: str = "kn"
-) -> tuple[float, float]:
+    rng: np.random.Generator, m: int, k: int, n: int, backend: str, v: Variant = PLAIN
+) -> Error:
     e4m3 = jnp.float8_e4m3fn
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32).astype(e4m3)
     w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32).astype(e4m3)
     xs = jnp.asarray(rng.uniform(0.5, 2, (m, -(-k // 128))), jnp.float32)
     ws = jnp.asarray(rng.uniform(0.5, 2, (-(-k // 128), -(-n // 128))), jnp.float32)
     kw: dict[str, Any] = dict(out_dtype=jnp.float32)
-    f = functools.partial(fp8_block.fp8_block_matmul, backend=backend, w_layout=w_layout, **kw)
-    y = jax.jit(f)(x, xs, _layout(w, w_layout), ws)
+    split = v.split("fp8_block", backend, m, k)
+    f = functools.partial(
+        fp8_block.fp8_block_matmul, backend=backend, w_layout=v.w_layout, split_k=split, **kw
+    )
+    y = jax.jit(f)(x, xs, _layout(w, v.w_layout), ws)
     return _rel(y, fp8_block.fp8_block_matmul_reference(x, xs, w, ws, **kw)), 2e-3
 
 
@@ -184,16 +177,17 @@ CASES: dict[str, Callable[..., tuple[float, float]]] = {
     "w8a8_matmul (zero point, bias)": case_w8a8,
     "fp8_matmul": case_fp8,
     # the weight stored (N, K), K contiguous: the operand Hopper's 8-bit wgmma reads
-    "int8_matmul (int32 exact) [w_layout=nk]": functools.partial(case_int8, w_layout="nk"),
-    "w8a8_matmul (zero point, bias) [w_layout=nk]": functools.partial(case_w8a8, w_layout="nk"),
-    "fp8_matmul [w_layout=nk]": functools.partial(case_fp8, w_layout="nk"),
-    "fp8_block_matmul [w_layout=nk]": functools.partial(case_fp8_block, w_layout="nk"),
+    "int8_matmul (int32 exact) [w_layout=nk]": functools.partial(case_int8, v=Variant("nk")),
+    "w8a8_matmul (zero point, bias) [w_layout=nk]": functools.partial(case_w8a8, v=Variant("nk")),
+    "fp8_matmul [w_layout=nk]": functools.partial(case_fp8, v=Variant("nk")),
+    "fp8_block_matmul [w_layout=nk]": functools.partial(case_fp8_block, v=Variant("nk")),
     "fp8_block_matmul (128 x 128 blocks)": case_fp8_block,
     # K in 3 ranges of unequal length (the last one shorter), partial sums added by XLA; at M = 1
     # and 16 the default splits K too (split_k=None fills the GPU), evenly
-    "int8_matmul (int32 exact) [split_k=3]": functools.partial(case_int8, split_k=3),
-    "w8a8_matmul (zero point, bias) [split_k=3]": functools.partial(case_w8a8, split_k=3),
-    "fp8_matmul [w_layout=nk, split_k=3]": functools.partial(case_fp8, w_layout="nk", split_k=3),
+    "int8_matmul (int32 exact) [split_k=3]": functools.partial(case_int8, v=Variant(split_k=3)),
+    "w8a8_matmul (zero point, bias) [split_k=3]": functools.partial(case_w8a8, v=Variant(split_k=3)),
+    "fp8_matmul [w_layout=nk, split_k=3]": functools.partial(case_fp8, v=Variant("nk", 3)),
+    "fp8_block_matmul [split_k=3]": functools.partial(case_fp8_block, v=Variant(split_k=3)),
     "w4a16_matmul (asym, g128/g32)": case_w4a16,
     "quantize_per_token (int8, fp8)": case_act_quant,
 }

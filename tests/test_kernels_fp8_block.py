@@ -176,3 +176,36 @@ def test_weight_stored_nk_lowers(backend, platform, lowered):
     )
     fn = jax.jit(functools.partial(fp8_block_matmul, backend=backend, w_layout="nk"))
     assert "qjax_fp8_block" in lowered(fn, *args, platform=platform)
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("w_layout", ["kn", "nk"])
+def test_split_k_matches_float64(m, split_k, w_layout):
+    """K split over programs of the GPU body (5 groups: 3 + 2, or 2 + 2 + 1, the last range short),
+    M not padded to the block (masked rows): within the same float32 bound of float64, and the
+    bias added once (after XLA's sum of the partial sums)."""
+    k, n = 640, 256
+    x, xs, w, ws, bias = _operands(np.random.default_rng(100 * m + split_k), m, k, n, 0)
+    y64, terms = _float64(x, xs, w, ws, bias)
+    tol = (128 + xs.shape[1] + 4 + split_k) * EPS32 * terms + 1e-30
+    wl = w.T if w_layout == "nk" else w
+    f = functools.partial(
+        fp8_block_matmul, out_dtype=jnp.float32, backend="interpret", split_k=split_k, w_layout=w_layout
+    )
+    y = np.asarray(jax.jit(f)(x, xs, wl, ws, bias=bias), np.float64)
+    assert y.shape == (m, n)
+    assert np.all(np.abs(y - y64) <= tol)
+    bf16 = jax.jit(functools.partial(fp8_block_matmul, backend="interpret", split_k=split_k))(x, xs, w, ws)
+    assert bf16.dtype == jnp.bfloat16 and bf16.shape == (m, n)
+
+
+def test_split_k_refused_off_gpu_and_lowers_for_cuda(lowered):
+    x, xs, w, ws, _ = _operands(np.random.default_rng(2), 1, 4096, 256, 0)
+    with pytest.raises(ValueError, match=r"split_k=2: K is split on GPU \(Triton\) only"):
+        fp8_block_matmul(x, xs, w, ws, backend="interpret", body="tpu", split_k=2)
+    with pytest.raises(ValueError, match=r"split_k=40: must be between 1 and the 32 K steps"):
+        fp8_block_matmul(x, xs, w, ws, backend="interpret", split_k=40)
+    for split_k in (None, 3):  # None: M = 1, N = 256 fills the GPU by splitting K
+        f = functools.partial(fp8_block_matmul, backend="gpu", split_k=split_k, w_layout="nk")
+        assert "qjax_fp8_block" in lowered(jax.jit(f), x, xs, w.T, ws, platform="cuda")

@@ -14,17 +14,21 @@ per-row / per-column scales of :mod:`qjax.kernels.fp8`, since they change along 
 Backends (:mod:`qjax.kernels.blocks` picks; the block table's ``"fp8"`` entries give ``block_m``
 and ``block_n``, ``block_k`` is the group, 128):
 
-* **GPU** (Triton): grid ``(M/block_m, N/block_n)``; a ``fori_loop`` over the groups loads a
-  ``(block_m, 128)`` slice of ``x`` and a ``(128, block_n)`` slice of ``w``, one ``(block_m, 1)``
-  column of the activation scales and one ``(1, block_n)`` row of the weight scales (expanded to
-  one per column outside the kernel: ``K/128 x N`` floats).
+* **GPU** (Triton): grid ``(M/block_m, N/block_n, K ranges)``; a ``fori_loop`` over the groups of
+  its K range loads a ``(block_m, 128)`` slice of ``x`` and a ``(128, block_n)`` slice of ``w``, one
+  ``(block_m, 1)`` column of the activation scales and one ``(1, block_n)`` row of the weight
+  scales (expanded to one per column outside the kernel: ``K/128 x N`` floats). As in
+  :mod:`qjax.kernels.w8a8`, ``x`` and its scales are not padded to the M block (masked rows), and K
+  is split into ranges when the ``(M, N)`` grid is too small to fill the GPU (``split_k``), their
+  float32 partial sums added by XLA.
 * **TPU** (Mosaic): grid ``(M/block_m, N/block_n, K/128)`` with K ``"arbitrary"``, a VMEM
   accumulator; the scales come as ``(K/128, M, 1)`` and ``(K/128, 1, N)`` arrays whose group axis
   is squeezed out of the blocks, so every block respects the (8, 128) tiling. Tiles are upcast to
   bfloat16 for the MXU (exact).
 * **Interpret**: the GPU body (and, in the tests, the TPU body) in the Pallas interpreter.
 
-Shapes that are not multiples of the blocks are zero-padded (zero scales and values add nothing).
+Shapes that are not multiples of the blocks are zero-padded (zero scales and values add nothing;
+on GPU, M is masked instead).
 """
 
 from __future__ import annotations
@@ -116,24 +120,37 @@ class _Static(NamedTuple):
     has_bias: bool
     out_dtype: Any
     w_nk: bool
+    steps: int = 0  # GPU: groups per K range (the last range may be shorter)
+    rows: int = 0  # GPU: M, the rows of x and of the output (the last M block is masked)
 
 
 def _gpu_kernel(x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, st: _Static) -> None:
-    # x_ref (bm, Kp), w_ref (Kp, bn) or (bn, Kp) if w_nk, xs_ref (bm, G), ws_ref (G, bn); refs:
-    # [bias (1, bn)], o_ref
+    # x_ref (bm, Kp) and xs_ref (bm, G) of the M rows of x (the last M block masked), w_ref (Kp, bn)
+    # or (bn, Kp) if w_nk, ws_ref (G, bn); refs: [bias (1, bn)], o_ref (bm, bn), or (1, bm, bn)
+    # float32 partial sums of K range program_id(2) when K is split
     o_ref = refs[-1]
-    bm, bn = o_ref.shape
+    bm, bn = o_ref.shape[-2:]
+    first = pl.program_id(2) * st.steps
+    short = st.groups % st.steps != 0  # the last K range is shorter: its extra steps are masked out
+    x_mask = None if st.rows % bm == 0 else kb.row_mask((bm, GROUP), bm, st.rows)
+    s_mask = None if st.rows % bm == 0 else kb.row_mask((bm, 1), bm, st.rows)
 
-    def step(i: jax.Array, acc: jax.Array) -> jax.Array:
+    def step(s: jax.Array, acc: jax.Array) -> jax.Array:
+        i = first + s
+        keep = (i < st.groups).astype(jnp.float32)
+        i = jnp.minimum(i, st.groups - 1) if short else i
         start = pl.multiple_of(i * GROUP, GROUP)
         w = w_ref[:, pl.ds(start, GROUP)] if st.w_nk else w_ref[pl.ds(start, GROUP), :]
-        part = _dot(x_ref[:, pl.ds(start, GROUP)], w, jnp.float32, None, st.w_nk)  # (bm, bn)
-        return acc + part * xs_ref[:, pl.ds(i, 1)] * ws_ref[pl.ds(i, 1), :]
+        x = kb.load_rows(x_ref.at[:, pl.ds(start, GROUP)], st.rows, bm, x_mask)
+        part = _dot(x, w, jnp.float32, None, st.w_nk)  # (bm, bn)
+        xs = kb.load_rows(xs_ref.at[:, pl.ds(i, 1)], st.rows, bm, s_mask)  # (bm, 1)
+        ws = ws_ref[pl.ds(i, 1), :]  # (1, bn)
+        return acc + part * xs * (ws * keep if short else ws)
 
-    acc = lax.fori_loop(0, st.groups, step, jnp.zeros((bm, bn), jnp.float32))
+    acc = lax.fori_loop(0, st.steps, step, jnp.zeros((bm, bn), jnp.float32))
     if st.has_bias:
         acc = acc + refs[0][...]
-    o_ref[...] = acc.astype(st.out_dtype)
+    kb.store_rows(o_ref, acc.astype(o_ref.dtype).reshape(o_ref.shape), st.rows)
 
 
 def _tpu_kernel(x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, st: _Static) -> None:
@@ -169,6 +186,7 @@ def fp8_block_matmul(
     backend: str | None = None,
     body: str | None = None,
     w_layout: str = "kn",
+    split_k: int | None = None,
 ) -> jax.Array:
     """E4M3 x E4M3 matmul with per-(token, 128-wide K group) activation scales and per-128 x 128
     block weight scales (module docstring).
@@ -186,6 +204,9 @@ def fp8_block_matmul(
       backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
       body: ``"gpu"`` or ``"tpu"``: which body the interpreter runs (tests); default by backend.
       w_layout: ``"kn"`` or ``"nk"`` (see ``w_q``).
+      split_k: K ranges (of whole groups) run by separate programs of the GPU body, their float32
+        partial sums added by XLA; ``None``: on ``"gpu"`` enough to fill the GPU when the (M, N) grid
+        is small (:func:`qjax.kernels.blocks.split_k_ranges`), else one.
     """
     x_q, xs, w_q, ws, b, dt = _check(x_q, x_scale, w_q, w_scale, bias, out_dtype, w_layout)
     w_nk = w_layout == "nk"
@@ -204,29 +225,48 @@ def fp8_block_matmul(
     if be == "tpu" and (bl.block_m % 32 or bl.block_n % 128):
         raise ValueError(f"blocks={bl}: Mosaic tiles need block_m a multiple of 32 and block_n of 128")
     bm, bn = bl.block_m, bl.block_n
-    xp = kb.pad_axis(kb.pad_axis(x_q, 0, bm), 1, GROUP)  # (Mp, Kp)
     n_block, k_block = (bn, GROUP) if w_nk else (GROUP, bn)  # the blocks of w's axes 0 and 1
     wp = kb.pad_axis(kb.pad_axis(w_q, 0, n_block), 1, k_block)  # (Np, Kp) or (Kp, Np)
-    mp, kp = xp.shape
+    kp = wp.shape[1 if w_nk else 0]
     np_ = wp.shape[0 if w_nk else 1]
-    xs_p = kb.pad_axis(xs, 0, bm)  # (Mp, G)
+    mp = kb.round_up(m, bm)
     ws_p = kb.pad_axis(_column_scales(ws, n), 1, bn)  # (G, Np)
     extra = [] if b is None else [kb.pad_axis(b, 1, bn)]  # (1, Np)
-    kw = {"st": _Static(groups, b is not None, dt, w_nk)}
-    if body == "gpu":
-        grid: tuple[int, ...] = (mp // bm, np_ // bn)
+    split = 1
+    if body == "gpu":  # x and its scales not padded to the M block (masked rows)
+        split, per = kb.split_k_ranges(
+            (mp // bm) * (np_ // bn), groups, 1 if split_k is None and be != "gpu" else split_k
+        )
+        fused_bias = split == 1
+        kw = {
+            "st": _Static(
+                groups, b is not None and fused_bias, dt if fused_bias else jnp.float32, w_nk, per, m
+            )
+        }
+        grid: tuple[int, ...] = (mp // bm, np_ // bn, split)
         in_specs = [
-            pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((bm, kp), lambda i, j, s: (i, 0)),
             gpu_weight_spec(kp, bn, w_nk),
-            pl.BlockSpec((bm, groups), lambda i, j: (i, 0)),
-            pl.BlockSpec((groups, bn), lambda i, j: (0, j)),
-        ] + [pl.BlockSpec((1, bn), lambda i, j: (0, j)) for _ in extra]
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+            pl.BlockSpec((bm, groups), lambda i, j, s: (i, 0)),
+            pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)),
+        ] + [pl.BlockSpec((1, bn), lambda i, j, s: (0, j)) for _ in extra if fused_bias]
+        if split == 1:
+            out_shape = jax.ShapeDtypeStruct((m, np_), dt)
+            out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+        else:
+            out_shape = jax.ShapeDtypeStruct((split, m, np_), jnp.float32)
+            out_spec = pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j))
         fn: Any = functools.partial(_gpu_kernel, **kw)
         scratch: list[Any] = []
-        semantics: tuple[str, ...] = ("parallel", "parallel")
-        operands = [xp, wp, xs_p, ws_p, *extra]
+        semantics: tuple[str, ...] = ("parallel", "parallel", "arbitrary")
+        operands = [kb.pad_axis(x_q, 1, GROUP), wp, xs, ws_p, *(extra if fused_bias else [])]
+    elif split_k not in (None, 1):
+        raise ValueError(f"split_k={split_k}: K is split on GPU (Triton) only; the TPU body takes none")
     else:
+        kw = {"st": _Static(groups, b is not None, dt, w_nk)}
+        xp = kb.pad_axis(kb.pad_axis(x_q, 0, bm), 1, GROUP)  # (Mp, Kp)
+        xs_p = kb.pad_axis(xs, 0, bm)  # (Mp, G)
+        out_shape = jax.ShapeDtypeStruct((mp, np_), dt)
         from jax.experimental.pallas import tpu as pltpu
 
         grid = (mp // bm, np_ // bn, groups)
@@ -244,7 +284,7 @@ def fp8_block_matmul(
         operands = [xp, wp, xs_p.T[:, :, None], ws_p[:, None, :], *extra]
     out = pl.pallas_call(
         fn,
-        out_shape=jax.ShapeDtypeStruct((mp, np_), dt),
+        out_shape=out_shape,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_spec,
@@ -253,4 +293,7 @@ def fp8_block_matmul(
         interpret=be == "interpret",
         name="qjax_fp8_block",
     )(*operands)
-    return out[:m, :n]
+    if split == 1:
+        return out[:m, :n]
+    y = out[:, :, :n].sum(axis=0)  # the real rows and columns of the partial sums only
+    return (y if b is None else y + b[:, :n]).astype(dt)
