@@ -10,14 +10,16 @@ bit, at decode (M = 1), odd and Llama-sized shapes, W8A8 / int8 / FP8 / block-sc
 with the weight stored ``(N, K)`` (``w_layout="nk"``) and with K split in three ranges of unequal
 length (``split_k=3``; the default splits K at M = 1 and 16 on a GPU); on a GPU also the W8A8, int8
 and FP8 matmuls of the Hopper path (``backend="mosaic_gpu"``, sm_90 only) and the W4A16 options that
-``experiments.profile_w4a16`` times (``unpack="asm"``, ``swap_ab``). It prints one line per case and
-exits non-zero if any case fails (compile errors included).
+``experiments.profile_w4a16`` times (``unpack="asm"``, ``swap_ab``). It runs shape by shape (every
+case at the first shape, then the next), prints one line per case and exits non-zero if any case
+fails (compile errors included); ``--time-budget-s`` stops it before a case once spent.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import pathlib
 import sys
 import time
@@ -230,30 +232,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     failed, started, stopped = 0, time.perf_counter(), None
     header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
-    for name, case, case_backend in planned_runs(backend):
-        for m, k, n in shapes:
-            if m > CASE_MAX_M.get(name, m) or stopped:
-                continue
-            if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
-                stopped = f"time budget of {args.time_budget_s:g} s reached before {name} M={m} K={k} N={n}"
-                print(f"stopped: {stopped}", flush=True)
-                continue
-            row: dict[str, Any] = {"case": name, "m": m, "k": k, "n": n}
-            try:
-                err, tol = case(rng, m, k, n, case_backend)
-                row.update(error=err, tolerance=tol, ok=err <= tol)
-            except Exception as e:  # a compile error is a failed case, reported, not a crash
-                row.update(
-                    ok=False, exception=f"{type(e).__name__}: {e}"[:3000], tb=traceback.format_exc()[-3000:]
-                )
-            failed += not row["ok"]
-            results.append(row)
-            detail = (
-                f"error {row['error']:.3g} (tol {row['tolerance']:g})" if "error" in row else row["exception"]
+    runs = planned_runs(backend)
+    # shape by shape, every case at each: a run cut by its budget has checked every kernel at the
+    # first shapes (decode) rather than the first kernels at every shape
+    for (m, k, n), (name, case, case_backend) in itertools.product(shapes, runs):
+        if m > CASE_MAX_M.get(name, m) or stopped:
+            continue
+        if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
+            stopped = f"time budget of {args.time_budget_s:g} s reached before {name} M={m} K={k} N={n}"
+            print(f"stopped: {stopped}", flush=True)
+            continue
+        row: dict[str, Any] = {"case": name, "m": m, "k": k, "n": n}
+        try:
+            err, tol = case(rng, m, k, n, case_backend)
+            row.update(error=err, tolerance=tol, ok=err <= tol)
+        except Exception as e:  # a compile error is a failed case, reported, not a crash
+            row.update(
+                ok=False, exception=f"{type(e).__name__}: {e}"[:3000], tb=traceback.format_exc()[-3000:]
             )
-            print(f"{'OK  ' if row['ok'] else 'FAIL'} {name} M={m} K={k} N={n}: {detail}", flush=True)
-            if args.out:  # after every case: a run cut short keeps what it checked
-                write_json(pathlib.Path(args.out), {**header, "results": results, "stopped": None})
+        failed += not row["ok"]
+        results.append(row)
+        detail = (
+            f"error {row['error']:.3g} (tol {row['tolerance']:g})" if "error" in row else row["exception"]
+        )
+        print(f"{'OK  ' if row['ok'] else 'FAIL'} {name} M={m} K={k} N={n}: {detail}", flush=True)
+        if args.out:  # after every case: a run cut short keeps what it checked
+            write_json(pathlib.Path(args.out), {**header, "results": results, "stopped": None})
     if args.out:
         write_json(pathlib.Path(args.out), {**header, "results": results, "stopped": stopped})
     note = " (stopped early)" if stopped else ""
