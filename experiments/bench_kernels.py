@@ -13,7 +13,9 @@ every token count ``M`` of the sweep, ``y = x @ W`` with ``x`` of shape ``(M, K)
 * ``w8a8``: ``x`` already int8 with one f32 scale per token, int8 ``W`` with one f32 scale per
   output column (``qjax.kernels.w8a8``);
 * ``w8a8+quant``: the same matmul preceded by ``quantize_per_token`` of the bf16 ``x``
-  (``qjax.kernels.act_quant``), i.e. what serving actually pays per layer;
+  (``qjax.kernels.act_quant``): a layer's cost with dynamic per-token activations quantized by
+  that kernel (served ``qjax.nn`` models quantize activations with ``qjax.quantize``, which XLA
+  fuses; that is not this row);
 * ``fp8``: ``x`` and ``W`` in float8_e4m3fn, per-token and per-column f32 scales
   (``qjax.kernels.fp8``);
 * ``w8a8-nk``, ``fp8-nk``: the ``w8a8`` and ``fp8`` kernels with ``W`` stored ``(N, K)``

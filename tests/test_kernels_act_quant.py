@@ -83,6 +83,28 @@ def test_both_bodies_interpreted(dtype, body):
     _assert_same(_kernel[(dtype, body)](x), _reference[dtype](x))
 
 
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+def test_one_row_per_program(dtype, m):
+    """The GPU body with ``block_m = 1`` (the table's choice at decode: M programs, each walking one
+    row in chunks of 8192, the last one masked) is bit for bit the reference."""
+    x = _rows(np.random.default_rng(m), (m, 9000), 3, jnp.bfloat16)
+    name = jnp.dtype(DTYPES[dtype]).name
+    f = jax.jit(lambda x: _quantize_call(x, name, {"block_m": 1}, "interpret", body="gpu"))
+    _assert_same(f(x), _reference[dtype](x))
+
+
+def test_gpu_table_runs_a_program_per_row_at_decode():
+    from qjax.kernels import blocks as kb
+
+    assert [kb.choose_blocks("act_quant", "gpu", m, device_kind="x").block_m for m in (1, 16, 64, 65)] == [
+        1,
+        1,
+        1,
+        16,
+    ]
+
+
 def test_special_rows_are_safe():
     x = jnp.asarray(
         [
