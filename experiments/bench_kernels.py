@@ -28,6 +28,9 @@ every token count ``M`` of the sweep, ``y = x @ W`` with ``x`` of shape ``(M, K)
 * ``w4a16-mgpu``: the ``w4a16`` matmul on the Hopper path for small M (``qjax.kernels.hopper_w4``:
   the int4 weight ``(N, K)`` as ``wgmma``'s register operand, ``prepare_w4`` once), M <= 128 only,
   ``--backend gpu`` only;
+* ``w8a8-split1``, ``fp8-split1``: the ``w8a8`` and ``fp8`` kernels with K in one range
+  (``split_k=1``), at M <= 16 only: beside ``w8a8`` / ``fp8``, which split K there when the grid
+  is too small to fill the GPU, they show what the split gains or costs;
 * ``w8a8-xla``, ``fp8-xla``: the operands of ``w8a8`` and ``fp8`` through XLA's native int8 / fp8
   dot: ``qjax.kernels.xla.contract`` (int8 x int8 -> int32, or e4m3 x e4m3 -> f32, then times the
   outer product of the scales, float32), cast to bf16; what serving with ``kernels="xla"`` runs.
@@ -134,6 +137,8 @@ KERNELS = (
     "fp8-nk",
     "w8a8-xla",
     "fp8-xla",
+    "w8a8-split1",
+    "fp8-split1",
     "w8a8-mgpu",
     "fp8-mgpu",
     "w4a16-mgpu",
@@ -142,7 +147,11 @@ KERNELS = (
 HOPPER_KERNELS = ("w8a8-mgpu", "fp8-mgpu", "w4a16-mgpu")
 # XLA's native int8 / fp8 dot (qjax.kernels.xla.contract), XLA on every backend
 XLA_KERNELS = ("w8a8-xla", "fp8-xla")
-MAX_M = {"w4a16-mgpu": 128}  # kernels for small M only: no cells above
+# Rows whose activations come quantized (int8 / fp8 values and per-token scales)
+QUANTIZED_INPUT = ("w8a8", "fp8", "w8a8-nk", "fp8-nk", "w8a8-xla", "fp8-xla", "w8a8-split1", "fp8-split1")
+# kernels for small M only: no cells above (the -split1 rows differ from w8a8 / fp8 only where the
+# grid is small enough for K to be split)
+MAX_M = {"w4a16-mgpu": 128, "w8a8-split1": 16, "fp8-split1": 16}
 BASELINE = "bf16"
 # The programs whose dots XLA autotunes by timing candidates on the device: compiled one at a time
 AUTOTUNED = (BASELINE, *XLA_KERNELS)
@@ -195,6 +204,8 @@ WEIGHT_FAMILY = {
     "fp8-nk": "fp8-nk",
     "w8a8-xla": "int8",
     "fp8-xla": "fp8",
+    "w8a8-split1": "int8",
+    "fp8-split1": "fp8",
     "w8a8-mgpu": "int8-hopper",  # (N, K) padded to the tiles of qjax.kernels.hopper, once
     "fp8-mgpu": "fp8-hopper",
     "w4a16-mgpu": "w4-hopper",  # qjax.kernels.hopper_w4.prepare_w4 of the w4 weight
@@ -210,6 +221,8 @@ ACT_FAMILY = {
     "fp8-nk": "fp8",
     "w8a8-xla": "int8",
     "fp8-xla": "fp8",
+    "w8a8-split1": "int8",
+    "fp8-split1": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
     "w4a16-mgpu": "bf16",
@@ -225,6 +238,8 @@ ARITHMETIC = {
     "fp8-nk": "fp8",
     "w8a8-xla": "int8",
     "fp8-xla": "fp8",
+    "w8a8-split1": "int8",
+    "fp8-split1": "fp8",
     "w8a8-mgpu": "int8",
     "fp8-mgpu": "fp8",
     "w4a16-mgpu": "bf16",
@@ -239,6 +254,8 @@ MODULES = {
     "fp8-nk": ("fp8",),
     "w8a8-xla": ("xla",),
     "fp8-xla": ("xla",),
+    "w8a8-split1": ("w8a8",),
+    "fp8-split1": ("fp8",),
     "w8a8-mgpu": ("hopper",),
     "fp8-mgpu": ("hopper",),
     "w4a16-mgpu": ("hopper_w4",),
@@ -283,7 +300,7 @@ def activation_bytes(kernel: str, m: int, k: int) -> int:
     quantized = m * k + 4 * m  # int8 / fp8 values and one f32 scale per token
     if kernel in ("bf16", "w4a16", "w4a16-swap", "w4a16-mgpu"):
         return 2 * m * k
-    if kernel in ("w8a8", "fp8", "w8a8-nk", "fp8-nk", "w8a8-xla", "fp8-xla", "w8a8-mgpu", "fp8-mgpu"):
+    if kernel in (*QUANTIZED_INPUT, "w8a8-mgpu", "fp8-mgpu"):
         return quantized
     if kernel == "w8a8+quant":
         return 2 * m * k + 2 * quantized
@@ -379,13 +396,15 @@ def kernel_fn(kernel: str, backend: str) -> Callable[[Any, Any], jax.Array]:
         return lambda x, w: w4(x, w, **opts)
     if kernel.endswith("-nk"):  # the weight (N, K), K contiguous
         opts["w_layout"] = "nk"
+    if kernel.endswith("-split1") and not ref:  # K in one range (the reference has no ranges)
+        opts["split_k"] = 1
     if kernel.startswith("fp8"):
         mod = kernel_module("fp8")
         f8 = mod.fp8_matmul_reference if ref else mod.fp8_matmul
         return lambda x, w: f8(x[0], x[1], w[0], w[1], **opts)
     mod = kernel_module("w8a8")
     i8 = mod.w8a8_matmul_reference if ref else mod.w8a8_matmul
-    if kernel in ("w8a8", "w8a8-nk"):
+    if kernel in ("w8a8", "w8a8-nk", "w8a8-split1"):
         return lambda x, w: i8(x[0], x[1], w[0], w[1], **opts)
     aq = kernel_module("act_quant")
     quant = aq.quantize_per_token_reference if ref else aq.quantize_per_token

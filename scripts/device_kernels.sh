@@ -12,7 +12,8 @@
 #      the four shapes of the earlier H100 runs (7b.qkv, 7b.down, 70b.gate_up, 70b.down),
 #      M = 1..4096: bf16, w4a16 and w4a16-swap (swap_ab), w8a8 / fp8 and w8a8-nk / fp8-nk (the
 #      weight (N, K)), w8a8-xla / fp8-xla (XLA's native int8 / fp8 dot, what kernels="xla" serving
-#      runs); w8a8+quant is left to the full sweep, `python -m experiments.bench_kernels` alone,
+#      runs), w8a8-split1 / fp8-split1 at M <= 16 (K in one range, beside the default's split);
+#      w8a8+quant is left to the full sweep, `python -m experiments.bench_kernels` alone,
 #   3. the Hopper rows (Pallas on Mosaic GPU: w8a8-mgpu, fp8-mgpu, w4a16-mgpu at M <= 128) beside
 #      bf16 on the same shapes, in a process of their own, so that a kernel that takes the CUDA
 #      context down cannot cost the results of step 2,
@@ -40,7 +41,7 @@ py="${PYTHON:-python3}"
 timeout 120 "$py" -m experiments.check_kernels --time-budget-s 100 --out "$out/check.json" 2>&1 |
   tee "$out/check.log"
 timeout 160 "$py" -m experiments.bench_kernels --shapes 7b.qkv,7b.down,70b.gate_up,70b.down \
-  --kernels bf16,w4a16,w4a16-swap,w8a8,w8a8-nk,fp8,fp8-nk,w8a8-xla,fp8-xla \
+  --kernels bf16,w4a16,w4a16-swap,w8a8,w8a8-nk,fp8,fp8-nk,w8a8-xla,fp8-xla,w8a8-split1,fp8-split1 \
   --time-budget-s 135 --out "$out/bench.json" --md "$out/bench.md" 2>&1 |
   tee "$out/bench.log"
 timeout 70 "$py" -m experiments.bench_kernels --shapes 7b.qkv,7b.down,70b.gate_up,70b.down \

@@ -115,7 +115,10 @@ def test_quick_cpu_smoke_run(tmp_path, capsys):
     assert result["meta"]["skipped_kernels"] == [
         f"{k} (Mosaic GPU: runs with backend gpu only)" for k in bk.HOPPER_KERNELS
     ]
-    wanted = {(k, s, m) for k in run for s in bk.QUICK_CPU.shapes for m in bk.QUICK_CPU.m}
+    wanted = {
+        (k, s, m) for k in run for s in bk.QUICK_CPU.shapes for m in bk.QUICK_CPU.m if m <= bk.MAX_M.get(k, m)
+    }
+    assert ("w8a8-split1", "tiny.a", 16) in wanted and ("w8a8-split1", "tiny.a", 64) not in wanted
     assert set(cells) == wanted
     for cell in cells.values():
         assert "error" not in cell, cell
@@ -199,6 +202,32 @@ def test_nk_rows_compute_the_same_matmul(base, backend):
     assert float(jnp.max(jnp.abs((y - y_nk).astype(jnp.float32)))) <= 1e-2 * scale  # bf16 outputs
     assert bk.nominal_weight_bytes(base + "-nk", k, n) == bk.nominal_weight_bytes(base, k, n)
     assert bk.activation_bytes(base + "-nk", m, k) == bk.activation_bytes(base, m, k)
+
+
+@pytest.mark.parametrize("base", ["w8a8", "fp8"])
+def test_split1_rows_call_one_k_range(base, monkeypatch):
+    """``-split1`` rows pass ``split_k=1`` to the kernel (none to the reference), on the same operands."""
+    import qjax.kernels.fp8 as fp8_mod
+    import qjax.kernels.w8a8 as w8a8_mod
+
+    mod, name = (w8a8_mod, "w8a8_matmul") if base == "w8a8" else (fp8_mod, "fp8_matmul")
+    seen = []
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    k, n, m = 256, 128, 16
+    w = bk.make_weights(bk.WEIGHT_FAMILY[base], jax.random.key(5), k, n)
+    x = bk.make_activations(bk.ACT_FAMILY[base], jax.random.key(6), m, k)
+    y = bk.kernel_fn(base, "interpret")(x, w)
+    y1 = bk.kernel_fn(base + "-split1", "interpret")(x, w)
+    assert [kw.get("split_k") for kw in seen] == [None, 1]
+    assert bk.WEIGHT_FAMILY[base + "-split1"] == bk.WEIGHT_FAMILY[base] and bk.MAX_M[base + "-split1"] == 16
+    np.testing.assert_array_equal(
+        np.asarray(y1, np.float32), np.asarray(y, np.float32)
+    )  # one range either way
+    ref = bk.kernel_fn(base, "reference")(x, w)  # the references take no split_k
+    np.testing.assert_array_equal(
+        np.asarray(bk.kernel_fn(base + "-split1", "reference")(x, w), np.float32), np.asarray(ref, np.float32)
+    )
 
 
 @pytest.mark.parametrize("kernel", ["w8a8-xla", "fp8-xla"])
