@@ -227,23 +227,9 @@ ACT_FAMILY = {
     "fp8-mgpu": "fp8",
     "w4a16-mgpu": "bf16",
 }
-ARITHMETIC = {
-    "bf16": "bf16",
-    "w4a16": "bf16",
-    "w4a16-swap": "bf16",
-    "w8a8": "int8",
-    "w8a8+quant": "int8",
-    "fp8": "fp8",
-    "w8a8-nk": "int8",
-    "fp8-nk": "fp8",
-    "w8a8-xla": "int8",
-    "fp8-xla": "fp8",
-    "w8a8-split1": "int8",
-    "fp8-split1": "fp8",
-    "w8a8-mgpu": "int8",
-    "fp8-mgpu": "fp8",
-    "w4a16-mgpu": "bf16",
-}
+# The arithmetic each kernel does: its activations' format, except that w8a8+quant quantizes its
+# bf16 activations to int8 first
+ARITHMETIC = {**ACT_FAMILY, "w8a8+quant": "int8"}
 MODULES = {
     "w4a16": ("w4a16",),
     "w4a16-swap": ("w4a16",),

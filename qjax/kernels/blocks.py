@@ -259,6 +259,25 @@ def split_k_ranges(programs: int, steps: int, split_k: int | None = None) -> tup
     return -(-steps // per), per
 
 
+def k_range(steps: int, total_steps: int) -> Any:
+    """This program's K range (ranges of ``steps`` steps, program ``program_id(2)``), as a function
+    of a step of the range returning ``(t, keep)``: the step of the whole K loop, and ``None`` when
+    every range is full, else a 0 / 1 float32 factor for the partial sum: the last range, if
+    shorter, repeats the last step (``t`` clamped, so every load stays in bounds) with ``keep`` = 0.
+    Call it outside the loop (the program id is read once)."""
+    from jax.experimental import pallas as pl
+
+    first = pl.program_id(2) * steps
+
+    def step_of(step: Any) -> tuple[jax.Array, jax.Array | None]:
+        t = first + step
+        if total_steps % steps == 0:
+            return t, None
+        return jnp.minimum(t, total_steps - 1), (t < total_steps).astype(jnp.float32)
+
+    return step_of
+
+
 def row_mask(shape: tuple[int, ...], block_m: int, rows: int) -> jax.Array:
     """Which elements of a block of ``shape`` (rows on axis -2) of M block ``program_id(0)`` lie in
     the first ``rows`` rows of the whole array."""

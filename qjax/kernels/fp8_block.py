@@ -130,22 +130,19 @@ def _gpu_kernel(x_ref: Any, w_ref: Any, xs_ref: Any, ws_ref: Any, *refs: Any, st
     # float32 partial sums of K range program_id(2) when K is split
     o_ref = refs[-1]
     bm, bn = o_ref.shape[-2:]
-    first = pl.program_id(2) * st.steps
-    short = st.groups % st.steps != 0  # the last K range is shorter: its extra steps are masked out
     x_mask = None if st.rows % bm == 0 else kb.row_mask((bm, GROUP), bm, st.rows)
     s_mask = None if st.rows % bm == 0 else kb.row_mask((bm, 1), bm, st.rows)
+    step_of = kb.k_range(st.steps, st.groups)
 
     def step(s: jax.Array, acc: jax.Array) -> jax.Array:
-        i = first + s
-        keep = (i < st.groups).astype(jnp.float32)
-        i = jnp.minimum(i, st.groups - 1) if short else i
+        i, keep = step_of(s)
         start = pl.multiple_of(i * GROUP, GROUP)
         w = w_ref[:, pl.ds(start, GROUP)] if st.w_nk else w_ref[pl.ds(start, GROUP), :]
         x = kb.load_rows(x_ref.at[:, pl.ds(start, GROUP)], st.rows, bm, x_mask)
         part = _dot(x, w, jnp.float32, None, st.w_nk)  # (bm, bn)
         xs = kb.load_rows(xs_ref.at[:, pl.ds(i, 1)], st.rows, bm, s_mask)  # (bm, 1)
         ws = ws_ref[pl.ds(i, 1), :]  # (1, bn)
-        return acc + part * xs * (ws * keep if short else ws)
+        return acc + part * xs * (ws if keep is None else ws * keep)
 
     acc = lax.fori_loop(0, st.steps, step, jnp.zeros((bm, bn), jnp.float32))
     if st.has_bias:

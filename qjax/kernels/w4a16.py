@@ -65,6 +65,7 @@ from qjax.kernels.blocks import (
     Blocks,
     choose_blocks,
     compiler_params,
+    k_range,
     load_rows,
     pad_axis,
     resolve_backend,
@@ -351,10 +352,10 @@ def _gpu_kernel(
     o_ref = refs[-1]  # (bm, bn) or (1, bm, bn) f32 partial sums when K is split
     half = group // 2
     dt = x_ref.dtype
-    first = pl.program_id(2) * steps  # this program's first K step
     bm, bn = o_ref.shape[-2:]
     # x and the output have M rows: unless M is a multiple of block_m, the last block is masked
     x_mask = None if rows % bm == 0 else row_mask((bm, half), bm, rows)
+    step_of = k_range(steps, total_steps)
 
     def load_x(start: Any) -> jax.Array:
         """Columns ``start .. start + g/2`` of the block's rows of ``x``: zeros past row M."""
@@ -362,9 +363,7 @@ def _gpu_kernel(
 
     def body(step: Any, acc: jax.Array) -> jax.Array:
         # The last K range may be short: its steps past the end repeat the last step, masked out.
-        t = first + step
-        keep = (t < total_steps).astype(jnp.float32)
-        t = jnp.minimum(t, total_steps - 1)
+        t, keep = step_of(step)
         for j in range(groups_per_step):
             grp = t * groups_per_step + j
             p = p_ref[pl.ds(grp * half, half), :]  # (g/2, bn) uint8
@@ -379,7 +378,8 @@ def _gpu_kernel(
                 lo, hi = lo.astype(dt), hi.astype(dt)
             x_lo = load_x(grp * group)  # (bm, g/2)
             x_hi = load_x(grp * group + half)  # (bm, g/2)
-            scale = s_ref[pl.ds(grp, 1), :] * keep  # (1, bn)
+            scale = s_ref[pl.ds(grp, 1), :]  # (1, bn)
+            scale = scale if keep is None else scale * keep
             if swap_ab:  # (bn, bm) += (w^T x^T) * s^T
                 d = jax.lax.dot_general(
                     lo, x_lo, _TN, preferred_element_type=jnp.float32, precision=precision

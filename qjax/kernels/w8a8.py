@@ -202,19 +202,16 @@ def _gpu_kernel(
     # then o_ref (block_m, block_n), or (1, block_m, block_n) when K is split
     *epi_refs, o_ref = refs
     bm, bn = o_ref.shape[-2:]
-    first = pl.program_id(2) * steps
-    short = total_steps % steps != 0  # the last K range is shorter: its extra steps are masked out
     x_mask = None if rows % bm == 0 else kb.row_mask((bm, bk), bm, rows)
+    step_of = kb.k_range(steps, total_steps)
 
     def step(s: jax.Array, acc: jax.Array) -> jax.Array:
-        t = first + s
-        keep = (t < total_steps).astype(acc_dtype)
-        t = jnp.minimum(t, total_steps - 1) if short else t
+        t, keep = step_of(s)
         start = pl.multiple_of(t * bk, bk)
         x = kb.load_rows(x_ref.at[:, pl.ds(start, bk)], rows, bm, x_mask)  # (block_m, block_k)
         w = w_ref[:, pl.ds(start, bk)] if w_nk else w_ref[pl.ds(start, bk), :]
         d = _dot(x, w, acc_dtype, operand_dtype, w_nk)
-        return acc + (d * keep if short else d)
+        return acc + (d if keep is None else d * keep.astype(acc_dtype))
 
     acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), acc_dtype))  # (block_m, block_n)
     epi = {
