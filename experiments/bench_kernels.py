@@ -91,11 +91,11 @@ table (and CPUs) get ``-`` in the roofline column. ``speedup = t_bf16 / t_kernel
 (shape, M) in the same run. The **crossover M** of a (kernel, shape) is the smallest M of the sweep
 with speedup < 1; ``none`` if the kernel beats bf16 at every measured M.
 
-**Goals** (:data:`GOALS`; GPU sweeps only): W4A16 at M <= 16 at least 3x bf16, W8A8 and FP8 at
-M >= 1024 at least 1.5x. Per goal and shape, the fastest of the goal's Pallas rows at each M of its
-range (e.g. ``w4a16`` or ``w4a16-swap``, whichever wins there) and the slowest of those, which
-meets the goal or not; then the same with XLA's own int8 / fp8 dot (the ``-xla`` rows) counted, in
-a column apart. Printed before the compact table, in the markdown and in the JSON (``goals``).
+**Goals** (:mod:`experiments.bench_goals`; GPU sweeps only): W4A16 at M <= 16 at least 3x bf16,
+W8A8 and FP8 at M >= 1024 at least 1.5x, judged per shape on the fastest of the goal's Pallas rows
+at each M, then with XLA's own int8 / fp8 dot counted, in a column apart. Printed before the
+compact table, in the markdown and in the JSON (``goals``); ``python -m experiments.bench_goals``
+judges results files afterwards, several of one device pooled.
 
 Run (GPU, the whole sweep; stops cleanly when ``--time-budget-s``, default 450 s, would be exceeded)::
 
@@ -124,7 +124,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from experiments import timing
+from experiments import bench_goals, timing
 
 KERNELS = (
     "bf16",
@@ -152,7 +152,7 @@ QUANTIZED_INPUT = ("w8a8", "fp8", "w8a8-nk", "fp8-nk", "w8a8-xla", "fp8-xla", "w
 # kernels for small M only: no cells above (the -split1 rows differ from w8a8 / fp8 only where the
 # grid is small enough for K to be split)
 MAX_M = {"w4a16-mgpu": 128, "w8a8-split1": 16, "fp8-split1": 16}
-BASELINE = "bf16"
+BASELINE = bench_goals.BASELINE
 # The programs whose dots XLA autotunes by timing candidates on the device: compiled one at a time
 AUTOTUNED = (BASELINE, *XLA_KERNELS)
 GROUP_SIZE = 128
@@ -722,98 +722,14 @@ def crossovers(sweep: Sweep) -> list[dict[str, Any]]:
     return rows
 
 
-class Goal(NamedTuple):
-    """A speed goal: the best of ``rows`` at least ``target`` times XLA's bf16 matmul at every M of
-    ``[m_min, m_max]`` on every shape; ``xla_rows`` (XLA's own low-precision dot) are judged apart,
-    so the table says whether the Pallas kernels alone meet it."""
-
-    name: str
-    rows: tuple[str, ...]
-    xla_rows: tuple[str, ...]
-    m_min: int
-    m_max: int | None
-    target: float
-
-    def label(self) -> str:
-        span = f"M <= {self.m_max}" if self.m_min <= 1 else f"M >= {self.m_min}"
-        return f"{self.name} at {span} >= {self.target:g}x bf16"
-
-
-GOALS = (
-    Goal("W4A16", ("w4a16", "w4a16-swap", "w4a16-mgpu"), (), 1, 16, 3.0),
-    Goal("W8A8", ("w8a8", "w8a8-nk", "w8a8-mgpu"), ("w8a8-xla",), 1024, None, 1.5),
-    Goal("FP8", ("fp8", "fp8-nk", "fp8-mgpu"), ("fp8-xla",), 1024, None, 1.5),
-)
-
-
-def _worst_of_best(cells: Sequence[dict[str, Any]], rows: Sequence[str]) -> dict[str, Any] | None:
-    """Over the Ms of ``cells``: the fastest of ``rows`` at each M, and the M where that is slowest."""
-    best: dict[int, tuple[float, str]] = {}
-    for c in cells:
-        if c["kernel"] in rows and c.get("speedup") is not None:
-            best[c["m"]] = max(best.get(c["m"], (0.0, "")), (c["speedup"], c["kernel"]))
-    if not best:
-        return None
-    worst_m = min(best, key=lambda m: best[m][0])
-    return {
-        "best": {m: {"kernel": k, "speedup": v} for m, (v, k) in sorted(best.items())},
-        "worst": best[worst_m][0],
-        "worst_m": worst_m,
-    }
-
-
 def goal_rows(sweep: Sweep) -> list[dict[str, Any]]:
-    """Per goal of :data:`GOALS` and shape with measured cells in the goal's M range: the best Pallas
-    row at each M, the worst of those (the goal is met on the shape if it reaches the target), and
-    the same with XLA's own low-precision dot counted. The goals are GPU goals: none for a sweep on
-    another backend (the reference path or the interpreter measure no Pallas kernel on a GPU)."""
-    out: list[dict[str, Any]] = []
-    if sweep.config.backend != "gpu":
-        return out
-    for goal in GOALS:
-        for name, _, _ in sweep.config.shapes:
-            cells = [
-                c
-                for c in sweep.cells
-                if c["shape"] == name
-                and c["m"] >= goal.m_min
-                and (goal.m_max is None or c["m"] <= goal.m_max)
-            ]
-            pallas = _worst_of_best(cells, goal.rows)
-            if pallas is None:
-                continue
-            with_xla = _worst_of_best(cells, goal.rows + goal.xla_rows) if goal.xla_rows else None
-            out.append(
-                {
-                    "goal": goal.label(),
-                    "shape": name,
-                    "target": goal.target,
-                    "pallas": pallas,
-                    "met": pallas["worst"] >= goal.target,
-                    "with_xla": with_xla,
-                    "met_with_xla": None if with_xla is None else with_xla["worst"] >= goal.target,
-                }
-            )
-    return out
-
-
-def _best_text(result: dict[str, Any]) -> str:
-    return "; ".join(f"M={m}: {b['kernel']} {b['speedup']:.2f}x" for m, b in result["best"].items())
+    """The goals of :mod:`experiments.bench_goals` judged on this sweep (none off GPUs)."""
+    return bench_goals.judge(sweep.config.backend, [name for name, _, _ in sweep.config.shapes], sweep.cells)
 
 
 def goals_text(sweep: Sweep) -> str:
     """The goals, one line per (goal, shape) measured: printed before the compact table."""
-    lines = ["against the goals (the best row at each M; the worst M decides):"]
-    for r in goal_rows(sweep):
-        p, x = r["pallas"], r["with_xla"]
-        line = (
-            f"  {r['goal']}, {r['shape']}: Pallas {p['worst']:.2f}x at M={p['worst_m']} "
-            f"{'met' if r['met'] else 'NOT met'} ({_best_text(p)})"
-        )
-        if x is not None:
-            line += f"; with XLA's dot {x['worst']:.2f}x {'met' if r['met_with_xla'] else 'NOT met'}"
-        lines.append(line)
-    return "\n".join(lines) if len(lines) > 1 else ""
+    return bench_goals.text(goal_rows(sweep))
 
 
 def run_sweep(sweep: Sweep, write: Callable[[Sweep], None], log: Callable[[str], None] = print) -> None:
@@ -922,23 +838,9 @@ def markdown(sweep: Sweep) -> str:
     for r in crossovers(sweep):
         vals = [_num(r["speedups"].get(m), ".2f") for m in ms]
         lines.append(f"| {r['kernel']} | {r['shape']} | " + " | ".join(vals) + f" | {r['crossover']} |")
-    goals = goal_rows(sweep)
+    goals = bench_goals.markdown_lines(goal_rows(sweep))
     if goals:
-        lines += [
-            "",
-            "Against the goals (the fastest row at each M; the slowest of those decides; the XLA column "
-            "counts XLA's own int8 / fp8 dot too):",
-            "",
-            "| goal | shape | Pallas rows: fastest at each M | worst | met | with XLA's dot: worst | met |",
-            "|---|---|---|---:|---|---:|---|",
-        ]
-        for r in goals:
-            p, x = r["pallas"], r["with_xla"]
-            xla_cols = "- | -" if x is None else f"{x['worst']:.2f}x | {'yes' if r['met_with_xla'] else 'no'}"
-            lines.append(
-                f"| {r['goal']} | {r['shape']} | {_best_text(p)} | {p['worst']:.2f}x | "
-                f"{'yes' if r['met'] else 'no'} | {xla_cols} |"
-            )
+        lines += ["", *goals]
     timed = [c for c in sweep.cells if c.get("device_kernels")]
     if timed:
         lines += [
@@ -958,13 +860,6 @@ def markdown(sweep: Sweep) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _str_keys(result: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A :func:`goal_rows` result with its per-M keys as strings (JSON object keys)."""
-    if result is None:
-        return None
-    return {**result, "best": {str(m): b for m, b in result["best"].items()}}
-
-
 def payload(sweep: Sweep) -> dict[str, Any]:
     """Everything measured, as JSON-ready data."""
     return {
@@ -973,7 +868,7 @@ def payload(sweep: Sweep) -> dict[str, Any]:
         "crossover": [
             {**r, "speedups": {str(m): s for m, s in r["speedups"].items()}} for r in crossovers(sweep)
         ],
-        "goals": [{**r, **{k: _str_keys(r[k]) for k in ("pallas", "with_xla")}} for r in goal_rows(sweep)],
+        "goals": bench_goals.json_rows(goal_rows(sweep)),
         "wall_s": sweep.elapsed(),
         "stopped": sweep.stopped,
     }

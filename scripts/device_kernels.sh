@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the Pallas kernels need from a GPU, in one run of at most 530 s (8 minutes 50 seconds), so
 # that a 15-minute device budget holds the machine's start, this run and a partial rerun. Every step
-# has a time limit (120 + 160 + 70 + 100 + 80 s, in the order of the steps; the check, the
+# has a time limit (120 + 160 + 70 + 100 + 70 + 10 s, in the order of the steps; the check, the
 # benchmarks and the profile stop cleanly at their budgets and write their results as they go, so
 # the limits only guard against a hang). Times are CUPTI's kernel durations where CUPTI works (experiments.timing),
 # else the wall clock; the logs say which.
@@ -23,10 +23,12 @@
 #      Hopper path's tile configs,
 #   5. where W4A16's time goes at M = 1 and 16 (experiments.profile_w4a16: the kernel's loads alone,
 #      loads + unpack, the kernel, one-change variants: split_k=1, swap_ab, unpack, blocks, warps,
-#      stages; and the Hopper W4A16 kernel) on 7b.qkv and 7b.down.
+#      stages; and the Hopper W4A16 kernel) on 7b.qkv and 7b.down,
+#   6. the goals judged on the benchmark's two results files pooled (experiments.bench_goals: the
+#      Mosaic GPU rows of step 3 beside the Triton and XLA rows of step 2; no device work).
 # Results go to $OUT (the device tool's folder) or runs/device_kernels: device.txt, check.json,
 # check.log, bench.json, bench.md, bench.log, bench_mgpu.json, bench_mgpu.md, bench_mgpu.log,
-# tune.log, profile.json, profile.log. Run from the
+# tune.log, profile.json, profile.log, goals.md, goals.json, goals.log. Run from the
 # repository root:
 #   bash scripts/device_kernels.sh
 set -uo pipefail
@@ -50,5 +52,7 @@ timeout 70 "$py" -m experiments.bench_kernels --shapes 7b.qkv,7b.down,70b.gate_u
   tee "$out/bench_mgpu.log"
 timeout 100 "$py" -m experiments.tune_blocks --m 4096 \
   --kernels bf16,w8a8-xla,fp8-xla,w8a8-nk,fp8-nk,w8a8-mgpu,fp8-mgpu 2>&1 | tee "$out/tune.log"
-timeout 80 "$py" -m experiments.profile_w4a16 --shapes 7b.qkv,7b.down --m 1,16 --time-budget-s 60 \
+timeout 70 "$py" -m experiments.profile_w4a16 --shapes 7b.qkv,7b.down --m 1,16 --time-budget-s 55 \
   --out "$out/profile.json" 2>&1 | tee "$out/profile.log"
+timeout 10 "$py" -m experiments.bench_goals "$out/bench.json" "$out/bench_mgpu.json" --skip-missing \
+  --md "$out/goals.md" --json "$out/goals.json" 2>&1 | tee "$out/goals.log"

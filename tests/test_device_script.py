@@ -41,6 +41,7 @@ def test_the_script_runs_its_steps_within_its_stated_limit():
         "experiments.bench_kernels",  # the Mosaic GPU rows in a process of their own
         "experiments.tune_blocks",
         "experiments.profile_w4a16",
+        "experiments.bench_goals",  # the goals over both benchmark files
     ]
     total = sum(limit for limit, _, _ in steps)
     stated = re.search(r"time limit \(([\d + ]+) s", SCRIPT.read_text())
@@ -99,3 +100,10 @@ def test_tune_blocks_times_xla_dots_in_both_layouts(capsys):
         y_kn, y_nk = (np.asarray(call(x, ws[0], layout), np.float32) for layout in tb.XLA_LAYOUTS)
         assert y_kn.shape == y_nk.shape == (16, 128)
         np.testing.assert_allclose(y_nk, y_kn, rtol=0, atol=1e-2 * np.abs(y_kn).max())  # bf16 outputs
+
+
+def test_goals_are_judged_on_both_benchmark_files():
+    benches = [bk.parse_args(a) for _, m, a in _steps() if m == "experiments.bench_kernels"]
+    (args,) = [a for _, m, a in _steps() if m == "experiments.bench_goals"]
+    files = [a for a in args if not a.startswith("--") and a.endswith(".json") and "goals" not in a]
+    assert files == [f"$out/{p.out.name}" for p in benches]
