@@ -167,7 +167,7 @@ def _fail(message: str) -> SystemExit:
 def pool(paths: Sequence[pathlib.Path]) -> Pooled:
     """The cells of ``bench_kernels`` results files of one device and the GPU backend; refused
     (with the file and the fix named) before anything is judged otherwise."""
-    devices: dict[str, pathlib.Path] = {}
+    first: tuple[str, pathlib.Path] | None = None  # the device of the first file, and that file
     shapes: dict[str, None] = {}
     cells: list[dict[str, Any]] = []
     seen: dict[tuple[str, str, int], pathlib.Path] = {}
@@ -186,10 +186,13 @@ def pool(paths: Sequence[pathlib.Path]) -> Pooled:
                 f"{path} was measured with backend {meta.get('backend')!r}; the goals are GPU goals, "
                 "judged on GPU sweeps only"
             )
-        devices.setdefault(str(meta.get("device_kind")), path)
-        if len(devices) > 1:
-            (a, pa), (b, pb) = list(devices.items())[:2]
-            raise _fail(f"{pa} was measured on {a} and {pb} on {b}; judge one device's files together")
+        device = str(meta.get("device_kind"))
+        first = first or (device, path)
+        if device != first[0]:
+            raise _fail(
+                f"{first[1]} was measured on {first[0]} and {path} on {device}; "
+                "judge one device's files together"
+            )
         shapes.update(dict.fromkeys(meta.get("shapes", {})))
         for c in data["cells"]:
             key = (c["kernel"], c["shape"], c["m"])
@@ -200,16 +203,15 @@ def pool(paths: Sequence[pathlib.Path]) -> Pooled:
                 )
             seen[key] = path
             cells.append(c)
-    if not devices:
+    if first is None:
         raise _fail("no results file given")
-    return Pooled(next(iter(devices)), tuple(shapes), tuple(cells))
+    return Pooled(first[0], tuple(shapes), tuple(cells))
 
 
-def report(pooled: Pooled, paths: Sequence[pathlib.Path]) -> str:
-    """The markdown page of the goals judged on ``paths``."""
-    rows = judge("gpu", pooled.shapes, pooled.cells)
+def report(device: str, rows: Sequence[dict[str, Any]], paths: Sequence[pathlib.Path]) -> str:
+    """The markdown page of the goals ``rows`` judged on ``paths``."""
     judged_on = ", ".join(f"`{p}`" for p in paths)
-    lines = [f"# Kernel goals: {pooled.device}", "", f"Judged on {judged_on}.", ""]
+    lines = [f"# Kernel goals: {device}", "", f"Judged on {judged_on}.", ""]
     lines += markdown_lines(rows) or ["No cell of these files falls in a goal's M range."]
     return "\n".join(lines) + "\n"
 
@@ -241,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from experiments.records import write_atomic, write_json
 
         if args.md is not None:
-            write_atomic(args.md, report(pooled, files))
+            write_atomic(args.md, report(pooled.device, rows, files))
         if args.json is not None:
             write_json(
                 args.json,
