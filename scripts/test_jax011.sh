@@ -19,5 +19,6 @@ fi
 .venv-jax011/bin/python -m pip install -q --upgrade pip
 .venv-jax011/bin/python -m pip install -q "jax==0.11.2" "jaxlib==0.11.2" -e ".[test]"
 .venv-jax011/bin/python -c "import jax; assert jax.__version__ == '0.11.2', jax.__version__"
-.venv-jax011/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/test_kernels_*.py \
-  tests/test_bench_kernels.py tests/test_timing.py tests/test_profile_w4a16.py tests/test_check_kernels.py tests/test_nn_serve.py "$@"
+k=tests/experiments/kernels
+.venv-jax011/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/kernels \
+  $k/test_bench.py $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py tests/nn/test_serve.py "$@"

@@ -29,7 +29,7 @@ def rng():
 
 def pytest_collection_modifyitems(config, items):
     """``test_multidevice_*`` tests need 8 (simulated) devices: with fewer they are deselected here
-    and run by ``tests/test_sharding.py::test_eight_device_tests_in_subprocess``, which starts a
+    and run by ``tests/training/test_sharding.py::test_eight_device_tests_in_subprocess``, which starts a
     pytest process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and requires them
     to pass. With 8 devices, that subprocess test is the one deselected."""
     eight = jax.device_count() >= 8

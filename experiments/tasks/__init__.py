@@ -108,7 +108,7 @@ def _load(name: str, data_dir: str | None, data_args: tuple[tuple[str, Any], ...
 
 
 def get_task(config: Any) -> Task:
-    """The :class:`Task` of a :class:`experiments.schema.TaskConfig` (``name``, ``model``,
+    """The :class:`Task` of a :class:`experiments.sweep.schema.TaskConfig` (``name``, ``model``,
     ``data_dir``, ``train_limit``: the first N training examples only).
 
     Raises ``ValueError`` with a suggestion for an unknown task or model name, before loading data.

@@ -92,7 +92,7 @@ BLOCK_TABLE: dict[tuple[str, ...], tuple[tuple[int, Blocks], ...]] = {
         (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),
         (_INF, Blocks(128, 128, 128, num_warps=8, num_stages=3)),
     ),
-    # M <= 16 and > 64: the best of experiments.tune_blocks on an H100 (K = N = 4096)
+    # M <= 16 and > 64: the best of experiments.kernels.tune on an H100 (K = N = 4096)
     ("w8a8", "gpu", "hopper"): (
         (16, Blocks(16, 64, 128, num_warps=4, num_stages=4)),
         (64, Blocks(64, 128, 128, num_warps=4, num_stages=4)),

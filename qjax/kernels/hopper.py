@@ -30,7 +30,7 @@ and ``wgmma`` simulated; :func:`interpret_params`) and equals the references. ja
 interpreter cannot read the transposed shared-memory views of 8-bit ``wgmma`` (there only the
 kernel's 16-bit variant, the weight read ``(K, N)``, is interpreted; :data:`INTERPRETS_8BIT`);
 jax >= 0.11's runs the int8 and e4m3 variants too. Every variant is also checked by lowering for
-``cuda`` (any machine) and against the references on a GPU (``experiments.check_kernels``). Not yet
+``cuda`` (any machine) and against the references on a GPU (``experiments.kernels.check``). Not yet
 timed on a device: ``auto`` dispatch keeps Triton on GPUs.
 """
 

@@ -28,7 +28,7 @@ after the dot, as in the Triton kernel, so no dequantized weight is rounded to 1
 
 **Testing.** Pallas' GPU interpreter of jax >= 0.11 runs the kernel with the converted weight staged
 through shared memory (its ``wgmma`` takes no register operand; ``a_in_smem=True``); the register
-variant is checked by lowering for ``cuda`` and on a GPU by ``experiments.check_kernels``. Not yet
+variant is checked by lowering for ``cuda`` and on a GPU by ``experiments.kernels.check``. Not yet
 timed on a device: ``w4a16_matmul`` and the serving path keep the Triton kernel.
 """
 

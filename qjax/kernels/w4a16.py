@@ -40,7 +40,7 @@ is too small to fill the GPU (decode with a narrow N or a long K) K is split ove
 f32 partial sums, added up by XLA (``split_k``; ``None`` picks it). ``swap_ab=True`` computes each
 tile transposed, ``(w^T x^T)^T``, so the dequantized weight is the left operand of the dot (on
 Hopper the operand ``wgmma`` can take from registers) and the padded M its narrow side; an option to
-time (``experiments.profile_w4a16``), not the default.
+time (``experiments.kernels.profile_w4a16``), not the default.
 
 **TPU (Mosaic).** Grid (M/bm, N/bn, K/bk) with K ``"arbitrary"`` and a VMEM f32 accumulator
 initialised and written out under ``pl.when``. The ``(bk/2, bn)`` byte tile is widened to int32,
@@ -491,7 +491,7 @@ def _w4a16(
     """:func:`w4a16_matmul` with the kernel body (``"gpu"`` or ``"tpu"``) named: tests interpret both.
 
     ``gpu_body`` replaces :func:`_gpu_kernel` on the same grid, blocks and operands (it receives the
-    same keyword arguments): ``experiments.profile_w4a16`` times parts of the kernel that way."""
+    same keyword arguments): ``experiments.kernels.profile_w4a16`` times parts of the kernel that way."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     m = x.shape[0]
     b = choose_blocks("w4a16", backend, m, blocks)

@@ -1,0 +1,161 @@
+"""``qjax-run CONFIG [key=value ...]``: run a sweep of experiments from a YAML config.
+
+.. code-block:: text
+
+    qjax-run configs/quickstart.yaml
+    qjax-run configs/fashion_mnist/ptq_vs_qat.yaml sweep.seed=[0,1,2] train.epochs=3
+    qjax-run configs/fashion_mnist/ptq_vs_qat.yaml --dry-run     # print the grid, run nothing
+
+The whole grid is validated before anything runs. Cells already finished (a record with the same
+config hash and status ``ok`` in ``results.jsonl``) are skipped; a killed cell resumes from its
+last checkpoint; a failing cell is recorded with its error and the sweep goes on unless
+``--fail-fast``. The report (``results.md``, ``results.csv``, ``results.png``, ``layers.md``) is
+rendered at the end; ``qjax-report SWEEP_DIR`` renders it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from experiments import records
+from experiments.sweep import config as config_lib
+from experiments.sweep import report, runner
+
+logger = logging.getLogger("qjax.experiments")
+
+
+def quiet() -> bool:
+    """No progress bars under CI (``CI`` set to anything but empty/false/0)."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
+    """Problems that need the model: a spec that does not fit a layer (e.g. a group size that does
+    not divide its contraction dimension). Each distinct (task, model, quant) is built once."""
+    problems, seen = [], set()
+    for cell in cells:
+        cfg = cell.config
+        if cfg.method.name == "float":
+            continue
+        key = (repr(cfg.task), repr(cfg.quant), cfg.method.fold_batchnorm)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            task = runner.load_task(cfg)
+            model = task.make_model(cfg.task.model, dict(cfg.task.model_args), 0)
+            runner.quantize(cfg, runner.prepare_base(cfg, task, model))
+        except (ValueError, TypeError) as e:
+            problems.append(f"{cell.label}: {e}")
+    return problems
+
+
+def print_grid(spec: config_lib.SweepSpec, cells: Sequence[config_lib.Cell], console: Console) -> None:
+    console.print(f"sweep {spec.base.name!r}: {len(cells)} cells -> {sweep_dir_of(spec)}")
+    for cell in cells:
+        q = cell.config.quant
+        w = (q.weights or {}).get("dtype", "float")
+        a = (q.activations or {}).get("dtype", "float")
+        console.print(f"  {cell.slug}  {cell.label}  [method={cell.config.method.name} W={w} A={a}]")
+
+
+def sweep_dir_of(spec: config_lib.SweepSpec) -> pathlib.Path:
+    return pathlib.Path(spec.base.output_dir) / spec.base.name
+
+
+def _progress(progress: Progress, task: TaskID) -> runner.StepCallback:
+    def update(step: int, loss: Any) -> None:
+        progress.update(task, completed=step)
+
+    return update
+
+
+def finished_hashes(results: list[dict[str, Any]]) -> set[str]:
+    """Hashes of the cells finished in ``results``: each ``ok`` record's own hash, and the hash of
+    its config read by today's schema (fields added since it ran take their defaults), so that a
+    field added to the schema does not make finished cells look new."""
+    done = set()
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        done.add(r["hash"])
+        # a config today's schema cannot read: only its recorded hash counts
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            done.add(config_lib.config_hash(config_lib.from_dict(r["config"])))
+    return done
+
+
+def run_sweep(
+    spec: config_lib.SweepSpec, *, fail_fast: bool = False, console: Console | None = None
+) -> pathlib.Path:
+    """Run every unfinished cell of ``spec``; returns the sweep directory."""
+    console = console or Console(quiet=quiet())
+    cells = spec.cells()
+    problems = check_layers(cells)
+    if problems:
+        raise config_lib.ConfigError("the config does not fit the model:\n" + "\n".join(problems))
+    sweep_dir = sweep_dir_of(spec)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    records.write_atomic(sweep_dir / "sweep.yaml", spec.dump_yaml())
+    done = finished_hashes(records.read_results(sweep_dir))
+    env = records.environment()
+    todo = [c for c in cells if c.hash not in done]
+    console.print(f"{sweep_dir}: {len(cells)} cells, {len(cells) - len(todo)} already done")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=quiet()) as progress:
+        overall = progress.add_task("sweep", total=len(cells), completed=len(cells) - len(todo))
+        for cell in todo:
+            steps = progress.add_task(f"  {cell.label}", total=None)
+            try:
+                record = runner.run_cell(cell, sweep_dir, env, on_step=_progress(progress, steps))
+            except Exception as e:  # a failing cell is recorded; the sweep goes on
+                if fail_fast:
+                    raise
+                logger.exception("cell %s failed", cell.label)
+                record = runner.failure_record(cell, sweep_dir, e)
+                console.print(f"[red]failed[/red] {cell.label}: {record['error']}")
+            records.upsert_result(sweep_dir, record)
+            progress.remove_task(steps)
+            progress.advance(overall)
+    report.render(sweep_dir)
+    return sweep_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qjax-run", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. sweep.seed=[0,1,2]")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the grid, run nothing")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing cell")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console(quiet=quiet() and not args.dry_run)
+    try:
+        spec = config_lib.load(args.config, args.overrides)
+        cells = spec.cells()
+        if args.dry_run:
+            problems = check_layers(cells)
+            print_grid(spec, cells, console)
+            if problems:
+                raise config_lib.ConfigError("the config does not fit the model:\n" + "\n".join(problems))
+            return 0
+        sweep_dir = run_sweep(spec, fail_fast=args.fail_fast, console=console)
+    except config_lib.ConfigError as e:
+        print(f"qjax-run: invalid config {args.config}:\n{e}", file=sys.stderr)
+        return 2
+    print((sweep_dir / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

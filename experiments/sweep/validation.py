@@ -1,0 +1,420 @@
+"""Validation of one experiment config: typed building from plain mappings, then value checks.
+
+:func:`build` turns a nested mapping into the :mod:`experiments.sweep.schema` dataclasses field by field:
+unknown keys are named with a suggestion (``train.epoch: unknown key; did you mean
+'train.epochs'?``), types are checked (an int is fine where a float is expected and is stored as a
+float; a bool is not an int; lists stand for tuples), and a bad field keeps its default so that one
+pass finds every problem. :func:`check` then finds the impossible values of a typed config: sizes
+and counts below their minimum, unknown names (with a suggestion), ``quant`` specs that
+``qjax.QuantSpec.from_dict`` or ``qjax.nn.Rule`` refuse (their message under the dotted path),
+stochastic rounding without ``quant.rounding_seed``, PTQ/QAT without anything to quantize.
+
+Problems are ``(dotted path, message)`` pairs; :mod:`experiments.sweep.config` gathers them over a sweep.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import importlib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import qjax
+from experiments.sweep.schema import ExperimentConfig, LayerOverride, QuantConfig
+
+METHODS = ("float", "ptq", "qat", "finetune", "llm_int8")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+PLOTS = ("line", "bar")
+ESTIMATORS = tuple(e.value for e in qjax.Estimator)
+WEIGHT_ESTIMATORS = tuple(e for e in ESTIMATORS if e not in (qjax.Estimator.PACT, qjax.Estimator.LSQ_PLUS))
+ACTIVATION_ESTIMATORS = tuple(e for e in ESTIMATORS if e != qjax.Estimator.KMEANS_FINETUNE)
+ACTIVATION_SCALES = tuple(e.value for e in qjax.nn.ActivationScale)
+OBSERVERS = tuple(e.value for e in qjax.nn.Observer)
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(qjax.QuantSpec))
+
+Problems = list[tuple[str, str]]
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type of a schema dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def _strip_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else tp
+    return tp
+
+
+@functools.cache
+def all_paths() -> tuple[str, ...]:
+    """Every dotted key of :class:`ExperimentConfig` (sections and leaves)."""
+
+    def walk(cls: type, prefix: str) -> list[str]:
+        out = []
+        for name, tp in hints(cls).items():
+            path = f"{prefix}{name}"
+            out.append(path)
+            if dataclasses.is_dataclass(tp):
+                out += walk(typing.cast(type, tp), f"{path}.")
+        return out
+
+    return tuple(walk(ExperimentConfig, ""))
+
+
+def is_config_path(dotted: str) -> bool:
+    """Whether ``dotted`` names a config key (keys under mapping fields such as ``quant.weights``
+    and ``task.model_args`` count: their contents are checked when the cell is built)."""
+    tp: Any = ExperimentConfig
+    for part in dotted.split("."):
+        if typing.get_origin(tp) is dict:
+            return True
+        if part not in _fields_of(tp):
+            return False
+        tp = _strip_none(_fields_of(tp)[part])
+    return True
+
+
+def _fields_of(tp: Any) -> dict[str, Any]:
+    return hints(tp) if isinstance(tp, type) and dataclasses.is_dataclass(tp) else {}
+
+
+def unknown_key(section: str, key: str, fields: Sequence[str]) -> str:
+    """``unknown key; did you mean 'section.field'?`` (a near field here, else the same key elsewhere)."""
+    near = difflib.get_close_matches(key, list(fields), n=1)
+    if near:
+        return f"unknown key; did you mean {join(section, near[0])!r}?"
+    elsewhere = [p for p in all_paths() if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:
+        return f"unknown key here; did you mean {' or '.join(map(repr, elsewhere[:2]))}?"
+    return f"unknown key; the keys of {section or 'a config'} are {', '.join(fields)}"
+
+
+def join(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(tp: Any, value: Any, path: str, out: Problems) -> tuple[bool, Any]:
+    """``value`` as type ``tp`` (ints for floats, lists for tuples); else a problem and ``False``."""
+    base = _strip_none(tp)
+    if value is None:
+        if base is not tp:
+            return True, None
+        out.append((path, f"must not be null; expected {_KINDS.get(base, 'a value')}"))
+        return False, None
+    got = f"got {type(value).__name__} {value!r}"
+    origin = typing.get_origin(base)
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            out.append((path, f"expected a mapping of {typing.cast(type, base).__name__} fields; {got}"))
+            return False, None
+        built = build(typing.cast(type, base), value, path, out)
+        return built is not None, built
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            out.append((path, f"expected a list; {got}"))
+            return False, None
+        items = [_coerce(typing.get_args(base)[0], v, f"{path}[{i}]", out) for i, v in enumerate(value)]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            out.append((path, f"expected a mapping with string keys; {got}"))
+            return False, None
+        return True, copy.deepcopy(value)
+    if base is Any:
+        return True, value
+    ok = isinstance(value, base) and not (isinstance(value, bool) and base is not bool)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return True, float(value)
+    if not ok:
+        out.append((path, f"expected {_KINDS.get(base, str(base))}; {got}"))
+    return ok, value
+
+
+def build(cls: type, data: Mapping[str, Any], path: str, out: Problems) -> Any:
+    """``cls(**data)`` field by field; bad fields keep their defaults and add a problem to ``out``.
+    ``None`` when a required field is missing."""
+    fields = hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        key_path = join(path, str(key))
+        if key not in fields:
+            out.append((key_path, unknown_key(path, str(key), list(fields))))
+            continue
+        ok, v = _coerce(fields[key], value, key_path, out)
+        if ok:
+            kwargs[key] = v
+    required = [
+        f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in kwargs and name not in data:
+            out.append(
+                (join(path, name), "required key missing, e.g. path: 'conv1' (a regex of layer paths)")
+            )
+    return None if any(n not in kwargs for n in required) else cls(**kwargs)
+
+
+def _one_of(out: Problems, path: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), list(choices), n=1)
+        did = f"; did you mean {near[0]!r}?" if near else ""
+        out.append((path, f"{value!r} is not one of {', '.join(choices)}{did}"))
+
+
+def _at_least(out: Problems, path: str, value: float, low: float, fix: str = "") -> None:
+    if not value >= low:
+        out.append((path, f"must be >= {low}, got {value}" + (f"; {fix}" if fix else "")))
+
+
+def _check_run(out: Problems, section: str, c: Any) -> None:
+    """Fields shared by ``train`` and ``method`` (the QAT fine-tuning run)."""
+    _one_of(out, f"{section}.optimizer", c.optimizer, OPTIMIZERS)
+    _one_of(out, f"{section}.schedule", c.schedule, SCHEDULES)
+    if not c.learning_rate > 0:
+        out.append((f"{section}.learning_rate", f"must be > 0, got {c.learning_rate}; e.g. 0.001"))
+    _at_least(out, f"{section}.steps", c.steps, 0, "0 means: use epochs")
+    if c.steps == 0:
+        _at_least(out, f"{section}.epochs", c.epochs, 1, f"or set {section}.steps > 0")
+
+
+def _check_task(out: Problems, cfg: ExperimentConfig) -> None:
+    from experiments.tasks import TASK_MODULES
+
+    task = cfg.task
+    _one_of(out, "task.name", task.name, sorted(TASK_MODULES))
+    _at_least(out, "task.train_limit", task.train_limit, 0, "0 means: all")
+    if task.name in TASK_MODULES:
+        try:
+            models = getattr(importlib.import_module(TASK_MODULES[task.name]), "MODELS", None)
+        except ImportError as e:
+            out.append(("task.name", f"task {task.name!r} cannot be imported: {e}"))
+            return
+        if models is not None:
+            _one_of(out, "task.model", task.model, sorted(models))
+
+
+def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[str]) -> None:
+    t, m = cfg.train, cfg.method
+    _check_run(out, "train", t)
+    _check_run(out, "method", m)
+    _one_of(out, "method.name", m.name, METHODS)
+    for path, value, low in [
+        ("train.batch_size", t.batch_size, 1),
+        ("train.warmup_steps", t.warmup_steps, 0),
+        ("train.weight_decay", t.weight_decay, 0),
+        ("train.checkpoint_every", t.checkpoint_every, 1),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1),
+        ("calibration.batches", cfg.calibration.batches, 1),
+        ("calibration.batch_size", cfg.calibration.batch_size, 1),
+        ("eval.batch_size", cfg.eval.batch_size, 1),
+        ("eval.limit", cfg.eval.limit, 0),
+    ]:
+        _at_least(out, path, value, low)
+    if t.weight_decay > 0 and t.optimizer != "adamw":
+        out.append(("train.weight_decay", f"only optimizer 'adamw' uses it (optimizer is {t.optimizer!r})"))
+    if t.warmup_steps > 0 and t.schedule != "warmup_cosine":
+        out.append(
+            ("train.warmup_steps", f"only schedule 'warmup_cosine' uses it (schedule is {t.schedule!r})")
+        )
+    _one_of(out, "eval.kernels", cfg.eval.kernels, qjax.kernels.KERNEL_PATHS)
+    if cfg.eval.kernels != "auto" and not (cfg.eval.serve or cfg.eval.export):
+        out.append(("eval.kernels", "only the converted model uses it: set eval.serve or eval.export"))
+    _check_method_extras(out, cfg)
+    r = cfg.report
+    _one_of(out, "report.plot", r.plot, PLOTS)
+    for key in ("rows", "columns"):
+        name = getattr(r, key)
+        if name not in axis_names and not is_config_path(name):
+            near = difflib.get_close_matches(name, [*axis_names, *all_paths()], n=1)
+            did = f"; did you mean {near[0]!r}?" if near else ""
+            out.append((f"report.{key}", f"{name!r} is neither a sweep axis nor a config key{did}"))
+
+
+def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
+    """AdaRound and mixed-precision switches of ``method``."""
+    m = cfg.method
+    if m.rounding is not None:
+        _one_of(out, "method.rounding", m.rounding, ("adaround",))
+        if cfg.quant.weights is None and m.name in ("ptq", "qat"):
+            out.append(("method.rounding", "AdaRound rounds weights: set quant.weights"))
+    _at_least(out, "method.adaround_iterations", m.adaround_iterations, 1)
+    _at_least(out, "method.adaround_samples", m.adaround_samples, 1)
+    if m.adaround_lr <= 0:
+        out.append(("method.adaround_lr", f"{m.adaround_lr} must be > 0, e.g. 0.001"))
+    _at_least(out, "method.sensitivity_examples", m.sensitivity_examples, 1)
+    if m.bit_budget is not None:
+        if m.bit_budget <= 0:
+            out.append(("method.bit_budget", f"{m.bit_budget} must be > 0 bits per weight, e.g. 4"))
+        if cfg.quant.weights is None:
+            out.append(("method.bit_budget", "mixed precision allocates weight widths: set quant.weights"))
+    _check_llm_methods(out, cfg)
+    if not m.candidate_bits or any(not 2 <= b <= 8 for b in m.candidate_bits):
+        out.append(
+            ("method.candidate_bits", f"{list(m.candidate_bits)} must be widths in 2..8, e.g. [2, 3, 4, 8]")
+        )
+
+
+def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
+    """SmoothQuant, AWQ, GPTQ and LLM.int8() run on the ``llm`` task's Llama models."""
+    m = cfg.method
+    used = [
+        name
+        for name, on in (
+            ("method.smoothquant_alpha", m.smoothquant_alpha is not None),
+            ("method.awq", m.awq),
+            ("method.gptq", m.gptq),
+            ("method.name", m.name == "llm_int8"),
+        )
+        if on
+    ]
+    for key in used:
+        if cfg.task.name != "llm":
+            out.append(
+                (key, f"runs on the llm task's models (task.name is {cfg.task.name!r}); set task.name: llm")
+            )
+        elif key != "method.name" and m.name != "ptq":
+            out.append((key, f"is a post-training method: set method.name: ptq (it is {m.name!r})"))
+    if m.smoothquant_pairs and m.smoothquant_alpha is None:
+        out.append(("method.smoothquant_pairs", "smooths with method.smoothquant_alpha: set it, e.g. 0.5"))
+    if m.smoothquant_alpha is not None and not 0.0 <= m.smoothquant_alpha <= 1.0:
+        out.append(("method.smoothquant_alpha", f"{m.smoothquant_alpha} must be in [0, 1], e.g. 0.5"))
+    if (m.awq or m.gptq) and cfg.quant.weights is None:
+        out.append(("method.awq" if m.awq else "method.gptq", "quantizes weights: set quant.weights"))
+    _at_least(out, "method.awq_grid", m.awq_grid, 1)
+    _at_least(out, "method.gptq_block_size", m.gptq_block_size, 1)
+    if m.gptq_damp <= 0:
+        out.append(("method.gptq_damp", f"{m.gptq_damp} must be > 0, e.g. 0.01"))
+    if m.llm_int8_threshold < 0:
+        out.append(("method.llm_int8_threshold", f"{m.llm_int8_threshold} must be >= 0, e.g. 6.0"))
+
+
+def override_specs(
+    quant: QuantConfig, o: LayerOverride
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The QuantSpec fields of an override's weights and activations: its own fields over the
+    ``quant`` ones (``null`` inherits); as ``experiments.sweep.runner.build_rules`` builds them."""
+    w = (
+        None
+        if quant.weights is None and o.weights is None
+        else {**(quant.weights or {}), **(o.weights or {})}
+    )
+    a = quant.activations if o.activations is None else {**(quant.activations or {}), **o.activations}
+    return w, a
+
+
+def _check_spec(out: Problems, path: str, fields: dict[str, Any] | None, seed: int | None) -> bool:
+    if fields is None:
+        return True
+    try:
+        spec = qjax.QuantSpec.from_dict(fields)
+    except (ValueError, TypeError) as e:
+        m = re.match(r"unknown QuantSpec field '(\w+)'|(\w+)=", str(e))
+        named = m and (m.group(1) or (m.group(2) if m.group(2) in _SPEC_FIELDS else None))
+        out.append((f"{path}.{named}" if named else path, str(e)))
+        return False
+    if spec.rounding == qjax.Rounding.STOCHASTIC and seed is None:
+        out.append((f"{path}.rounding", "rounding='stochastic' needs a key: set quant.rounding_seed, e.g. 0"))
+        return False
+    return True
+
+
+def _check_quant(out: Problems, q: QuantConfig, method: str) -> None:
+    n = len(out)
+    _one_of(out, "quant.weight_estimator", q.weight_estimator, WEIGHT_ESTIMATORS)
+    _one_of(out, "quant.activation_estimator", q.activation_estimator, ACTIVATION_ESTIMATORS)
+    _one_of(out, "quant.activation_scale", q.activation_scale, ACTIVATION_SCALES)
+    _one_of(out, "quant.observer", q.observer, OBSERVERS)
+    ok = _check_spec(out, "quant.weights", q.weights, q.rounding_seed)
+    ok &= _check_spec(out, "quant.activations", q.activations, q.rounding_seed)
+    if method in ("ptq", "qat") and q.weights is None and q.activations is None:
+        msg = (
+            f"method.name={method!r} needs quant.weights or quant.activations; e.g. weights: {{dtype: int8}}"
+        )
+        out.append(("quant", msg))
+    for i, o in enumerate(q.overrides):
+        _check_override(out, f"quant.overrides[{i}]", q, o, specs_ok=ok)
+    if len(out) == n:
+        _check_rules(out, q)
+
+
+def _check_override(out: Problems, p: str, q: QuantConfig, o: LayerOverride, specs_ok: bool) -> None:
+    try:
+        re.compile(o.path)
+    except re.error as e:
+        out.append(
+            (f"{p}.path", f"{o.path!r} is not a regular expression ({e}); e.g. 'conv1' or 'blocks/.*'")
+        )
+    if o.keep_float and (o.weights or o.activations or o.weight_estimator or o.activation_estimator):
+        out.append((p, "keep_float: true keeps the layers in float; remove its other fields"))
+    if o.weight_estimator is not None:
+        _one_of(out, f"{p}.weight_estimator", o.weight_estimator, WEIGHT_ESTIMATORS)
+    if o.activation_estimator is not None:
+        _one_of(out, f"{p}.activation_estimator", o.activation_estimator, ACTIVATION_ESTIMATORS)
+    if specs_ok and not o.keep_float:  # the merged specs; their own errors are reported under quant.*
+        w, a = override_specs(q, o)
+        _check_spec(out, f"{p}.weights", w if o.weights else None, q.rounding_seed)
+        _check_spec(out, f"{p}.activations", a if o.activations else None, q.rounding_seed)
+
+
+def _check_rules(out: Problems, q: QuantConfig) -> None:
+    """Build the ``qjax.nn.Rule`` of every override and of the default (as the runner does), for the
+    combinations a rule refuses (e.g. static activation scales need per-tensor activations)."""
+    rules = [
+        (f"quant.overrides[{i}]", o.path, *override_specs(q, o), o.weight_estimator, o.activation_estimator)
+        for i, o in enumerate(q.overrides)
+        if not o.keep_float
+    ]
+    rules.append(("quant", ".*", q.weights, q.activations, None, None))
+    spec = lambda d: None if d is None else qjax.QuantSpec.from_dict(d)
+    for where, path, w, a, west, aest in rules:
+        try:
+            qjax.nn.Rule(
+                path=path,
+                weights=spec(w),
+                activations=spec(a),
+                weight_estimator=west or q.weight_estimator,
+                activation_estimator=aest or q.activation_estimator,
+                activation_scale=q.activation_scale,
+                observer=q.observer,
+            )
+        except (ValueError, TypeError) as e:
+            out.append((where, str(e)))
+
+
+def check(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The value problems of one typed config, as ``(dotted path, message)`` pairs."""
+    out: Problems = []
+    _check_task(out, cfg)
+    _check_sections(out, cfg, axis_names)
+    _check_quant(out, cfg.quant, cfg.method.name)
+    return out
+
+
+def looks_like_config_path(dotted: str) -> bool:
+    """``section.key`` with a known section: a misspelt config key rather than an axis name."""
+    return "." in dotted and dotted.split(".")[0] in hints(ExperimentConfig)
+
+
+def unknown_path(dotted: str) -> str:
+    """The unknown-key message (with a suggestion) for a dotted path that is not a config key."""
+    tp: Any = ExperimentConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields_of(tp)
+        if part not in fields:
+            return unknown_key(".".join(parts[:i]), part, list(fields))
+        tp = _strip_none(fields[part])
+    return "a config key"
