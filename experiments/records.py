@@ -14,7 +14,7 @@ import pathlib
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -45,6 +45,15 @@ def write_atomic(path: pathlib.Path, text: str | bytes) -> None:
 
 def write_json(path: pathlib.Path, payload: Any) -> None:
     write_atomic(path, json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A GitHub markdown table of ``rows``: one column per ``(header, key, format spec)``, e.g.
+    ``("q+dq ms", "qdq_ms", ".1f")``; the first column (the label) left-aligned, the rest right."""
+    header = [h for h, _, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(format(r[key], spec) for _, key, spec in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def read_results(sweep_dir: pathlib.Path) -> list[dict[str, Any]]:

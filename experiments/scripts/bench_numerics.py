@@ -13,16 +13,18 @@ Run: ``python -m experiments.scripts.bench_numerics [--size 4096] [--repeats 20]
 from __future__ import annotations
 
 import argparse
-import json
+import pathlib
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import qjax
+from experiments import records
 
 CASES: tuple[tuple[str, dict[str, object]], ...] = (
     ("int8 per-tensor", dict(dtype="int8")),
@@ -72,24 +74,25 @@ def run(size: int, repeats: int) -> list[dict[str, object]]:
     return results
 
 
-def to_markdown(results: Sequence[dict[str, object]]) -> str:
-    lines = [
-        "| case | q+dq ms | q+dq GB/s | copy GB/s | q+dq / copy throughput | simulated / copy throughput |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['case']} | {r['qdq_ms']:.1f} | {r['qdq_gb_s']:.2f} | {r['copy_gb_s']:.2f} | "
-            f"{r['copy_over_qdq']:.3f} | {r['copy_over_simulated']:.3f} |"
-        )
-    return "\n".join(lines)
+COLUMNS = (  # (header, result key, format)
+    ("case", "case", "s"),
+    ("q+dq ms", "qdq_ms", ".1f"),
+    ("q+dq GB/s", "qdq_gb_s", ".2f"),
+    ("copy GB/s", "copy_gb_s", ".2f"),
+    ("q+dq / copy throughput", "copy_over_qdq", ".3f"),
+    ("simulated / copy throughput", "copy_over_simulated", ".3f"),
+)
+
+
+def to_markdown(results: Sequence[dict[str, Any]]) -> str:
+    return records.markdown_table(results, COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", help="write the full results as JSON here")
+    parser.add_argument("--out", type=pathlib.Path, help="write the full results as JSON here")
     args = parser.parse_args(argv)
     results = run(args.size, args.repeats)
     device = jax.devices()[0]
@@ -97,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.size}x{args.size} float32 on {where}")
     print(to_markdown(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": str(device.device_kind), "size": args.size, "results": results}, f, indent=1)
+        records.write_json(
+            args.out, {"device": str(device.device_kind), "size": args.size, "results": results}
+        )
     return 0
 
 

