@@ -45,6 +45,7 @@ import numpy as np
 
 from qjax.numerics import kmeans, tiling
 from qjax.numerics.calibration import block_range, check_finite, check_float_input
+from qjax.numerics.fields import parse_enum
 from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat, QParams
 from qjax.numerics.quantize import (
     check_qparams,
@@ -55,7 +56,7 @@ from qjax.numerics.quantize import (
     quantize_dequantize,
 )
 from qjax.numerics.rounding import round_to_integer
-from qjax.numerics.spec import QuantSpec, _as_enum
+from qjax.numerics.spec import QuantSpec
 
 
 class Estimator(enum.StrEnum):
@@ -139,7 +140,7 @@ def fake_quant(
         example to follow the paper exactly for batched activations).
       integer_offset: ``lsq_plus`` only: round the offset onto the integer zero-point grid.
     """
-    est = _as_enum(Estimator, estimator, "estimator")
+    est = parse_enum(Estimator, estimator, "estimator")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a qjax.QuantSpec; got {type(spec).__name__}")
     check_float_input(x)

@@ -56,7 +56,6 @@ Division by :math:`S` is a multiplication by :math:`\\mathrm{fl}(1/S)`, as in
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -66,6 +65,7 @@ import numpy as np
 import optax
 
 from qjax.numerics import QParams, QuantSpec, tiling
+from qjax.numerics.fields import SpecError, reject_unknown_fields
 from qjax.numerics.formats import IntFormat
 
 ZETA = 1.1
@@ -76,7 +76,8 @@ Apply = Callable[[jax.Array, jax.Array], jax.Array]  # (inputs, weight) -> layer
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdaRoundConfig:
-    """Settings of the rounding optimisation (one per layer).
+    """Settings of the rounding optimisation (one per layer). A bad field raises
+    :class:`~qjax.numerics.fields.SpecError` (a ``ValueError``) whose ``field`` names it.
 
     Attributes:
       iterations: Adam steps per layer (paper: 10,000).
@@ -106,31 +107,33 @@ class AdaRoundConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
                 least = "a non-negative int" if name == "seed" else "an int >= 1"
-                raise ValueError(f"AdaRoundConfig {name}={value!r} must be {least}")
+                raise SpecError(f"AdaRoundConfig {name}={value!r} must be {least}", field=name)
         if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
-            raise ValueError(f"AdaRoundConfig samples={self.samples!r} must be an int >= 1 or None (all)")
+            raise SpecError(
+                f"AdaRoundConfig samples={self.samples!r} must be an int >= 1 or None (all)", field="samples"
+            )
         if not self.lr > 0:
-            raise ValueError(f"AdaRoundConfig lr={self.lr!r} must be > 0, e.g. 1e-3")
+            raise SpecError(f"AdaRoundConfig lr={self.lr!r} must be > 0, e.g. 1e-3", field="lr")
         if not self.lambda_ >= 0:
-            raise ValueError(f"AdaRoundConfig lambda_={self.lambda_!r} must be >= 0, e.g. 0.01")
+            raise SpecError(
+                f"AdaRoundConfig lambda_={self.lambda_!r} must be >= 0, e.g. 0.01", field="lambda_"
+            )
         if not self.beta_start >= self.beta_end > 0:
-            raise ValueError(
+            raise SpecError(
                 f"AdaRoundConfig beta_start={self.beta_start!r}, beta_end={self.beta_end!r}: need "
-                "beta_start >= beta_end > 0 (the paper anneals 20 -> 2)"
+                "beta_start >= beta_end > 0 (the paper anneals 20 -> 2)",
+                field="beta_end" if self.beta_end <= 0 else "beta_start",
             )
         if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"AdaRoundConfig warmup={self.warmup!r} must be in [0, 1), e.g. 0.2")
+            raise SpecError(
+                f"AdaRoundConfig warmup={self.warmup!r} must be in [0, 1), e.g. 0.2", field="warmup"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> AdaRoundConfig:
         """From a config file's mapping (``lambda`` is accepted for ``lambda_``)."""
         d = {("lambda_" if k == "lambda" else k): v for k, v in d.items()}
-        fields = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in fields:
-                hint = difflib.get_close_matches(str(key), fields, n=1)
-                did = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ValueError(f"unknown AdaRoundConfig field {key!r}{did} Fields: {', '.join(fields)}")
+        reject_unknown_fields("AdaRoundConfig", d, [f.name for f in dataclasses.fields(cls)])
         return cls(**d)
 
 

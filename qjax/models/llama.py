@@ -40,10 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.numerics.fields import SpecError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-    """Hyperparameters of a Llama-family model.
+    """Hyperparameters of a Llama-family model. A bad field raises
+    :class:`~qjax.numerics.fields.SpecError` (a ``ValueError``) whose ``field`` names it.
 
     Attributes:
       vocab_size: number of tokens.
@@ -73,17 +76,26 @@ class LlamaConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlamaConfig {name}={value!r} must be a positive integer")
+                raise SpecError(f"LlamaConfig {name}={value!r} must be a positive integer", field=name)
         if self.dim % self.n_heads:
-            raise ValueError(f"n_heads={self.n_heads} does not divide dim={self.dim}; use a divisor of it")
+            raise SpecError(
+                f"n_heads={self.n_heads} does not divide dim={self.dim}; use a divisor of it", field="n_heads"
+            )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; use a divisor of it"
+            raise SpecError(
+                f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; use a divisor of it",
+                field="n_kv_heads",
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings")
+            raise SpecError(
+                f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings",
+                field="n_heads",
+            )
         if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError(f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive")
+            raise SpecError(
+                f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive",
+                field="norm_eps" if not self.norm_eps > 0 else "rope_theta",
+            )
 
     @property
     def head_dim(self) -> int:

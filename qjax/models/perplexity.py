@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.numerics.fields import SpecError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PerplexityConfig:
     """Evaluation windows: ``n_windows`` non-overlapping windows of ``window`` tokens starting at
-    token ``start``."""
+    token ``start``. A bad field raises :class:`~qjax.numerics.fields.SpecError` naming it."""
 
     window: int = 512
     n_windows: int = 16
@@ -41,11 +43,13 @@ class PerplexityConfig:
 
     def __post_init__(self) -> None:
         if self.window < 2:
-            raise ValueError(f"window={self.window} must be >= 2 (one context token and one prediction)")
+            raise SpecError(
+                f"window={self.window} must be >= 2 (one context token and one prediction)", field="window"
+            )
         if self.n_windows < 1:
-            raise ValueError(f"n_windows={self.n_windows} must be >= 1")
+            raise SpecError(f"n_windows={self.n_windows} must be >= 1", field="n_windows")
         if self.start < 0:
-            raise ValueError(f"start={self.start} must be >= 0")
+            raise SpecError(f"start={self.start} must be >= 0", field="start")
 
     @property
     def end(self) -> int:

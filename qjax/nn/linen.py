@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from qjax.numerics import QuantSpec
+from qjax.numerics.fields import SpecError, parse_enum
 from qjax.ste import Estimator, fake_quant
 
 
@@ -22,16 +23,18 @@ class FakeQuantDotGeneral:
 
     weights: QuantSpec | None = None
     activations: QuantSpec | None = None
-    weight_estimator: str = "ste"
-    activation_estimator: str = "ste"
+    weight_estimator: Estimator | str = Estimator.STE
+    activation_estimator: Estimator | str = Estimator.STE
 
     def __post_init__(self) -> None:
         for name in ("weight_estimator", "activation_estimator"):
             if getattr(self, name) not in (Estimator.STE, Estimator.CLIPPED_STE):
-                raise ValueError(
+                raise SpecError(
                     f"{name}={getattr(self, name)!r}: Linen layers hold no learned quantizer state; "
-                    "use 'ste' or 'clipped_ste', or the NNX path (qjax.nn.quantize_model) for lsq/pact"
+                    "use 'ste' or 'clipped_ste', or the NNX path (qjax.nn.quantize_model) for lsq/pact",
+                    field=name,
                 )
+            object.__setattr__(self, name, parse_enum(Estimator, getattr(self, name), name))
 
     def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, *args: Any, **kwargs: Any):
         if self.activations is not None:

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qjax.kernels.dispatch import KERNEL_PATHS
+from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
 from qjax.numerics.formats import CodebookFormat, IntFormat
-from qjax.numerics.spec import Granularity, QuantSpec, _as_enum
+from qjax.numerics.spec import Granularity, QuantSpec
 from qjax.ste import Estimator
 
 
@@ -36,6 +37,9 @@ class Observer(enum.StrEnum):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
     """Quantizers for the layers whose path matches ``path``.
+
+    A bad field raises :class:`~qjax.numerics.fields.SpecError` (a ``ValueError``) or
+    :class:`~qjax.numerics.fields.SpecTypeError` (a ``TypeError``) whose ``field`` names it.
 
     Attributes:
       path: regular expression for the layer paths this rule covers (full match).
@@ -83,73 +87,87 @@ class Rule:
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
         if not isinstance(self.path, str):
-            raise TypeError(f"Rule path={self.path!r} must be a regular expression string")
+            raise SpecTypeError(f"Rule path={self.path!r} must be a regular expression string", field="path")
         try:
             re.compile(self.path)
         except re.error as e:
-            raise ValueError(
+            raise SpecError(
                 f"Rule path={self.path!r} is not a valid regular expression ({e}); escape special "
-                "characters, e.g. r'blocks/0/attn\\.query' or use '.*' as a wildcard"
+                "characters, e.g. r'blocks/0/attn\\.query' or use '.*' as a wildcard",
+                field="path",
             ) from None
         for name in ("weights", "activations"):
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 set_(name, QuantSpec.from_dict(value))
             elif value is not None and not isinstance(value, QuantSpec):
-                raise TypeError(f"Rule {name}={value!r} must be a qjax.QuantSpec, a mapping or None")
-        set_("weight_estimator", _as_enum(Estimator, self.weight_estimator, "weight_estimator"))
-        set_("activation_estimator", _as_enum(Estimator, self.activation_estimator, "activation_estimator"))
-        set_("activation_scale", _as_enum(ActivationScale, self.activation_scale, "activation_scale"))
-        set_("observer", _as_enum(Observer, self.observer, "observer"))
+                raise SpecTypeError(
+                    f"Rule {name}={value!r} must be a qjax.QuantSpec, a mapping or None", field=name
+                )
+        set_("weight_estimator", parse_enum(Estimator, self.weight_estimator, "weight_estimator"))
+        set_("activation_estimator", parse_enum(Estimator, self.activation_estimator, "activation_estimator"))
+        set_("activation_scale", parse_enum(ActivationScale, self.activation_scale, "activation_scale"))
+        set_("observer", parse_enum(Observer, self.observer, "observer"))
         self._check_estimators()
         if self.activation_scale == ActivationScale.STATIC and self.activations is not None:
             g = self.activations.granularity
             if g != Granularity.PER_TENSOR:
-                raise ValueError(
+                raise SpecError(
                     f"Rule {self.path!r}: static activation scales are per-tensor; got "
-                    f"granularity={str(g)!r}. Use activation_scale='dynamic' for per-token scales"
+                    f"granularity={str(g)!r}. Use activation_scale='dynamic' for per-token scales",
+                    field="activation_scale",
                 )
         if self.ste_residuals not in ("quantized", "original"):
-            raise ValueError(
-                f"Rule {self.path!r}: ste_residuals={self.ste_residuals!r} must be 'quantized' or 'original'"
+            raise SpecError(
+                f"Rule {self.path!r}: ste_residuals={self.ste_residuals!r} must be 'quantized' or 'original'",
+                field="ste_residuals",
             )
         if self.kernels not in KERNEL_PATHS:
             raise ValueError(
                 f"Rule {self.path!r}: kernels={self.kernels!r} must be one of {list(KERNEL_PATHS)}"
             )
         if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"Rule {self.path!r}: ema_decay={self.ema_decay} must be in (0, 1)")
+            raise SpecError(
+                f"Rule {self.path!r}: ema_decay={self.ema_decay} must be in (0, 1)", field="ema_decay"
+            )
         if self.histogram_bins < 16:
-            raise ValueError(f"Rule {self.path!r}: histogram_bins={self.histogram_bins} must be >= 16")
+            raise SpecError(
+                f"Rule {self.path!r}: histogram_bins={self.histogram_bins} must be >= 16",
+                field="histogram_bins",
+            )
 
     def _check_estimators(self) -> None:
         if self.weight_estimator in (Estimator.PACT, Estimator.LSQ_PLUS):
             what = "clip" if self.weight_estimator == Estimator.PACT else "offset"
-            raise ValueError(
+            raise SpecError(
                 f"Rule {self.path!r}: weight_estimator={str(self.weight_estimator)!r} learns an "
-                f"activation {what}; use 'lsq' to learn weight scales"
+                f"activation {what}; use 'lsq' to learn weight scales",
+                field="weight_estimator",
             )
         if self.activation_estimator == Estimator.KMEANS_FINETUNE:
-            raise ValueError(
+            raise SpecError(
                 f"Rule {self.path!r}: activation_estimator='kmeans_finetune' trains a weight codebook; "
-                "set weight_estimator='kmeans_finetune' (with a kmeans weight spec) instead"
+                "set weight_estimator='kmeans_finetune' (with a kmeans weight spec) instead",
+                field="activation_estimator",
             )
         codebook = self.weights is not None and isinstance(self.weights.format, CodebookFormat)
         if self.weight_estimator == Estimator.KMEANS_FINETUNE and not codebook:
             got = "no weight spec" if self.weights is None else f"dtype={self.weights.dtype!r}"
-            raise ValueError(
+            raise SpecError(
                 f"Rule {self.path!r}: weight_estimator='kmeans_finetune' trains the centroids of a "
                 f"k-means codebook, but the rule has {got}; use weights={{'dtype': 'kmeans4', "
-                "'granularity': 'per_channel', 'axis': -1} (kmeans1..kmeans8, per_tensor or per_channel)"
+                "'granularity': 'per_channel', 'axis': -1} (kmeans1..kmeans8, per_tensor or per_channel)",
+                field="weight_estimator",
             )
         acts = self.activations
         if acts is None or self.activation_estimator != Estimator.LSQ_PLUS:
             return
         if not isinstance(acts.format, IntFormat) or acts.symmetric:
-            raise ValueError(
+            raise SpecError(
                 f"Rule {self.path!r}: activation_estimator='lsq_plus' learns a step size and an "
                 f"offset on an asymmetric integer grid; got dtype={acts.dtype!r}, symmetric="
-                f"{acts.symmetric}: use e.g. {{'dtype': 'uint4', 'symmetric': False}}"
+                f"{acts.symmetric}: use e.g. {{'dtype': 'uint4', 'symmetric': False}}",
+                field="activation_estimator",
             )
 
     def matches(self, path: str) -> bool:
@@ -161,14 +179,9 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Rule:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            import difflib
-
-            hint = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
-            did = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(f"unknown Rule field {unknown[0]!r}{did} Fields: {', '.join(sorted(fields))}")
+        """A rule from a mapping of its fields; an unknown key is named with a suggestion
+        (:class:`~qjax.numerics.fields.SpecError` with ``field`` the unknown key)."""
+        reject_unknown_fields("Rule", sorted(d), sorted(f.name for f in dataclasses.fields(cls)))
         return cls(**d)
 
 

@@ -4,6 +4,7 @@ Pure array functions, no autodiff; :mod:`qjax.ste` builds the differentiable est
 """
 
 from qjax.numerics.calibration import calibrate
+from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum
 from qjax.numerics.formats import FORMAT_NAMES, QParams, parse_format
 from qjax.numerics.packing import pack, unpack
 from qjax.numerics.qarray import QArray
@@ -19,9 +20,12 @@ __all__ = [
     "QParams",
     "QuantSpec",
     "Rounding",
+    "SpecError",
+    "SpecTypeError",
     "calibrate",
     "dequantize",
     "pack",
+    "parse_enum",
     "parse_format",
     "quantize",
     "quantize_dequantize",

@@ -31,7 +31,6 @@ paths agree bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from typing import NamedTuple, Protocol
 
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.numerics.fields import SpecError, SpecTypeError, did_you_mean
 from qjax.numerics.rounding import round_to_float_grid, round_to_integer
 
 # The smallest positive normal float32: every scale is at least this, so that no finite input
@@ -305,21 +305,23 @@ FORMAT_NAMES: tuple[str, ...] = (
 @functools.cache
 def parse_format(name: str) -> AnyFormat:
     """The format called ``name`` (``"int4"``, ``"uint8"``, ``"float8_e4m3fn"``, ``"mxfp4"``,
-    ``"nvfp4"``, ``"kmeans3"``, ...); a clear ``ValueError`` for anything else."""
+    ``"nvfp4"``, ``"kmeans3"``, ...); for anything else a clear :class:`~qjax.numerics.fields.SpecError`
+    (a ``ValueError``; :class:`~qjax.numerics.fields.SpecTypeError` for a non-string), ``field="dtype"``."""
     if not isinstance(name, str):
-        raise TypeError(f"dtype={name!r} must be a string such as 'int8'; got {type(name).__name__}")
+        raise SpecTypeError(
+            f"dtype={name!r} must be a string such as 'int8'; got {type(name).__name__}", field="dtype"
+        )
     if name not in FORMAT_NAMES:
-        hint = difflib.get_close_matches(name, FORMAT_NAMES, n=1)
         bits_hint = ""
         for prefix in ("uint", "int", "kmeans"):
             if name.startswith(prefix) and name[len(prefix) :].isdigit():
                 low = 1 if prefix == "kmeans" else 2
                 bits_hint = f"; {prefix} formats have {low}..8 bits"
                 break
-        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(
-            f"dtype={name!r} is not a known format{bits_hint}{did_you_mean} "
-            f"Known formats: {', '.join(FORMAT_NAMES)}"
+        raise SpecError(
+            f"dtype={name!r} is not a known format{bits_hint}{did_you_mean(name, FORMAT_NAMES)} "
+            f"Known formats: {', '.join(FORMAT_NAMES)}",
+            field="dtype",
         )
     if name in _FLOATS:
         return FloatFormat(name)

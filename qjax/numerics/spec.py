@@ -7,11 +7,11 @@ dictionaries of config files: ``QuantSpec.from_dict(spec.to_dict()) == spec``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 from collections.abc import Mapping
 from typing import Any
 
+from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
 from qjax.numerics.formats import (
     AffineFormat,
     AnyFormat,
@@ -38,16 +38,6 @@ class Calibration(enum.StrEnum):
     MSE = "mse"
 
 
-def _as_enum(cls: type[enum.StrEnum], value: Any, arg: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        names = [m.value for m in cls]
-        hint = difflib.get_close_matches(str(value), names, n=1)
-        did = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"{arg}={value!r} is not one of {names}{did}") from None
-
-
 def _as_axes(value: Any, arg: str) -> int | tuple[int, ...] | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
@@ -57,12 +47,15 @@ def _as_axes(value: Any, arg: str) -> int | tuple[int, ...] | None:
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         return tuple(value) if len(value) > 1 else value[0]
-    raise TypeError(f"{arg}={value!r} must be an int or a non-empty list of ints")
+    raise SpecTypeError(f"{arg}={value!r} must be an int or a non-empty list of ints", field=arg)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """How to quantize one tensor.
+
+    A bad field raises :class:`~qjax.numerics.fields.SpecError` (a ``ValueError``) or
+    :class:`~qjax.numerics.fields.SpecTypeError` (a ``TypeError``) whose ``field`` names it.
 
     Attributes:
       dtype: the format: ``int2..int8``, ``uint2..uint8``, ``float8_e4m3fn``, ``float8_e5m2``,
@@ -96,37 +89,44 @@ class QuantSpec:
     def __post_init__(self) -> None:
         fmt = parse_format(self.dtype)
         set_ = lambda name, value: object.__setattr__(self, name, value)
-        set_("granularity", _as_enum(Granularity, self.granularity, "granularity"))
-        set_("rounding", _as_enum(Rounding, self.rounding, "rounding"))
-        set_("calibration", _as_enum(Calibration, self.calibration, "calibration"))
+        set_("granularity", parse_enum(Granularity, self.granularity, "granularity"))
+        set_("rounding", parse_enum(Rounding, self.rounding, "rounding"))
+        set_("calibration", parse_enum(Calibration, self.calibration, "calibration"))
         set_("axis", _as_axes(self.axis, "axis"))
         if self.block_shape is not None:
             set_("block_shape", tuple(self.block_shape))
         if not isinstance(self.symmetric, bool):
-            raise TypeError(f"symmetric={self.symmetric!r} must be true or false")
+            raise SpecTypeError(f"symmetric={self.symmetric!r} must be true or false", field="symmetric")
         self._check_granularity(fmt)
         self._check_format(fmt)
         if not 50.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile={self.percentile} must be in (50, 100], e.g. 99.99 for the 99.99th")
+            raise SpecError(
+                f"percentile={self.percentile} must be in (50, 100], e.g. 99.99 for the 99.99th",
+                field="percentile",
+            )
         if not isinstance(self.mse_grid, int) or self.mse_grid < 2:
-            raise ValueError(f"mse_grid={self.mse_grid!r} must be an int >= 2, e.g. 100")
+            raise SpecError(f"mse_grid={self.mse_grid!r} must be an int >= 2, e.g. 100", field="mse_grid")
         if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters={self.kmeans_iters!r} must be an int >= 1, e.g. 30")
+            raise SpecError(
+                f"kmeans_iters={self.kmeans_iters!r} must be an int >= 1, e.g. 30", field="kmeans_iters"
+            )
 
     def _check_granularity(self, fmt: AnyFormat) -> None:
         g = self.granularity
         if isinstance(fmt, BlockFloatFormat):
             if g != Granularity.PER_GROUP:
-                raise ValueError(
+                raise SpecError(
                     f"dtype={self.dtype!r} shares one scale per {fmt.block_size} elements: set "
-                    f"granularity='per_group', group_size={fmt.block_size} and axis=<contraction axis>"
+                    f"granularity='per_group', group_size={fmt.block_size} and axis=<contraction axis>",
+                    field="dtype",
                 )
             if self.group_size is None:
                 object.__setattr__(self, "group_size", fmt.block_size)
             if self.group_size != fmt.block_size:
-                raise ValueError(
+                raise SpecError(
                     f"group_size={self.group_size} does not match dtype={self.dtype!r}, whose "
-                    f"blocks hold {fmt.block_size} elements; set group_size={fmt.block_size}"
+                    f"blocks hold {fmt.block_size} elements; set group_size={fmt.block_size}",
+                    field="group_size",
                 )
         if g in (Granularity.PER_CHANNEL, Granularity.PER_GROUP) and self.axis is None:
             what = (
@@ -134,50 +134,62 @@ class QuantSpec:
                 if (g == Granularity.PER_CHANNEL)
                 else "axis to group along (the contraction axis)"
             )
-            raise ValueError(f"granularity={str(g)!r} needs axis=<{what}>")
+            raise SpecError(f"granularity={str(g)!r} needs axis=<{what}>", field="granularity")
         if g == Granularity.PER_GROUP:
             if not isinstance(self.axis, int):
-                raise ValueError(f"granularity='per_group' groups along one axis; got axis={self.axis}")
+                raise SpecError(
+                    f"granularity='per_group' groups along one axis; got axis={self.axis}",
+                    field="granularity",
+                )
             if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(
+                raise SpecError(
                     f"granularity='per_group' needs group_size=<positive int>, e.g. 32 or 128; "
-                    f"got {self.group_size!r}"
+                    f"got {self.group_size!r}",
+                    field="granularity",
                 )
         elif self.group_size is not None:
-            raise ValueError(
+            raise SpecError(
                 f"group_size={self.group_size} only applies to granularity='per_group' "
-                f"(granularity is {str(g)!r}); remove it or switch granularity"
+                f"(granularity is {str(g)!r}); remove it or switch granularity",
+                field="group_size",
             )
         if g == Granularity.PER_BLOCK:
             bs = self.block_shape
             if not bs or not all(isinstance(b, int) and b >= 1 for b in bs):
-                raise ValueError(
-                    f"granularity='per_block' needs block_shape=<positive ints>, e.g. (128, 128); got {bs!r}"
+                raise SpecError(
+                    f"granularity='per_block' needs block_shape=<positive ints>, e.g. (128, 128); got {bs!r}",
+                    field="granularity",
                 )
         elif self.block_shape is not None:
-            raise ValueError(
+            raise SpecError(
                 f"block_shape={self.block_shape} only applies to granularity='per_block'; "
-                "remove it or switch granularity"
+                "remove it or switch granularity",
+                field="block_shape",
             )
         if g in (Granularity.PER_TENSOR, Granularity.PER_TOKEN) and self.axis is not None:
-            raise ValueError(f"axis={self.axis!r} has no meaning for granularity={str(g)!r}; remove it")
+            raise SpecError(
+                f"axis={self.axis!r} has no meaning for granularity={str(g)!r}; remove it", field="axis"
+            )
 
     def _check_format(self, fmt: AnyFormat) -> None:
         if isinstance(fmt, FloatFormat | BlockFloatFormat) and not self.symmetric:
-            raise ValueError(
+            raise SpecError(
                 f"dtype={self.dtype!r} is a float format, symmetric by construction; "
-                "set symmetric=True or use an integer format for asymmetric quantization"
+                "set symmetric=True or use an integer format for asymmetric quantization",
+                field="dtype",
             )
         if isinstance(fmt, CodebookFormat):
             if self.granularity not in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL):
-                raise ValueError(
+                raise SpecError(
                     f"dtype={self.dtype!r} (k-means codebook) supports granularity 'per_tensor' "
-                    f"or 'per_channel'; got {str(self.granularity)!r}"
+                    f"or 'per_channel'; got {str(self.granularity)!r}",
+                    field="dtype",
                 )
             if self.rounding != Rounding.NEAREST or self.calibration != Calibration.MINMAX:
-                raise ValueError(
+                raise SpecError(
                     f"dtype={self.dtype!r} assigns each value to its nearest centroid: set "
-                    "rounding='nearest' and calibration='minmax' (the defaults)"
+                    "rounding='nearest' and calibration='minmax' (the defaults)",
+                    field="dtype",
                 )
 
     @property
@@ -206,15 +218,11 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
-        """Build a spec from a config file's mapping; unknown keys are named with a suggestion."""
+        """Build a spec from a config file's mapping; an unknown key is named with a suggestion
+        (:class:`~qjax.numerics.fields.SpecError` with ``field`` the unknown key)."""
         if not isinstance(d, Mapping):
-            raise TypeError(f"a QuantSpec needs a mapping of its fields; got {type(d).__name__}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in fields:
-                hint = difflib.get_close_matches(str(key), fields, n=1)
-                did = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise ValueError(f"unknown QuantSpec field {key!r}{did} Fields: {', '.join(fields)}")
+            raise SpecTypeError(f"a QuantSpec needs a mapping of its fields; got {type(d).__name__}")
+        reject_unknown_fields("QuantSpec", d, [f.name for f in dataclasses.fields(cls)])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from qjax.numerics.fields import SpecError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataPosition:
@@ -29,7 +31,7 @@ class DataPosition:
         for name in ("step", "epoch", "index"):
             value = getattr(self, name)
             if not isinstance(value, int | np.integer) or value < 0:
-                raise ValueError(f"DataPosition {name}={value!r} must be a non-negative integer")
+                raise SpecError(f"DataPosition {name}={value!r} must be a non-negative integer", field=name)
 
     def to_dict(self) -> dict[str, int]:
         return {"step": int(self.step), "epoch": int(self.epoch), "index": int(self.index)}
