@@ -33,6 +33,7 @@ from qjax.methods.llm_int8 import (
     outlier_stats,
 )
 from qjax.methods.smoothquant import (
+    SmoothQuantLevel,
     channel_absmax,
     collect_act_absmax,
     smooth,
@@ -50,6 +51,7 @@ __all__ = [
     "HessianState",
     "LLMInt8DotGeneral",
     "LayerReport",
+    "SmoothQuantLevel",
     "adaround",
     "apply_llm_int8",
     "awq_clip_search",

@@ -64,7 +64,8 @@ from qjax.methods.adaround_core import (
     rounding_grid,
 )
 from qjax.nn.diagnostics import HookCall, check_quantized, layer_output, working_copy
-from qjax.nn.model import _hook_spec, pin_weight_qparams, quantizable_layers, quantized_ops
+from qjax.nn.hooks import layer_hook, quantizable_layers, wrapped_contractions
+from qjax.nn.model import pin_weight_qparams, quantized_ops
 from qjax.nn.ops import QuantizedOp
 from qjax.numerics import QParams, QuantSpec, calibrate, quantize_dequantize, tiling
 from qjax.numerics.formats import MIN_SCALE, IntFormat
@@ -218,7 +219,7 @@ def _adaround_layer(
     """``(W_hat, its grid's parameters, report)`` of the layer at ``path`` (``seconds`` left at 0)."""
     layer = dict(quantizable_layers(work.qmodel))[path]
     float_layer = dict(quantizable_layers(work.float_model))[path]
-    op = getattr(layer, _hook_spec(layer)[0])
+    op = getattr(layer, layer_hook(layer).hook)
     assert isinstance(op, QuantizedOp) and op.rule.weights is not None
     spec = op.rule.weights
     kernel = _kernel(path, layer)
@@ -425,22 +426,13 @@ def _recording(
     """Log the contraction calls of the layer at ``path`` (``None``: log none, only count the calls
     of every layer in ``counts``); the hooks are restored on exit."""
     log: list[HookCall] = []
-    counts = {} if counts is None else counts
-    installed = []
-    for p, layer in quantizable_layers(model):
-        hook, _, kind = _hook_spec(layer)
-        if kind == "embed" or (path is not None and p != path):
-            continue
-        inner = getattr(layer, hook)
-        operand = 1 if kind == "einsum" else 0
-        recorder = _Recorder(inner, operand, p, counts, log if path else None, stop_after, run_inner)
-        setattr(layer, hook, recorder)
-        installed.append((layer, hook, inner))
-    try:
+    tally = {} if counts is None else counts
+
+    def record(p: str, inner: Callable[..., Any], operand: int) -> _Recorder:
+        return _Recorder(inner, operand, p, tally, log if path else None, stop_after, run_inner)
+
+    with wrapped_contractions(model, record, None if path is None else {path}):
         yield log
-    finally:
-        for layer, hook, inner in reversed(installed):
-            setattr(layer, hook, nnx.data(inner) if isinstance(inner, nnx.Module) else inner)
 
 
 def _call_counts(model: nnx.Module, batch: Any, fwd: Forward) -> dict[str, int]:

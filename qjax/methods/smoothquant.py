@@ -27,6 +27,7 @@ clamped to ``[min_scale, float32 max]``, so no NaN or Inf comes out of finite in
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,14 +37,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qjax.nn.rules import Rule
+from qjax.nn.rules import ActivationScale, Rule
 from qjax.nn.stats import QuantStats
-from qjax.numerics import QuantSpec
+from qjax.numerics import Granularity, QuantSpec
 from qjax.numerics.calibration import check_finite, check_float_input
 from qjax.numerics.formats import FLOAT32_MAX, MIN_SCALE
 
 MIN_SMOOTHING = 1e-5  # the reference implementation's clamp of s (and of the weight maxima)
-LEVELS = ("O1", "O2", "O3")
+
+
+class SmoothQuantLevel(enum.StrEnum):
+    """SmoothQuant's W8A8 levels (see :func:`smoothquant_rules`)."""
+
+    O1 = "O1"  # per-token activation scales, dynamic
+    O2 = "O2"  # per-tensor activation scales, dynamic
+    O3 = "O3"  # per-tensor activation scales, static (calibrated)
+
+
+LEVELS: tuple[str, ...] = tuple(level.value for level in SmoothQuantLevel)
 
 # -- statistics -----------------------------------------------------------------------------------
 
@@ -308,7 +319,10 @@ def smooth_linear_pair(
 
 
 def smoothquant_rules(
-    level: str = "O1", path: str = ".*", *, weight_granularity: str = "per_channel"
+    level: SmoothQuantLevel | str = SmoothQuantLevel.O1,
+    path: str = ".*",
+    *,
+    weight_granularity: Granularity | str = Granularity.PER_CHANNEL,
 ) -> list[Rule]:
     """qjax rules for SmoothQuant's W8A8 levels on the (already smoothed) layers matching ``path``.
 
@@ -327,23 +341,25 @@ def smoothquant_rules(
     """
     if level not in LEVELS:
         raise ValueError(f"level={level!r} is not one of {list(LEVELS)} (SmoothQuant's W8A8 levels)")
-    if weight_granularity == "per_channel":
-        weights = QuantSpec(dtype="int8", granularity="per_channel", axis=-1)
-    elif weight_granularity == "per_tensor":
+    if weight_granularity == Granularity.PER_CHANNEL:
+        weights = QuantSpec(dtype="int8", granularity=Granularity.PER_CHANNEL, axis=-1)
+    elif weight_granularity == Granularity.PER_TENSOR:
         weights = QuantSpec(dtype="int8")
     else:
         raise ValueError(
             f"weight_granularity={weight_granularity!r} must be 'per_channel' (default) or 'per_tensor' "
             "(the paper's setting)"
         )
-    acts = QuantSpec(dtype="int8", granularity="per_token" if level == "O1" else "per_tensor")
-    scale = "static" if level == "O3" else "dynamic"
+    per_token = level == SmoothQuantLevel.O1
+    acts = QuantSpec(dtype="int8", granularity=Granularity.PER_TOKEN if per_token else Granularity.PER_TENSOR)
+    scale = ActivationScale.STATIC if level == SmoothQuantLevel.O3 else ActivationScale.DYNAMIC
     return [Rule(path=path, weights=weights, activations=acts, activation_scale=scale)]
 
 
 __all__ = [
     "LEVELS",
     "MIN_SMOOTHING",
+    "SmoothQuantLevel",
     "channel_absmax",
     "collect_act_absmax",
     "smooth",

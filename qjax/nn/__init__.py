@@ -16,6 +16,7 @@ from qjax.nn.fold import (
     fold_batchnorm_params,
     mean_output_error,
 )
+from qjax.nn.hooks import LayerHook, OpKind, join_path, layer_hook, wrapped_contractions
 from qjax.nn.linen import FakeQuantDotGeneral
 from qjax.nn.model import (
     QuantizedWeight,
@@ -32,18 +33,22 @@ from qjax.nn.model import (
     set_mode,
     summary,
 )
-from qjax.nn.ops import CodebookIndices, KernelLayout, QuantizedEmbedding, QuantizedOp
+from qjax.nn.ops import MODES, CodebookIndices, KernelLayout, Mode, QuantizedEmbedding, QuantizedOp
 from qjax.nn.rules import ActivationScale, Observer, Rule
 from qjax.nn.stats import QuantStats, StaticQParams
 
 __all__ = [
+    "MODES",
     "ActivationScale",
     "CodebookIndices",
     "FakeQuantDotGeneral",
     "FoldedBatchNorm",
     "HookCall",
     "KernelLayout",
+    "LayerHook",
+    "Mode",
     "Observer",
+    "OpKind",
     "QuantStats",
     "QuantizedEmbedding",
     "QuantizedOp",
@@ -58,8 +63,10 @@ __all__ = [
     "fold_batchnorm",
     "fold_batchnorm_params",
     "format_table",
+    "join_path",
     "kurtosis",
     "layer_diagnostics",
+    "layer_hook",
     "learned_quantizer_params",
     "mean_output_error",
     "pin_weight_qparams",
@@ -72,4 +79,5 @@ __all__ = [
     "set_mode",
     "sqnr_db",
     "summary",
+    "wrapped_contractions",
 ]

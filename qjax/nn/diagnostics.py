@@ -51,8 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.nn.model import _hook_spec, quantizable_layers, quantized_ops
-from qjax.nn.ops import QuantizedEmbedding, QuantizedOp, quantize_kernel
+from qjax.nn.hooks import layer_hook, quantizable_layers, wrapped_contractions
+from qjax.nn.model import quantized_ops
+from qjax.nn.ops import Mode, QuantizedEmbedding, QuantizedOp, quantize_kernel
 from qjax.numerics import QArray, calibrate, dequantize
 from qjax.numerics.formats import CodebookFormat
 from qjax.numerics.quantize import clip_bounds
@@ -168,20 +169,13 @@ def record_hook_calls(model: nnx.Module) -> Iterator[dict[str, list[HookCall]]]:
     The hooks are restored on exit. Run the forward eagerly inside the ``with`` block.
     """
     calls: dict[str, list[HookCall]] = {}
-    installed = []
-    for path, layer in quantizable_layers(model):
-        hook, _, kind = _hook_spec(layer)
-        if kind == "embed":
-            continue
-        inner = getattr(layer, hook)
+
+    def record(path: str, inner: Callable[..., Any], operand: int) -> _Recorder:
         calls[path] = []
-        setattr(layer, hook, _Recorder(inner, calls[path], 1 if kind == "einsum" else 0, path))
-        installed.append((layer, hook, inner))
-    try:
+        return _Recorder(inner, calls[path], operand, path)
+
+    with wrapped_contractions(model, record):
         yield calls
-    finally:
-        for layer, hook, inner in reversed(installed):
-            setattr(layer, hook, nnx.data(inner) if isinstance(inner, nnx.Module) else inner)
 
 
 def working_copy(model: nnx.Module) -> nnx.Module:
@@ -197,7 +191,7 @@ def check_quantized(qmodel: nnx.Module) -> None:
     if not ops:
         raise ValueError("qmodel has no quantized layers; pass the model returned by qjax.nn.quantize_model")
     for path, _, op in ops:
-        if op.mode == "calibrate":
+        if op.mode == Mode.CALIBRATE:
             raise ValueError(
                 f"layer {path!r} is in mode 'calibrate'; finish calibration first with "
                 "qjax.nn.set_mode(qmodel, 'qat') (qjax.nn.calibrate ends in 'qat' mode)"
@@ -294,7 +288,7 @@ def _weight_stats(
     spec = op.rule.weights
     if spec is None:
         return {"weight_sqnr_db": None, "weight_clip_ratio": None}
-    name = _hook_spec(qlayer)[1]
+    name = layer_hook(qlayer).kernel
     w = getattr(flayer, name)[...]
     stored = getattr(qlayer, name)[...]
     q = stored if isinstance(stored, QArray) else quantize_kernel(op, stored)

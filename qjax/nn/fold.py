@@ -46,7 +46,8 @@ from qjax.nn.diagnostics import (
     paired_calls,
     working_copy,
 )
-from qjax.nn.model import _path, quantized_ops
+from qjax.nn.hooks import OpKind, join_path
+from qjax.nn.model import quantized_ops
 from qjax.nn.ops import QuantizedOp
 
 logger = logging.getLogger("qjax")
@@ -113,9 +114,8 @@ def fold_batchnorm(model: nnx.Module, pairs: Sequence[tuple[str, str]]) -> nnx.M
     """
     pairs = _check_pairs(pairs)
     folded = nnx.clone(model)
-    nodes = {
-        _path(parts): (parts, node) for parts, node in nnx.iter_graph(folded) if isinstance(node, nnx.Module)
-    }
+    graph = nnx.iter_graph(folded)
+    nodes = {join_path(parts): (parts, node) for parts, node in graph if isinstance(node, nnx.Module)}
     for layer_path, bn_path in pairs:
         layer = _find(nodes, layer_path, (nnx.Linear, nnx.Conv))
         bn = _find(nodes, bn_path, (nnx.BatchNorm,))
@@ -247,8 +247,8 @@ def bias_correction(
         raise ValueError("bias_correction got no batches; pass an iterable of at least one input batch")
     corrected = nnx.clone(qmodel)
     ops = quantized_ops(corrected)
-    paths = [p for p, _, op in ops if isinstance(op, QuantizedOp) and op.kind != "einsum"]
-    skipped = [p for p, _, op in ops if isinstance(op, QuantizedOp) and op.kind == "einsum"]
+    paths = [p for p, _, op in ops if isinstance(op, QuantizedOp) and op.kind != OpKind.EINSUM]
+    skipped = [p for p, _, op in ops if isinstance(op, QuantizedOp) and op.kind == OpKind.EINSUM]
     if skipped:
         logger.info("bias correction leaves Einsum layers as they are: %s", ", ".join(skipped))
     layers = {p: layer for p, layer, _ in ops}

@@ -19,6 +19,7 @@ forward-only quantization), which is no longer the exact gradient of the simulat
 
 from __future__ import annotations
 
+import enum
 import functools
 from typing import Any
 
@@ -31,6 +32,14 @@ from qjax.numerics.calibration import block_range
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.quantize import clip_bounds, encode, noise_for
 from qjax.ste import Estimator
+
+
+class Residuals(enum.StrEnum):
+    """What the backward pass of the integer forward contracts the cotangent with."""
+
+    QUANTIZED = "quantized"  # Q(x), Q(w): the exact gradient of the simulated network
+    ORIGINAL = "original"  # the float x, w: cheaper (Qwix's default for forward-only QAT)
+
 
 STATELESS = (Estimator.STE, Estimator.CLIPPED_STE)
 
@@ -68,12 +77,12 @@ def integer_forward_dot(
     activation_qparams: QParams | None = None,
     weight_qparams: QParams | None = None,
     keys: tuple[jax.Array | None, jax.Array | None] = (None, None),
-    residuals: str = "quantized",
+    residuals: Residuals | str = Residuals.QUANTIZED,
 ) -> jax.Array:
     """``dot_general(Q(x), Q(w))`` evaluated in int8, differentiated as the simulated path."""
-    if residuals not in ("quantized", "original"):
+    if residuals not in (Residuals.QUANTIZED, Residuals.ORIGINAL):
         raise ValueError(f"residuals={residuals!r} must be 'quantized' or 'original'")
-    sides = ((activations, activation_estimator), (weights, weight_estimator), residuals)
+    sides = ((activations, activation_estimator), (weights, weight_estimator), Residuals(residuals))
     qp_x = _qparams(jax.lax.stop_gradient(x), activations, activation_qparams)
     qp_w = _qparams(jax.lax.stop_gradient(w), weights, weight_qparams)
     noise = (noise_for(keys[0], x.shape, activations), noise_for(keys[1], w.shape, weights))
@@ -120,7 +129,7 @@ def _integer_dot_fwd(dn, sides, x, w, qp_x, qp_w, noise):  # type: ignore[no-unt
     out = contract(x_op, w_op, dn).astype(jnp.result_type(x))
     masks = (_mask(x, spec_x, est_x, qp_x), _mask(w, spec_w, est_w, qp_w))
     dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
-    operands = (x_op, w_op) if residuals == "quantized" else (x, w)
+    operands = (x_op, w_op) if residuals == Residuals.QUANTIZED else (x, w)
     return out, (*operands, masks, dtypes)
 
 
@@ -137,7 +146,7 @@ def _shifted(op: Operand, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.A
 def _integer_dot_bwd(dn, sides, res, g):  # type: ignore[no-untyped-def]
     x_op, w_op, masks, dtypes = res
     (lc, rc), _ = dn
-    if sides[2] == "original":
+    if sides[2] == Residuals.ORIGINAL:
         (x_val, x_scale), (w_val, w_scale) = (
             (x_op.astype(jnp.float32), None),
             (w_op.astype(jnp.float32), None),

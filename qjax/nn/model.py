@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import flax.nnx as nnx
@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.kernels.dispatch import Prepared, check_kernel_path, prepare_nk, prepare_w4a16
+from qjax.nn.hooks import OpKind, layer_hook, quantizable_layers
 from qjax.nn.ops import (
     MODES,
     KernelLayout,
+    Mode,
     QuantizedEmbedding,
     QuantizedOp,
     promote_keeping_quantized,
@@ -40,19 +42,12 @@ from qjax.nn.stats import lsq_scale_from_stats, static_qparams, static_range
 from qjax.numerics import QArray, QParams, tiling
 from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat
 from qjax.numerics.rounding import Rounding
+from qjax.numerics.spec import Granularity
 from qjax.ste import Estimator
 
 logger = logging.getLogger("qjax")
 
 M = TypeVar("M", bound=nnx.Module)
-
-# layer type -> (hook attribute, kernel attribute, QuantizedOp kind)
-_HOOKS: dict[type, tuple[str, str, str]] = {
-    nnx.Linear: ("dot_general", "kernel", "dot_general"),
-    nnx.Conv: ("conv_general_dilated", "kernel", "conv"),
-    nnx.Einsum: ("einsum_op", "kernel", "einsum"),
-    nnx.Embed: ("promote_dtype", "embedding", "embed"),
-}
 
 
 class QuantizedWeight(nnx.Variable):
@@ -63,31 +58,11 @@ class UnusedRuleWarning(UserWarning):
     """A rule matched no layer (often a typo in its path)."""
 
 
-def _path(parts: Sequence[Any]) -> str:
-    return "/".join(str(p) for p in parts)
-
-
-def quantizable_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    """``(path, layer)`` for every Linear, Conv, Einsum and Embed in the model, in graph order."""
-    out = []
-    for parts, node in nnx.iter_graph(model):
-        if type(node) in _HOOKS or any(isinstance(node, t) for t in _HOOKS):
-            out.append((_path(parts), node))
-    return out
-
-
-def _hook_spec(layer: nnx.Module) -> tuple[str, str, str]:
-    for t, spec in _HOOKS.items():
-        if isinstance(layer, t):
-            return spec
-    raise TypeError(f"{type(layer).__name__} is not a quantizable layer")
-
-
 def quantized_ops(model: nnx.Module) -> list[tuple[str, nnx.Module, QuantizedOp | QuantizedEmbedding]]:
     """``(path, layer, op)`` of every quantized layer."""
     out = []
     for path, layer in quantizable_layers(model):
-        op = getattr(layer, _hook_spec(layer)[0])
+        op = getattr(layer, layer_hook(layer).hook)
         if isinstance(op, QuantizedOp | QuantizedEmbedding):
             out.append((path, layer, op))
     return out
@@ -111,7 +86,7 @@ def _check_kernel(path: str, rule: Rule, kernel: jax.Array) -> None:
 def quantize_model(
     model: M,
     rules: Iterable[Rule | Mapping[str, Any]],
-    mode: str = "qat",
+    mode: Mode | str = Mode.QAT,
     *,
     seed: int = 0,
 ) -> M:
@@ -127,9 +102,11 @@ def quantize_model(
 
     Warns :class:`UnusedRuleWarning` for rules that matched nothing; logs the layers left in float.
     """
-    if mode not in ("qat", "calibrate", "convert"):
-        hint = " ('serve' runs a converted model: use mode='convert')" if mode == "serve" else ""
+    if mode not in (Mode.QAT, Mode.CALIBRATE, Mode.CONVERT):
+        hint = " ('serve' runs a converted model: use mode='convert')" if mode == Mode.SERVE else ""
         raise ValueError(f"mode={mode!r} is not one of 'qat', 'calibrate', 'convert'{hint}")
+    mode = Mode(mode)
+    layer_mode = Mode.QAT if mode == Mode.CONVERT else mode
     rules = _as_rules(rules)
     for path, _, _ in quantized_ops(model):
         raise ValueError(
@@ -147,31 +124,30 @@ def quantize_model(
             continue
         index, rule = match
         used.add(index)
-        hook, kernel_name, kind = _hook_spec(layer)
-        kernel = getattr(layer, kernel_name)[...]
+        hook = layer_hook(layer)
+        kernel = getattr(layer, hook.kernel)[...]
         _check_kernel(path, rule, kernel)
-        if kind == "embed":
+        if hook.kind == OpKind.EMBED:
             if rule.activations is not None:  # an Embed's input is integer ids: weights only
                 logger.info("layer %s is an Embed: activations of rule %r not applied", path, rule.path)
-                rule = dataclasses.replace(rule, activations=None, activation_scale="dynamic")
-            op: nnx.Module = QuantizedEmbedding(path, rule, kernel, "qat" if mode == "convert" else mode)
+                rule = dataclasses.replace(rule, activations=None, activation_scale=ActivationScale.DYNAMIC)
+            op: nnx.Module = QuantizedEmbedding(path, rule, kernel, layer_mode)
         else:
-            op = QuantizedOp(kind, path, rule, kernel, "qat" if mode == "convert" else mode, seed=seed)
-        setattr(layer, hook, nnx.data(op))
+            op = QuantizedOp(hook.kind, path, rule, kernel, layer_mode, seed=seed)
+        setattr(layer, hook.hook, nnx.data(op))
     for i, rule in enumerate(rules):
         if i not in used:
             warnings.warn(f"rule {i} (path={rule.path!r}) matched no layer", UnusedRuleWarning, stacklevel=2)
     if float_layers:
         logger.info("layers left in float: %s", ", ".join(float_layers))
-    return convert(qmodel) if mode == "convert" else qmodel
+    return convert(qmodel) if mode == Mode.CONVERT else qmodel
 
 
 def pin_weight_qparams(layer: nnx.Module, w_hat: jax.Array, qp: QParams) -> None:
     """Store ``w_hat`` as the kernel of the quantized ``layer`` and pin its weight quantizer to the
     grid ``qp`` (rounding to nearest): a method that chose both (AdaRound, GPTQ, AWQ) installs its
     result so that ``qat``, ``serve`` and :func:`convert` all use exactly those codes."""
-    hook = _hook_spec(layer)[0]
-    op = getattr(layer, hook, None)
+    op = getattr(layer, layer_hook(layer).hook, None)
     if not isinstance(op, QuantizedOp) or op.rule.weights is None:
         raise ValueError(
             f"{type(layer).__name__} has no weight quantizer to pin: quantize the model with a rule "
@@ -196,7 +172,7 @@ def set_kernels(model: M, kernels: str) -> M:
     return model
 
 
-def set_mode(model: M, mode: str) -> M:
+def set_mode(model: M, mode: Mode | str) -> M:
     """Switch every quantized layer to ``qat`` or ``calibrate`` (in place; returns ``model``).
 
     Leaving ``calibrate`` for ``qat`` fixes static activation scales from the statistics and
@@ -204,13 +180,14 @@ def set_mode(model: M, mode: str) -> M:
     calibrated max) and LSQ+ step sizes and offsets (:math:`s = (hi - lo)/(q_{max} - q_{min})`,
     :math:`\\beta = lo - q_{min} s` with ``[lo, hi]`` the rule observer's range: min/max by default).
     """
-    if mode not in ("qat", "calibrate"):
-        hint = "; serving needs qjax.nn.convert(model)" if mode == "serve" else ""
+    if mode not in (Mode.QAT, Mode.CALIBRATE):
+        hint = "; serving needs qjax.nn.convert(model)" if mode == Mode.SERVE else ""
         raise ValueError(f"mode={mode!r} cannot be set in place: use 'qat' or 'calibrate'{hint}")
+    mode = Mode(mode)
     for path, _layer, op in quantized_ops(model):
-        if op.mode == "serve":
+        if op.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is converted (mode 'serve'); quantize the float model again")
-        if isinstance(op, QuantizedOp) and op.mode == "calibrate" and mode == "qat":
+        if isinstance(op, QuantizedOp) and op.mode == Mode.CALIBRATE and mode == Mode.QAT:
             _finish_calibration(op)
         op.mode = mode
     return model
@@ -259,14 +236,14 @@ def calibrate(
     ``forward(model, batch)`` defaults to ``model(batch)``; it runs under ``nnx.jit``.
     """
     fwd = _DEFAULT_FORWARD if forward is None else _jitted_forwards.setdefault(forward, nnx.jit(forward))
-    set_mode(model, "calibrate")
+    set_mode(model, Mode.CALIBRATE)
     n = 0
     for batch in batches:
         fwd(model, batch)
         n += 1
     if n == 0:
         raise ValueError("calibrate got no batches; pass an iterable of at least one input batch")
-    return set_mode(model, "qat")
+    return set_mode(model, Mode.QAT)
 
 
 def convert(model: M) -> M:
@@ -277,16 +254,16 @@ def convert(model: M) -> M:
     if not ops:
         raise ValueError("the model has no quantized layers; call qjax.nn.quantize_model first")
     for path, layer, op in ops:
-        if op.mode == "serve":
+        if op.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is already converted")
-        if isinstance(op, QuantizedOp) and op.mode == "calibrate":
+        if isinstance(op, QuantizedOp) and op.mode == Mode.CALIBRATE:
             _finish_calibration(op)
         if isinstance(op, QuantizedOp):
-            op.mode = "qat"
+            op.mode = Mode.QAT
             op.input_qparams()  # fails here, naming the layer, if static scales were never calibrated
-        _hook, kernel_name, kind = _hook_spec(layer)
+        _hook, kernel_name, kind = layer_hook(layer)
         if op.rule.weights is not None:
-            if kind == "conv" and getattr(layer, "mask", None) is not None:
+            if kind == OpKind.CONV and getattr(layer, "mask", None) is not None:
                 raise ValueError(f"layer {path!r}: fold the Conv mask into the kernel before converting")
             kernel = getattr(layer, kernel_name)[...]
             if op.rule.activations is not None and isinstance(op.rule.weights.format, CodebookFormat):
@@ -295,14 +272,14 @@ def convert(model: M) -> M:
                     "codebook decodes to float, no integer contraction); drop the rule's activation spec "
                     "for serving, or use an integer weight dtype"
                 )
-            if kind == "conv" and op.rule.activations is not None:
+            if kind == OpKind.CONV and op.rule.activations is not None:
                 _check_integer_conv(path, op.rule, kernel)
             setattr(layer, kernel_name, QuantizedWeight(quantize_kernel(op, kernel)))
             if op.centroids is not None:  # stored in the QArray now: do not keep a second copy
                 op.centroids, op.indices = None, None
-            if kind != "embed":
+            if kind != OpKind.EMBED:
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
-        op.mode = "serve"
+        op.mode = Mode.SERVE
     return served
 
 
@@ -325,14 +302,14 @@ def prepare_kernels(model: nnx.Module, *, w8_layout: str = "kn") -> list[str]:
         raise ValueError("the model has no quantized layers; call qjax.nn.quantize_model and convert first")
     prepared = []
     for path, layer, op in ops:
-        if op.mode != "serve":
+        if op.mode != Mode.SERVE:
             raise ValueError(
-                f"layer {path!r} is in mode {op.mode!r}: prepare_kernels takes a converted model "
+                f"layer {path!r} is in mode {str(op.mode)!r}: prepare_kernels takes a converted model "
                 "(served = qjax.nn.convert(model))"
             )
-        if not isinstance(op, QuantizedOp) or op.kind != "dot_general":
+        if not isinstance(op, QuantizedOp) or op.kind != OpKind.DOT_GENERAL:
             continue
-        weight = getattr(layer, _hook_spec(layer)[1])[...]
+        weight = getattr(layer, layer_hook(layer).kernel)[...]
         if not isinstance(weight, QArray):
             continue
         layout: Prepared | None = prepare_w4a16(weight)
@@ -354,7 +331,7 @@ def _check_integer_conv(path: str, rule: Rule, kernel: jax.Array) -> None:
             f"(axis -1), but {rule.weights.granularity} gives the grid {grid}; use per_tensor or "
             "per_channel with axis=-1 (or drop the activation spec for weight-only serving)"
         )
-    if str(rule.activations.granularity) != "per_tensor":
+    if rule.activations.granularity != Granularity.PER_TENSOR:
         raise ValueError(
             f"layer {path!r}: a convolution's input needs one scale (granularity='per_tensor'); "
             f"got {str(rule.activations.granularity)!r}"
@@ -374,7 +351,7 @@ def summary(model: nnx.Module) -> list[dict[str, Any]]:
         if op is not None:
             rule = op.rule
             row.update(
-                mode=op.mode,
+                mode=str(op.mode),
                 weights=None if rule.weights is None else rule.weights.dtype,
                 weight_granularity=None if rule.weights is None else str(rule.weights.granularity),
                 activations=None if rule.activations is None else rule.activations.dtype,
@@ -382,7 +359,7 @@ def summary(model: nnx.Module) -> list[dict[str, Any]]:
                 weight_estimator=str(rule.weight_estimator),
                 activation_estimator=str(rule.activation_estimator) if rule.activations is not None else None,
             )
-            kernel = getattr(layer, _hook_spec(layer)[1])[...]
+            kernel = getattr(layer, layer_hook(layer).kernel)[...]
             if isinstance(kernel, QArray):
                 row["weight_bytes"] = kernel.nbytes
                 row["compression_ratio"] = kernel.compression_ratio()
@@ -411,6 +388,7 @@ def learned_quantizer_params(model: nnx.Module) -> dict[str, dict[str, jax.Array
 __all__ = [
     "MODES",
     "Estimator",
+    "Mode",
     "QuantizedWeight",
     "UnusedRuleWarning",
     "calibrate",

@@ -20,6 +20,7 @@ activation parameters. Its ``mode`` decides what a call does:
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 from typing import Any
@@ -30,17 +31,30 @@ import jax.numpy as jnp
 from flax.nnx.nn.dtypes import promote_dtype
 
 from qjax import kernels
+from qjax.nn.hooks import OpKind
 from qjax.nn.integer_qat import integer_forward_dot, supports_integer_forward
 from qjax.nn.rules import ActivationScale, Rule
 from qjax.nn.stats import QuantStats, StaticQParams, init_stats, update_stats
 from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize
 from qjax.numerics.calibration import check_finite
+from qjax.numerics.fields import parse_enum
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.qarray import pack_values
 from qjax.numerics.rounding import Rounding
 from qjax.ste import Estimator, codebook_weight, fake_quant, lsq_init_scale, lsq_plus_qparams
 
-MODES = ("qat", "calibrate", "serve")
+
+class Mode(enum.StrEnum):
+    """What a quantized layer's call does (see the module docstring). ``convert`` is a request to
+    :func:`qjax.nn.quantize_model` only: the layers it converts are in ``serve``."""
+
+    QAT = "qat"
+    CALIBRATE = "calibrate"
+    SERVE = "serve"
+    CONVERT = "convert"
+
+
+MODES: tuple[str, ...] = (Mode.QAT.value, Mode.CALIBRATE.value, Mode.SERVE.value)  # a layer's modes
 
 
 _jit_quantize = jax.jit(quantize, static_argnums=1)  # k-means compiled once per kernel shape
@@ -85,23 +99,25 @@ class QuantizedOp(nnx.Module):
     """A layer's quantized contraction (see the module docstring).
 
     Attributes:
-      kind: ``dot_general``, ``conv`` or ``einsum``: which hook of the layer this replaces.
+      kind: :class:`~qjax.nn.hooks.OpKind` ``dot_general``, ``conv`` or ``einsum``: which hook of
+        the layer this replaces.
       path: the layer's path in the model (for error messages and reports).
       rule: the :class:`~qjax.nn.Rule` that selected the layer.
-      mode: ``qat``, ``calibrate`` or ``serve``.
+      mode: :class:`Mode` ``qat``, ``calibrate`` or ``serve``.
       prepared: ``None``, or in ``serve`` mode the weight in its kernel's layout
         (:func:`qjax.nn.prepare_kernels`).
     """
 
-    def __init__(self, kind: str, path: str, rule: Rule, kernel: jax.Array, mode: str, seed: int = 0):
-        self.kind = kind
+    def __init__(
+        self, kind: OpKind | str, path: str, rule: Rule, kernel: jax.Array, mode: Mode | str, seed: int = 0
+    ):
+        self.kind = parse_enum(OpKind, kind, "kind")
         self.path = path
         self.rule = rule
-        self.mode = mode
+        self.mode = parse_enum(Mode, mode, "mode")
         w, a = rule.weights, rule.activations
-        self.weight_scale = (
-            nnx.Param(lsq_init_scale(kernel, w)) if w is not None and rule.weight_estimator == "lsq" else None
-        )
+        lsq = rule.weight_estimator == Estimator.LSQ
+        self.weight_scale = nnx.Param(lsq_init_scale(kernel, w)) if lsq and w is not None else None
         self.centroids, self.indices = _codebook_state(rule, kernel, path)
         self.stats = QuantStats(init_stats(rule.histogram_bins)) if a is not None else None
         lsq_plus = _learns(rule, Estimator.LSQ_PLUS)
@@ -118,24 +134,24 @@ class QuantizedOp(nnx.Module):
     # -- the hook ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
-        if self.kind == "einsum":
+        if self.kind == OpKind.EINSUM:
             equation, lhs, rhs = args[0], args[1], args[2]
             float_op: Any = functools.partial(jnp.einsum, equation, **kwargs)
             rest: tuple[Any, ...] = ()
         else:
             lhs, rhs, rest = args[0], args[1], args[2:]
-            lax_op = jax.lax.dot_general if self.kind == "dot_general" else jax.lax.conv_general_dilated
+            lax_op = jax.lax.dot_general if self.kind == OpKind.DOT_GENERAL else jax.lax.conv_general_dilated
             float_op = lambda x, w: lax_op(x, w, *rest, **kwargs)
-        if self.mode == "calibrate":
+        if self.mode == Mode.CALIBRATE:
             if self.stats is not None:
                 self.stats.set_value(update_stats(self.stats.get_value(), lhs, self.rule.ema_decay))
             return float_op(lhs, rhs)
-        if self.mode == "qat":
-            if self.kind != "conv" and self._integer_forward():
+        if self.mode == Mode.QAT:
+            if self.kind != OpKind.CONV and self._integer_forward():
                 return self._checked(lambda: self._qat_integer(args, lhs, rhs, rest), "integer forward")
             return float_op(self._fake_input(lhs), self._fake_kernel(rhs))
-        if self.mode != "serve":
-            raise ValueError(f"layer {self.path!r}: unknown mode {self.mode!r}; use one of {MODES}")
+        if self.mode != Mode.SERVE:
+            raise ValueError(f"layer {self.path!r}: unknown mode {str(self.mode)!r}; use one of {MODES}")
         return self._serve(lhs, rhs, args, rest, kwargs, float_op)
 
     # -- QAT --------------------------------------------------------------------------------------
@@ -148,7 +164,7 @@ class QuantizedOp(nnx.Module):
     def _qat_integer(self, args, lhs, rhs, rest):  # type: ignore[no-untyped-def]
         rule = self.rule
         assert rule.weights is not None and rule.activations is not None
-        if self.kind == "einsum":
+        if self.kind == OpKind.EINSUM:
             dn, perm = einsum_dimension_numbers(args[0], lhs.ndim, rhs.ndim)
         else:
             dn, perm = rest[0], None
@@ -273,12 +289,12 @@ class QuantizedOp(nnx.Module):
         if not isinstance(rhs, QArray):  # activation-only rule: the simulated input meets a float kernel
             return float_op(dequantize(x, lhs.dtype) if isinstance(x, QArray) else x, rhs)
         out_dtype = jnp.result_type(lhs)
-        if self.kind == "dot_general":
+        if self.kind == OpKind.DOT_GENERAL:
             prepared = None if self.prepared is None else self.prepared.get_value()
             return kernels.serve_dot_general(
                 x, rhs, rest[0], out_dtype=out_dtype, path=self.rule.kernels, prepared=prepared
             )
-        if self.kind == "conv":
+        if self.kind == OpKind.CONV:
             conv_kwargs = _conv_kwargs(rest, kwargs)
             return self._checked(
                 lambda: kernels.quantized_conv(x, rhs, out_dtype=out_dtype, **conv_kwargs), "convolution"
@@ -350,16 +366,13 @@ class QuantizedEmbedding(nnx.Module):
     The table is the last operand in both ``Embed.__call__`` and ``Embed.attend``.
     """
 
-    def __init__(self, path: str, rule: Rule, table: jax.Array, mode: str):
+    def __init__(self, path: str, rule: Rule, table: jax.Array, mode: Mode | str):
         self.path = path
         self.rule = rule
-        self.mode = mode
+        self.mode = parse_enum(Mode, mode, "mode")
         spec = rule.weights
-        self.weight_scale = (
-            nnx.Param(lsq_init_scale(table, spec))
-            if spec is not None and rule.weight_estimator == "lsq"
-            else None
-        )
+        lsq = rule.weight_estimator == Estimator.LSQ
+        self.weight_scale = nnx.Param(lsq_init_scale(table, spec)) if lsq and spec is not None else None
         self.centroids, self.indices = _codebook_state(rule, table, path)
 
     def __call__(self, args: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
@@ -367,15 +380,15 @@ class QuantizedEmbedding(nnx.Module):
         spec = self.rule.weights
         if isinstance(table, QArray):
             table = dequantize(table, jnp.float32)
-        elif self.mode == "serve" and spec is not None:
+        elif self.mode == Mode.SERVE and spec is not None:
             raise ValueError(
                 f"layer {self.path!r} is in mode 'serve' but its table is float: convert the model "
                 "first with qjax.nn.convert(model)"
             )
-        elif self.mode == "qat" and spec is not None and self.centroids is not None:
+        elif self.mode == Mode.QAT and spec is not None and self.centroids is not None:
             assert self.indices is not None
             table = codebook_weight(self.centroids[...], self.indices[...], spec).astype(table.dtype)
-        elif self.mode == "qat" and spec is not None:
+        elif self.mode == Mode.QAT and spec is not None:
             scale = None if self.weight_scale is None else self.weight_scale[...]
             table = fake_quant(table, spec, self.rule.weight_estimator, scale=scale)
         return promote_dtype((*rest, table), dtype=dtype, inexact=inexact)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qjax.kernels.dispatch import KERNEL_PATHS
+from qjax.nn.integer_qat import Residuals
 from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
 from qjax.numerics.formats import CodebookFormat, IntFormat
 from qjax.numerics.spec import Granularity, QuantSpec
@@ -81,7 +82,7 @@ class Rule:
     ema_decay: float = 0.9
     histogram_bins: int = 2048
     integer_forward: bool = True
-    ste_residuals: str = "quantized"
+    ste_residuals: Residuals | str = Residuals.QUANTIZED
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
@@ -117,11 +118,12 @@ class Rule:
                     f"granularity={str(g)!r}. Use activation_scale='dynamic' for per-token scales",
                     field="activation_scale",
                 )
-        if self.ste_residuals not in ("quantized", "original"):
+        if self.ste_residuals not in (Residuals.QUANTIZED, Residuals.ORIGINAL):
             raise SpecError(
                 f"Rule {self.path!r}: ste_residuals={self.ste_residuals!r} must be 'quantized' or 'original'",
                 field="ste_residuals",
             )
+        set_("ste_residuals", Residuals(self.ste_residuals))
         if self.kernels not in KERNEL_PATHS:
             raise ValueError(
                 f"Rule {self.path!r}: kernels={self.kernels!r} must be one of {list(KERNEL_PATHS)}"

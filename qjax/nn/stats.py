@@ -19,6 +19,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
+from qjax.nn.rules import Observer
 from qjax.numerics import QParams, QuantSpec, quantize_dequantize
 from qjax.numerics.spec import Calibration
 
@@ -108,11 +109,11 @@ def _histogram_mse(stats: Stats, spec: QuantSpec) -> jax.Array:
     return ratios[jnp.argmin(errors)] * stats["hist_max"]
 
 
-def static_range(stats: Stats, observer: str, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+def static_range(stats: Stats, observer: Observer | str, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     """``(lo, hi)`` of the activations from calibration statistics."""
-    if observer == "moving_average":
+    if observer == Observer.MOVING_AVERAGE:
         return stats["ema_min"], stats["ema_max"]
-    if observer == "histogram":
+    if observer == Observer.HISTOGRAM:
         if spec.calibration == Calibration.MSE:
             clip = _histogram_mse(stats, spec)
         elif spec.calibration == Calibration.PERCENTILE:
@@ -123,7 +124,7 @@ def static_range(stats: Stats, observer: str, spec: QuantSpec) -> tuple[jax.Arra
     return stats["min"], stats["max"]
 
 
-def static_qparams(stats: Stats, observer: str, spec: QuantSpec) -> QParams:
+def static_qparams(stats: Stats, observer: Observer | str, spec: QuantSpec) -> QParams:
     """Per-tensor quantization parameters (scalars) from calibration statistics."""
     lo, hi = static_range(stats, observer, spec)
     qp = spec.affine_format.qparams(lo, hi, spec.symmetric)

@@ -237,6 +237,10 @@ def test_rules_mapping():
         smoothquant_rules("O1", weight_granularity="per_group")
     with pytest.raises(ValueError, match=r"level='O4' is not one of \['O1', 'O2', 'O3'\]"):
         smoothquant_rules("O4")
+    typed = smoothquant_rules(
+        qjax.methods.SmoothQuantLevel.O3, weight_granularity=qjax.Granularity.PER_TENSOR
+    )
+    assert typed == [paper]
 
 
 def test_bad_inputs_raise_clear_errors(rng):
