@@ -17,7 +17,8 @@ Command-line overrides ``dotted.key=value`` (``value`` read as YAML: ``sweep.see
 Scalars follow YAML 1.1 (as ``yaml.safe_load``) except that ``1e-3`` reads as a float.
 
 **Validation** happens before any compute: every cell is built and checked (unknown keys with a
-suggestion, types, impossible values, ``qjax.QuantSpec`` and ``qjax.nn.Rule`` construction), and all
+suggestion, types, impossible values, ``qjax.QuantSpec`` and ``qjax.nn.Rule`` construction: the
+cell's :class:`~experiments.sweep.plan.Plan`), and all
 problems of the grid are raised together as one :class:`ConfigError`, one line per distinct problem:
 ``<cells>: <dotted.path>: <problem; fix>``, where ``<cells>`` is the smallest axis description of the
 cells that have it (``bits=W9A8 (6 cells)``, ``all 12 cells``) or their labels. The checks of one
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import hashlib
 import itertools
 import json
@@ -52,6 +54,7 @@ from typing import Any
 import yaml
 
 from experiments.sweep import validation
+from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig
 
 HASH_EXCLUDED = ("output_dir", "report")
@@ -100,13 +103,15 @@ class Axis:
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One run of a sweep: ``label`` ``axis=value,...``; ``slug`` its directory name; ``axes`` axis ->
-    value (or label); ``hash`` the SHA-256 of its resolved config (see the module docstring)."""
+    value (or label); ``hash`` the SHA-256 of its resolved config (see the module docstring);
+    ``plan`` the typed rules and settings validation built from the config."""
 
     label: str
     slug: str
     axes: dict[str, Any]
     config: ExperimentConfig
     hash: str
+    plan: Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +262,8 @@ def to_dict(config: Any) -> Any:
         return [to_dict(v) for v in config]
     if isinstance(config, dict):
         return {str(k): to_dict(v) for k, v in config.items()}
+    if isinstance(config, enum.Enum):
+        return config.value
     return config
 
 
@@ -412,8 +419,8 @@ def _label(axes: Mapping[str, str]) -> str:
 
 def _build_cell(
     raw: dict[str, Any], axes: Sequence[Axis], combo: Sequence[int]
-) -> tuple[Any, validation.Problems]:
-    """The typed, checked config of one cell and its problems."""
+) -> tuple[Any, Plan | None, validation.Problems]:
+    """The typed config of one cell, its plan (``None`` if it has problems) and its problems."""
     d = copy.deepcopy(raw)
     out: validation.Problems = []
     for axis, i in zip(axes, combo, strict=True):
@@ -423,9 +430,11 @@ def _build_cell(
             except ValueError as e:
                 out.append((key, str(e)))
     cfg = validation.build(ExperimentConfig, d, "", out)
+    plan = None
     if cfg is not None:
-        out += validation.check(cfg, [a.name for a in axes])
-    return cfg, list(dict.fromkeys(out))
+        plan, found = validation.make_plan(cfg, [a.name for a in axes])
+        out += found
+    return cfg, plan, list(dict.fromkeys(out))
 
 
 def _cells(body: dict[str, Any], axes: Sequence[Axis], found: list[Problem]) -> list[Cell]:
@@ -435,14 +444,15 @@ def _cells(body: dict[str, Any], axes: Sequence[Axis], found: list[Problem]) -> 
     failing: dict[tuple[str, str], list[int]] = {}
     cells: list[Cell] = []
     for n, combo in enumerate(itertools.product(*(range(len(a.values)) for a in axes))):
-        cfg, out = _build_cell(body, axes, combo)
+        cfg, plan, out = _build_cell(body, axes, combo)
         for key in out:
             failing.setdefault(key, []).append(n)
-        if not out:
+        if not out and plan is not None:
             values = [a.values[i] for a, i in zip(axes, combo, strict=True)]
             digest = config_hash(cfg)
             slug = _slug(axes, values, digest)
-            cells.append(Cell(_label(grid[n]), slug, dict(zip(names, values, strict=True)), cfg, digest))
+            axes_of = dict(zip(names, values, strict=True))
+            cells.append(Cell(_label(grid[n]), slug, axes_of, cfg, digest, plan))
     found += [Problem(_where(idx, grid), path, msg) for (path, msg), idx in failing.items()]
     first: dict[str, Cell] = {}
     for c in cells:

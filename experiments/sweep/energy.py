@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.nn import QuantStats, quantizable_layers, quantized_ops
+from qjax.nn import OpKind, QuantStats, layer_hook, quantizable_layers, quantized_ops
 from qjax.nn.ops import QuantizedEmbedding, QuantizedOp, quantize_kernel
 from qjax.numerics import QArray
 from qjax.numerics.formats import BlockFloatFormat, FloatFormat, IntFormat
@@ -184,7 +184,7 @@ class Contraction:
     ``HWIO`` kernel) or the ``einsum`` equation.
     """
 
-    kind: str
+    kind: OpKind
     lhs_shape: tuple[int, ...]
     rhs_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -195,9 +195,9 @@ class Contraction:
     def macs(self) -> int:
         """Output elements times the products that make each one (see the module docstring)."""
         out_size = math.prod(self.out_shape)
-        if self.kind == "einsum":
+        if self.kind == OpKind.EINSUM:
             return einsum_macs(self.numbers, self.lhs_shape, self.rhs_shape, out_size)
-        if self.kind == "dot_general":
+        if self.kind == OpKind.DOT_GENERAL:
             (_, rhs_contract), _ = self.numbers
             return out_size * math.prod(self.rhs_shape[a] for a in rhs_contract)
         out_axis = len(self.rhs_shape) - 1 if self.numbers is None else int(self.numbers.rhs_spec[0])
@@ -227,34 +227,27 @@ def einsum_macs(equation: str, lhs_shape: Sequence[int], rhs_shape: Sequence[int
     return out_size * math.prod(sizes[c] for c in contracted)
 
 
-_FLOAT_HOOKS: dict[type, tuple[str, str, Callable[..., Any]]] = {
-    nnx.Linear: ("dot_general", "dot_general", jax.lax.dot_general),
-    nnx.Conv: ("conv_general_dilated", "conv", jax.lax.conv_general_dilated),
-    nnx.Einsum: ("einsum_op", "einsum", jnp.einsum),
+FLOAT_OPS: dict[OpKind, Callable[..., Any]] = {  # the float contraction of each hook kind
+    OpKind.DOT_GENERAL: jax.lax.dot_general,
+    OpKind.CONV: jax.lax.conv_general_dilated,
+    OpKind.EINSUM: jnp.einsum,
 }
-
-
-def _float_hook(layer: nnx.Module) -> tuple[str, str, Callable[..., Any]] | None:
-    for t, spec in _FLOAT_HOOKS.items():
-        if isinstance(layer, t):
-            return spec
-    return None
 
 
 class _ShapeRecorder:
     """A contraction hook that records each call's :class:`Contraction` (works under tracing)."""
 
-    def __init__(self, inner: Callable[..., Any], kind: str, log: list[Contraction]):
+    def __init__(self, inner: Callable[..., Any], kind: OpKind, log: list[Contraction]):
         self.inner, self.kind, self.log = inner, kind, log
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.inner(*args, **kwargs)
-        if self.kind == "einsum":
+        if self.kind == OpKind.EINSUM:
             numbers, lhs, rhs = args[0], args[1], args[2]
         else:
             lhs, rhs = args[0], args[1]
             key = "dimension_numbers"
-            numbers = args[2] if self.kind == "dot_general" and len(args) > 2 else kwargs.get(key)
+            numbers = args[2] if self.kind == OpKind.DOT_GENERAL and len(args) > 2 else kwargs.get(key)
         shape = lambda a: tuple(int(n) for n in a.shape)
         self.log.append(
             Contraction(self.kind, shape(lhs), shape(rhs), shape(out), numbers, lhs.dtype.itemsize)
@@ -274,20 +267,20 @@ def record_contractions(
     work = nnx.clone(model)
     work.eval()
     for _, layer, op in quantized_ops(work):
-        hook = _float_hook(layer)
-        if hook is None or not isinstance(op, QuantizedOp):
+        hook = layer_hook(layer)
+        if hook.kind not in FLOAT_OPS or not isinstance(op, QuantizedOp):
             continue
-        setattr(layer, hook[0], nnx.static(hook[2]))
+        setattr(layer, hook.hook, nnx.static(FLOAT_OPS[hook.kind]))
         kernel = layer.kernel.get_value()  # type: ignore[attr-defined]
         if isinstance(kernel, QArray):
             layer.kernel = nnx.Param(jnp.zeros(kernel.shape, jnp.float32))  # type: ignore[attr-defined]
     calls: dict[str, list[Contraction]] = {}
     for path, layer in quantizable_layers(work):
-        hook = _float_hook(layer)
-        if hook is not None:
+        hook = layer_hook(layer)
+        if hook.kind in FLOAT_OPS:
             calls[path] = []
-            recorder = _ShapeRecorder(getattr(layer, hook[0]), hook[1], calls[path])
-            setattr(layer, hook[0], nnx.static(recorder))
+            recorder = _ShapeRecorder(getattr(layer, hook.hook), hook.kind, calls[path])
+            setattr(layer, hook.hook, nnx.static(recorder))
     fwd = forward if forward is not None else (lambda m, b: m(b))
     graphdef, state = nnx.split(work)  # traced state: no concrete-value checks, mutations stay inside
     jax.eval_shape(lambda st, b: fwd(nnx.merge(graphdef, st), b), state, example_batch)

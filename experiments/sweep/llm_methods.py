@@ -12,8 +12,8 @@
   and clipping, block by block on the float model;
 * ``method.gptq``: GPTQ block by block, groups ``(q, k, v)``, ``(o)``, ``(gate, up)``, ``(down)``;
 
-and otherwise round-to-nearest with the config's rules. The runner's ``quantize`` builds the rules
-(:func:`experiments.sweep.runner.build_rules`); AWQ and GPTQ pin their weights into the quantized model.
+and otherwise round-to-nearest with the config's rules (the cell's
+:attr:`experiments.sweep.plan.Plan.rules`); AWQ and GPTQ pin their weights into the quantized model.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import qjax
+from experiments.sweep.schema import Method
 from qjax import methods
 from qjax.methods.awq import awq_blocks
 from qjax.methods.gptq import gptq_blocks
@@ -123,7 +124,7 @@ def apply_llm_method(
     """The model of the cell (see the module docstring); ``report`` receives the method's details."""
     m = cfg.method
     model = nnx.clone(base)
-    if m.name == "llm_int8":
+    if m.name == Method.LLM_INT8:
         n = methods.apply_llm_int8(model, r"layers/.*", threshold=m.llm_int8_threshold)
         report["llm_int8_layers"] = n
         return model

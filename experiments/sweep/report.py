@@ -53,11 +53,11 @@ import numpy as np
 import yaml
 
 from experiments.records import write_atomic
-from experiments.sweep.schema import ReportConfig
+from experiments.sweep.schema import Plot, ReportConfig
 
 RESULTS = "results.jsonl"
 MAX_LAYER_ROWS = 4
-PLOTS = ("line", "bar")
+PLOTS = tuple(p.value for p in Plot)
 _PROTOCOL_FIRST = ("command", "qjax", "jax", "flax", "git_commit", "device", "dataset", "dataset_sha256")
 _PROTOCOL_PER_CELL = ("config_hash", "seed")
 
@@ -247,6 +247,7 @@ def report_config(
     cfg = ReportConfig(**{k: v for k, v in merged.items() if k in fields})
     if cfg.plot not in PLOTS:
         raise ReportError(f"report.plot={cfg.plot!r} is not one of {list(PLOTS)}")
+    cfg = dataclasses.replace(cfg, plot=Plot(cfg.plot))
     if cfg.title is None:
         name = next((r["config"].get("name") for r in records if isinstance(r.get("config"), Mapping)), None)
         cfg = dataclasses.replace(cfg, title=str(name or sweep_dir.name))
@@ -416,7 +417,7 @@ def render_plot(p: Pivot) -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     numbers = [_number(r) for r in p.rows]
-    numeric = cfg.plot == "line" and all(n is not None for n in numbers)
+    numeric = cfg.plot == Plot.LINE and all(n is not None for n in numbers)
     x = np.array(numbers if numeric else range(len(p.rows)), dtype=float)
     width = 0.8 / max(len(p.columns), 1)
     drawn = False
@@ -427,7 +428,7 @@ def render_plot(p: Pivot) -> bytes:
             continue
         mean = np.array([s.mean for s in stats])[keep]
         err = np.nan_to_num(np.array([s.std for s in stats]))[keep]
-        if cfg.plot == "line":  # dodged a little so that error bars at the same x stay apart
+        if cfg.plot == Plot.LINE:  # dodged a little so that error bars at the same x stay apart
             dodge = (j - (len(p.columns) - 1) / 2) * 0.03 * (float(np.ptp(x)) or 1.0)
             ax.errorbar(x[keep] + dodge, mean, yerr=err, marker="o", capsize=3, label=column)
         else:

@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from experiments import records
 from experiments.sweep import config as config_lib
 from experiments.sweep import report, runner
+from experiments.sweep.schema import Method
 
 logger = logging.getLogger("qjax.experiments")
 
@@ -45,7 +46,7 @@ def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
     problems, seen = [], set()
     for cell in cells:
         cfg = cell.config
-        if cfg.method.name == "float":
+        if cfg.method.name == Method.FLOAT:
             continue
         key = (repr(cfg.task), repr(cfg.quant), cfg.method.fold_batchnorm)
         if key in seen:
@@ -54,7 +55,7 @@ def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
         try:
             task = runner.load_task(cfg)
             model = task.make_model(cfg.task.model, dict(cfg.task.model_args), 0)
-            runner.quantize(cfg, runner.prepare_base(cfg, task, model))
+            runner.quantize(cfg, runner.prepare_base(cfg, task, model), cell.plan.rules)
         except (ValueError, TypeError) as e:
             problems.append(f"{cell.label}: {e}")
     return problems

@@ -18,7 +18,7 @@ import logging
 import pathlib
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.nnx as nnx
@@ -29,9 +29,9 @@ import qjax
 from experiments import records
 from experiments.sweep import config as config_lib
 from experiments.sweep import energy, llm_methods
-from experiments.sweep.schema import ExperimentConfig, QuantConfig
+from experiments.sweep.plan import Plan
+from experiments.sweep.schema import ExperimentConfig, Method
 from experiments.sweep.train_loop import make_tx, total_steps, train
-from experiments.sweep.validation import override_specs
 from experiments.tasks import batchnorm_pairs, get_task
 from experiments.tasks.base import Task, evaluate
 from qjax import methods
@@ -47,46 +47,9 @@ def load_task(cfg: ExperimentConfig) -> Task:
     return get_task(cfg.task)
 
 
-def _spec(fields: dict[str, Any] | None) -> qjax.QuantSpec | None:
-    return None if fields is None else qjax.QuantSpec.from_dict(fields)
-
-
-def build_rules(quant: QuantConfig) -> list[qjax.nn.Rule]:
-    """The per-layer overrides (in order), then one rule for every other layer."""
-    rules = []
-    for o in quant.overrides:
-        if o.keep_float:
-            rules.append(qjax.nn.Rule(path=o.path))
-            continue
-        weights, acts = override_specs(quant, o)
-        rules.append(
-            qjax.nn.Rule(
-                path=o.path,
-                weights=_spec(weights),
-                activations=_spec(acts),
-                weight_estimator=o.weight_estimator or quant.weight_estimator,
-                activation_estimator=o.activation_estimator or quant.activation_estimator,
-                activation_scale=quant.activation_scale,
-                observer=quant.observer,
-            )
-        )
-    rules.append(
-        qjax.nn.Rule(
-            path=".*",
-            weights=_spec(quant.weights),
-            activations=_spec(quant.activations),
-            weight_estimator=quant.weight_estimator,
-            activation_estimator=quant.activation_estimator,
-            activation_scale=quant.activation_scale,
-            observer=quant.observer,
-        )
-    )
-    return rules
-
-
-def quantize(cfg: ExperimentConfig, model: nnx.Module, rules: list[qjax.nn.Rule] | None = None) -> nnx.Module:
-    """``qjax.nn.quantize_model`` with the config's rules; unused-rule warnings go to the log."""
-    rules = build_rules(cfg.quant) if rules is None else rules
+def quantize(cfg: ExperimentConfig, model: nnx.Module, rules: Sequence[qjax.nn.Rule]) -> nnx.Module:
+    """``qjax.nn.quantize_model`` with ``rules`` (the plan's, or mixed precision's); unused-rule
+    warnings go to the log."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", qjax.nn.UnusedRuleWarning)
         qmodel = qjax.nn.quantize_model(model, rules, seed=cfg.quant.rounding_seed or 0)
@@ -172,11 +135,11 @@ def prepare_base(cfg: ExperimentConfig, task: Task, model: nnx.Module) -> nnx.Mo
 
 
 def mixed_precision_rules(
-    cfg: ExperimentConfig, task: Task, base: nnx.Module, calib: list[jax.Array]
+    cfg: ExperimentConfig, plan: Plan, task: Task, base: nnx.Module, calib: list[jax.Array]
 ) -> tuple[list[qjax.nn.Rule], dict[str, Any]]:
     """Per-layer widths from a sensitivity scan meeting ``method.bit_budget`` (weights)."""
     m = cfg.method
-    template = build_rules(cfg.quant)[-1]
+    template = plan.default_rule
     lower = cfg.report.metric in ("loss", "perplexity")
     metric = cfg.report.metric if cfg.report.metric in ("loss", "perplexity", "accuracy") else "accuracy"
 
@@ -198,41 +161,41 @@ def mixed_precision_rules(
 
 
 def apply_method(
-    cfg: ExperimentConfig, task: Task, base: nnx.Module, cell_dir: pathlib.Path, on_step: StepCallback | None
+    cfg: ExperimentConfig,
+    plan: Plan,
+    task: Task,
+    base: nnx.Module,
+    cell_dir: pathlib.Path,
+    on_step: StepCallback | None,
 ) -> nnx.Module:
     """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably; finetune: the
     float model trained as QAT would be, without quantizers (QAT's control for the extra training)."""
-    if cfg.method.name == "finetune":
+    m = cfg.method
+    if m.name == Method.FINETUNE:
         return fine_tune(cfg, task, nnx.clone(base), cell_dir, on_step)
     calib = calibration_batches(cfg, task)
-    m = cfg.method
-    if m.name == "llm_int8" or m.smoothquant_alpha is not None or m.awq or m.gptq:
+    if m.name == Method.LLM_INT8 or m.smoothquant_alpha is not None or m.awq or m.gptq:
         info: dict[str, Any] = {}
         qmodel = llm_methods.apply_llm_method(
-            cfg, base, calib, build_rules(cfg.quant), lambda model, rules: quantize(cfg, model, rules), info
+            cfg, base, calib, plan.rules, lambda model, rules: quantize(cfg, model, rules), info
         )
         records.write_json(cell_dir / "llm_method.json", info)
-        if m.name != "llm_int8":
+        if m.name != Method.LLM_INT8:
             qjax.nn.calibrate(qmodel, calib)
         return qmodel
-    if cfg.method.bit_budget is not None:
-        rules, info = mixed_precision_rules(cfg, task, base, calib)
+    rules: Sequence[qjax.nn.Rule] = plan.rules
+    if m.bit_budget is not None:
+        rules, info = mixed_precision_rules(cfg, plan, task, base, calib)
         records.write_json(cell_dir / "mixed_precision.json", info)
-        qmodel = quantize(cfg, base, rules)
-    else:
-        qmodel = quantize(cfg, base)
+    qmodel = quantize(cfg, base, rules)
     qjax.nn.calibrate(qmodel, calib)
-    if cfg.method.rounding == "adaround":
-        m = cfg.method
+    if plan.adaround is not None:
         layers: list[methods.LayerReport] = []
-        ada = methods.AdaRoundConfig(
-            iterations=m.adaround_iterations, samples=m.adaround_samples, lr=m.adaround_lr
-        )
-        qmodel = methods.adaround(qmodel, base, calib, config=ada, report=layers)
+        qmodel = methods.adaround(qmodel, base, calib, config=plan.adaround, report=layers)
         records.write_json(cell_dir / "adaround.json", [dataclasses.asdict(r) for r in layers])
-    if cfg.method.bias_correction:
+    if m.bias_correction:
         qmodel = qjax.nn.bias_correction(qmodel, base, calib)
-    if cfg.method.name == "qat":
+    if m.name == Method.QAT:
         fine_tune(cfg, task, qmodel, cell_dir, on_step)
     return qmodel
 
@@ -296,12 +259,12 @@ def run_cell(
         task = load_task(cfg)
         model = float_model(cfg, task, sweep_dir, on_step)
         base = model
-        if cfg.method.name != "float":
+        if cfg.method.name != Method.FLOAT:
             base = prepare_base(cfg, task, model)
-            model = apply_method(cfg, task, base, cell_dir, on_step)
+            model = apply_method(cfg, cell.plan, task, base, cell_dir, on_step)
         model.eval()
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
-        if cfg.eval.serve and cfg.method.name in ("ptq", "qat"):
+        if cfg.eval.serve and cfg.method.name.quantizes:
             served = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
             if qjax.kernels.resolved_kernel_path(cfg.eval.kernels) != "xla":
                 qjax.nn.prepare_kernels(served)  # W4A16 layers: pack for the kernel once, not per batch
@@ -311,13 +274,13 @@ def run_cell(
                     for k, v in evaluate(task, served, cfg.eval.batch_size, cfg.eval.limit).items()
                 }
             )
-        if cfg.eval.export and cfg.method.name in ("ptq", "qat"):
+        if cfg.eval.export and cfg.method.name.quantizes:
             metrics.update(export_and_reload(cfg, task, model, cell_dir / "export"))
         example = task.test.take(np.arange(1))[0]
         storage = {k: v for k, v in energy.model_storage(model).items() if k != "params"}
         model_info = {**storage, **energy.forward_energy(model, example)}
         layers = []
-        if cfg.method.name in ("ptq", "qat") and cfg.eval.diagnostics:
+        if cfg.method.name.quantizes and cfg.eval.diagnostics:
             probe = task.test.take(np.arange(min(task.diagnostic_examples, len(task.test))))[0]
             if task.diagnostic_length > 0:
                 probe = probe[:, : task.diagnostic_length]

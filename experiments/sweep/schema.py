@@ -2,7 +2,10 @@
 
 One file describes a *sweep*: the fields of :class:`ExperimentConfig` plus a ``sweep:`` block whose
 axes expand into a grid of cells (see :mod:`experiments.sweep.config`). Every field has a default, so a
-config only states what differs. Field docs are the reference for config authors.
+config only states what differs. Field docs are the reference for config authors. Fields with a fixed
+set of values are string enums (:class:`Method`, :class:`Optimizer`, :class:`Schedule`,
+:class:`LearnedRounding`, :class:`Plot`): :func:`experiments.sweep.validation.build` turns the
+file's strings into their members, and :func:`experiments.sweep.config.to_dict` writes their values.
 
 .. code-block:: yaml
 
@@ -27,7 +30,53 @@ config only states what differs. Field docs are the reference for config authors
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
+
+
+class Method(enum.StrEnum):
+    """``method.name``: what a cell does to the float model (see :class:`MethodConfig`)."""
+
+    FLOAT = "float"
+    PTQ = "ptq"
+    QAT = "qat"
+    FINETUNE = "finetune"
+    LLM_INT8 = "llm_int8"
+
+    @property
+    def quantizes(self) -> bool:
+        """PTQ and QAT: the methods that quantize by ``quant``'s rules (and can be served,
+        exported and diagnosed)."""
+        return self in (Method.PTQ, Method.QAT)
+
+
+class Optimizer(enum.StrEnum):
+    """``train.optimizer`` / ``method.optimizer``: the optax optimizer."""
+
+    ADAM = "adam"
+    ADAMW = "adamw"  # decoupled weight decay (``train.weight_decay``)
+    SGD = "sgd"  # momentum 0.9
+
+
+class Schedule(enum.StrEnum):
+    """``train.schedule`` / ``method.schedule``: the learning-rate schedule."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    WARMUP_COSINE = "warmup_cosine"  # linear warm-up over ``train.warmup_steps``, then cosine
+
+
+class LearnedRounding(enum.StrEnum):
+    """``method.rounding``: a rounding learned on the calibration data (``null``: each spec's own)."""
+
+    ADAROUND = "adaround"
+
+
+class Plot(enum.StrEnum):
+    """``report.plot``: how ``qjax-report`` plots the pivot."""
+
+    LINE = "line"
+    BAR = "bar"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,9 +121,9 @@ class TrainConfig:
       keep_checkpoints: checkpoints kept on disk.
     """
 
-    optimizer: str = "adam"
+    optimizer: Optimizer = Optimizer.ADAM
     learning_rate: float = 1e-3
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.COSINE
     warmup_steps: int = 0
     weight_decay: float = 0.0
     epochs: int = 1
@@ -121,15 +170,15 @@ class MethodConfig:
         features whose magnitude reaches the threshold in float).
     """
 
-    name: str = "float"
+    name: Method = Method.FLOAT
     epochs: int = 1
     steps: int = 0
     learning_rate: float = 1e-4
-    schedule: str = "cosine"
-    optimizer: str = "adam"
+    schedule: Schedule = Schedule.COSINE
+    optimizer: Optimizer = Optimizer.ADAM
     fold_batchnorm: bool = True
     bias_correction: bool = False
-    rounding: str | None = None
+    rounding: LearnedRounding | None = None
     adaround_iterations: int = 2000
     adaround_samples: int = 1024
     adaround_lr: float = 1e-3
@@ -244,7 +293,7 @@ class ReportConfig:
     rows: str = "method.name"
     columns: str = "method.name"
     metric: str = "accuracy"
-    plot: str = "bar"
+    plot: Plot = Plot.BAR
     title: str | None = None
     baseline: str | None = None
 

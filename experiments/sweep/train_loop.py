@@ -19,6 +19,7 @@ from typing import Any
 import flax.nnx as nnx
 import optax
 
+from experiments.sweep.schema import Optimizer, Schedule
 from experiments.tasks.base import Task
 from qjax import training
 
@@ -31,30 +32,30 @@ def total_steps(epochs: int, steps: int, num_examples: int, batch_size: int) -> 
 
 
 def make_tx(
-    optimizer: str,
+    optimizer: Optimizer,
     learning_rate: float,
-    schedule: str,
+    schedule: Schedule,
     steps: int,
     *,
     warmup_steps: int = 0,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
     """The optax optimizer with its learning-rate schedule over ``steps`` steps."""
-    if schedule == "constant":
+    if schedule == Schedule.CONSTANT:
         lr: Any = learning_rate
-    elif schedule == "cosine":
+    elif schedule == Schedule.COSINE:
         lr = optax.cosine_decay_schedule(learning_rate, max(steps, 1))
-    elif schedule == "warmup_cosine":
+    elif schedule == Schedule.WARMUP_COSINE:
         lr = optax.warmup_cosine_decay_schedule(
             0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1)
         )
     else:
         raise ValueError(f"schedule={schedule!r} is not one of constant, cosine, warmup_cosine")
-    if optimizer == "adam":
+    if optimizer == Optimizer.ADAM:
         return optax.adam(lr)
-    if optimizer == "adamw":
+    if optimizer == Optimizer.ADAMW:
         return optax.adamw(lr, weight_decay=weight_decay)
-    if optimizer == "sgd":
+    if optimizer == Optimizer.SGD:
         return optax.sgd(lr, momentum=0.9)
     raise ValueError(f"optimizer={optimizer!r} is not one of adam, adamw, sgd")
 

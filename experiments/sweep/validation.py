@@ -3,11 +3,13 @@
 :func:`build` turns a nested mapping into the :mod:`experiments.sweep.schema` dataclasses field by field:
 unknown keys are named with a suggestion (``train.epoch: unknown key; did you mean
 'train.epochs'?``), types are checked (an int is fine where a float is expected and is stored as a
-float; a bool is not an int; lists stand for tuples), and a bad field keeps its default so that one
-pass finds every problem. :func:`check` then finds the impossible values of a typed config: sizes
-and counts below their minimum, unknown names (with a suggestion), ``quant`` specs that
-``qjax.QuantSpec.from_dict`` or ``qjax.nn.Rule`` refuse (their message under the dotted path),
-stochastic rounding without ``quant.rounding_seed``, PTQ/QAT without anything to quantize.
+float; a bool is not an int; lists stand for tuples; a string enum field takes one of its values,
+with a suggestion), and a bad field keeps its default so that one pass finds every problem.
+:func:`make_plan` then finds the impossible values of a typed config (sizes and counts below their
+minimum, unknown names with a suggestion, ``quant`` specs that ``qjax.QuantSpec.from_dict`` or
+``qjax.nn.Rule`` refuse, under the dotted path of the field their error names, stochastic rounding
+without ``quant.rounding_seed``, PTQ/QAT without anything to quantize) and, for a valid config,
+builds its :class:`~experiments.sweep.plan.Plan`: each spec and rule once.
 
 Problems are ``(dotted path, message)`` pairs; :mod:`experiments.sweep.config` gathers them over a sweep.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import enum
 import functools
 import importlib
 import re
@@ -26,20 +29,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import qjax
-from experiments.sweep.schema import ExperimentConfig, LayerOverride, QuantConfig
+from experiments.sweep.plan import Plan
+from experiments.sweep.schema import (
+    ExperimentConfig,
+    LayerOverride,
+    LearnedRounding,
+    Method,
+    Optimizer,
+    QuantConfig,
+    Schedule,
+)
 
-METHODS = ("float", "ptq", "qat", "finetune", "llm_int8")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
-PLOTS = ("line", "bar")
 ESTIMATORS = tuple(e.value for e in qjax.Estimator)
 WEIGHT_ESTIMATORS = tuple(e for e in ESTIMATORS if e not in (qjax.Estimator.PACT, qjax.Estimator.LSQ_PLUS))
 ACTIVATION_ESTIMATORS = tuple(e for e in ESTIMATORS if e != qjax.Estimator.KMEANS_FINETUNE)
 ACTIVATION_SCALES = tuple(e.value for e in qjax.nn.ActivationScale)
 OBSERVERS = tuple(e.value for e in qjax.nn.Observer)
-_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(qjax.QuantSpec))
 
 Problems = list[tuple[str, str]]
+Specs = tuple[qjax.QuantSpec | None, qjax.QuantSpec | None]  # (weights, activations)
 
 
 @functools.cache
@@ -135,6 +143,14 @@ def _coerce(tp: Any, value: Any, path: str, out: Problems) -> tuple[bool, Any]:
         return True, copy.deepcopy(value)
     if base is Any:
         return True, value
+    if isinstance(base, type) and issubclass(base, enum.StrEnum) and isinstance(value, str):
+        values = [m.value for m in base]
+        if value not in values:
+            out.append((path, not_one_of(value, values)))
+            return False, None
+        return True, base(value)
+    if isinstance(base, type) and issubclass(base, enum.StrEnum):
+        base = str  # anything else: "expected a string"
     ok = isinstance(value, base) and not (isinstance(value, bool) and base is not bool)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return True, float(value)
@@ -167,11 +183,16 @@ def build(cls: type, data: Mapping[str, Any], path: str, out: Problems) -> Any:
     return None if any(n not in kwargs for n in required) else cls(**kwargs)
 
 
+def not_one_of(value: Any, choices: Sequence[str]) -> str:
+    """``'x' is not one of a, b, c; did you mean 'b'?``"""
+    near = difflib.get_close_matches(str(value), list(choices), n=1)
+    did = f"; did you mean {near[0]!r}?" if near else ""
+    return f"{value!r} is not one of {', '.join(choices)}{did}"
+
+
 def _one_of(out: Problems, path: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
-        near = difflib.get_close_matches(str(value), list(choices), n=1)
-        did = f"; did you mean {near[0]!r}?" if near else ""
-        out.append((path, f"{value!r} is not one of {', '.join(choices)}{did}"))
+        out.append((path, not_one_of(value, choices)))
 
 
 def _at_least(out: Problems, path: str, value: float, low: float, fix: str = "") -> None:
@@ -181,8 +202,6 @@ def _at_least(out: Problems, path: str, value: float, low: float, fix: str = "")
 
 def _check_run(out: Problems, section: str, c: Any) -> None:
     """Fields shared by ``train`` and ``method`` (the QAT fine-tuning run)."""
-    _one_of(out, f"{section}.optimizer", c.optimizer, OPTIMIZERS)
-    _one_of(out, f"{section}.schedule", c.schedule, SCHEDULES)
     if not c.learning_rate > 0:
         out.append((f"{section}.learning_rate", f"must be > 0, got {c.learning_rate}; e.g. 0.001"))
     _at_least(out, f"{section}.steps", c.steps, 0, "0 means: use epochs")
@@ -210,7 +229,6 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
     t, m = cfg.train, cfg.method
     _check_run(out, "train", t)
     _check_run(out, "method", m)
-    _one_of(out, "method.name", m.name, METHODS)
     for path, value, low in [
         ("train.batch_size", t.batch_size, 1),
         ("train.warmup_steps", t.warmup_steps, 0),
@@ -223,18 +241,19 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
         ("eval.limit", cfg.eval.limit, 0),
     ]:
         _at_least(out, path, value, low)
-    if t.weight_decay > 0 and t.optimizer != "adamw":
-        out.append(("train.weight_decay", f"only optimizer 'adamw' uses it (optimizer is {t.optimizer!r})"))
-    if t.warmup_steps > 0 and t.schedule != "warmup_cosine":
+    if t.weight_decay > 0 and t.optimizer != Optimizer.ADAMW:
         out.append(
-            ("train.warmup_steps", f"only schedule 'warmup_cosine' uses it (schedule is {t.schedule!r})")
+            ("train.weight_decay", f"only optimizer 'adamw' uses it (optimizer is {str(t.optimizer)!r})")
+        )
+    if t.warmup_steps > 0 and t.schedule != Schedule.WARMUP_COSINE:
+        out.append(
+            ("train.warmup_steps", f"only schedule 'warmup_cosine' uses it (schedule is {str(t.schedule)!r})")
         )
     _one_of(out, "eval.kernels", cfg.eval.kernels, qjax.kernels.KERNEL_PATHS)
     if cfg.eval.kernels != "auto" and not (cfg.eval.serve or cfg.eval.export):
         out.append(("eval.kernels", "only the converted model uses it: set eval.serve or eval.export"))
     _check_method_extras(out, cfg)
     r = cfg.report
-    _one_of(out, "report.plot", r.plot, PLOTS)
     for key in ("rows", "columns"):
         name = getattr(r, key)
         if name not in axis_names and not is_config_path(name):
@@ -246,10 +265,8 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
 def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
     """AdaRound and mixed-precision switches of ``method``."""
     m = cfg.method
-    if m.rounding is not None:
-        _one_of(out, "method.rounding", m.rounding, ("adaround",))
-        if cfg.quant.weights is None and m.name in ("ptq", "qat"):
-            out.append(("method.rounding", "AdaRound rounds weights: set quant.weights"))
+    if m.rounding == LearnedRounding.ADAROUND and cfg.quant.weights is None and m.name.quantizes:
+        out.append(("method.rounding", "AdaRound rounds weights: set quant.weights"))
     _at_least(out, "method.adaround_iterations", m.adaround_iterations, 1)
     _at_least(out, "method.adaround_samples", m.adaround_samples, 1)
     if m.adaround_lr <= 0:
@@ -276,7 +293,7 @@ def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
             ("method.smoothquant_alpha", m.smoothquant_alpha is not None),
             ("method.awq", m.awq),
             ("method.gptq", m.gptq),
-            ("method.name", m.name == "llm_int8"),
+            ("method.name", m.name == Method.LLM_INT8),
         )
         if on
     ]
@@ -285,8 +302,8 @@ def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
             out.append(
                 (key, f"runs on the llm task's models (task.name is {cfg.task.name!r}); set task.name: llm")
             )
-        elif key != "method.name" and m.name != "ptq":
-            out.append((key, f"is a post-training method: set method.name: ptq (it is {m.name!r})"))
+        elif key != "method.name" and m.name != Method.PTQ:
+            out.append((key, f"is a post-training method: set method.name: ptq (it is {str(m.name)!r})"))
     if m.smoothquant_pairs and m.smoothquant_alpha is None:
         out.append(("method.smoothquant_pairs", "smooths with method.smoothquant_alpha: set it, e.g. 0.5"))
     if m.smoothquant_alpha is not None and not 0.0 <= m.smoothquant_alpha <= 1.0:
@@ -305,7 +322,7 @@ def override_specs(
     quant: QuantConfig, o: LayerOverride
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The QuantSpec fields of an override's weights and activations: its own fields over the
-    ``quant`` ones (``null`` inherits); as ``experiments.sweep.runner.build_rules`` builds them."""
+    ``quant`` ones (``null`` inherits)."""
     w = (
         None
         if quant.weights is None and o.weights is None
@@ -315,42 +332,50 @@ def override_specs(
     return w, a
 
 
-def _check_spec(out: Problems, path: str, fields: dict[str, Any] | None, seed: int | None) -> bool:
+def _parse_spec(
+    out: Problems, path: str, fields: dict[str, Any] | None, seed: int | None
+) -> tuple[bool, qjax.QuantSpec | None]:
+    """``(ok, spec)``: the QuantSpec of ``fields`` (``None`` for ``None``); a refusal goes to ``out``
+    under ``path``, or under ``path.<field>`` when the error names its field."""
     if fields is None:
-        return True
+        return True, None
     try:
         spec = qjax.QuantSpec.from_dict(fields)
-    except (ValueError, TypeError) as e:
-        m = re.match(r"unknown QuantSpec field '(\w+)'|(\w+)=", str(e))
-        named = m and (m.group(1) or (m.group(2) if m.group(2) in _SPEC_FIELDS else None))
-        out.append((f"{path}.{named}" if named else path, str(e)))
-        return False
+    except (qjax.SpecError, qjax.SpecTypeError) as e:
+        out.append((join(path, e.field) if e.field else path, str(e)))
+        return False, None
+    except (ValueError, TypeError) as e:  # not one field's (e.g. block_shape: 3 is not a list)
+        out.append((path, str(e)))
+        return False, None
     if spec.rounding == qjax.Rounding.STOCHASTIC and seed is None:
         out.append((f"{path}.rounding", "rounding='stochastic' needs a key: set quant.rounding_seed, e.g. 0"))
-        return False
-    return True
+        return False, None
+    return True, spec
 
 
-def _check_quant(out: Problems, q: QuantConfig, method: str) -> None:
+def _quant_specs(out: Problems, q: QuantConfig, method: Method) -> tuple[Specs, list[Specs | None]] | None:
+    """The (weights, activations) specs of ``quant`` and of each override (``None``: keep_float);
+    ``None`` when a problem was found (in ``out``)."""
     n = len(out)
     _one_of(out, "quant.weight_estimator", q.weight_estimator, WEIGHT_ESTIMATORS)
     _one_of(out, "quant.activation_estimator", q.activation_estimator, ACTIVATION_ESTIMATORS)
     _one_of(out, "quant.activation_scale", q.activation_scale, ACTIVATION_SCALES)
     _one_of(out, "quant.observer", q.observer, OBSERVERS)
-    ok = _check_spec(out, "quant.weights", q.weights, q.rounding_seed)
-    ok &= _check_spec(out, "quant.activations", q.activations, q.rounding_seed)
-    if method in ("ptq", "qat") and q.weights is None and q.activations is None:
-        msg = (
-            f"method.name={method!r} needs quant.weights or quant.activations; e.g. weights: {{dtype: int8}}"
-        )
-        out.append(("quant", msg))
-    for i, o in enumerate(q.overrides):
-        _check_override(out, f"quant.overrides[{i}]", q, o, specs_ok=ok)
-    if len(out) == n:
-        _check_rules(out, q)
+    ok_w, weights = _parse_spec(out, "quant.weights", q.weights, q.rounding_seed)
+    ok_a, acts = _parse_spec(out, "quant.activations", q.activations, q.rounding_seed)
+    if method.quantizes and q.weights is None and q.activations is None:
+        needs = "needs quant.weights or quant.activations; e.g. weights: {dtype: int8}"
+        out.append(("quant", f"method.name={str(method)!r} {needs}"))
+    defaults = (weights, acts) if ok_w and ok_a else None
+    overrides = [_override(out, f"quant.overrides[{i}]", q, o, defaults) for i, o in enumerate(q.overrides)]
+    return None if len(out) > n or defaults is None else (defaults, overrides)
 
 
-def _check_override(out: Problems, p: str, q: QuantConfig, o: LayerOverride, specs_ok: bool) -> None:
+def _override(
+    out: Problems, p: str, q: QuantConfig, o: LayerOverride, defaults: Specs | None
+) -> Specs | None:
+    """The checked specs of one override (``None``: keep_float, or the ``quant`` specs are refused:
+    their own errors are reported under ``quant.*``)."""
     try:
         re.compile(o.path)
     except re.error as e:
@@ -363,28 +388,40 @@ def _check_override(out: Problems, p: str, q: QuantConfig, o: LayerOverride, spe
         _one_of(out, f"{p}.weight_estimator", o.weight_estimator, WEIGHT_ESTIMATORS)
     if o.activation_estimator is not None:
         _one_of(out, f"{p}.activation_estimator", o.activation_estimator, ACTIVATION_ESTIMATORS)
-    if specs_ok and not o.keep_float:  # the merged specs; their own errors are reported under quant.*
-        w, a = override_specs(q, o)
-        _check_spec(out, f"{p}.weights", w if o.weights else None, q.rounding_seed)
-        _check_spec(out, f"{p}.activations", a if o.activations else None, q.rounding_seed)
+    if defaults is None or o.keep_float:
+        return None
+    merged = override_specs(q, o)
+    own = (o.weights, o.activations)
+    inherited = (q.weights, q.activations)
+    specs = []
+    for side, name in enumerate(("weights", "activations")):
+        if not own[side] and merged[side] == inherited[side]:  # the quant spec itself, parsed above
+            specs.append(defaults[side])
+            continue
+        _, spec = _parse_spec(out, f"{p}.{name}", merged[side], q.rounding_seed)
+        specs.append(spec)
+    return specs[0], specs[1]
 
 
-def _check_rules(out: Problems, q: QuantConfig) -> None:
-    """Build the ``qjax.nn.Rule`` of every override and of the default (as the runner does), for the
-    combinations a rule refuses (e.g. static activation scales need per-tensor activations)."""
-    rules = [
-        (f"quant.overrides[{i}]", o.path, *override_specs(q, o), o.weight_estimator, o.activation_estimator)
-        for i, o in enumerate(q.overrides)
-        if not o.keep_float
+def _rules(out: Problems, q: QuantConfig, specs: tuple[Specs, list[Specs | None]]) -> list[qjax.nn.Rule]:
+    """The ``qjax.nn.Rule`` of every override and the catch-all rule (see :class:`Plan`); a rule's
+    refusal (e.g. static activation scales need per-tensor activations) goes to ``out``."""
+    defaults, overrides = specs
+    entries = [
+        (f"quant.overrides[{i}]", o.path, s, o.weight_estimator, o.activation_estimator)
+        for i, (o, s) in enumerate(zip(q.overrides, overrides, strict=True))
     ]
-    rules.append(("quant", ".*", q.weights, q.activations, None, None))
-    spec = lambda d: None if d is None else qjax.QuantSpec.from_dict(d)
-    for where, path, w, a, west, aest in rules:
+    entries.append(("quant", ".*", defaults, None, None))
+    rules = []
+    for where, path, s, west, aest in entries:
+        if s is None:  # keep_float: an exclusion
+            rules.append(qjax.nn.Rule(path=path))
+            continue
         try:
-            qjax.nn.Rule(
+            rule = qjax.nn.Rule(
                 path=path,
-                weights=spec(w),
-                activations=spec(a),
+                weights=s[0],
+                activations=s[1],
                 weight_estimator=west or q.weight_estimator,
                 activation_estimator=aest or q.activation_estimator,
                 activation_scale=q.activation_scale,
@@ -392,15 +429,34 @@ def _check_rules(out: Problems, q: QuantConfig) -> None:
             )
         except (ValueError, TypeError) as e:
             out.append((where, str(e)))
+        else:
+            rules.append(rule)
+    return rules
 
 
-def check(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> list[tuple[str, str]]:
-    """The value problems of one typed config, as ``(dotted path, message)`` pairs."""
+def _adaround(out: Problems, cfg: ExperimentConfig) -> qjax.methods.AdaRoundConfig | None:
+    m = cfg.method
+    if m.rounding != LearnedRounding.ADAROUND:
+        return None
+    try:
+        return qjax.methods.AdaRoundConfig(
+            iterations=m.adaround_iterations, samples=m.adaround_samples, lr=m.adaround_lr
+        )
+    except qjax.SpecError as e:
+        out.append((f"method.adaround_{e.field}", str(e)))
+        return None
+
+
+def make_plan(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> tuple[Plan | None, Problems]:
+    """The :class:`Plan` of one typed config and its value problems as ``(dotted path, message)``
+    pairs; the plan is ``None`` when there is a problem."""
     out: Problems = []
     _check_task(out, cfg)
     _check_sections(out, cfg, axis_names)
-    _check_quant(out, cfg.quant, cfg.method.name)
-    return out
+    specs = _quant_specs(out, cfg.quant, cfg.method.name)
+    rules = [] if specs is None else _rules(out, cfg.quant, specs)
+    adaround = _adaround(out, cfg) if not out else None
+    return (None, out) if out else (Plan(rules=tuple(rules), adaround=adaround), out)
 
 
 def looks_like_config_path(dotted: str) -> bool:

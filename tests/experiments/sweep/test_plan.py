@@ -1,0 +1,128 @@
+"""Config strings become typed values once: enum fields at build time, QuantSpecs and Rules in the plan."""
+
+import textwrap
+
+import pytest
+import yaml
+
+import qjax
+from experiments.sweep import config, run, validation
+from experiments.sweep.plan import Plan
+from experiments.sweep.schema import ExperimentConfig, LearnedRounding, Method, Optimizer, Plot, Schedule
+
+QUANT = """
+method: {name: ptq}
+task: {name: digits, model: mlp}
+quant:
+  weights: {dtype: int4, granularity: per_channel, axis: -1}
+  activations: {dtype: int8}
+  weight_estimator: lsq
+  overrides:
+    - {path: fc1, keep_float: true}
+    - {path: fc2, weights: {dtype: int8}}
+    - {path: head, activation_estimator: pact}
+"""
+
+
+def load(tmp_path, text, overrides=()):
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(text))
+    return config.load(path, overrides)
+
+
+def test_enum_fields_are_members_and_written_back_as_values(tmp_path):
+    text = """
+        method: {name: qat, rounding: adaround, optimizer: sgd, schedule: constant}
+        quant: {weights: {dtype: int8}}
+        train: {optimizer: adamw, schedule: warmup_cosine}
+        report: {plot: line}
+    """
+    cfg = load(tmp_path, text).base
+    assert cfg.method.name is Method.QAT and cfg.method.rounding is LearnedRounding.ADAROUND
+    assert cfg.method.optimizer is Optimizer.SGD and cfg.method.schedule is Schedule.CONSTANT
+    assert cfg.train.optimizer is Optimizer.ADAMW and cfg.train.schedule is Schedule.WARMUP_COSINE
+    assert cfg.report.plot is Plot.LINE
+    d = config.to_dict(cfg)
+    assert d["method"]["name"] == "qat" and type(d["method"]["name"]) is str
+    assert type(d["train"]["optimizer"]) is str and type(d["report"]["plot"]) is str
+    assert config.from_dict(yaml.safe_load(config.dump_yaml(cfg))) == cfg
+    assert config.to_dict(ExperimentConfig())["method"]["name"] == "float"
+
+
+def test_an_enum_field_refuses_other_types(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"method\.name: expected a string; got int 3"):
+        load(tmp_path, "method: {name: 3}")
+
+
+def test_method_quantizes():
+    assert [m for m in Method if m.quantizes] == [Method.PTQ, Method.QAT]
+
+
+def test_the_plan_holds_the_rules_of_quant(tmp_path):
+    (cell,) = load(tmp_path, QUANT).cells()
+    plan = cell.plan
+    assert isinstance(plan, Plan) and plan.adaround is None
+    w4 = qjax.QuantSpec(dtype="int4", granularity="per_channel", axis=-1)
+    a8 = qjax.QuantSpec(dtype="int8")
+    assert [r.path for r in plan.rules] == ["fc1", "fc2", "head", ".*"]
+    assert plan.rules[0].is_exclusion
+    assert plan.rules[1].weights == qjax.QuantSpec(dtype="int8", granularity="per_channel", axis=-1)
+    assert plan.rules[1].activations == a8
+    assert plan.rules[2].weights == w4 and plan.rules[2].activation_estimator is qjax.Estimator.PACT
+    assert plan.default_rule is plan.rules[-1]
+    assert plan.default_rule == qjax.nn.Rule(
+        path=".*", weights=w4, activations=a8, weight_estimator="lsq", activation_estimator="ste"
+    )
+
+
+def test_each_spec_is_parsed_once_and_the_runner_reads_no_dict(tmp_path, monkeypatch):
+    calls = []
+    from_dict = qjax.QuantSpec.from_dict.__func__
+
+    def counting(cls, d):
+        calls.append(dict(d))
+        return from_dict(cls, d)
+
+    monkeypatch.setattr(qjax.QuantSpec, "from_dict", classmethod(counting))
+    cells = load(tmp_path, QUANT).cells()
+    # quant.weights, quant.activations and fc2's merged weights; fc1 and head reuse quant's specs
+    assert len(calls) == 3
+    del calls[:]
+    assert run.check_layers(cells) == []  # quantizes the model with the plan's rules
+    assert calls == []
+
+
+def test_adaround_settings_are_built_into_the_plan(tmp_path):
+    overrides = ["method.rounding=adaround", "method.adaround_iterations=7", "method.adaround_lr=0.01"]
+    (cell,) = load(tmp_path, QUANT, overrides).cells()
+    assert cell.plan.adaround == qjax.methods.AdaRoundConfig(iterations=7, samples=1024, lr=0.01)
+
+
+def test_spec_problems_are_reported_under_the_field_the_error_names(tmp_path):
+    cfg = config.from_dict(
+        {
+            "method": {"name": "ptq"},
+            "quant": {
+                "weights": {"dtype": "int4", "granularity": "per_group", "axis": 0},
+                "activations": {"dtype": "int8", "block_shape": 4},
+                "overrides": [{"path": "fc1", "weights": {"mse_grid": 1}}],
+            },
+        }
+    )
+    plan, problems = validation.make_plan(cfg)
+    assert plan is None
+    assert [p for p, _ in problems] == ["quant.weights.granularity", "quant.activations"]
+    assert problems[0][1].startswith("granularity='per_group' needs group_size=")
+    cfg = config.from_dict(
+        {
+            "method": {"name": "ptq"},
+            "quant": {"weights": {"dtype": "int8"}, "overrides": [{"path": "x", "weights": {"mse_grid": 1}}]},
+        }
+    )
+    _, problems = validation.make_plan(cfg)
+    assert problems == [("quant.overrides[0].weights.mse_grid", "mse_grid=1 must be an int >= 2, e.g. 100")]
+
+
+def test_a_valid_config_has_a_plan_and_no_problems():
+    plan, problems = validation.make_plan(ExperimentConfig())
+    assert problems == [] and [r.path for r in plan.rules] == [".*"] and plan.default_rule.is_exclusion
