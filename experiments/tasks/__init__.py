@@ -4,18 +4,20 @@
 process per ``(name, data_dir)``. The task modules (``digits``, ``fashion_mnist``, ``tiny_lm``) are
 imported on first use.
 
-Image classification shares one loss and one set of metrics (logits :math:`z \\in \\mathbb{R}^{B
-\\times C}`, labels :math:`y`):
+Classification shares one loss and one set of metrics, whether a label belongs to an example (the
+image tasks) or to a position (``tiny_lm``'s next byte): logits :math:`z \\in \\mathbb{R}^{N
+\\times C}` over the :math:`N` labels :math:`y` of a batch (any leading shape, flattened here),
 
 .. math::
 
     \\ell_i = \\log \\textstyle\\sum_c e^{z_{ic}} - z_{i y_i}, \\qquad
-    \\mathrm{loss} = \\tfrac{1}{B} \\textstyle\\sum_i \\ell_i, \\qquad
+    \\mathrm{loss} = \\tfrac{1}{N} \\textstyle\\sum_i \\ell_i, \\qquad
     \\mathrm{accuracy} = \\frac{\\sum \\mathrm{correct}}{\\sum \\mathrm{count}}
 
 ``metrics`` returns per-batch sums (``correct``, ``loss_sum``, ``count``); ``finish`` divides the
 totals over all batches. Metrics refuse a model in training mode (a BatchNorm on batch statistics
 would both give other numbers and overwrite its running averages): call ``model.eval()`` first.
+The image tasks share one MLP shape too (:class:`ImageMLP`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from experiments.tasks.base import Split, Task, evaluate
@@ -65,20 +68,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def classification_loss(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Mean cross-entropy of ``model(x)`` against ``y``."""
+    """Mean cross-entropy of ``model(x)`` against ``y`` over all labels."""
     x, y = batch
     return jnp.mean(cross_entropy(model(x), y))
 
 
 def classification_metrics(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
-    """Per-batch sums: ``correct`` (top-1), ``loss_sum`` (cross-entropy), ``count`` (examples)."""
+    """Per-batch sums over all labels: ``correct`` (top-1), ``loss_sum`` (cross-entropy), ``count``."""
     require_inference_mode(model)
     x, y = batch
     logits = model(x)
     return {
         "correct": jnp.sum(jnp.argmax(logits, axis=-1) == y).astype(jnp.float32),
         "loss_sum": jnp.sum(cross_entropy(logits, y)),
-        "count": jnp.asarray(y.shape[0], jnp.float32),
+        "count": jnp.asarray(y.size, jnp.float32),
     }
 
 
@@ -86,6 +89,45 @@ def classification_finish(totals: dict[str, float]) -> dict[str, float]:
     """``accuracy`` and mean ``loss`` from the summed metrics."""
     n = totals["count"]
     return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
+
+
+def classification_task(
+    name: str,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    models: dict[str, Any],
+    checksum: str,
+    description: str,
+) -> Task:
+    """A :class:`Task` of ``(x_train, y_train, x_test, y_test)`` with the classification loss,
+    metrics and finish of this module."""
+    xtr, ytr, xte, yte = arrays
+    return Task(
+        name=name,
+        train=Split(xtr, ytr),
+        test=Split(xte, yte),
+        models=dict(models),
+        loss=classification_loss,
+        metrics=classification_metrics,
+        finish=classification_finish,
+        checksum=checksum,
+        description=description,
+    )
+
+
+class ImageMLP(nnx.Module):
+    """``in_features -> hidden -> hidden -> classes`` with ReLU, on the flattened image.
+
+    Shapes: ``x`` (B, ...) with ``in_features`` elements per example -> logits (B, classes).
+    """
+
+    def __init__(self, in_features: int, hidden: int, classes: int = 10, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(in_features, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.head = nnx.Linear(hidden, classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.head(jax.nn.relu(self.fc2(x)))
 
 
 def _did_you_mean(value: str, choices: Any) -> str:
@@ -142,12 +184,14 @@ def get_task(config: Any) -> Task:
 
 __all__ = [
     "TASK_MODULES",
+    "ImageMLP",
     "Split",
     "Task",
     "batchnorm_pairs",
     "classification_finish",
     "classification_loss",
     "classification_metrics",
+    "classification_task",
     "cross_entropy",
     "evaluate",
     "get_task",

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.tasks import classification_finish, classification_loss, classification_metrics
-from experiments.tasks.base import Split, Task
+from experiments.tasks import ImageMLP, classification_task
+from experiments.tasks.base import Task
 
 
 def load_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -30,19 +30,11 @@ def load_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return x[train], y[train], x[test], y[test]
 
 
-class MLP(nnx.Module):
+class MLP(ImageMLP):
     """64 -> hidden -> hidden -> 10 with ReLU."""
 
     def __init__(self, hidden: int = 64, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(64, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.head = nnx.Linear(hidden, 10, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], -1)
-        x = jax.nn.relu(self.fc1(x))
-        x = jax.nn.relu(self.fc2(x))
-        return self.head(x)
+        super().__init__(64, hidden, rngs=rngs)
 
 
 class CNN(nnx.Module):
@@ -76,18 +68,9 @@ def make_task(data_dir: str | None = None) -> Task:
     digest = hashlib.sha256()
     for a in arrays:
         digest.update(np.ascontiguousarray(a).tobytes())
-    xtr, ytr, xte, yte = arrays
-    return Task(
-        name="digits",
-        train=Split(xtr, ytr),
-        test=Split(xte, yte),
-        models=dict(MODELS),
-        loss=classification_loss,
-        metrics=classification_metrics,
-        finish=classification_finish,
-        checksum=digest.hexdigest(),
-        description=(
-            f"sklearn digits: {len(ytr)} train / {len(yte)} test images 8x8x1 in [0, 1], 10 classes, "
-            "split by permutation seed 0"
-        ),
+    n_train, n_test = len(arrays[1]), len(arrays[3])
+    description = (
+        f"sklearn digits: {n_train} train / {n_test} test images 8x8x1 in [0, 1], 10 classes, "
+        "split by permutation seed 0"
     )
+    return classification_task("digits", arrays, MODELS, digest.hexdigest(), description)

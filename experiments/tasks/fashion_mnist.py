@@ -28,8 +28,8 @@ import flax.nnx as nnx
 import jax
 import numpy as np
 
-from experiments.tasks import classification_finish, classification_loss, classification_metrics
-from experiments.tasks.base import Split, Task
+from experiments.tasks import ImageMLP, classification_task
+from experiments.tasks.base import Task
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = (
@@ -185,17 +185,11 @@ class CNN(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
-class MLP(nnx.Module):
+class MLP(ImageMLP):
     """784 -> hidden -> hidden -> 10 with ReLU."""
 
     def __init__(self, hidden: int = 256, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(784, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.head = nnx.Linear(hidden, 10, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
-        return self.head(jax.nn.relu(self.fc2(x)))
+        super().__init__(784, hidden, rngs=rngs)
 
 
 MODELS = {"cnn": CNN, "mlp": MLP}
@@ -203,21 +197,12 @@ MODELS = {"cnn": CNN, "mlp": MLP}
 
 def make_task(data_dir: str | None = None) -> Task:
     """The Fashion-MNIST :class:`Task` (60,000 train / 10,000 test images, models ``cnn``, ``mlp``)."""
-    (xtr, ytr, xte, yte), checksum = load_fashion_mnist(data_dir)
-    return Task(
-        name="fashion_mnist",
-        train=Split(xtr, ytr),
-        test=Split(xte, yte),
-        models=dict(MODELS),
-        loss=classification_loss,
-        metrics=classification_metrics,
-        finish=classification_finish,
-        checksum=checksum,
-        description=(
-            f"Fashion-MNIST from {data_dir or DEFAULT_DIR}: {len(ytr)} train / {len(yte)} test images "
-            "28x28x1 in [0, 1], 10 classes; checksum = SHA-256 of the four decompressed IDX files"
-        ),
+    arrays, checksum = load_fashion_mnist(data_dir)
+    description = (
+        f"Fashion-MNIST from {data_dir or DEFAULT_DIR}: {len(arrays[1])} train / {len(arrays[3])} test "
+        "images 28x28x1 in [0, 1], 10 classes; checksum = SHA-256 of the four decompressed IDX files"
     )
+    return classification_task("fashion_mnist", arrays, MODELS, checksum, description)
 
 
 def batchnorm_pairs(model_name: str) -> list[tuple[str, str]]:

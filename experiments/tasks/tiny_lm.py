@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.tasks import cross_entropy, require_inference_mode
+from experiments.tasks import classification_loss, classification_metrics
 from experiments.tasks.base import Split, Task
 
 VOCAB = 256
@@ -160,24 +160,6 @@ MODELS = {"transformer": TransformerLM}
 # -- loss and metrics -----------------------------------------------------------------------------
 
 
-def lm_loss(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Mean next-byte cross-entropy :math:`\\bar\\ell` over the batch's B x T predictions."""
-    x, y = batch
-    return jnp.mean(cross_entropy(model(x), y))
-
-
-def lm_metrics(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
-    """Per-batch sums over the B x T predictions: ``loss_sum``, ``correct``, ``count``."""
-    require_inference_mode(model)
-    x, y = batch
-    logits = model(x)
-    return {
-        "loss_sum": jnp.sum(cross_entropy(logits, y)),
-        "correct": jnp.sum(jnp.argmax(logits, axis=-1) == y).astype(jnp.float32),
-        "count": jnp.asarray(y.size, jnp.float32),
-    }
-
-
 def lm_finish(totals: dict[str, float]) -> dict[str, float]:
     """``loss`` (nats per byte), ``perplexity`` = exp(loss), ``accuracy`` (next byte, top-1)."""
     loss = totals["loss_sum"] / totals["count"]
@@ -193,8 +175,8 @@ def make_task(data_dir: str | None = None) -> Task:
         train=train,
         test=val,
         models=dict(MODELS),
-        loss=lm_loss,
-        metrics=lm_metrics,
+        loss=classification_loss,  # next-byte cross-entropy over the B x T predictions
+        metrics=classification_metrics,
         finish=lm_finish,
         checksum=hashlib.sha256(text).hexdigest(),
         description=(

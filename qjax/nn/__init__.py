@@ -10,6 +10,7 @@ from qjax.nn.diagnostics import (
     sqnr_db,
 )
 from qjax.nn.fold import (
+    CorrectionInputs,
     FoldedBatchNorm,
     bias_correction,
     fold_batchnorm,
@@ -41,6 +42,7 @@ __all__ = [
     "MODES",
     "ActivationScale",
     "CodebookIndices",
+    "CorrectionInputs",
     "FakeQuantDotGeneral",
     "FoldedBatchNorm",
     "HookCall",

@@ -30,6 +30,7 @@ with quantized activations it also removes the mean error of the input quantizer
 from __future__ import annotations
 
 import difflib
+import enum
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -209,13 +210,21 @@ def _replace(root: nnx.Module, parts: tuple[Any, ...], new: nnx.Module) -> None:
 # -- bias correction ------------------------------------------------------------------------------
 
 
+class CorrectionInputs(enum.StrEnum):
+    """Where the layer input :math:`x` of bias correction's expectation comes from (see
+    :func:`bias_correction`)."""
+
+    FLOAT = "float"  # the layer's input in the float model
+    QUANTIZED = "quantized"  # the layer's input in the quantized (and upstream-corrected) model
+
+
 def bias_correction(
     qmodel: nnx.Module,
     float_model: nnx.Module,
     batches: Iterable[Any],
     *,
     forward: Forward | None = None,
-    inputs: str = "float",
+    inputs: CorrectionInputs | str = CorrectionInputs.FLOAT,
     create_bias: bool = True,
 ) -> nnx.Module:
     """A copy of ``qmodel`` whose quantized Linear / Conv biases are corrected (``qmodel`` unchanged).
@@ -239,8 +248,9 @@ def bias_correction(
 
     Einsum layers are left as they are (their bias axes follow the equation); this is logged.
     """
-    if inputs not in ("float", "quantized"):
+    if inputs not in (CorrectionInputs.FLOAT, CorrectionInputs.QUANTIZED):
         raise ValueError(f"inputs={inputs!r} is not one of 'float', 'quantized'")
+    inputs = CorrectionInputs(inputs)
     check_quantized(qmodel)
     batches = list(batches)
     if not batches:
@@ -254,7 +264,7 @@ def bias_correction(
     layers = {p: layer for p, layer, _ in ops}
     fwork, qwork = working_copy(float_model), working_copy(corrected)
     work_layers = {p: layer for p, layer, _ in quantized_ops(qwork)}
-    for group in [paths] if inputs == "float" else [[p] for p in paths]:
+    for group in [paths] if inputs == CorrectionInputs.FLOAT else [[p] for p in paths]:
         for path, delta in mean_output_error(qwork, fwork, batches, group, forward, inputs).items():
             if _correct_bias(layers[path], path, delta, create_bias):
                 _correct_bias(work_layers[path], path, delta, create_bias)  # later layers see it
@@ -267,7 +277,7 @@ def mean_output_error(
     batches: Sequence[Any],
     paths: Sequence[str],
     forward: Forward | None = None,
-    inputs: str = "float",
+    inputs: CorrectionInputs | str = CorrectionInputs.FLOAT,
 ) -> dict[str, np.ndarray]:
     """:math:`\\delta` of the module docstring for each layer in ``paths`` (float64, one entry per
     output channel): the mean of :math:`\\mathrm{op}_q(x, \\hat W) - \\mathrm{op}(x, W)` over the
@@ -287,10 +297,10 @@ def mean_output_error(
     return {p: sums[p] / counts[p] for p in paths if counts[p]}
 
 
-def _output_error(fc: HookCall, qc: HookCall, inputs: str) -> np.ndarray:
+def _output_error(fc: HookCall, qc: HookCall, inputs: CorrectionInputs | str) -> np.ndarray:
     """``op_q(x) - op(x)`` of one call, as ``(elements per channel, channels)`` float64."""
-    x = fc.lhs if inputs == "float" else qc.lhs
-    y = fc.output if inputs == "float" else fc.rerun(lhs=x)
+    x = fc.lhs if inputs == CorrectionInputs.FLOAT else qc.lhs
+    y = fc.output if inputs == CorrectionInputs.FLOAT else fc.rerun(lhs=x)
     d = np.asarray(qc.rerun(lhs=x), np.float64) - np.asarray(y, np.float64)
     return d.reshape(-1, d.shape[-1])
 
