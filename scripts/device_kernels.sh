@@ -5,9 +5,10 @@
 # benchmarks and the profile stop cleanly at their budgets and write their results as they go, so
 # the limits only guard against a hang). Times are CUPTI's kernel durations where CUPTI works (experiments.kernels.timing),
 # else the wall clock; the logs say which.
-#   1. every kernel against its reference on the device (Triton, W8A8 / FP8 also with the weight
-#      stored (N, K) and with K split in unequal ranges, and on sm_90 Mosaic GPU: the W8A8 / FP8
-#      Hopper path and the Hopper W4A16 kernel; the W4A16 options unpack=asm, swap_ab),
+#   1. every kernel against its reference on the device (Triton, W8A8 / FP8 also with K split in
+#      unequal ranges), and the experimental ones (qjax.kernels.experimental, untimed so far: the
+#      weight stored (N, K), and on sm_90 Mosaic GPU the W8A8 / FP8 Hopper kernels and the Hopper
+#      W4A16 kernel; the W4A16 options unpack=asm, swap_ab),
 #   2. the benchmark (second, since it measures what the goals are about; it judges them too) on
 #      the four shapes of the earlier H100 runs (7b.qkv, 7b.down, 70b.gate_up, 70b.down),
 #      M = 1..4096: bf16, w4a16 and w4a16-swap (swap_ab), w8a8 / fp8 and w8a8-nk / fp8-nk (the

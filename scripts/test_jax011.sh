@@ -21,4 +21,4 @@ fi
 .venv-jax011/bin/python -c "import jax; assert jax.__version__ == '0.11.2', jax.__version__"
 k=tests/experiments/kernels
 .venv-jax011/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/kernels \
-  $k/test_bench.py $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py tests/nn/test_serve.py "$@"
+  $k/bench $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py tests/nn/test_serve.py "$@"

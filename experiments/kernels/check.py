@@ -2,17 +2,18 @@
 
 ``python -m experiments.kernels.check [--backend gpu|tpu|interpret] [--out check.json]``
 
-The unit tests (``tests/test_kernels_*.py``) check the kernels in the Pallas interpreter on CPU and
-their lowering for ``cuda`` and ``tpu``; this script is the check on a real accelerator, where
-Triton or Mosaic compile the kernels: int8 exactness of the W8A8 accumulator, the W8A8 / FP8 /
-W4A16 outputs within float rounding of their references, and the per-token quantization bit for
-bit, at decode (M = 1), odd and Llama-sized shapes, W8A8 / int8 / FP8 / block-scaled FP8 also
-with the weight stored ``(N, K)`` (``w_layout="nk"``) and with K split in three ranges of unequal
-length (``split_k=3``; the default splits K at M = 1 and 16 on a GPU); on a GPU also the W8A8, int8
-and FP8 matmuls of the Hopper path (``backend="mosaic_gpu"``, sm_90 only) and the W4A16 options that
-``experiments.kernels.profile_w4a16`` times (``unpack="asm"``, ``swap_ab``). It runs shape by shape (every
-case at the first shape, then the next), prints one line per case and exits non-zero if any case
-fails (compile errors included); ``--time-budget-s`` stops it before a case once spent.
+The unit tests (``tests/kernels``) check the kernels in the Pallas interpreter on CPU and their
+lowering for ``cuda`` and ``tpu``; this script is the check on a real accelerator, where Triton or
+Mosaic compile the kernels: int8 exactness of the W8A8 accumulator, the W8A8 / FP8 / W4A16 outputs
+within float rounding of their references, and the per-token quantization bit for bit, at decode
+(M = 1), odd and Llama-sized shapes, W8A8 / int8 / FP8 / block-scaled FP8 also with K split in
+three ranges of unequal length (``split_k=3``; the default splits K at M = 1 and 16 on a GPU). It
+checks the experimental kernels too (``qjax.kernels.experimental``): the weight stored ``(N, K)``
+(the ``*_nk`` kernels), and on a GPU the W8A8, int8 and FP8 Hopper kernels (``[mosaic_gpu]``, sm_90
+only), the Hopper W4A16 kernel and the W4A16 options that ``experiments.kernels.profile_w4a16``
+times (``unpack="asm"``, ``swap_ab``). It runs shape by shape (every case at the first shape, then
+the next), prints one line per case and exits non-zero if any case fails (compile errors
+included); ``--time-budget-s`` stops it before a case once spent.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.records import write_json
-from qjax.kernels import act_quant, blocks, fp8, fp8_block, hopper_w4, w4a16, w8a8
+from qjax.kernels import act_quant, fp8, fp8_block, tuning, w4a16, w8a8
+from qjax.kernels.backend import resolve_backend
+from qjax.kernels.common import KN
+from qjax.kernels.experimental import hopper, hopper_w4, nk_layout, w4a16_variants
 
 SHAPES = ((1, 4096, 4096), (16, 4096, 12288), (33, 200, 130), (1024, 4096, 4096))
 
@@ -55,8 +59,8 @@ Error = tuple[float, float]  # (error, tolerance) of a case
 
 
 class Variant(NamedTuple):
-    """How a W8A8 / int8 / FP8 / block-scaled FP8 case calls its kernel: the weight's layout and the
-    K ranges (``None``: the kernel's default)."""
+    """How a W8A8 / int8 / FP8 / block-scaled FP8 case calls its kernel: the weight's layout
+    (``"nk"``: the experimental ``*_nk`` kernel) and the K ranges (``None``: the kernel's default)."""
 
     w_layout: str = "kn"
     split_k: int | None = None
@@ -65,19 +69,34 @@ class Variant(NamedTuple):
         """``split_k``, or the K steps of the kernel's blocks if there are fewer (a short K)."""
         if self.split_k is None:
             return None
-        bk = fp8_block.GROUP if kernel == "fp8_block" else blocks.choose_blocks(kernel, backend, m).block_k
+        bk = fp8_block.GROUP if kernel == "fp8_block" else tuning.choose_blocks(kernel, backend, m).block_k
         return min(self.split_k, -(-k // bk))
 
 
 PLAIN = Variant()
+# case kernel -> (its block table entry, the main kernel, the (N, K) kernel, the Hopper kernel)
+KERNELS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any], Callable[..., Any] | None]] = {
+    "int8": ("w8a8", w8a8.int8_matmul, nk_layout.int8_matmul_nk, hopper.int8_matmul_hopper),
+    "w8a8": ("w8a8", w8a8.w8a8_matmul, nk_layout.w8a8_matmul_nk, hopper.w8a8_matmul_hopper),
+    "fp8": ("fp8", fp8.fp8_matmul, nk_layout.fp8_matmul_nk, hopper.fp8_matmul_hopper),
+    "fp8_block": ("fp8_block", fp8_block.fp8_block_matmul, nk_layout.fp8_block_matmul_nk, None),
+}
+
+
+def kernel_call(kernel: str, backend: str, v: Variant, m: int, k: int, **kw: Any) -> Callable[..., Any]:
+    """The jitted call of a case: the main kernel on ``backend``, its ``(N, K)`` variant, or on
+    ``backend="mosaic_gpu"`` the experimental Hopper kernel (the weight in the variant's layout)."""
+    table, main, nk, on_hopper = KERNELS[kernel]
+    if backend == "mosaic_gpu" and on_hopper is not None:
+        layout = nk_layout.NK if v.w_layout == "nk" else KN
+        return jax.jit(functools.partial(on_hopper, layout=layout, **kw))
+    fn = nk if v.w_layout == "nk" else main
+    return jax.jit(functools.partial(fn, backend=backend, split_k=v.split(table, backend, m, k), **kw))
 
 
 def case_int8(rng: np.random.Generator, m: int, k: int, n: int, backend: str, v: Variant = PLAIN) -> Error:
     x, w = _int8(rng, m, k), _int8(rng, k, n)
-    f = functools.partial(
-        w8a8.int8_matmul, backend=backend, w_layout=v.w_layout, split_k=v.split("w8a8", backend, m, k)
-    )
-    y = jax.jit(f)(x, _layout(w, v.w_layout))
+    y = kernel_call("int8", backend, v, m, k)(x, _layout(w, v.w_layout))
     return float(np.max(np.abs(np.asarray(y, np.int64) - np.asarray(w8a8.int8_matmul_reference(x, w))))), 0.0
 
 
@@ -88,14 +107,7 @@ def case_w8a8(rng: np.random.Generator, m: int, k: int, n: int, backend: str, v:
     zp = jnp.asarray(rng.integers(-20, 20, (m, 1)), jnp.int32)
     bias = jnp.asarray(rng.normal(size=(n,)), jnp.float32)
     kw: dict[str, Any] = dict(x_zero_point=zp, bias=bias, out_dtype=jnp.float32)
-    f = functools.partial(
-        w8a8.w8a8_matmul,
-        backend=backend,
-        w_layout=v.w_layout,
-        split_k=v.split("w8a8", backend, m, k),
-        **kw,
-    )
-    y = jax.jit(f)(x, xs, _layout(w, v.w_layout), ws)
+    y = kernel_call("w8a8", backend, v, m, k, **kw)(x, xs, _layout(w, v.w_layout), ws)
     return _rel(y, w8a8.w8a8_matmul_reference(x, xs, w, ws, **kw)), 1e-5
 
 
@@ -105,11 +117,7 @@ def case_fp8(rng: np.random.Generator, m: int, k: int, n: int, backend: str, v: 
     w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32).astype(e4m3)
     xs = jnp.asarray(rng.uniform(0.5, 2, (m, 1)), jnp.float32)
     ws = jnp.asarray(rng.uniform(0.5, 2, (1, n)), jnp.float32)
-    kw: dict[str, Any] = dict(
-        out_dtype=jnp.float32, w_layout=v.w_layout, split_k=v.split("fp8", backend, m, k)
-    )
-    f = functools.partial(fp8.fp8_matmul, backend=backend, **kw)
-    y = jax.jit(f)(x, xs, _layout(w, v.w_layout), ws)
+    y = kernel_call("fp8", backend, v, m, k, out_dtype=jnp.float32)(x, xs, _layout(w, v.w_layout), ws)
     return _rel(y, fp8.fp8_matmul_reference(x, xs, w, ws, out_dtype=jnp.float32)), 2e-3
 
 
@@ -121,20 +129,17 @@ def case_fp8_block(
     w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32).astype(e4m3)
     xs = jnp.asarray(rng.uniform(0.5, 2, (m, -(-k // 128))), jnp.float32)
     ws = jnp.asarray(rng.uniform(0.5, 2, (-(-k // 128), -(-n // 128))), jnp.float32)
-    kw: dict[str, Any] = dict(out_dtype=jnp.float32)
-    split = v.split("fp8_block", backend, m, k)
-    f = functools.partial(
-        fp8_block.fp8_block_matmul, backend=backend, w_layout=v.w_layout, split_k=split, **kw
-    )
-    y = jax.jit(f)(x, xs, _layout(w, v.w_layout), ws)
-    return _rel(y, fp8_block.fp8_block_matmul_reference(x, xs, w, ws, **kw)), 2e-3
+    y = kernel_call("fp8_block", backend, v, m, k, out_dtype=jnp.float32)(x, xs, _layout(w, v.w_layout), ws)
+    return _rel(y, fp8_block.fp8_block_matmul_reference(x, xs, w, ws, out_dtype=jnp.float32)), 2e-3
 
 
 def case_w4a16(
     rng: np.random.Generator, m: int, k: int, n: int, backend: str, hopper: bool = False, **options: Any
 ) -> tuple[float, float]:
     """Asymmetric int4 weights, group 128 where it divides K, else the smallest group the kernel takes
-    (32; 64 for the Hopper kernel, ``qjax.kernels.hopper_w4``), K cut to a multiple of it."""
+    (32; 64 for the Hopper kernel, ``qjax.kernels.experimental.hopper_w4``), K cut to a multiple of
+    it. ``options`` (``unpack``, ``swap_ab``) go to the experimental
+    ``qjax.kernels.experimental.w4a16_variants.w4a16_matmul_variant``."""
     sizes = (128, 64) if hopper else (128, 32)
     g = next((size for size in sizes if k % size == 0), sizes[-1])
     k -= k % g
@@ -147,7 +152,8 @@ def case_w4a16(
         f = functools.partial(hopper_w4.w4a16_matmul_hopper, out_dtype=jnp.float32, **options)
         y = jax.jit(f)(x, hopper_w4.prepare_w4(packed))
     else:
-        f = functools.partial(w4a16.w4a16_matmul, backend=backend, out_dtype=jnp.float32, **options)
+        matmul = w4a16_variants.w4a16_matmul_variant if options else w4a16.w4a16_matmul
+        f = functools.partial(matmul, backend=backend, out_dtype=jnp.float32, **options)
         y = jax.jit(f)(x, packed)
     return _rel(y, w4a16.w4a16_matmul_reference(x, packed, out_dtype=jnp.float32)), 1e-2
 
@@ -193,7 +199,8 @@ CASES: dict[str, Callable[..., tuple[float, float]]] = {
     "w4a16_matmul (asym, g128/g32)": case_w4a16,
     "quantize_per_token (int8, fp8)": case_act_quant,
 }
-# The Hopper path (qjax.kernels.hopper, Pallas on Mosaic GPU), checked when the backend is "gpu".
+# The Hopper kernels (qjax.kernels.experimental.hopper, Pallas on Mosaic GPU), checked when the backend
+# is "gpu".
 MOSAIC_GPU_CASES = ("int8_matmul (int32 exact)", "w8a8_matmul (zero point, bias)", "fp8_matmul")
 # W4A16 options timed by experiments.kernels.profile_w4a16, checked when the backend is "gpu" (the PTX unpack
 # runs nowhere else).
@@ -223,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--time-budget-s", type=float, default=None, help="stop before a case once this much time has passed"
     )
     args = parser.parse_args(argv)
-    backend = blocks.resolve_backend(args.backend)
+    backend = resolve_backend(args.backend)
     shapes = (
         SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     )

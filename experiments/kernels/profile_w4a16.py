@@ -15,10 +15,15 @@ same grid, blocks and packed weights, so one GPU run says which part costs the t
 * ``unpack``: ``stream`` plus the float-bits unpack into bf16 (:func:`unpack_body`), summed: no dot;
   ``unpack asm`` the same with the PTX unpack (``unpack="asm"``, GPU only);
 * ``kernel``: :func:`qjax.kernels.w4a16.w4a16_matmul` as served (table blocks, automatic split of K);
-* variants of ``kernel``: one change each (``split_k=1``, ``swap_ab``, ``unpack="convert"`` /
-  ``"asm"``, other blocks, warps, stages), and on a GPU ``swap_ab`` with ``unpack="asm"`` together;
-* ``mgpu``: the Hopper kernel for small M (:mod:`qjax.kernels.hopper_w4`, GPU only), and with the
-  converted weight staged through shared memory or 4 K slices in flight (not 8).
+* variants of ``kernel``: one change each (``split_k=1``, other blocks, warps, stages, and the
+  experimental options of :mod:`qjax.kernels.experimental.w4a16_variants`: ``swap_ab``,
+  ``unpack="convert"`` / ``"asm"``), and on a GPU ``swap_ab`` with ``unpack="asm"`` together;
+* ``mgpu``: the experimental Hopper kernel for small M (:mod:`qjax.kernels.experimental.hopper_w4`,
+  GPU only), and with the converted weight staged through shared memory or 4 K slices in flight
+  (not 8).
+
+The parts run on the kernel's grid as bodies of
+:func:`qjax.kernels.experimental.w4a16_variants.w4a16_matmul_variant` (``gpu_body``).
 
 Every row is timed as ``experiments.kernels.bench`` times a cell (one jitted program over ``R``
 weight copies that together exceed the L2 cache, median of repeated samples, compile excluded; on a
@@ -44,11 +49,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from experiments.kernels import bench as bk
 from experiments.kernels import timing
+from experiments.kernels.bench.data import ShapeData, tree_nbytes
+from experiments.kernels.bench.programs import build_program, error_text
+from experiments.kernels.bench.render import top_kernel
+from experiments.kernels.bench.rows import SHAPES
 from experiments.records import write_json
-from qjax.kernels import blocks as kb
-from qjax.kernels import hopper_w4, w4a16
+from qjax.kernels import launch, tuning, w4a16
+from qjax.kernels.backend import resolve_backend
+from qjax.kernels.experimental import hopper_w4, w4a16_variants
 
 Row = dict[str, Any]
 
@@ -63,54 +72,48 @@ def _write_columns(o_ref: Any, columns: jax.Array, rows: int) -> None:
     """Every real row (the first ``rows`` of the output, as the kernel writes them) of the output
     tile gets the (1, bn) column values."""
     tile = jnp.broadcast_to(columns.astype(jnp.float32), o_ref.shape[-2:])
-    kb.store_rows(o_ref, tile.reshape(o_ref.shape).astype(o_ref.dtype), rows)
+    launch.store_rows(o_ref, tile.reshape(o_ref.shape).astype(o_ref.dtype), rows)
 
 
-def stream_body(
-    *refs: Any, group: int, groups_per_step: int, steps: int, total_steps: int, rows: int, **_: Any
-) -> None:
+def stream_body(*refs: Any, group: int, groups_per_step: int, ranges: launch.KRanges, **_: Any) -> None:
     """The W4A16 kernel's loads of packed bytes, summed as integers per column (output: the sums)."""
     p_ref, o_ref = refs[1], refs[-1]
-    half, first = group // 2, pl.program_id(2) * steps
+    half, first = group // 2, pl.program_id(2) * ranges.steps
 
     def body(step: Any, carry: jax.Array) -> jax.Array:
-        t, keep = _step(first, step, total_steps)
+        t, keep = _step(first, step, ranges.total)
         for j in range(groups_per_step):
             grp = t * groups_per_step + j
             carry = carry + p_ref[pl.ds(grp * half, half), :].astype(jnp.int32) * keep
         return carry
 
-    carry = jax.lax.fori_loop(0, steps, body, jnp.zeros((half, p_ref.shape[-1]), jnp.int32))
-    _write_columns(o_ref, jnp.sum(carry, axis=0, keepdims=True), rows)
+    carry = jax.lax.fori_loop(0, ranges.steps, body, jnp.zeros((half, p_ref.shape[-1]), jnp.int32))
+    _write_columns(o_ref, jnp.sum(carry, axis=0, keepdims=True), ranges.rows)
 
 
 def unpack_body(
     *refs: Any,
     group: int,
     groups_per_step: int,
-    steps: int,
-    total_steps: int,
-    unpack: str,
-    rows: int,
+    ranges: launch.KRanges,
+    unpack: w4a16.UnpackGroup,
     **_: Any,
 ) -> None:
-    """The loads and the float-bits unpack (``unpack``: ``"magic"`` or ``"asm"``) of signed codes into
-    the activation dtype, summed per column: ``sum_k q_kn`` (output)."""
+    """The loads and the unpack (``unpack``: the float bits, or the PTX ones) of signed codes into the
+    activation dtype, summed per column: ``sum_k q_kn`` (output)."""
     x_ref, p_ref, o_ref = refs[0], refs[1], refs[-1]
-    half, dt, first = group // 2, x_ref.dtype, pl.program_id(2) * steps
-    offset = w4a16._MAGIC[dt][2] + 8.0  # signed codes are stored excess-8
+    half, dt, first = group // 2, x_ref.dtype, pl.program_id(2) * ranges.steps
 
     def body(step: Any, carry: jax.Array) -> jax.Array:
-        t, keep = _step(first, step, total_steps)
+        t, keep = _step(first, step, ranges.total)
         for j in range(groups_per_step):
             grp = t * groups_per_step + j
-            unpack_group = w4a16._unpack_group_asm if unpack == "asm" else w4a16._unpack_group_magic
-            lo, hi = unpack_group(p_ref[pl.ds(grp * half, half), :], offset, dt)
+            lo, hi = unpack(p_ref[pl.ds(grp * half, half), :], None, dt)  # signed codes: excess-8
             carry = carry + (lo + hi) * keep.astype(dt)
         return carry
 
-    carry = jax.lax.fori_loop(0, steps, body, jnp.zeros((half, p_ref.shape[-1]), dt))
-    _write_columns(o_ref, jnp.sum(carry.astype(jnp.float32), axis=0, keepdims=True), rows)
+    carry = jax.lax.fori_loop(0, ranges.steps, body, jnp.zeros((half, p_ref.shape[-1]), dt))
+    _write_columns(o_ref, jnp.sum(carry.astype(jnp.float32), axis=0, keepdims=True), ranges.rows)
 
 
 def part_fn(
@@ -119,17 +122,21 @@ def part_fn(
     """``(x, w) -> (M, N)`` running ``body`` on the grid, blocks and operands of the served kernel."""
 
     def part(x: jax.Array, w: w4a16.PackedW4) -> jax.Array:
-        return w4a16._w4a16(x, w, None, jnp.float32, None, backend, None, "gpu", unpack=unpack, gpu_body=body)
+        variant = w4a16_variants.w4a16_matmul_variant
+        return variant(x, w, out_dtype=jnp.float32, backend=backend, unpack=unpack, gpu_body=body)
 
     return part
 
 
 def variants(m: int, backend: str) -> list[tuple[str, str, Callable[[Any, Any], jax.Array]]]:
     """``(name, weight family, fn)`` of every row, in print order."""
-    table = kb.choose_blocks("w4a16", backend, m)
+    table = tuning.choose_blocks("w4a16", backend, m)
 
     def kernel(**kw: Any) -> Callable[[Any, Any], jax.Array]:
-        return lambda x, w: w4a16.w4a16_matmul(x, w, backend=backend, **kw)
+        """The served kernel, or with ``swap_ab`` / ``unpack`` the experimental variant."""
+        experimental = {"swap_ab", "unpack"} & set(kw)
+        matmul = w4a16_variants.w4a16_matmul_variant if experimental else w4a16.w4a16_matmul
+        return lambda x, w: matmul(x, w, backend=backend, **kw)
 
     def xla_read(x: jax.Array, w: w4a16.PackedW4) -> jax.Array:
         return jnp.sum(w.packed, axis=0, dtype=jnp.int32, keepdims=True)
@@ -193,9 +200,9 @@ def time_row(
 ) -> Row:
     """Time ``fn`` over the weight copies ``ws`` as ``experiments.kernels.bench`` times a cell."""
     grid = pallas_grid(fn, x, ws[0])
-    compiled = jax.jit(bk.build_program(fn)).lower(x, *ws).compile()
+    compiled = jax.jit(build_program(fn)).lower(x, *ws).compile()
     t = timing.time_program(clock, compiled, (x, *ws), len(ws), repeats)
-    nbytes = bk.tree_nbytes(ws[0])
+    nbytes = tree_nbytes(ws[0])
     row = {
         "us": t.seconds * 1e6,
         "spread": t.spread,
@@ -225,8 +232,8 @@ def run(
     started = time.perf_counter()
     rows: list[Row] = []
     for shape in shapes:
-        k, n = bk.SHAPES[shape]
-        data = bk.ShapeData(k, n, max(ms), copies)
+        k, n = SHAPES[shape]
+        data = ShapeData(k, n, max(ms), copies)
         for m in ms:
             if time.perf_counter() - started > budget_s:
                 print(f"time budget of {budget_s:g} s reached; stopped before {shape} M={m}", flush=True)
@@ -239,7 +246,7 @@ def run(
                 try:
                     row |= time_row(fn, x, data.weight_copies(family), repeats, clock)
                 except Exception as e:  # a variant that fails is reported; the others still run
-                    row["error"] = bk._error(e)
+                    row["error"] = error_text(e)
                     print(f"  {shape} M={m} {name}: failed: {row['error']}", flush=True)
                     continue
                 base = row["us"] if name == "bf16" else base
@@ -247,7 +254,7 @@ def run(
                 ratio = "" if base is None else f"{row['vs_bf16']:.2f}x"
                 print(
                     f"  {shape:8s} M={m:<3d} {name:24s} {row['us']:9.1f} us {row['gb_per_s']:8.1f} GB/s "
-                    f"{ratio:>7s}  grid {row['grid']}{bk.top_kernel(row)}",
+                    f"{ratio:>7s}  grid {row['grid']}{top_kernel(row)}",
                     flush=True,
                 )
             data.delete(activations_only=True)
@@ -269,7 +276,7 @@ def atomic_writer(out: pathlib.Path | None, meta: dict[str, Any]) -> Callable[[l
 def make_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m experiments.kernels.profile_w4a16``."""
     parser = argparse.ArgumentParser(prog="python -m experiments.kernels.profile_w4a16", description=__doc__)
-    parser.add_argument("--shapes", default=None, help="of experiments.kernels.bench.SHAPES")
+    parser.add_argument("--shapes", default=None, help="of experiments.kernels.bench.rows.SHAPES")
     parser.add_argument("--m", default="1,16")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter, tiny shapes")
     parser.add_argument("--copies", type=int, default=None, help="weight copies per program (default: > L2)")
@@ -283,15 +290,15 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    backend = "interpret" if args.interpret else kb.resolve_backend(None)
+    backend = "interpret" if args.interpret else resolve_backend(None).value
     if backend not in ("gpu", "interpret"):
         parser.error(
             f"the W4A16 profile times the Triton kernel: it needs a GPU or --interpret, not {backend!r}"
         )
     shapes = (args.shapes or ("tiny.a" if args.interpret else "7b.qkv,7b.down")).split(",")
-    unknown = [s for s in shapes if s not in bk.SHAPES]
+    unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        parser.error(f"--shapes: unknown {unknown}; choose from {sorted(bk.SHAPES)}")
+        parser.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
     try:
         ms = [int(v) for v in args.m.split(",")]
     except ValueError:

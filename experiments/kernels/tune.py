@@ -1,13 +1,14 @@
-"""Time a kernel's candidate block sizes on the current device, to fill ``qjax.kernels.blocks``.
+"""Time a kernel's candidate block sizes on the current device, to fill ``qjax.kernels.tuning``.
 
 ``python -m experiments.kernels.tune [--kernels w8a8,fp8,w4a16] [--m 16,1024,4096] [--k 4096 --n 4096]``
 
 For each kernel and M it times every candidate :class:`~qjax.kernels.blocks.Blocks` of
 :data:`CANDIDATES` (and the table's current entry) on random data; for ``w8a8-mgpu`` and
-``fp8-mgpu`` (the Hopper path, :mod:`qjax.kernels.hopper`, weight prepared ``(N, K)`` once) every
-:class:`~qjax.kernels.hopper.HopperConfig` of :data:`HOPPER_CANDIDATES`, and XLA's bf16 matmul of
-the same shape as a yardstick; ``w8a8-nk`` and ``fp8-nk`` time the Triton kernels with the weight
-stored ``(N, K)`` (``w_layout="nk"``) on the same candidates. ``w8a8-xla`` and ``fp8-xla`` have no
+``fp8-mgpu`` (the experimental Hopper kernels, :mod:`qjax.kernels.experimental.hopper`, weight
+prepared ``(N, K)`` once) every :class:`~qjax.kernels.experimental.hopper.HopperConfig` of
+:data:`HOPPER_CANDIDATES`, and XLA's bf16 matmul of the same shape as a yardstick; ``w8a8-nk`` and
+``fp8-nk`` time the experimental Triton kernels with the weight stored ``(N, K)``
+(:mod:`qjax.kernels.experimental.nk_layout`) on the same candidates. ``w8a8-xla`` and ``fp8-xla`` have no
 blocks: they time XLA's native int8 / fp8 dot (``qjax.kernels.xla.contract``, what serving with
 ``kernels="xla"`` runs) with the weight stored ``(K, N)`` and stored ``(N, K)``, the two "candidates"
 ``XLA (K, N)`` and ``XLA (N, K)``. Each is timed as one jitted program of ``CALLS`` back-to-back
@@ -30,29 +31,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.kernels import timing
-from qjax.kernels import blocks as kb
-from qjax.kernels import fp8, hopper, w4a16, w8a8, xla
+from qjax.kernels import fp8, tuning, w4a16, w8a8, xla
+from qjax.kernels.backend import resolve_backend
+from qjax.kernels.experimental import hopper, nk_layout
 
 CALLS = 8
-SMALL = [
-    kb.Blocks(16, 64, 128, 4, 4),
-    kb.Blocks(16, 128, 128, 4, 4),
-    kb.Blocks(16, 128, 256, 4, 3),
-    kb.Blocks(16, 256, 128, 4, 4),
-    kb.Blocks(16, 64, 256, 4, 4),
-    kb.Blocks(32, 128, 128, 4, 4),
-]
-LARGE = [
-    kb.Blocks(64, 128, 128, 4, 4),
-    kb.Blocks(128, 128, 128, 8, 3),
-    kb.Blocks(128, 128, 64, 4, 4),
-    kb.Blocks(128, 256, 64, 8, 3),
-    kb.Blocks(128, 256, 128, 8, 3),
-    kb.Blocks(256, 128, 64, 8, 3),
-    kb.Blocks(128, 128, 128, 4, 5),
-    kb.Blocks(128, 256, 128, 8, 4),  # wide tiles for wgmma (the K-major "-nk" layouts)
-]
-CANDIDATES = {"small": SMALL, "large": LARGE}
+
+
+# (block_m, block_n, block_k, num_warps, num_stages) by the size of M: small (<= 64) and large; the
+# last large one has wide tiles for wgmma (the K-major "-nk" layouts)
+# fmt: off
+_SMALL = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 128, 256, 4, 3), (16, 256, 128, 4, 4),
+          (16, 64, 256, 4, 4), (32, 128, 128, 4, 4))
+_LARGE = ((64, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+          (128, 256, 128, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 4, 5), (128, 256, 128, 8, 4))
+# fmt: on
+CANDIDATES = {"small": [tuning.Blocks(*b) for b in _SMALL], "large": [tuning.Blocks(*b) for b in _LARGE]}
 H = hopper.HopperConfig
 HOPPER_CANDIDATES = {
     "small": [H(64, 128, 128, 4), H(64, 64, 128, 4), H(64, 128, 256, 2), H(64, 256, 128, 2)],
@@ -79,7 +73,7 @@ def _codes(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> jax.
     return jnp.asarray(values, dtype)
 
 
-def _operands(
+def operands(
     kernel: str, m: int, k: int, n: int, rng: np.random.Generator
 ) -> tuple[list[Any], Callable[..., Any]]:
     """``CALLS`` weight copies and the activations, and ``call(x, w, blocks)`` for the kernel."""
@@ -126,13 +120,16 @@ def _operands(
             )
 
         return [xh, wsh], hopper_call
-    layout = "nk" if kernel.endswith("-nk") else "kn"  # -nk: the weight stored (N, K)
-    shape = (n, k) if layout == "nk" else (k, n)
-    int8 = kernel.startswith("w8a8")
-    dtype, matmul = (jnp.int8, w8a8.w8a8_matmul) if int8 else (jnp.float8_e4m3fn, fp8.fp8_matmul)
+    nk = kernel.endswith("-nk")  # the weight stored (N, K): the experimental *_nk kernels
+    shape = (n, k) if nk else (k, n)
+    matmul: Callable[..., jax.Array]
+    if kernel.startswith("w8a8"):
+        dtype, matmul = jnp.int8, nk_layout.w8a8_matmul_nk if nk else w8a8.w8a8_matmul
+    else:
+        dtype, matmul = jnp.float8_e4m3fn, nk_layout.fp8_matmul_nk if nk else fp8.fp8_matmul
     xi = (_codes(rng, (m, k), dtype), jnp.ones((m, 1), jnp.float32))
     ws = [(_codes(rng, shape, dtype), jnp.ones((1, n), jnp.float32)) for _ in range(CALLS)]
-    return [xi, ws], lambda x, w, b: matmul(x[0], x[1], w[0], w[1], blocks=b, w_layout=layout)
+    return [xi, ws], lambda x, w, b: matmul(x[0], x[1], w[0], w[1], blocks=b)
 
 
 def time_blocks(call: Callable[..., Any], x: Any, ws: list[Any], b: Any, clock: str = "wall") -> float:
@@ -166,7 +163,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    backend = kb.resolve_backend(None)
+    backend = resolve_backend(None)
     clock, clock_note = timing.resolve_clock(args.clock, parser.error)
     print(
         f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, backend {backend}; clock: "
@@ -176,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     for kernel in args.kernels.split(","):
         for m in (int(v) for v in args.m.split(",")):
-            (x, ws), call = _operands(kernel, m, args.k, args.n, rng)
+            (x, ws), call = operands(kernel, m, args.k, args.n, rng)
             size = "small" if m <= 64 else "large"
             cands: list[Any]
             table: Any
@@ -189,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cands = [table] + [c for c in HOPPER_CANDIDATES[size] if c != table]
             else:
                 base = kernel.removesuffix("-nk")  # the weight layout shares the kernel's table
-                table = kb.choose_blocks(base, backend, m)
-                key = kb.table_key(base, backend)
+                table = tuning.choose_blocks(base, backend, m)
+                key = tuning.table_key(base, backend)
                 print(f"  {kernel} M={m}: table entry BLOCK_TABLE[{key}]", flush=True)
                 cands = [table] + [c for c in CANDIDATES[size] if c != table]
             rows = []

@@ -264,7 +264,8 @@ class EvalConfig:
       kernels: what the converted model (``serve``, ``export``) runs its matmuls on: ``auto``
         (Pallas kernels on GPU/TPU, XLA's integer path on CPU), ``pallas``, ``xla``, ``reference``
         (each kernel's pure-jnp reference: for debugging a kernel inside a model) or ``mosaic_gpu``
-        (W8A8 and FP8 on the Hopper path; sm_90 GPUs). See :mod:`qjax.kernels.dispatch`.
+        (W8A8 and FP8 on the experimental Hopper kernels, :mod:`qjax.kernels.experimental.hopper`;
+        sm_90 GPUs). See :mod:`qjax.kernels.dispatch`.
     """
 
     batch_size: int = 1000

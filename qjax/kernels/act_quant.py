@@ -38,7 +38,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from qjax.kernels import blocks as kb
+from qjax.kernels.backend import Backend, Body, resolve_backend, resolve_body
+from qjax.kernels.launch import compiler_params
+from qjax.kernels.tuning import Blocks, choose_blocks
 from qjax.numerics.formats import MIN_SCALE
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import QuantSpec
@@ -73,7 +75,7 @@ def _check_x(x: Any) -> jax.Array:
     return jnp.asarray(x)
 
 
-def _round_half_even(y: jax.Array) -> jax.Array:
+def round_half_even(y: jax.Array) -> jax.Array:
     """Round float32 ``y`` (|y| < 2^22) to the nearest integer, ties to even, with floor only."""
     f = jnp.floor(y)
     d = y - f
@@ -88,7 +90,7 @@ def _encode(x: jax.Array, inv: jax.Array, name: str) -> jax.Array:
     # Clip before rounding: round(clip(y)) == clip(round(y)) for the integer bound qmax.
     y = jnp.clip(x * inv, -qmax, qmax)
     if name == "int8":
-        return _round_half_even(y).astype(jnp.int32).astype(jnp.int8)
+        return round_half_even(y).astype(jnp.int32).astype(jnp.int8)
     return y.astype(jnp.float8_e4m3fn)  # round to nearest even onto the e4m3 grid
 
 
@@ -172,38 +174,35 @@ def _next_pow2(n: int) -> int:
 
 
 def _quantize_call(
-    x: jax.Array, name: str, blocks: Any, backend: str | None, body: str | None = None
+    x: jax.Array, name: str, blocks: Blocks | Mapping[str, int] | None, backend: Any, body: Any
 ) -> tuple[jax.Array, jax.Array]:
-    be = kb.resolve_backend(backend)
+    be = resolve_backend(backend)
     m, k = x.shape
-    bl = kb.choose_blocks("act_quant", be, m, blocks)
+    bl = choose_blocks("act_quant", be, m, blocks)
     bm = bl.block_m
-    if be == "gpu" and (bm & (bm - 1)):
+    if be == Backend.GPU and (bm & (bm - 1)):
         raise ValueError(f"blocks.block_m={bm}: Triton needs a power of two")
-    if be == "tpu" and bm % 32:
+    if be == Backend.TPU and bm % 32:
         raise ValueError(f"blocks.block_m={bm}: Mosaic needs a multiple of 32 for 8-bit outputs")
-    body = body or ("gpu" if be == "gpu" else "tpu")
     out_dtype = jnp.int8 if name == "int8" else jnp.float8_e4m3fn
     grid = (pl.cdiv(m, bm),)
-    if body == "gpu":
+    if resolve_body(body, be, interpreted=Body.TPU) == Body.GPU:
         ck = min(_next_pow2(k), max(16, _CHUNK_ELEMENTS // bm))
         nc = pl.cdiv(k, ck)
-        recip = _reciprocal_ptx if be == "gpu" else _reciprocal_exact
+        recip = _reciprocal_ptx if be == Backend.GPU else _reciprocal_exact
         fn = functools.partial(_chunked_kernel, name=name, m=m, k=k, ck=ck, nc=nc, recip=recip)
         row_block = (bm, nc * ck)
-    elif body == "tpu":
+    else:
         fn = functools.partial(_rows_kernel, name=name)
         row_block = (bm, k)
-    else:
-        raise ValueError(f"body={body!r}: expected 'gpu' or 'tpu'")
     q, s = pl.pallas_call(
         fn,
         out_shape=(jax.ShapeDtypeStruct((m, k), out_dtype), jax.ShapeDtypeStruct((m, 1), jnp.float32)),
         grid=grid,
         in_specs=[pl.BlockSpec(row_block, lambda i: (i, 0))],
         out_specs=(pl.BlockSpec(row_block, lambda i: (i, 0)), pl.BlockSpec((bm, 1), lambda i: (i, 0))),
-        compiler_params=kb.compiler_params(be, bl, ("parallel",)),
-        interpret=be == "interpret",
+        compiler_params=compiler_params(be, bl, ("parallel",)),
+        interpret=be == Backend.INTERPRET,
         name=f"qjax_act_quant_{name}",
     )(x)
     return q, s
@@ -213,8 +212,9 @@ def quantize_per_token(
     x: jax.Array,
     *,
     dtype: Any = jnp.int8,
-    blocks: kb.Blocks | Mapping[str, Any] | None = None,
-    backend: str | None = None,
+    blocks: Blocks | Mapping[str, int] | None = None,
+    backend: Backend | str | None = None,
+    body: Body | str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Quantize each row of ``x`` with its own scale, in one fused kernel.
 
@@ -228,12 +228,14 @@ def quantize_per_token(
       dtype: ``jnp.int8`` (:math:`q_{max} = 127`) or ``jnp.float8_e4m3fn`` (:math:`q_{max} = 448`).
       blocks: overrides of the block table (only ``block_m``, ``num_warps`` matter here).
       backend: ``"gpu"``, ``"tpu"``, ``"interpret"`` or ``None`` (the default device's).
+      body: ``"gpu"`` (chunked rows, masked ends) or ``"tpu"`` (whole rows): which body the
+        interpreter runs (tests); default: the TPU body, except on ``"gpu"``.
 
     Returns:
       ``(q, scale)``: ``q`` of ``dtype`` ``(M, K)`` and float32 ``scale`` ``(M, 1)``, so that
       ``q * scale`` approximates ``x``; bit for bit :func:`quantize_per_token_reference`.
     """
-    return _quantize_call(_check_x(x), _format_name(dtype), blocks, backend)
+    return _quantize_call(_check_x(x), _format_name(dtype), blocks, backend, body)
 
 
 def quantize_per_token_reference(x: jax.Array, *, dtype: Any = jnp.int8) -> tuple[jax.Array, jax.Array]:

@@ -1,47 +1,48 @@
 """Which implementation a served (converted) layer's contraction runs on.
 
 :func:`serve_dot_general` is what ``serve`` mode of :mod:`qjax.nn` calls for Linear and Einsum
-layers. It picks, per call (at trace time), one of
+layers. It picks, per call (at trace time), one :class:`KernelPath`:
 
-* ``"pallas"``: the Pallas kernels of this package for the current backend (Triton on GPU, Mosaic
+* ``pallas``: the Pallas kernels of this package for the current backend (Triton on GPU, Mosaic
   on TPU, the Pallas interpreter on CPU),
-* ``"xla"``: the integer / fp8 / dequantize-then-compute path of :mod:`qjax.kernels.xla`,
-* ``"reference"``: the pure-jnp ``*_reference`` of the kernel that ``"pallas"`` would run, for
+* ``xla``: the integer / fp8 / dequantize-then-compute path of :mod:`qjax.kernels.xla`,
+* ``reference``: the pure-jnp ``*_reference`` of the kernel that ``pallas`` would run, for
   debugging a kernel against its reference inside a model,
-* ``"mosaic_gpu"``: as ``"pallas"``, but W8A8 and FP8 on the Hopper path of
-  :mod:`qjax.kernels.hopper` (Pallas on Mosaic GPU; sm_90 GPUs only),
+* ``mosaic_gpu``: as ``pallas``, but W8A8 and FP8 on the experimental Hopper kernels
+  (:mod:`qjax.kernels.experimental.hopper`, Pallas on Mosaic GPU; sm_90 GPUs only; imported only
+  on this path),
 
-as its ``path`` argument says: ``"auto"`` (the default) is ``"pallas"`` on GPU and TPU and ``"xla"``
-on CPU. Served layers pass their rule's ``kernels`` field (:class:`qjax.nn.Rule`, set for a whole
-model by :func:`qjax.nn.set_kernels`), which is static, so a jitted model retraces when it
-changes. A contraction the kernels do not cover runs on ``"xla"`` whatever the path
-(:func:`kernel_plan` says which kernel covers it, if any):
+``auto`` (the default) being ``pallas`` on GPU and TPU and ``xla`` on CPU. Served layers pass their
+rule's ``kernels`` field (:class:`qjax.nn.Rule`, set for a whole model by
+:func:`qjax.nn.set_kernels`), which is static, so a jitted model retraces when it changes. A
+contraction the kernels do not cover runs on ``xla`` whatever the path (:func:`kernel_plan` says
+which kernel covers it, if any):
 
 * **W8A8** (:func:`~qjax.kernels.w8a8.w8a8_matmul`): integer activations (int8 or uint8; per
   tensor or per token; any zero point) x symmetric int8 weights per output channel or per tensor;
 * **FP8** (:func:`~qjax.kernels.fp8.fp8_matmul`): e4m3 x e4m3, per-tensor or per-row / per-column
   scales;
 * **block-scaled FP8** (:func:`~qjax.kernels.fp8_block.fp8_block_matmul`): e4m3 activations
-  quantized per token in groups of 128 along the contraction (``per_group``, ``group_size=128``) x
-  e4m3 weights in 128 x 128 blocks (``per_block``, ``block_shape=(128, 128)``), K and N multiples
-  of 128 (on the ``mosaic_gpu`` path it runs on Triton);
+  quantized per token in groups of 128 along the contraction x e4m3 weights in 128 x 128 blocks,
+  K and N multiples of 128 (on the ``mosaic_gpu`` path it runs on Triton);
 * **W4A16** (:func:`~qjax.kernels.w4a16.w4a16_matmul`): float activations x int4 weights per output
-  channel or in groups of 32/64/128 along the contraction axis, symmetric or with zero points;
+  channel or in groups of 32/64/128 along the contraction axis, symmetric or with zero points
+  (on the ``mosaic_gpu`` path on Triton);
 
 each for a contraction of the activations' last axis with the weight's first, the weight 2-D and
-no batch axes (``x @ W`` of Linear layers and Einsum layers of that form). Integer weights are
-stored by :func:`qjax.nn.convert` as a :class:`~qjax.numerics.QArray` packed along the output axis;
-W4A16 repacks them along the contraction axis (:func:`~qjax.kernels.w4a16.pack_w4`) on every call,
-an extra read and write of the weight per call, unless the layer holds the kernel's layout already:
-:func:`prepare_w4a16` makes it, :func:`qjax.nn.prepare_kernels` stores it in every served Linear
-layer it covers, and the calls then pass it as ``prepared``. The same way, :func:`prepare_nk` makes
-an ``(N, K)`` copy of an 8-bit weight, which the W8A8 / FP8 / block-scaled FP8 kernels then read
-with ``w_layout="nk"`` (the K-major operand of Hopper's 8-bit ``wgmma``; opt-in:
-``prepare_kernels(model, w8_layout="nk")``).
+no batch axes. Integer weights are stored by :func:`qjax.nn.convert` as a
+:class:`~qjax.numerics.QArray` packed along the output axis; W4A16 repacks them along the
+contraction axis (:func:`~qjax.kernels.w4a16.pack_w4`) on every call unless the layer holds the
+kernel's layout already (:func:`prepare_w4a16`, stored by :func:`qjax.nn.prepare_kernels`). A
+prepared ``(N, K)`` copy of an 8-bit weight
+(:func:`qjax.kernels.experimental.nk_layout.prepare_nk`, ``prepare_kernels(model,
+w8_layout="nk")``) is read by the experimental ``*_nk`` kernels.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -49,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.kernels import xla
+from qjax.kernels.common import KN
 from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
 from qjax.kernels.fp8_block import fp8_block_matmul, fp8_block_matmul_reference
 from qjax.kernels.w4a16 import PackedW4, pack_w4, w4a16_matmul, w4a16_matmul_reference
@@ -56,30 +58,39 @@ from qjax.kernels.w8a8 import w8a8_matmul, w8a8_matmul_reference
 from qjax.numerics import QArray
 from qjax.numerics.formats import FloatFormat, IntFormat
 
-KERNEL_PATHS = ("auto", "pallas", "xla", "reference", "mosaic_gpu")
+
+class KernelPath(enum.StrEnum):
+    AUTO = "auto"  # pallas on GPU and TPU, xla on CPU
+    PALLAS = "pallas"
+    XLA = "xla"
+    REFERENCE = "reference"
+    MOSAIC_GPU = "mosaic_gpu"  # experimental: the Hopper kernels for W8A8 and FP8
 
 
-def check_kernel_path(path: str) -> str:
-    """``path`` if it is one of :data:`KERNEL_PATHS`, else a ``ValueError`` naming them."""
+KERNEL_PATHS = tuple(p.value for p in KernelPath)
+
+
+def check_kernel_path(path: KernelPath | str) -> KernelPath:
+    """``path`` as a :class:`KernelPath`; a ``ValueError`` naming the paths if it is none."""
     if path not in KERNEL_PATHS:
         raise ValueError(f"kernels={path!r} is not one of {list(KERNEL_PATHS)}")
-    return path
+    return KernelPath(path)
 
 
-def resolved_kernel_path(path: str = "auto") -> str:
-    """``path`` with ``"auto"`` resolved for the default backend (``"xla"`` on CPU, else ``"pallas"``)."""
-    if check_kernel_path(path) == "auto":
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
-    return path
+def resolved_kernel_path(path: KernelPath | str = KernelPath.AUTO) -> KernelPath:
+    """``path`` with ``auto`` resolved for the default backend (``xla`` on CPU, else ``pallas``)."""
+    if check_kernel_path(path) == KernelPath.AUTO:
+        return KernelPath.XLA if jax.default_backend() == "cpu" else KernelPath.PALLAS
+    return KernelPath(path)
 
 
 class KernelPlan(NamedTuple):
     """A contraction a kernel covers: ``kernel`` (``"w8a8"``, ``"fp8"``, ``"fp8_block"`` or
-    ``"w4a16"``) and the call ``run(impl)`` with ``impl`` one of ``"pallas"``, ``"mosaic_gpu"``
-    (W4A16 and block-scaled FP8 run on Triton there) or ``"reference"``, returning ``(M, N)``."""
+    ``"w4a16"``) and the call ``run(path)`` with ``path`` one of ``pallas``, ``mosaic_gpu`` or
+    ``reference``, returning ``(M, N)``."""
 
     kernel: str
-    run: Callable[[str], jax.Array]
+    run: Callable[[KernelPath], jax.Array]
 
 
 def _is_plain_matmul(x_ndim: int, w: QArray, dimension_numbers: Any) -> bool:
@@ -91,14 +102,6 @@ def _is_plain_matmul(x_ndim: int, w: QArray, dimension_numbers: Any) -> bool:
         and tuple(lc) in ((x_ndim - 1,), (-1,))
         and tuple(rc) in ((0,), (-2,))
     )
-
-
-def _backend(impl: str, mosaic_gpu_body: bool = True) -> str | None:
-    """The ``backend=`` of a kernel call on path ``impl`` (None: the device's). On the
-    ``mosaic_gpu`` path, kernels without a Mosaic GPU body (W4A16, block-scaled FP8) run on Triton."""
-    if impl != "mosaic_gpu":
-        return None
-    return "mosaic_gpu" if mosaic_gpu_body else "gpu"
 
 
 def _rows(a: jax.Array | None, m: int) -> jax.Array | None:
@@ -125,33 +128,58 @@ Prepared = PackedW4 | jax.Array  # a weight in a kernel's layout: W4A16's packin
 _PREPARE_AGAIN = "prepare it again from this weight (qjax.nn.prepare_kernels) after changing the weights"
 
 
-def prepare_nk(w: QArray) -> jax.Array | None:
-    """The ``(N, K)`` copy of a served 2-D 8-bit weight that the W8A8 (symmetric int8), FP8 and
-    block-scaled FP8 (e4m3) kernels read with ``w_layout="nk"``; ``None`` for other weights."""
-    if len(w.shape) != 2:
-        return None
-    fw = w.spec.format
-    if isinstance(fw, IntFormat) and fw.bits == 8 and fw.signed and w.zero_point is None:
-        return jnp.transpose(xla.operand(w).values)
-    if w.data.dtype == jnp.dtype(jnp.float8_e4m3fn):
-        return jnp.transpose(w.data)
-    return None
-
-
-def _nk_weight(prepared: Prepared | None, w: jax.Array, k: int, n: int) -> tuple[jax.Array, str]:
-    """The weight operand and its ``w_layout``: the prepared ``(N, K)`` copy if there is one."""
-    if not isinstance(prepared, jax.Array):
-        return w, "kn"
+def _nk_weight(prepared: jax.Array | None, w: jax.Array, k: int, n: int) -> tuple[jax.Array, bool]:
+    """The weight operand and whether it is a prepared ``(N, K)`` copy."""
+    if prepared is None:
+        return w, False
     if prepared.shape != (n, k):
         raise ValueError(
             f"the prepared (N, K) weight has shape {tuple(prepared.shape)} but the layer's weight is "
             f"{k} x {n}; {_PREPARE_AGAIN}"
         )
-    return prepared, "nk"
+    return prepared, True
+
+
+def _eight_bit_kernels(kernel: str, nk: bool) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """The Pallas kernel and the reference of ``kernel`` (``"w8a8"``, ``"fp8"``, ``"fp8_block"``) for a
+    weight ``(K, N)``, or with ``nk`` for a prepared ``(N, K)`` copy: the experimental ``*_nk`` kernels,
+    imported here, by the call that needs them."""
+    kernels: dict[str, tuple[Callable[..., jax.Array], Callable[..., jax.Array]]]
+    if not nk:
+        kernels = {
+            "w8a8": (w8a8_matmul, w8a8_matmul_reference),
+            "fp8": (fp8_matmul, fp8_matmul_reference),
+            "fp8_block": (fp8_block_matmul, fp8_block_matmul_reference),
+        }
+        return kernels[kernel]
+    from qjax.kernels.experimental import nk_layout
+
+    kernels = {
+        "w8a8": (nk_layout.w8a8_matmul_nk, nk_layout.w8a8_matmul_nk_reference),
+        "fp8": (nk_layout.fp8_matmul_nk, nk_layout.fp8_matmul_nk_reference),
+        "fp8_block": (nk_layout.fp8_block_matmul_nk, nk_layout.fp8_block_matmul_nk_reference),
+    }
+    return kernels[kernel]
+
+
+def _run_eight_bit(
+    kernel: str, path: KernelPath, nk: bool, args: tuple[Any, ...], kw: dict[str, Any]
+) -> jax.Array:
+    """An 8-bit ``kernel`` on ``path``: ``mosaic_gpu`` runs W8A8 and FP8 on the experimental Hopper
+    kernels (imported here) and block-scaled FP8 on Triton."""
+    if path == KernelPath.MOSAIC_GPU and kernel in ("w8a8", "fp8"):
+        from qjax.kernels.experimental import hopper, nk_layout
+
+        hopper_kernel = hopper.w8a8_matmul_hopper if kernel == "w8a8" else hopper.fp8_matmul_hopper
+        return hopper_kernel(*args, layout=nk_layout.NK if nk else KN, **kw)
+    pallas, reference = _eight_bit_kernels(kernel, nk)
+    if path == KernelPath.REFERENCE:
+        return reference(*args, **kw)
+    return pallas(*args, backend="gpu" if path == KernelPath.MOSAIC_GPU else None, **kw)
 
 
 def _w8a8_plan(
-    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: Prepared | None = None
+    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: jax.Array | None
 ) -> KernelPlan | None:
     fx, fw = x.spec.format, w.spec.format
     if not (isinstance(fx, IntFormat) and isinstance(fw, IntFormat)) or fx.bits > 8 or fw.bits != 8:
@@ -166,20 +194,14 @@ def _w8a8_plan(
     assert x_scale is not None
     zp = _rows(xo.zero_point, m)
     zp = None if zp is None else jnp.broadcast_to(zp, x_scale.shape).astype(jnp.int32)
-    w_values, layout = _nk_weight(prepared, wo.values, k, n)
+    w_values, nk = _nk_weight(prepared, wo.values, k, n)
     args = (xo.values.reshape(m, k), x_scale, w_values, w_scale)
-    kw = dict(x_zero_point=zp, out_dtype=out_dtype, w_layout=layout)
-
-    def run(impl: str) -> jax.Array:
-        if impl == "reference":
-            return w8a8_matmul_reference(*args, **kw)
-        return w8a8_matmul(*args, backend=_backend(impl), **kw)
-
-    return KernelPlan("w8a8", run)
+    kw = dict(x_zero_point=zp, out_dtype=out_dtype)
+    return KernelPlan("w8a8", functools.partial(_run_eight_bit, "w8a8", nk=nk, args=args, kw=kw))
 
 
 def _fp8_plan(
-    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: Prepared | None = None
+    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: jax.Array | None
 ) -> KernelPlan | None:
     fx, fw = x.spec.format, w.spec.format
     e4m3 = jnp.dtype(jnp.float8_e4m3fn)
@@ -192,19 +214,14 @@ def _fp8_plan(
         return None
     x_scale = _rows(x.qparams.scale.astype(jnp.float32), m)
     assert x_scale is not None
-    w_values, layout = _nk_weight(prepared, w.data, k, n)
+    w_values, nk = _nk_weight(prepared, w.data, k, n)
     args = (x.data.reshape(m, k), x_scale, w_values, w_scale)
-
-    def run(impl: str) -> jax.Array:
-        if impl == "reference":
-            return fp8_matmul_reference(*args, out_dtype=out_dtype, w_layout=layout)
-        return fp8_matmul(*args, out_dtype=out_dtype, backend=_backend(impl), w_layout=layout)
-
-    return KernelPlan("fp8", run)
+    kw = dict(out_dtype=out_dtype)
+    return KernelPlan("fp8", functools.partial(_run_eight_bit, "fp8", nk=nk, args=args, kw=kw))
 
 
 def _fp8_block_plan(
-    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: Prepared | None = None
+    x: QArray, w: QArray, m: int, k: int, n: int, out_dtype: Any, prepared: jax.Array | None
 ) -> KernelPlan | None:
     """E4M3 activations in groups of 128 along K (per token) x e4m3 weights in 128 x 128 blocks."""
     e4m3 = jnp.dtype(jnp.float8_e4m3fn)
@@ -218,21 +235,15 @@ def _fp8_block_plan(
     g = k // 128
     if x.qparams.scale.size != m * g or w.qparams.scale.shape != (g, n // 128):
         return None
-    w_values, layout = _nk_weight(prepared, w.data, k, n)
+    w_values, nk = _nk_weight(prepared, w.data, k, n)
     args = (
         x.data.reshape(m, k),
         x.qparams.scale.astype(jnp.float32).reshape(m, g),
         w_values,
         w.qparams.scale.astype(jnp.float32),
     )
-
-    def run(impl: str) -> jax.Array:
-        if impl == "reference":
-            return fp8_block_matmul_reference(*args, out_dtype=out_dtype, w_layout=layout)
-        backend = _backend(impl, mosaic_gpu_body=False)
-        return fp8_block_matmul(*args, out_dtype=out_dtype, backend=backend, w_layout=layout)
-
-    return KernelPlan("fp8_block", run)
+    kw = dict(out_dtype=out_dtype)
+    return KernelPlan("fp8_block", functools.partial(_run_eight_bit, "fp8_block", nk=nk, args=args, kw=kw))
 
 
 def _w4_group(w: QArray, k: int, n: int) -> int | None:
@@ -293,16 +304,17 @@ def _w4a16_plan(
         )
     xs = x.reshape(m, k)
 
-    def run(impl: str) -> jax.Array:
+    def run(path: KernelPath) -> jax.Array:
         if prepared is not None:
             packed = prepared
         else:
             assert operands is not None
             values, scales, zeros, group_size = operands
             packed = pack_w4(values, scales, zeros, group_size=group_size)
-        if impl == "reference":
+        if path == KernelPath.REFERENCE:
             return w4a16_matmul_reference(xs, packed, out_dtype=out_dtype)
-        return w4a16_matmul(xs, packed, out_dtype=out_dtype, backend=_backend(impl, mosaic_gpu_body=False))
+        backend = "gpu" if path == KernelPath.MOSAIC_GPU else None  # no Hopper W4A16 on this path
+        return w4a16_matmul(xs, packed, out_dtype=out_dtype, backend=backend)
 
     return KernelPlan("w4a16", run)
 
@@ -317,7 +329,8 @@ def kernel_plan(
     """The kernel that covers ``dot_general(x, w, dimension_numbers)``, or None (see the module
     docstring). ``prepared``: ``w`` in its kernel's layout, used instead of ``w``'s own: the W4A16
     packing (:func:`prepare_w4a16`, not repacked in the call) or an ``(N, K)`` 8-bit copy
-    (:func:`prepare_nk`, read with ``w_layout="nk"``)."""
+    (:func:`qjax.kernels.experimental.nk_layout.prepare_nk`, read by the experimental ``*_nk``
+    kernels)."""
     x_shape: Sequence[int] = x.shape
     if not isinstance(w, QArray) or w.spec.format.container_bits > 8 or not len(x_shape):
         return None
@@ -345,13 +358,13 @@ def serve_dot_general(
     dimension_numbers: Any,
     *,
     out_dtype: Any = jnp.float32,
-    path: str = "auto",
+    path: KernelPath | str = KernelPath.AUTO,
     prepared: Prepared | None = None,
 ) -> jax.Array:
     """``lax.dot_general(x, w)`` of a served layer on the kernel path in force (module docstring);
     ``prepared`` as in :func:`kernel_plan` (the XLA path does not use it)."""
     resolved = resolved_kernel_path(path)
-    plan = None if resolved == "xla" else kernel_plan(x, w, dimension_numbers, out_dtype, prepared)
+    plan = None if resolved == KernelPath.XLA else kernel_plan(x, w, dimension_numbers, out_dtype, prepared)
     if plan is None:
         return xla.quantized_dot_general(x, w, dimension_numbers, out_dtype=out_dtype)
     y = plan.run(resolved)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.kernels.dispatch import Prepared, check_kernel_path, prepare_nk, prepare_w4a16
+from qjax.kernels.dispatch import Prepared, check_kernel_path, prepare_w4a16
 from qjax.nn.hooks import OpKind, layer_hook, quantizable_layers
 from qjax.nn.ops import (
     MODES,
@@ -288,9 +288,9 @@ def prepare_kernels(model: nnx.Module, *, w8_layout: str = "kn") -> list[str]:
     kernel's layout (:func:`qjax.kernels.dispatch.prepare_w4a16`), so that its calls on the
     ``pallas``, ``mosaic_gpu`` and ``reference`` paths stop repacking the weight each time; with
     ``w8_layout="nk"`` also an ``(N, K)`` copy of every 8-bit weight (symmetric int8, e4m3;
-    :func:`qjax.kernels.dispatch.prepare_nk`), which the W8A8 / FP8 kernels then read with
-    ``w_layout="nk"`` (the K-major operand of Hopper's 8-bit tensor cores). Returns the paths of the
-    layers prepared.
+    :func:`qjax.kernels.experimental.nk_layout.prepare_nk`), which the experimental ``*_nk`` W8A8 /
+    FP8 kernels then read (the K-major operand of Hopper's 8-bit tensor cores). Returns the paths of
+    the layers prepared.
 
     The ``QArray`` stays (the ``xla`` path, checkpoints and :func:`summary` read it), so a prepared
     layer holds its weight twice (:func:`summary`'s ``kernel_layout_bytes``). Prepare again after
@@ -314,6 +314,8 @@ def prepare_kernels(model: nnx.Module, *, w8_layout: str = "kn") -> list[str]:
             continue
         layout: Prepared | None = prepare_w4a16(weight)
         if layout is None and w8_layout == "nk":
+            from qjax.kernels.experimental.nk_layout import prepare_nk  # named by w8_layout="nk"
+
             layout = prepare_nk(weight)
         if layout is not None:
             op.prepared = KernelLayout(layout)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qjax.kernels.dispatch import KERNEL_PATHS
+from qjax.kernels.dispatch import KERNEL_PATHS, KernelPath
 from qjax.nn.integer_qat import Residuals
 from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
 from qjax.numerics.formats import CodebookFormat, IntFormat
@@ -68,7 +68,8 @@ class Rule:
       kernels: what a served (converted) Linear or Einsum layer runs its contraction on: ``auto``
         (Pallas kernels on GPU and TPU, the XLA integer path on CPU), ``pallas`` (on CPU: the Pallas
         interpreter), ``xla``, ``reference`` (the kernels' pure-jnp references, for debugging) or
-        ``mosaic_gpu`` (W8A8 and FP8 on the Hopper path of :mod:`qjax.kernels.hopper`);
+        ``mosaic_gpu`` (W8A8 and FP8 on the experimental Hopper kernels,
+        :mod:`qjax.kernels.experimental.hopper`); parsed into a :class:`~qjax.kernels.dispatch.KernelPath`;
         contractions no kernel covers run on XLA (see :mod:`qjax.kernels.dispatch`).
     """
 
@@ -83,7 +84,7 @@ class Rule:
     histogram_bins: int = 2048
     integer_forward: bool = True
     ste_residuals: Residuals | str = Residuals.QUANTIZED
-    kernels: str = "auto"
+    kernels: KernelPath | str = KernelPath.AUTO
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -128,6 +129,7 @@ class Rule:
             raise ValueError(
                 f"Rule {self.path!r}: kernels={self.kernels!r} must be one of {list(KERNEL_PATHS)}"
             )
+        set_("kernels", KernelPath(self.kernels))
         if not 0.0 < self.ema_decay < 1.0:
             raise SpecError(
                 f"Rule {self.path!r}: ema_decay={self.ema_decay} must be in (0, 1)", field="ema_decay"

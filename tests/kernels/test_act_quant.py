@@ -14,10 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qjax.kernels.act_quant import (
-    _quantize_call,
-    _round_half_even,
     quantize_per_token,
     quantize_per_token_reference,
+    round_half_even,
 )
 
 DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
@@ -49,7 +48,7 @@ def _assert_same(got, want):
 
 _kernel = {
     (d, body): jax.jit(
-        lambda x, d=d, body=body: _quantize_call(x, jnp.dtype(DTYPES[d]).name, None, "interpret", body=body)
+        lambda x, d=d, body=body: quantize_per_token(x, dtype=DTYPES[d], backend="interpret", body=body)
     )
     for d in DTYPES
     for body in ("gpu", "tpu")
@@ -89,15 +88,17 @@ def test_one_row_per_program(dtype, m):
     """The GPU body with ``block_m = 1`` (the table's choice at decode: M programs, each walking one
     row in chunks of 8192, the last one masked) is bit for bit the reference."""
     x = _rows(np.random.default_rng(m), (m, 9000), 3, jnp.bfloat16)
-    name = jnp.dtype(DTYPES[dtype]).name
-    f = jax.jit(lambda x: _quantize_call(x, name, {"block_m": 1}, "interpret", body="gpu"))
+    kw = dict(dtype=DTYPES[dtype], blocks={"block_m": 1}, backend="interpret", body="gpu")
+    f = jax.jit(lambda x: quantize_per_token(x, **kw))
     _assert_same(f(x), _reference[dtype](x))
 
 
 def test_gpu_table_runs_a_program_per_row_at_decode():
-    from qjax.kernels import blocks as kb
+    from qjax.kernels import tuning
 
-    assert [kb.choose_blocks("act_quant", "gpu", m, device_kind="x").block_m for m in (1, 16, 64, 65)] == [
+    assert [
+        tuning.choose_blocks("act_quant", "gpu", m, device_kind="x").block_m for m in (1, 16, 64, 65)
+    ] == [
         1,
         1,
         1,
@@ -133,7 +134,7 @@ def test_round_half_even_matches_jnp_round():
         [halves, np.nextafter(halves, 0), np.nextafter(halves, 1000), rng.uniform(-130, 130, 2000)]
     )
     y = jnp.asarray(np.clip(y, -127.0, 127.0), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(_round_half_even(y)), np.asarray(jnp.round(y)))
+    np.testing.assert_array_equal(np.asarray(round_half_even(y)), np.asarray(jnp.round(y)))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,9 @@ must pick the kernel the layer's formats call for.
 """
 
 import itertools
+import subprocess
+import sys
+import textwrap
 
 import flax.nnx as nnx
 import jax
@@ -17,6 +20,7 @@ import pytest
 import qjax
 from qjax import QuantSpec
 from qjax.nn import Rule
+from tests import ROOT
 from tests.nn.serving import (
     A8_TENSOR,
     A8_TOKEN,
@@ -207,9 +211,11 @@ def test_prepare_kernels_refusals_and_uncovered_layers(rng):
     ids=["w8a8", "fp8"],
 )
 def test_prepared_nk_weights_feed_the_kernels_transposed(rng, monkeypatch, weights, acts, kernel):
-    """``prepare_kernels(w8_layout="nk")``: every 8-bit layer holds an (N, K) copy, the kernels read
-    it with ``w_layout="nk"``, and the outputs stay those of the (K, N) weights (W8A8: bit for bit,
+    """``prepare_kernels(w8_layout="nk")``: every 8-bit layer holds an (N, K) copy, the experimental
+    ``*_nk`` kernels read it, and the outputs stay those of the (K, N) weights (W8A8: bit for bit,
     its int32 sums are exact; FP8: within float32 summation order)."""
+    from qjax.kernels.experimental import nk_layout
+
     _, served = _served(_rules(weights, acts), rng)
     x = shifted(rng, 8, WIDTHS[0])
     xs = layer_inputs(served, x)
@@ -218,13 +224,13 @@ def test_prepared_nk_weights_feed_the_kernels_transposed(rng, monkeypatch, weigh
     assert qjax.nn.prepare_kernels(served) == []  # "kn": 8-bit weights are read as stored
     assert qjax.nn.prepare_kernels(served, w8_layout="nk") == [f"layers/{i}" for i in range(4)]
     layouts = []
-    real = getattr(qjax.kernels.dispatch, kernel)
+    real = getattr(nk_layout, f"{kernel}_nk")
 
     def spy(*args, **kwargs):
-        layouts.append((kwargs["w_layout"], tuple(args[2].shape)))
+        layouts.append(("nk", tuple(args[2].shape)))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qjax.kernels.dispatch, kernel, spy)
+    monkeypatch.setattr(nk_layout, f"{kernel}_nk", spy)
     after = [np.asarray(y, np.float64) for y in each_layer(served, xs)]
     assert layouts == [("nk", (n, k)) for k, n in itertools.pairwise(WIDTHS)]
     for y, y0 in zip(after, before, strict=True):
@@ -238,3 +244,50 @@ def test_prepared_nk_weights_feed_the_kernels_transposed(rng, monkeypatch, weigh
             assert np.max(np.abs(np.asarray(y, np.float64) - y0)) <= 2e-5 * np.max(np.abs(y0))
     with pytest.raises(ValueError, match="w8_layout='kk': expected 'kn'"):
         qjax.nn.prepare_kernels(served, w8_layout="kk")
+
+
+_SERVE_EVERY_DEFAULT_PATH = """
+import sys
+import flax.nnx as nnx
+import jax.numpy as jnp
+import qjax
+from qjax import QuantSpec
+from qjax.nn import Rule
+from tests.nn.serving import A8_TOKEN, FP8_CH, FP8_TOKEN, INT8_CH, MLP
+
+w4 = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32)
+models = {
+    "w8a8": [Rule(path=".*", weights=INT8_CH, activations=A8_TOKEN)],
+    "fp8": [Rule(path=".*", weights=FP8_CH, activations=FP8_TOKEN)],
+    "w4a16": [Rule(path=".*", weights=w4)],
+}
+x = jnp.ones((3, 64), jnp.float32)
+served = {}
+for name, rules in models.items():
+    served[name] = qjax.nn.convert(qjax.nn.quantize_model(MLP(nnx.Rngs(0), widths=(64, 64, 32)), rules))
+    if name == "w4a16":
+        qjax.nn.prepare_kernels(served[name])
+    for path in ("auto", "pallas", "xla", "reference"):
+        qjax.nn.set_kernels(served[name], path)
+        served[name](x).block_until_ready()
+print(sorted(m for m in sys.modules if m.startswith("qjax.kernels.experimental")))
+qjax.nn.prepare_kernels(served["w8a8"], w8_layout="nk")
+print(sorted(m for m in sys.modules if m.startswith("qjax.kernels.experimental")))
+"""
+
+
+def test_default_paths_do_not_import_the_experimental_kernels():
+    """In a fresh process: ``import qjax`` and serving W8A8, FP8 and W4A16 models (the W4A16 layout
+    prepared) on ``auto``, ``pallas``, ``xla`` and ``reference`` import no module of
+    ``qjax.kernels.experimental``; ``prepare_kernels(w8_layout="nk")``, which names it, does."""
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_SERVE_EVERY_DEFAULT_PATH)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    before, after = run.stdout.strip().splitlines()[-2:]
+    assert before == "[]"
+    assert "'qjax.kernels.experimental.nk_layout'" in after

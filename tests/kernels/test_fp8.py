@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax.kernels.fp8 import _check_fp8, fp8_matmul, fp8_matmul_reference
-from qjax.kernels.w8a8 import _scaled_matmul
+from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0
@@ -91,19 +90,7 @@ def test_fp8_tpu_body_interpreted():
     x, w = _fp8_values(rng, (m, k), 3), _fp8_values(rng, (k, n), -2)
     xs = jnp.asarray(rng.uniform(1e-2, 1.0, (m, 1)), jnp.float32)
     ws = jnp.asarray(rng.uniform(1e-2, 1.0, (1, n)), jnp.float32)
-    xq, wq, epi, dt = _check_fp8(x, xs, w, ws, None, jnp.float32)
-    y = _scaled_matmul(
-        xq,
-        wq,
-        epi,
-        kernel="fp8",
-        acc_dtype=jnp.float32,
-        out_dtype=dt,
-        blocks=None,
-        backend="interpret",
-        tpu_operand_dtype=jnp.bfloat16,
-        body="tpu",
-    )
+    y = fp8_matmul(x, xs, w, ws, out_dtype=jnp.float32, backend="interpret", body="tpu")
     y64, terms = _float64(x, xs, w, ws, None)
     _check_close(y, y64, terms, k, jnp.float32)
 

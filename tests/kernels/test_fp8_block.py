@@ -2,6 +2,8 @@
 per-128 x 128 block weight scales. Both kernel bodies (Triton's and Mosaic TPU's) run in the Pallas
 interpreter and equal the reference within float32 rounding; the reference equals a float64 numpy
 evaluation of the formula group by group; bad inputs are refused by name; both lowerings build.
+The weight stored ``(N, K)`` (``fp8_block_matmul_nk``): here with K split, the rest in
+``tests/kernels/experimental/test_nk_layout.py``.
 """
 
 import functools
@@ -13,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qjax.kernels.experimental.nk_layout import fp8_block_matmul_nk
 from qjax.kernels.fp8_block import fp8_block_matmul, fp8_block_matmul_reference
 
 FP8 = jnp.float8_e4m3fn
@@ -22,7 +25,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 SHAPES = [(1, 200, 130), (33, 384, 300), (64, 256, 256)]
 
 
-def _operands(rng, m, k, n, log2_scale):
+def block_operands(rng, m, k, n, log2_scale):
     g, gn = -(-k // 128), -(-n // 128)
     x = jnp.asarray(np.clip(rng.normal(size=(m, k)) * 2.0**log2_scale, -448, 448), FP8)
     w = jnp.asarray(np.clip(rng.normal(size=(k, n)), -448, 448), FP8)
@@ -32,7 +35,7 @@ def _operands(rng, m, k, n, log2_scale):
     return x, xs, w, ws, bias
 
 
-def _float64(x, xs, w, ws, bias):
+def block_float64(x, xs, w, ws, bias):
     """The formula in float64, group by group, and the sum of |terms| (for the rounding bound)."""
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     (m, k), n = x64.shape, w64.shape[1]
@@ -58,8 +61,8 @@ _reference = jax.jit(functools.partial(fp8_block_matmul_reference, out_dtype=jnp
 @given(seed=st.integers(0, 2**32 - 1), log2_scale=st.integers(-8, 8))
 def test_block_scaled_fp8_matches_reference_and_float64(shape, seed, log2_scale):
     m, k, n = shape
-    x, xs, w, ws, bias = _operands(np.random.default_rng(seed), m, k, n, log2_scale)
-    y64, terms = _float64(x, xs, w, ws, bias)
+    x, xs, w, ws, bias = block_operands(np.random.default_rng(seed), m, k, n, log2_scale)
+    y64, terms = block_float64(x, xs, w, ws, bias)
     ref = np.asarray(_reference(x, xs, w, ws, bias=bias), np.float64)
     # 128-term float32 sums per group, then G scaled additions: error <= (128 + G + 4) eps sum|terms|
     tol = (128 + xs.shape[1] + 4) * EPS32 * terms + 1e-30
@@ -71,7 +74,7 @@ def test_block_scaled_fp8_matches_reference_and_float64(shape, seed, log2_scale)
 
 
 def test_bf16_output_and_no_bias():
-    x, xs, w, ws, _ = _operands(np.random.default_rng(1), 16, 256, 128, 0)
+    x, xs, w, ws, _ = block_operands(np.random.default_rng(1), 16, 256, 128, 0)
     y = fp8_block_matmul(x, xs, w, ws, backend="interpret")
     assert y.dtype == jnp.bfloat16
     ref = fp8_block_matmul_reference(x, xs, w, ws, out_dtype=jnp.float32)
@@ -81,7 +84,7 @@ def test_bf16_output_and_no_bias():
 def test_block_scales_differ_from_one_scale():
     """The kernel does apply each group's own scale: doubling one group's activation scale changes
     exactly that group's contribution."""
-    x, xs, w, ws, _ = _operands(np.random.default_rng(2), 8, 256, 128, 0)
+    x, xs, w, ws, _ = block_operands(np.random.default_rng(2), 8, 256, 128, 0)
     y = np.asarray(fp8_block_matmul(x, xs, w, ws, out_dtype=jnp.float32, backend="interpret"), np.float64)
     y2 = np.asarray(
         fp8_block_matmul(x, xs.at[:, 1].multiply(2.0), w, ws, out_dtype=jnp.float32, backend="interpret"),
@@ -148,36 +151,6 @@ def test_lowers_for_accelerators(backend, platform, m, lowered):
     assert "qjax_fp8_block" in text
 
 
-@pytest.mark.parametrize("body", ["gpu", "tpu"])
-def test_weight_stored_nk_gives_the_same_values(body):
-    """``w_layout="nk"``: the weight ``(N, K)`` (K contiguous), block scales unchanged; within the
-    float32 rounding bound of the formula, like the ``(K, N)`` kernel, in both bodies."""
-    m, k, n = 33, 384, 300
-    x, xs, w, ws, bias = _operands(np.random.default_rng(5), m, k, n, 2)
-    y64, terms = _float64(x, xs, w, ws, bias)
-    tol = (128 + xs.shape[1] + 4) * EPS32 * terms + 1e-30
-    f = functools.partial(fp8_block_matmul, out_dtype=jnp.float32, backend="interpret", body=body)
-    y = np.asarray(jax.jit(functools.partial(f, w_layout="nk"))(x, xs, w.T, ws, bias=bias), np.float64)
-    assert y.shape == (m, n) and np.all(np.abs(y - y64) <= tol)
-    ref = fp8_block_matmul_reference(x, xs, w.T, ws, bias=bias, out_dtype=jnp.float32, w_layout="nk")
-    np.testing.assert_array_equal(np.asarray(ref), np.asarray(_reference(x, xs, w, ws, bias=bias)))
-    with pytest.raises(ValueError, match=r"w_q has 300 columns .*w_layout='kn'"):
-        fp8_block_matmul(x, xs, w, ws, backend="interpret", w_layout="nk")
-
-
-@pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
-def test_weight_stored_nk_lowers(backend, platform, lowered):
-    m, k, n = 64, 1024, 384
-    args = (
-        jax.ShapeDtypeStruct((m, k), FP8),
-        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
-        jax.ShapeDtypeStruct((n, k), FP8),
-        jax.ShapeDtypeStruct((k // 128, 3), jnp.float32),
-    )
-    fn = jax.jit(functools.partial(fp8_block_matmul, backend=backend, w_layout="nk"))
-    assert "qjax_fp8_block" in lowered(fn, *args, platform=platform)
-
-
 @pytest.mark.parametrize("m", [1, 20])
 @pytest.mark.parametrize("split_k", [2, 3])
 @pytest.mark.parametrize("w_layout", ["kn", "nk"])
@@ -186,13 +159,11 @@ def test_split_k_matches_float64(m, split_k, w_layout):
     M not padded to the block (masked rows): within the same float32 bound of float64, and the
     bias added once (after XLA's sum of the partial sums)."""
     k, n = 640, 256
-    x, xs, w, ws, bias = _operands(np.random.default_rng(100 * m + split_k), m, k, n, 0)
-    y64, terms = _float64(x, xs, w, ws, bias)
+    x, xs, w, ws, bias = block_operands(np.random.default_rng(100 * m + split_k), m, k, n, 0)
+    y64, terms = block_float64(x, xs, w, ws, bias)
     tol = (128 + xs.shape[1] + 4 + split_k) * EPS32 * terms + 1e-30
-    wl = w.T if w_layout == "nk" else w
-    f = functools.partial(
-        fp8_block_matmul, out_dtype=jnp.float32, backend="interpret", split_k=split_k, w_layout=w_layout
-    )
+    matmul, wl = (fp8_block_matmul_nk, w.T) if w_layout == "nk" else (fp8_block_matmul, w)
+    f = functools.partial(matmul, out_dtype=jnp.float32, backend="interpret", split_k=split_k)
     y = np.asarray(jax.jit(f)(x, xs, wl, ws, bias=bias), np.float64)
     assert y.shape == (m, n)
     assert np.all(np.abs(y - y64) <= tol)
@@ -201,11 +172,12 @@ def test_split_k_matches_float64(m, split_k, w_layout):
 
 
 def test_split_k_refused_off_gpu_and_lowers_for_cuda(lowered):
-    x, xs, w, ws, _ = _operands(np.random.default_rng(2), 1, 4096, 256, 0)
+    x, xs, w, ws, _ = block_operands(np.random.default_rng(2), 1, 4096, 256, 0)
     with pytest.raises(ValueError, match=r"split_k=2: K is split on GPU \(Triton\) only"):
         fp8_block_matmul(x, xs, w, ws, backend="interpret", body="tpu", split_k=2)
     with pytest.raises(ValueError, match=r"split_k=40: must be between 1 and the 32 K steps"):
         fp8_block_matmul(x, xs, w, ws, backend="interpret", split_k=40)
     for split_k in (None, 3):  # None: M = 1, N = 256 fills the GPU by splitting K
-        f = functools.partial(fp8_block_matmul, backend="gpu", split_k=split_k, w_layout="nk")
-        assert "qjax_fp8_block" in lowered(jax.jit(f), x, xs, w.T, ws, platform="cuda")
+        for matmul, wl in ((fp8_block_matmul, w), (fp8_block_matmul_nk, w.T)):
+            f = functools.partial(matmul, backend="gpu", split_k=split_k)
+            assert "qjax_fp8_block" in lowered(jax.jit(f), x, xs, wl, ws, platform="cuda")

@@ -1,7 +1,8 @@
-"""The GPU body of W8A8 / int8 / FP8 with K split over programs (``split_k``) and M not padded to
-the block (masked rows): int32-exact against int64 numpy, the full W8A8 epilogue the same as the
-unsplit kernel, FP8 within the float32 accumulation bound of float64; the automatic rule on GPU;
-refusals; lowering."""
+"""The shared launch (``qjax.kernels.launch``) through the GPU body of W8A8 / int8 / FP8 with K
+split over programs (``split_k``) and M not padded to the block (masked rows): int32-exact against
+int64 numpy, the full W8A8 epilogue the same as the unsplit kernel, FP8 within the float32
+accumulation bound of float64; the automatic rule on GPU; refusals; lowering; each with the weight
+``(K, N)`` and stored ``(N, K)`` (the experimental ``*_nk`` kernels)."""
 
 import functools
 
@@ -12,13 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax.kernels import blocks as kb
+from qjax.kernels import launch
+from qjax.kernels.experimental.nk_layout import fp8_matmul_nk, int8_matmul_nk, w8a8_matmul_nk
 from qjax.kernels.fp8 import fp8_matmul
+from qjax.kernels.tuning import Blocks
 from qjax.kernels.w8a8 import int8_matmul, w8a8_matmul, w8a8_matmul_reference
 
 FP8 = jnp.float8_e4m3fn
 EPS32 = float(np.finfo(np.float32).eps)
-SMALL = kb.Blocks(16, 64, 32, 4, 2)  # 16-row M blocks, 32-row K slices: several K steps at small K
+SMALL = Blocks(16, 64, 32, 4, 2)  # 16-row M blocks, 32-row K slices: several K steps at small K
 
 
 def _int8(rng, shape):
@@ -40,8 +43,8 @@ def test_int8_split_k_is_exact(m, split_k, seed):
     rng = np.random.default_rng(seed)
     x, w = _int8(rng, (m, k)), _int8(rng, (k, n))
     exact = np.asarray(x, np.int64) @ np.asarray(w, np.int64)
-    for layout, wl in (("kn", w), ("nk", w.T)):
-        y = _interpret(int8_matmul, split_k=split_k, w_layout=layout)(x, wl)
+    for matmul, wl in ((int8_matmul, w), (int8_matmul_nk, w.T)):
+        y = _interpret(matmul, split_k=split_k)(x, wl)
         assert y.shape == (m, n) and y.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(y), exact)
 
@@ -85,9 +88,9 @@ def test_fp8_split_k_matches_float64(m, split_k):
     s = np.asarray(xs, np.float64) * np.asarray(ws, np.float64)
     y64 = (x64 @ w64) * s + np.asarray(b, np.float64)
     bound = (np.abs(x64) @ np.abs(w64)) * s * (k + 2) * EPS32 + np.abs(y64) * 4 * EPS32
-    for layout, wl in (("kn", w), ("nk", w.T)):
-        kw = dict(split_k=split_k, w_layout=layout, bias=b, out_dtype=jnp.float32)
-        y = np.asarray(_interpret(fp8_matmul, **kw)(x, xs, wl, ws), np.float64)
+    for matmul, wl in ((fp8_matmul, w), (fp8_matmul_nk, w.T)):
+        kw = dict(split_k=split_k, bias=b, out_dtype=jnp.float32)
+        y = np.asarray(_interpret(matmul, **kw)(x, xs, wl, ws), np.float64)
         assert np.all(np.isfinite(y))
         assert np.all(np.abs(y - y64) <= bound)
 
@@ -95,17 +98,17 @@ def test_fp8_split_k_matches_float64(m, split_k):
 def test_split_k_ranges_rule():
     """Explicit counts: ceil(steps / ranges) steps per range, the last one the rest; the automatic
     count: a power of two, ranges of >= 2 steps, about GPU_TARGET_PROGRAMS programs."""
-    assert kb.split_k_ranges(4, 10, 4) == (4, 3)  # 3 + 3 + 3 + 1
-    assert kb.split_k_ranges(4, 9, 4) == (3, 3)  # 3 + 3 + 3: three ranges
-    assert kb.split_k_ranges(4, 9, 1) == (1, 9)
-    assert kb.split_k_ranges(4, 9, 9) == (9, 1)
-    assert kb.split_k_ranges(kb.GPU_TARGET_PROGRAMS, 100) == (1, 100)  # a full grid: no split
-    assert kb.split_k_ranges(64, 32) == (4, 8)  # M = 1, N = 4096 in 64-wide blocks, K = 4096
-    assert kb.split_k_ranges(1, 6) == (3, 2)  # never below 2 steps a range
-    assert kb.split_k_ranges(1, 1) == (1, 1)
+    assert launch.split_k_ranges(4, 10, 4) == (4, 3)  # 3 + 3 + 3 + 1
+    assert launch.split_k_ranges(4, 9, 4) == (3, 3)  # 3 + 3 + 3: three ranges
+    assert launch.split_k_ranges(4, 9, 1) == (1, 9)
+    assert launch.split_k_ranges(4, 9, 9) == (9, 1)
+    assert launch.split_k_ranges(launch.GPU_TARGET_PROGRAMS, 100) == (1, 100)  # a full grid: no split
+    assert launch.split_k_ranges(64, 32) == (4, 8)  # M = 1, N = 4096 in 64-wide blocks, K = 4096
+    assert launch.split_k_ranges(1, 6) == (3, 2)  # never below 2 steps a range
+    assert launch.split_k_ranges(1, 1) == (1, 1)
     for bad in (0, 11):
         with pytest.raises(ValueError, match=rf"split_k={bad}: must be between 1 and the 10 K steps"):
-            kb.split_k_ranges(4, 10, bad)
+            launch.split_k_ranges(4, 10, bad)
 
 
 def _pallas_grid(fn, *args):
@@ -120,7 +123,7 @@ def test_auto_split_on_gpu_and_one_range_elsewhere():
     k, n = 4096, 256
     rng = np.random.default_rng(0)
     w = _int8(rng, (k, n))
-    blocks = kb.Blocks(16, 64, 128, 4, 4)  # N / 64 = 4 programs at M = 1; K / 128 = 32 steps
+    blocks = Blocks(16, 64, 128, 4, 4)  # N / 64 = 4 programs at M = 1; K / 128 = 32 steps
     for backend, m, want in (("gpu", 1, (1, 4, 16)), ("interpret", 1, (1, 4, 1)), ("gpu", 1024, (64, 4, 1))):
         x = _int8(rng, (m, k))
         f = functools.partial(int8_matmul, backend=backend, blocks=blocks)
@@ -134,7 +137,7 @@ def test_split_k_refusals():
         int8_matmul(x, w, backend="interpret", blocks=SMALL, split_k=3)
     with pytest.raises(ValueError, match=r"split_k=2: K is split on GPU \(Triton\) only"):
         jax.jit(functools.partial(int8_matmul, backend="tpu", split_k=2)).trace(x, w)
-    with pytest.raises(ValueError, match=r"split_k=2: the mosaic_gpu backend does not split K"):
+    with pytest.raises(ValueError, match=r"no 'mosaic_gpu' backend; .*qjax.kernels.experimental.hopper"):
         jax.jit(functools.partial(int8_matmul, backend="mosaic_gpu", split_k=2)).trace(x, w)
 
 
@@ -144,11 +147,13 @@ def test_split_k_lowers_for_cuda(m, lowered):
     ``cuda``; K = 4096 in 128-row slices at N = 256 splits 16 ways."""
     k, n = 4096, 256
     scales = (jax.ShapeDtypeStruct((m, 1), jnp.float32), jax.ShapeDtypeStruct((1, n), jnp.float32))
-    blocks = kb.Blocks(16, 64, 128, 4, 4)
-    for fn, dtype in ((w8a8_matmul, jnp.int8), (fp8_matmul, FP8)):
+    blocks = Blocks(16, 64, 128, 4, 4)
+    fns = ((w8a8_matmul, jnp.int8, (k, n)), (fp8_matmul, FP8, (k, n)))
+    fns += ((w8a8_matmul_nk, jnp.int8, (n, k)), (fp8_matmul_nk, FP8, (n, k)))  # the weight (N, K)
+    for fn, dtype, w_shape in fns:
         for split_k in (None, 3):
             x = jax.ShapeDtypeStruct((m, k), dtype)
-            w = jax.ShapeDtypeStruct((n, k), dtype)
-            f = functools.partial(fn, backend="gpu", blocks=blocks, split_k=split_k, w_layout="nk")
+            w = jax.ShapeDtypeStruct(w_shape, dtype)
+            f = functools.partial(fn, backend="gpu", blocks=blocks, split_k=split_k)
             text = lowered(jax.jit(f), x, scales[0], w, scales[1], platform="cuda")
             assert "qjax_" in text

@@ -1,4 +1,4 @@
-"""qjax.kernels.blocks: the block table by kernel, backend, M bucket and device family."""
+"""qjax.kernels.tuning: the block table by kernel, backend, M bucket and device family."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qjax.kernels import blocks as kb
-from qjax.kernels import fp8, w4a16, w8a8
+from qjax.kernels import fp8, tuning, w4a16, w8a8
 
 H100 = "NVIDIA H100 80GB HBM3"
 A100 = "NVIDIA A100-SXM4-80GB"
@@ -30,63 +29,65 @@ A100 = "NVIDIA A100-SXM4-80GB"
     ],
 )
 def test_device_family(kind, family):
-    assert kb.device_family(kind) == family
+    assert tuning.device_family(kind) == family
 
 
 def _bucket(kernel, backend, family, m):
     key = (kernel, backend) if family is None else (kernel, backend, family)
-    return next(b for limit, b in kb.BLOCK_TABLE[key] if m <= limit)
+    return next(b for limit, b in tuning.BLOCK_TABLE[key] if m <= limit)
 
 
 @pytest.mark.parametrize("kernel", ["w8a8", "fp8", "w4a16"])
 @pytest.mark.parametrize("m", [1, 16, 17, 64, 65, 4096])
 def test_the_device_family_entry_wins_on_its_devices(kernel, m):
-    hopper = kb.choose_blocks(kernel, "gpu", m, device_kind=H100)
-    generic = kb.choose_blocks(kernel, "gpu", m, device_kind=A100)
+    hopper = tuning.choose_blocks(kernel, "gpu", m, device_kind=H100)
+    generic = tuning.choose_blocks(kernel, "gpu", m, device_kind=A100)
     assert hopper == _bucket(kernel, "gpu", "hopper", m)
     assert generic == _bucket(kernel, "gpu", None, m)
-    assert kb.table_key(kernel, "gpu", H100) == (kernel, "gpu", "hopper")
-    assert kb.table_key(kernel, "cuda", A100) == (kernel, "gpu")
+    assert tuning.table_key(kernel, "gpu", H100) == (kernel, "gpu", "hopper")
+    assert tuning.table_key(kernel, "cuda", A100) == (kernel, "gpu")
     # no family entry for the interpreter or TPU: the generic one, whatever the device
-    assert kb.choose_blocks(kernel, "interpret", m, device_kind=H100) == _bucket(kernel, "interpret", None, m)
-    assert kb.choose_blocks(kernel, "tpu", m, device_kind=H100) == _bucket(kernel, "tpu", None, m)
+    assert tuning.choose_blocks(kernel, "interpret", m, device_kind=H100) == _bucket(
+        kernel, "interpret", None, m
+    )
+    assert tuning.choose_blocks(kernel, "tpu", m, device_kind=H100) == _bucket(kernel, "tpu", None, m)
 
 
 def test_buckets_and_overrides():
-    table = kb.BLOCK_TABLE[("w8a8", "gpu", "hopper")]
-    assert kb.choose_blocks("w8a8", "gpu", 16, device_kind=H100) == table[0][1]
-    assert kb.choose_blocks("w8a8", "gpu", 17, device_kind=H100) == table[1][1]
-    assert kb.choose_blocks("w8a8", "gpu", 10**6, device_kind=H100) == table[-1][1]
-    b = kb.choose_blocks("w8a8", "gpu", 1, {"block_n": 32}, device_kind=H100)
-    assert b == kb.Blocks(table[0][1].block_m, 32, table[0][1].block_k, table[0][1].num_warps, 4)
-    assert kb.choose_blocks("w8a8", "gpu", 1, kb.Blocks(16, 16, 16)) == kb.Blocks(16, 16, 16)
+    table = tuning.BLOCK_TABLE[("w8a8", "gpu", "hopper")]
+    assert tuning.choose_blocks("w8a8", "gpu", 16, device_kind=H100) == table[0][1]
+    assert tuning.choose_blocks("w8a8", "gpu", 17, device_kind=H100) == table[1][1]
+    assert tuning.choose_blocks("w8a8", "gpu", 10**6, device_kind=H100) == table[-1][1]
+    b = tuning.choose_blocks("w8a8", "gpu", 1, {"block_n": 32}, device_kind=H100)
+    assert b == tuning.Blocks(table[0][1].block_m, 32, table[0][1].block_k, table[0][1].num_warps, 4)
+    assert tuning.choose_blocks("w8a8", "gpu", 1, tuning.Blocks(16, 16, 16)) == tuning.Blocks(16, 16, 16)
     with pytest.raises(ValueError, match=r"unknown fields \['block_x'\]"):
-        kb.choose_blocks("w8a8", "gpu", 1, {"block_x": 1})
+        tuning.choose_blocks("w8a8", "gpu", 1, {"block_x": 1})
     with pytest.raises(ValueError, match="kernel 'w2a2' has no 'gpu' backend"):
-        kb.choose_blocks("w2a2", "gpu", 1)
+        tuning.choose_blocks("w2a2", "gpu", 1)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the lookup on a host without a GPU")
 def test_lowering_for_a_gpu_from_another_host_uses_the_generic_entry():
     """The host's device is not the target, so no family applies (unless ``device_kind`` says)."""
-    assert kb.table_key("w8a8", "gpu") == ("w8a8", "gpu")
-    assert kb.choose_blocks("w8a8", "gpu", 1) == _bucket("w8a8", "gpu", None, 1)
+    assert tuning.table_key("w8a8", "gpu") == ("w8a8", "gpu")
+    assert tuning.choose_blocks("w8a8", "gpu", 1) == _bucket("w8a8", "gpu", None, 1)
 
 
 def test_set_blocks_for_a_family(monkeypatch):
-    monkeypatch.setattr(kb, "BLOCK_TABLE", dict(kb.BLOCK_TABLE))
-    mine = kb.Blocks(32, 64, 64, 4, 2)
-    kb.set_blocks("fp8", "gpu", ((8, kb.Blocks(16, 64, 64)), (64, mine)), family="hopper")
-    assert kb.choose_blocks("fp8", "gpu", 10**6, device_kind=H100) == mine  # the last bucket is open
-    assert kb.choose_blocks("fp8", "gpu", 8, device_kind=H100) == kb.Blocks(16, 64, 64)
-    assert kb.choose_blocks("fp8", "gpu", 8, device_kind=A100) == _bucket("fp8", "gpu", None, 8)
+    monkeypatch.setattr(tuning, "BLOCK_TABLE", dict(tuning.BLOCK_TABLE))
+    mine = tuning.Blocks(32, 64, 64, 4, 2)
+    tuning.set_blocks("fp8", "gpu", ((8, tuning.Blocks(16, 64, 64)), (64, mine)), family="hopper")
+    assert tuning.choose_blocks("fp8", "gpu", 10**6, device_kind=H100) == mine  # the last bucket is open
+    assert tuning.choose_blocks("fp8", "gpu", 8, device_kind=H100) == tuning.Blocks(16, 64, 64)
+    assert tuning.choose_blocks("fp8", "gpu", 8, device_kind=A100) == _bucket("fp8", "gpu", None, 8)
     with pytest.raises(ValueError, match="family='ampere': expected one of"):
-        kb.set_blocks("fp8", "gpu", ((8, mine),), family="ampere")
+        tuning.set_blocks("fp8", "gpu", ((8, mine),), family="ampere")
     with pytest.raises(ValueError, match="increasing m"):
-        kb.set_blocks("fp8", "gpu", ((8, mine), (8, mine)))
+        tuning.set_blocks("fp8", "gpu", ((8, mine), (8, mine)))
 
 
-def _lower_with(kernel: str, blocks: kb.Blocks, m: int, lowered) -> str:
+def _lower_with(kernel: str, blocks: tuning.Blocks, m: int, lowered) -> str:
     k, n = 1024, 384
     s = jax.ShapeDtypeStruct
     if kernel == "w4a16":
@@ -104,9 +105,11 @@ def _lower_with(kernel: str, blocks: kb.Blocks, m: int, lowered) -> str:
     return lowered(jax.jit(f), s((m, k), dtype), xs, s((k, n), dtype), ws, platform="cuda")
 
 
-@pytest.mark.parametrize("key", [key for key in kb.BLOCK_TABLE if key[1] == "gpu" and key[0] != "act_quant"])
+@pytest.mark.parametrize(
+    "key", [key for key in tuning.BLOCK_TABLE if key[1] == "gpu" and key[0] != "act_quant"]
+)
 def test_every_gpu_entry_lowers_for_cuda(key, lowered):
-    for limit, blocks in kb.BLOCK_TABLE[key]:
+    for limit, blocks in tuning.BLOCK_TABLE[key]:
         m = min(limit, 300)
         assert "triton" in _lower_with(key[0], blocks, m, lowered).lower()
 
@@ -114,14 +117,18 @@ def test_every_gpu_entry_lowers_for_cuda(key, lowered):
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_tuning_candidates_lower_for_cuda(size, lowered):
     """Every block candidate ``experiments.kernels.tune`` times lowers for W8A8 and FP8, with the weight
-    in either layout (a candidate that fails on the device wastes device time)."""
+    ``(K, N)`` and stored ``(N, K)`` (the experimental ``*_nk`` kernels; a candidate that fails on the
+    device wastes device time)."""
     from experiments.kernels.tune import CANDIDATES
+    from qjax.kernels.experimental import nk_layout
 
     m, k, n = (16, 1024, 512) if size == "small" else (512, 1024, 512)
     s = jax.ShapeDtypeStruct
+    kernels = [(jnp.int8, w8a8.w8a8_matmul, nk_layout.w8a8_matmul_nk)]
+    kernels += [(jnp.float8_e4m3fn, fp8.fp8_matmul, nk_layout.fp8_matmul_nk)]
     for blocks in CANDIDATES[size]:
-        for dtype, matmul in ((jnp.int8, w8a8.w8a8_matmul), (jnp.float8_e4m3fn, fp8.fp8_matmul)):
-            for layout, w_shape in (("kn", (k, n)), ("nk", (n, k))):
-                f = functools.partial(matmul, backend="gpu", blocks=blocks, w_layout=layout)
+        for dtype, matmul, matmul_nk in kernels:
+            for fn, w_shape in ((matmul, (k, n)), (matmul_nk, (n, k))):
+                f = functools.partial(fn, backend="gpu", blocks=blocks)
                 args = (s((m, k), dtype), s((m, 1), jnp.float32), s(w_shape, dtype), s((1, n), jnp.float32))
                 assert "triton" in lowered(jax.jit(f), *args, platform="cuda").lower()

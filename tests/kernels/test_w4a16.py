@@ -1,5 +1,7 @@
 """W4A16 Pallas kernel: packing round trip, interpret-mode kernels vs the reference, the reference vs
-float64 numpy, cross-platform lowering (cuda, tpu) on CPU, pytree behaviour and input validation."""
+float64 numpy, cross-platform lowering (cuda, tpu) on CPU, pytree behaviour and input validation.
+The options of the GPU body (``swap_ab``, the unpacks): ``tests/kernels/experimental/
+test_w4a16_variants.py``."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from hypothesis import strategies as st
 
 from qjax.kernels.w4a16 import (
     PackedW4,
-    _w4a16,
     pack_w4,
     unpack_w4,
     w4a16_matmul,
@@ -110,9 +111,9 @@ def test_kernel_variants_interpret(kernel, split_k, asym):
     x = jnp.asarray(rng.normal(size=(9, k)), jnp.bfloat16)
     b = jnp.asarray(rng.normal(size=(n,)), jnp.float32)
     f = functools.partial(
-        _w4a16, out_dtype=jnp.float32, blocks=None, backend="interpret", split_k=split_k, kernel=kernel
+        w4a16_matmul, out_dtype=jnp.float32, backend="interpret", split_k=split_k, body=kernel
     )
-    y = jax.jit(f)(x, w, b)
+    y = jax.jit(f)(x, w, bias=b)
     assert y.dtype == jnp.float32
     ref = w4a16_matmul_reference(x, w, bias=b, out_dtype=jnp.float32)
     # the TPU body rounds the dequantized weight to bf16; the GPU body only the activations
@@ -130,37 +131,16 @@ def test_uneven_k_split_interpret(split_k):
     assert_close(jax.jit(f)(x, w), w4a16_matmul_reference(x, w, out_dtype=jnp.float32), jnp.float32)
 
 
-@pytest.mark.parametrize(
-    ("m", "dtype", "split_k", "asym", "bias"),
-    [(1, jnp.bfloat16, 1, False, True), (1, jnp.float32, 2, True, False), (17, jnp.float16, 3, True, True)],
-)
-def test_swap_ab_matches_reference(m, dtype, split_k, asym, bias):
-    """The transposed tile (w^T x^T)^T gives y like the plain kernel: within float rounding of the
-    reference, M = 1 and 17, split and unsplit K, signed and asymmetric weights."""
-    rng = np.random.default_rng(m + split_k)
-    k, n, g = 640, 130, 64
-    _, _, _, w = make_weight(rng, k, n, g, asym)
-    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
-    b = jnp.asarray(rng.normal(size=(n,)), jnp.float32) if bias else None
-    f = functools.partial(w4a16_matmul, backend="interpret", split_k=split_k, swap_ab=True)
-    y = jax.jit(f)(x, w, bias=b)
-    assert y.shape == (m, n) and y.dtype == dtype
-    assert_close(y, w4a16_matmul_reference(x, w, bias=b), dtype)
-    plain = jax.jit(functools.partial(w4a16_matmul, backend="interpret", split_k=split_k))(x, w, bias=b)
-    assert_close(y, plain, dtype)
-
-
 def test_auto_split_reaches_the_target_with_short_last_range():
-    from qjax.kernels.blocks import GPU_TARGET_PROGRAMS as _GPU_TARGET_PROGRAMS
-    from qjax.kernels.blocks import split_k_ranges
+    from qjax.kernels.launch import GPU_TARGET_PROGRAMS, split_k_ranges
 
     for programs, steps in [(32, 43), (32, 86), (1, 64), (512, 8), (96, 32), (4, 3)]:
         split, per = split_k_ranges(programs, steps)
         assert per == -(-steps // split)
         assert 1 <= split <= steps and (split - 1) * per < steps <= split * per
         assert per >= 2 or steps < 4
-        if programs * 2 <= _GPU_TARGET_PROGRAMS and steps >= 4:
-            assert programs * split >= _GPU_TARGET_PROGRAMS // 2 or per == 2
+        if programs * 2 <= GPU_TARGET_PROGRAMS and steps >= 4:
+            assert programs * split >= GPU_TARGET_PROGRAMS // 2 or per == 2
 
 
 @settings(max_examples=8)
@@ -196,9 +176,6 @@ def test_lowers_for_accelerators(backend, platform, m, asym, lowered):
     f = jax.jit(functools.partial(w4a16_matmul, backend=backend))
     text = lowered(f, x, w, bias=jnp.zeros((384,), jnp.float32), platform=platform)
     assert ("triton" in text.lower()) if backend == "gpu" else ("tpu_custom_call" in text)
-    if backend == "gpu":
-        f = jax.jit(functools.partial(w4a16_matmul, backend=backend, swap_ab=True))
-        assert "triton" in lowered(f, x, w, platform=platform).lower()
 
 
 def test_packed_is_a_pytree_with_static_shape_fields():
@@ -241,8 +218,6 @@ def test_validation_errors():
         )
     with pytest.raises(ValueError, match=r"split_k=5: must be between 1 and the 1 K steps"):
         w4a16_matmul(jnp.zeros((2, 96), jnp.float32), w, backend="interpret", split_k=5)
-    with pytest.raises(ValueError, match=r"swap_ab=True is an option of the GPU kernel"):
-        w4a16_matmul(jnp.zeros((2, 96), jnp.float32), w, backend="tpu", swap_ab=True)
     with pytest.raises(TypeError, match=r"w: expected a PackedW4"):
         w4a16_matmul(jnp.zeros((2, 96), jnp.float32), (q, s), backend="interpret")  # type: ignore[arg-type]
 
@@ -252,97 +227,3 @@ def test_jit_traced_pack_skips_value_checks():
     pack = jax.jit(functools.partial(pack_w4, group_size=32))
     w = pack(jnp.full((32, 4), 3, jnp.int32), jnp.ones((1, 4), jnp.float32))
     np.testing.assert_array_equal(np.asarray(unpack_w4(w)), np.full((32, 4), 3.0, np.float32))
-
-
-def _run_ptx(src: str, regs: dict) -> dict:
-    """Run the PTX subset of the asm unpack (mov.b32, prmt.b32 default mode, shr.u32, lop3.b32) on
-    numpy uint32 arrays, one lane per asm instance; ``regs`` holds the inputs, the result all
-    registers. Semantics from the PTX ISA: prmt picks result byte i by selector nibble i from the
-    eight bytes {b, a} (a = bytes 0-3), the nibble's bit 3 replicating the picked byte's sign; lop3
-    computes, bit by bit, immLut[(a << 2) | (b << 1) | c]."""
-    regs = {k: np.asarray(v, np.uint64) for k, v in regs.items()}
-    mask = np.uint64(0xFFFFFFFF)
-
-    def val(tok):
-        tok = tok.strip()
-        return np.uint64(int(tok, 0)) if tok[0].isdigit() else regs[tok]
-
-    for line in src.replace("{", "").replace("}", "").split(";"):
-        line = line.strip()
-        if not line or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        dst, *args = [t.strip() for t in rest.split(",")]
-        a = [val(t) for t in args]
-        if op == "mov.b32":
-            out = a[0] + np.zeros_like(next(iter(regs.values())))
-        elif op == "shr.u32":
-            out = (a[0] & mask) >> a[1]
-        elif op == "prmt.b32":
-            sel = int(a[2])
-            pool = [(a[0] >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)]
-            pool += [(a[1] >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(4)]
-            out = np.zeros_like(a[0])
-            for i in range(4):
-                nib = (sel >> (4 * i)) & 0xF
-                byte = pool[nib & 7]
-                if nib & 8:
-                    byte = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
-                out |= byte << np.uint64(8 * i)
-        elif op == "lop3.b32":
-            lut, out = int(a[3]), np.zeros_like(a[0])
-            for k in range(8):
-                if (lut >> k) & 1:
-                    terms = [x if (k >> shift) & 1 else ~x for x, shift in zip(a[:3], (2, 1, 0), strict=True)]
-                    out |= terms[0] & terms[1] & terms[2]
-        else:
-            raise AssertionError(f"unexpected PTX instruction {op}")
-        regs[dst] = out & mask
-    return regs
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("high", [False, True])
-def test_asm_unpack_builds_the_float_bits(dtype, high):
-    """The PTX of unpack='asm' turns four packed bytes (element k in byte k of the 32-bit input
-    register) into the bits of 2**m + nibble, elements 0, 1 in the two 16-bit lanes of the first
-    output register and 2, 3 in the second: run on every byte value in every position."""
-    from qjax.kernels.w4a16 import _MAGIC, asm_unpack_source
-
-    rng = np.random.default_rng(0)
-    data = np.concatenate([np.repeat(np.arange(256), 4), rng.integers(0, 256, 4 * 4096)]).astype(np.uint8)
-    data = data.reshape(-1, 4)
-    data[:256] = np.stack(
-        [np.roll(np.arange(256), 64 * j) for j in range(4)], axis=1
-    )  # each value in each lane
-    word = data.astype(np.uint64) @ (np.uint64(1) << np.arange(0, 32, 8, dtype=np.uint64))
-    out = _run_ptx(asm_unpack_source(dtype, high), {"$2": word})
-    nibble = (data >> 4) if high else (data & 0xF)
-    expect = nibble.astype(np.uint64) | np.uint64(_MAGIC[jnp.dtype(dtype)][1])
-    lanes = [(out[r] >> np.uint64(16 * i)) & np.uint64(0xFFFF) for r in ("$0", "$1") for i in (0, 1)]
-    np.testing.assert_array_equal(np.stack(lanes, axis=1), expect)
-    # and these bits are the floats 2**m + nibble
-    floats = np.stack(lanes, axis=1).astype(np.uint16).view(jnp.dtype(dtype)).astype(np.float32)
-    np.testing.assert_array_equal(floats, _MAGIC[jnp.dtype(dtype)][2] + nibble.astype(np.float32))
-
-
-def test_asm_unpack_lowers_for_cuda_and_is_refused_elsewhere(lowered):
-    _, _, _, w = make_weight(np.random.default_rng(0), 512, 384, 128, True)
-    x = jnp.zeros((16, 512), jnp.bfloat16)
-    f = jax.jit(functools.partial(w4a16_matmul, backend="gpu", unpack="asm"))
-    text = lowered(f, x, w, platform="cuda")
-    assert "triton" in text.lower() and "lop3.b32" in text and "prmt.b32" in text
-    with pytest.raises(ValueError, match=r"unpack='asm' is PTX inline assembly: backend='gpu' only"):
-        w4a16_matmul(x, w, backend="interpret", unpack="asm")
-    with pytest.raises(ValueError, match=r"unpack='asm' builds 16-bit floats"):
-        w4a16_matmul(x.astype(jnp.float32), w, backend="gpu", unpack="asm")
-    with pytest.raises(ValueError, match=r"unpack='lut': expected one of"):
-        w4a16_matmul(x, w, backend="interpret", unpack="lut")
-
-
-def test_convert_unpack_matches_reference():
-    rng = np.random.default_rng(5)
-    _, _, _, w = make_weight(rng, 256, 130, 64, True)
-    x = jnp.asarray(rng.normal(size=(3, 256)), jnp.bfloat16)
-    y = jax.jit(functools.partial(w4a16_matmul, backend="interpret", unpack="convert"))(x, w)
-    assert_close(y, w4a16_matmul_reference(x, w), jnp.bfloat16)

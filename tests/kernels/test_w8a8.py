@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qjax.kernels.w8a8 import (
-    _scaled_matmul,
     int8_matmul,
     int8_matmul_reference,
     w8a8_matmul,
@@ -28,17 +27,7 @@ SHAPES = [(1, 100, 37), (33, 130, 200), (64, 256, 384)]
 EPS32 = float(np.finfo(np.float32).eps)
 
 _int8 = jax.jit(int8_matmul)
-_int8_tpu_body = jax.jit(
-    functools.partial(
-        _scaled_matmul,
-        kernel="w8a8",
-        acc_dtype=jnp.int32,
-        out_dtype=jnp.int32,
-        blocks=None,
-        backend="interpret",
-        body="tpu",
-    )
-)
+_int8_tpu_body = jax.jit(functools.partial(int8_matmul, backend="interpret", body="tpu"))
 _int8_ref = jax.jit(int8_matmul_reference)
 
 
@@ -74,7 +63,7 @@ def test_int8_matmul_tpu_body_interpreted(shape):
     m, k, n = shape
     rng = np.random.default_rng(1)
     x, w = _int8_values(rng, (m, k), "uniform"), _int8_values(rng, (k, n), "uniform")
-    np.testing.assert_array_equal(np.asarray(_int8_tpu_body(x, w, {})), np.asarray(_int8_ref(x, w)))
+    np.testing.assert_array_equal(np.asarray(_int8_tpu_body(x, w)), np.asarray(_int8_ref(x, w)))
 
 
 def test_int8_matmul_blocks_override():
@@ -143,20 +132,8 @@ def test_w8a8_tpu_body_interpreted():
     x, xs, w, ws, zp, b = _operands(
         np.random.default_rng(4), m, k, n, per_token=True, zero_point=True, bias=True
     )
-    from qjax.kernels.w8a8 import _check_w8a8
-
-    x, w, epi, dt = _check_w8a8(x, xs, w, ws, zp, b, jnp.float32)
-    y = _scaled_matmul(
-        x,
-        w,
-        epi,
-        kernel="w8a8",
-        acc_dtype=jnp.int32,
-        out_dtype=dt,
-        blocks=None,
-        backend="interpret",
-        body="tpu",
-    )
+    kw = dict(x_zero_point=zp, bias=b, out_dtype=jnp.float32)
+    y = w8a8_matmul(x, xs, w, ws, backend="interpret", body="tpu", **kw)
     yr = w8a8_matmul_reference(x, xs, w, ws, x_zero_point=zp, bias=b, out_dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(y), np.asarray(yr), rtol=4 * EPS32, atol=1e-6)
 

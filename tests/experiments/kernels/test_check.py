@@ -46,7 +46,7 @@ def test_gpu_runs_add_the_hopper_and_w4a16_options():
 def test_hopper_w4_case_runs_in_the_interpreter(monkeypatch):
     """The Hopper W4A16 case (group 64 where 128 does not divide K) against its reference, in the GPU
     interpreter of jax >= 0.11 (weight staged through shared memory)."""
-    from qjax.kernels import hopper, hopper_w4
+    from qjax.kernels.experimental import hopper, hopper_w4
 
     real = hopper_w4.w4a16_matmul_hopper
     monkeypatch.setattr(hopper_w4, "w4a16_matmul_hopper", lambda *a, **kw: real(*a, interpret=True, **kw))

@@ -9,9 +9,9 @@ import shlex
 
 import numpy as np
 
-from experiments.kernels import bench as bk
 from experiments.kernels import profile_w4a16 as pw
 from experiments.kernels import tune as tb
+from experiments.kernels.bench import cli, rows
 from tests import ROOT
 
 SCRIPT = ROOT / "scripts" / "device_kernels.sh"
@@ -65,17 +65,20 @@ def test_check_arguments_parse(tmp_path, monkeypatch):
 
 
 def test_benchmark_and_profile_arguments_parse():
-    benches = [bk.parse_args(a) for _, m, a in _steps() if m == "experiments.kernels.bench"]
+    benches = [cli.parse_args(a) for _, m, a in _steps() if m == "experiments.kernels.bench"]
     for parsed in benches:
-        assert len(bk.parse_kernels(parsed.kernels)) > 1
-        assert [s for s, _, _ in bk.parse_shapes(parsed.shapes)] == parsed.shapes.split(",")
+        assert len(cli.parse_kernels(parsed.kernels)) > 1
+        assert [s for s, _, _ in cli.parse_shapes(parsed.shapes)] == parsed.shapes.split(",")
     # the Mosaic GPU rows in the second process only (a crash there cannot cost the first its cells)
-    first, second = (set(bk.parse_kernels(p.kernels)) for p in benches)
-    assert not first & set(bk.HOPPER_KERNELS) and set(bk.HOPPER_KERNELS) <= second
-    assert set(bk.XLA_KERNELS) <= first and {p.out.name for p in benches} == {"bench.json", "bench_mgpu.json"}
+    first, second = (set(cli.parse_kernels(p.kernels)) for p in benches)
+    assert not first & set(rows.HOPPER_KERNELS) and set(rows.HOPPER_KERNELS) <= second
+    assert set(rows.XLA_KERNELS) <= first and {p.out.name for p in benches} == {
+        "bench.json",
+        "bench_mgpu.json",
+    }
     (args,) = [a for _, m, a in _steps() if m == "experiments.kernels.profile_w4a16"]
     parsed = pw.make_parser().parse_args(args)
-    assert all(s in bk.SHAPES for s in parsed.shapes.split(","))
+    assert all(s in rows.SHAPES for s in parsed.shapes.split(","))
     assert all(int(m) >= 1 for m in parsed.m.split(","))
 
 
@@ -96,14 +99,14 @@ def test_tune_blocks_times_xla_dots_in_both_layouts(capsys):
         lines = [line for line in printed.splitlines() if line.lstrip().startswith(f"{kernel} M=16 ")]
         assert sorted(line.split("TF/s ")[1] for line in lines) == ["XLA (K, N)", "XLA (N, K)"]
         assert f"BEST {kernel} M=16: XLA (" in printed
-        (x, ws), call = tb._operands(kernel, 16, 256, 128, np.random.default_rng(1))
+        (x, ws), call = tb.operands(kernel, 16, 256, 128, np.random.default_rng(1))
         y_kn, y_nk = (np.asarray(call(x, ws[0], layout), np.float32) for layout in tb.XLA_LAYOUTS)
         assert y_kn.shape == y_nk.shape == (16, 128)
         np.testing.assert_allclose(y_nk, y_kn, rtol=0, atol=1e-2 * np.abs(y_kn).max())  # bf16 outputs
 
 
 def test_goals_are_judged_on_both_benchmark_files():
-    benches = [bk.parse_args(a) for _, m, a in _steps() if m == "experiments.kernels.bench"]
+    benches = [cli.parse_args(a) for _, m, a in _steps() if m == "experiments.kernels.bench"]
     (args,) = [a for _, m, a in _steps() if m == "experiments.kernels.goals"]
     files = [a for a in args if not a.startswith("--") and a.endswith(".json") and "goals" not in a]
     assert files == [f"$out/{p.out.name}" for p in benches]

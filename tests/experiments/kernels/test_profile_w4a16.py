@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from experiments.kernels import profile_w4a16 as pw
-from qjax.kernels import hopper_w4, w4a16
+from qjax.kernels import w4a16
+from qjax.kernels.experimental import hopper_w4
+from qjax.kernels.experimental.w4a16_variants import w4a16_matmul_variant
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -30,13 +32,11 @@ def test_parts_compute_column_sums(split_k):
         (pw.unpack_body, q.sum(axis=0)),
     ]:
         f = functools.partial(
-            w4a16._w4a16,
-            bias=None,
+            w4a16_matmul_variant,
             out_dtype=jnp.float32,
             blocks=blocks,
             backend="interpret",
             split_k=split_k,
-            kernel="gpu",
             gpu_body=body,
         )
         y = np.asarray(jax.jit(f)(x, w))

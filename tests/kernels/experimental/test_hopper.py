@@ -1,4 +1,4 @@
-"""The Hopper (Mosaic GPU) path of W8A8 and FP8 (``qjax.kernels.hopper``).
+"""The Hopper (Mosaic GPU) kernels of W8A8 and FP8 (``qjax.kernels.experimental.hopper``).
 
 On CPU the kernel runs in Pallas' GPU interpreter, which simulates the shared memory, barriers,
 TMA copies and ``wgmma`` of the kernel. The kernel's 16-bit variant (the weight read ``(K, N)``) on
@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax.kernels import hopper
-from qjax.kernels.blocks import Blocks
-from qjax.kernels.fp8 import fp8_matmul
+from qjax.kernels.experimental import hopper
+from qjax.kernels.experimental.nk_layout import NK
+from qjax.kernels.tuning import Blocks
 from qjax.kernels.w4a16 import pack_w4, w4a16_matmul
-from qjax.kernels.w8a8 import int8_matmul, w8a8_matmul, w8a8_matmul_reference
+from qjax.kernels.w8a8 import w8a8_matmul_reference
 
 SMALL = hopper.HopperConfig(tile_m=64, tile_n=64, tile_k=128, max_concurrent_steps=2, max_ctas=2)
 
@@ -188,7 +188,7 @@ def test_8bit_kernels_lower_for_cuda(m, out_dtype, lowered):
     bias = jax.ShapeDtypeStruct((n,), jnp.float32)
 
     def w8a8(*a):
-        return w8a8_matmul(*a[:4], x_zero_point=a[4], bias=a[5], out_dtype=out_dtype, backend="mosaic_gpu")
+        return hopper.w8a8_matmul_hopper(*a[:4], x_zero_point=a[4], bias=a[5], out_dtype=out_dtype)
 
     text = lowered(jax.jit(w8a8), x, xs, w, ws, zp, bias, platform="cuda")
     assert "mosaic_gpu" in text
@@ -196,13 +196,13 @@ def test_8bit_kernels_lower_for_cuda(m, out_dtype, lowered):
     w8 = jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn)
 
     def fp8(*a):
-        return fp8_matmul(*a, out_dtype=out_dtype, backend="mosaic_gpu")
+        return hopper.fp8_matmul_hopper(*a, out_dtype=out_dtype)
 
     text = lowered(jax.jit(fp8), x8, xs, w8, ws, platform="cuda")
     assert "mosaic_gpu" in text
-    raw = jax.jit(lambda a, b: int8_matmul(a, b, backend="mosaic_gpu"))
+    raw = jax.jit(hopper.int8_matmul_hopper)
     assert "mosaic_gpu" in lowered(raw, x, w, platform="cuda")
-    raw_nk = jax.jit(lambda a, b: int8_matmul(a, b, backend="mosaic_gpu", w_layout="nk"))  # no transpose
+    raw_nk = jax.jit(lambda a, b: hopper.int8_matmul_hopper(a, b, layout=NK))  # no transpose
     text = lowered(raw_nk, x, jax.ShapeDtypeStruct((n, k), jnp.int8), platform="cuda")
     assert "mosaic_gpu" in text and "stablehlo.transpose" not in text
     assert "stablehlo.transpose" in lowered(raw, x, w, platform="cuda")
@@ -246,18 +246,13 @@ def test_refusals_name_the_fix():
     s = jnp.ones((1, 1), jnp.float32)
     big = {"max_concurrent_steps": 8, "tile_k": 256}
     with pytest.raises(ValueError, match=r"shared memory.*lower max_concurrent_steps"):
-        w8a8_matmul(
-            jnp.zeros((4, 4096), jnp.int8),
-            s,
-            jnp.zeros((4096, 128), jnp.int8),
-            s,
-            backend="mosaic_gpu",
-            blocks=big,
+        hopper.w8a8_matmul_hopper(
+            jnp.zeros((4, 4096), jnp.int8), s, jnp.zeros((4096, 128), jnp.int8), s, config=big
         )
     with pytest.raises(TypeError, match="HopperConfig or a mapping"):
-        w8a8_matmul(x, s, w, s, backend="mosaic_gpu", blocks=Blocks(64, 64, 64))
+        hopper.w8a8_matmul_hopper(x, s, w, s, config=Blocks(64, 64, 64))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown fields"):
-        w8a8_matmul(x, s, w, s, backend="mosaic_gpu", blocks={"block_m": 64})
+        hopper.w8a8_matmul_hopper(x, s, w, s, config={"block_m": 64})
     packed = pack_w4(jnp.zeros((256, 128), jnp.int32), jnp.ones((2, 128), jnp.float32), group_size=128)
     with pytest.raises(ValueError, match="no 'mosaic_gpu' backend"):
         w4a16_matmul(jnp.zeros((4, 256), jnp.bfloat16), packed, backend="mosaic_gpu")
@@ -274,5 +269,5 @@ def test_tuning_candidates_lower_for_cuda(size, m, lowered):
     xs = jax.ShapeDtypeStruct((m, 1), jnp.float32)
     ws = jax.ShapeDtypeStruct((1, 4096), jnp.float32)
     for cfg in HOPPER_CANDIDATES[size]:
-        fn = jax.jit(lambda *a, cfg=cfg: w8a8_matmul(*a, backend="mosaic_gpu", blocks=cfg))
+        fn = jax.jit(lambda *a, cfg=cfg: hopper.w8a8_matmul_hopper(*a, config=cfg))
         assert "mosaic_gpu" in lowered(fn, x, xs, w, ws, platform="cuda"), cfg

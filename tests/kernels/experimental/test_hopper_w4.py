@@ -1,4 +1,4 @@
-"""The Hopper W4A16 kernel for small M (``qjax.kernels.hopper_w4``: Pallas on Mosaic GPU).
+"""The Hopper W4A16 kernel for small M (``qjax.kernels.experimental.hopper_w4``: Pallas on Mosaic GPU).
 
 Pallas' GPU interpreter of jax >= 0.11 runs it (the converted weight staged through shared memory,
 since the interpreter's ``wgmma`` takes no register operand) against a float64 evaluation and the
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax.kernels import hopper, hopper_w4
-from qjax.kernels.hopper_w4 import HopperW4, HopperW4Config, prepare_w4, w4a16_matmul_hopper
+from qjax.kernels.experimental import hopper, hopper_w4
+from qjax.kernels.experimental.hopper_w4 import HopperW4, HopperW4Config, prepare_w4, w4a16_matmul_hopper
 from qjax.kernels.w4a16 import pack_w4, w4a16_matmul_reference
 
 
@@ -104,25 +104,25 @@ def test_lowers_for_cuda(asym, m, a_in_smem, lowered):
 
 
 def test_splits_default_to_two_waves():
-    assert hopper_w4._splits(96, 32, None) == 4  # 7b.qkv: 96 CTAs of 128 columns, 32 slices of 128
-    assert hopper_w4._splits(32, 88, None) == 11  # 7b.down: 86 slices padded to 88
-    assert hopper_w4._splits(64, 224, None) == 7  # 70b.down
-    assert hopper_w4._splits(448, 64, None) == 1  # 70b.gate_up: already > 2 waves
-    assert hopper_w4._splits(1, 8, None) == 8  # never more ranges than slices
-    assert hopper_w4._splits(1, 8, 2) == 2
+    assert hopper_w4.choose_splits(96, 32, None) == 4  # 7b.qkv: 96 CTAs of 128 columns, 32 slices of 128
+    assert hopper_w4.choose_splits(32, 88, None) == 11  # 7b.down: 86 slices padded to 88
+    assert hopper_w4.choose_splits(64, 224, None) == 7  # 70b.down
+    assert hopper_w4.choose_splits(448, 64, None) == 1  # 70b.gate_up: already > 2 waves
+    assert hopper_w4.choose_splits(1, 8, None) == 8  # never more ranges than slices
+    assert hopper_w4.choose_splits(1, 8, 2) == 2
 
 
 def test_stages_fit_shared_memory():
     """As many K slices in flight as fit in sm_90's 227 KiB: 8 at decode sizes, fewer at M = 128 (32 KiB
     of bf16 activations per 128-row slice); an explicit config that does not fit is refused."""
     cfg = HopperW4Config()
-    assert hopper_w4._stages(cfg, 32, 16, 128, 2, True) == 8
-    assert hopper_w4._stages(cfg, 32, 128, 128, 2, True) == 3
+    assert hopper_w4.choose_stages(cfg, 32, 16, 128, 2, True) == 8
+    assert hopper_w4.choose_stages(cfg, 32, 128, 128, 2, True) == 3
     for mp, asym in [(16, False), (64, True), (128, True)]:
-        stages = hopper_w4._stages(cfg, 32, mp, 128, 2, asym)
+        stages = hopper_w4.choose_stages(cfg, 32, mp, 128, 2, asym)
         assert hopper_w4.smem_bytes(mp, 128, 2, asym, stages, False) <= hopper.SMEM_BYTES - 1024
     with pytest.raises(ValueError, match=r"more than the 232448 of an sm_90 CTA; lower max_concurrent_steps"):
-        hopper_w4._stages(HopperW4Config(max_concurrent_steps=8), 32, 128, 128, 2, True)
+        hopper_w4.choose_stages(HopperW4Config(max_concurrent_steps=8), 32, 128, 128, 2, True)
 
 
 def test_refuses_bad_inputs():

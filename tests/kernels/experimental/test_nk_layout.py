@@ -1,6 +1,8 @@
-"""W8A8 and FP8 with the weight stored ``(N, K)`` (``w_layout="nk"``, K contiguous: the operand
-Hopper's 8-bit tensor cores read): the same results as ``(K, N)``, exact where the arithmetic is
-exact, both bodies, the references, the Hopper path's weight, refusals and lowering."""
+"""The 8-bit kernels with the weight stored ``(N, K)`` (``qjax.kernels.experimental.nk_layout``, K
+contiguous: the operand Hopper's 8-bit tensor cores read): the same results as ``(K, N)``, exact
+where the arithmetic is exact, both bodies, the references, the Hopper path's weight, refusals and
+lowering. With K split over programs and the tuning candidates: beside the ``(K, N)`` kernels in
+``tests/kernels/test_launch.py``, ``test_fp8_block.py`` and ``test_tuning.py``."""
 
 import functools
 
@@ -11,16 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qjax.kernels import hopper
-from qjax.kernels.fp8 import fp8_matmul, fp8_matmul_reference
-from qjax.kernels.w8a8 import (
-    _check_w8a8,
-    _scaled_matmul,
-    int8_matmul,
-    int8_matmul_reference,
-    w8a8_matmul,
-    w8a8_matmul_reference,
-)
+from qjax.kernels.experimental import hopper, nk_layout
+from qjax.kernels.fp8_block import fp8_block_matmul_reference
+from qjax.kernels.w8a8 import w8a8_matmul, w8a8_matmul_reference
+from tests.kernels.test_fp8_block import block_float64, block_operands
 
 FP8 = jnp.float8_e4m3fn
 EPS32 = float(np.finfo(np.float32).eps)
@@ -29,6 +25,10 @@ SHAPES = [(1, 100, 37), (33, 130, 200)]
 
 def _int8(rng, shape):
     return jnp.asarray(rng.integers(-128, 128, shape), jnp.int8)
+
+
+def _fp8(rng, shape, scale=1.0):
+    return jnp.asarray(np.clip(rng.normal(size=shape) * scale, -448, 448), FP8)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -40,9 +40,8 @@ def test_int8_nk_is_exact(shape, seed):
     x, w = _int8(rng, (m, k)), _int8(rng, (k, n))
     exact = np.asarray(x, np.int64) @ np.asarray(w, np.int64)
     wt = w.T  # (N, K)
-    nk = functools.partial(int8_matmul, w_layout="nk")
-    np.testing.assert_array_equal(np.asarray(jax.jit(nk)(x, wt)), exact)
-    np.testing.assert_array_equal(np.asarray(int8_matmul_reference(x, wt, w_layout="nk")), exact)
+    np.testing.assert_array_equal(np.asarray(jax.jit(nk_layout.int8_matmul_nk)(x, wt)), exact)
+    np.testing.assert_array_equal(np.asarray(nk_layout.int8_matmul_nk_reference(x, wt)), exact)
 
 
 @pytest.mark.parametrize("body", ["gpu", "tpu"])
@@ -54,25 +53,23 @@ def test_w8a8_nk_equals_kn_with_the_full_epilogue(body):
     ws = jnp.asarray(rng.uniform(1e-3, 1e-1, (1, n)), jnp.float32)
     zp = jnp.asarray(rng.integers(-128, 128, (m, 1)), jnp.int32)
     b = jnp.asarray(rng.normal(size=n), jnp.float32)
-    outs = []
-    for layout, wl in (("kn", w), ("nk", w.T)):
-        xq, wq, epi, dt = _check_w8a8(x, xs, wl, ws, zp, b, jnp.float32, layout)
-        kw = dict(kernel="w8a8", acc_dtype=jnp.int32, out_dtype=dt, blocks=None, backend="interpret")
-        outs.append(_scaled_matmul(xq, wq, epi, body=body, w_layout=layout, **kw))
+    kw = dict(x_zero_point=zp, bias=b, out_dtype=jnp.float32)
+    outs = [
+        matmul(x, xs, wl, ws, backend="interpret", body=body, **kw)
+        for matmul, wl in ((w8a8_matmul, w), (nk_layout.w8a8_matmul_nk, w.T))
+    ]
     # int32 accumulation is exact and the epilogue the same: bit for bit
     np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
-    kw = dict(x_zero_point=zp, bias=b, out_dtype=jnp.float32)
     ref = w8a8_matmul_reference(x, xs, w, ws, **kw)
-    np.testing.assert_array_equal(np.asarray(w8a8_matmul_reference(x, xs, w.T, ws, w_layout="nk", **kw)), ref)
-    y = w8a8_matmul(x, xs, w.T, ws, w_layout="nk", **kw)
+    np.testing.assert_array_equal(np.asarray(nk_layout.w8a8_matmul_nk_reference(x, xs, w.T, ws, **kw)), ref)
+    y = nk_layout.w8a8_matmul_nk(x, xs, w.T, ws, **kw)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=4 * EPS32, atol=1e-6)
 
 
 def test_fp8_nk_matches_float64():
     m, k, n = 33, 130, 200
     rng = np.random.default_rng(8)
-    x = jnp.asarray(np.clip(rng.normal(size=(m, k)) * 8, -448, 448), FP8)
-    w = jnp.asarray(np.clip(rng.normal(size=(k, n)), -448, 448), FP8)
+    x, w = _fp8(rng, (m, k), 8), _fp8(rng, (k, n))
     xs = jnp.asarray(rng.uniform(1e-3, 1.0, (m, 1)), jnp.float32)
     ws = jnp.asarray(rng.uniform(1e-3, 1.0, (1, n)), jnp.float32)
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
@@ -80,8 +77,8 @@ def test_fp8_nk_matches_float64():
     y64, terms = (x64 @ w64) * s, (np.abs(x64) @ np.abs(w64)) * s
     tol = (k + 3) * EPS32 * terms + 1e-30  # k exact products summed in float32, any order
     for y in (
-        fp8_matmul(x, xs, w.T, ws, out_dtype=jnp.float32, w_layout="nk"),
-        fp8_matmul_reference(x, xs, w.T, ws, out_dtype=jnp.float32, w_layout="nk"),
+        nk_layout.fp8_matmul_nk(x, xs, w.T, ws, out_dtype=jnp.float32),
+        nk_layout.fp8_matmul_nk_reference(x, xs, w.T, ws, out_dtype=jnp.float32),
     ):
         assert np.all(np.abs(np.asarray(y, np.float64) - y64) <= tol)
 
@@ -89,7 +86,7 @@ def test_fp8_nk_matches_float64():
 def test_hopper_weight_from_either_layout():
     w = _int8(np.random.default_rng(9), (300, 200))
     np.testing.assert_array_equal(
-        np.asarray(hopper.prepare_weight(w.T, w_layout="nk")), np.asarray(hopper.prepare_weight(w))
+        np.asarray(hopper.prepare_weight(w.T, layout=nk_layout.NK)), np.asarray(hopper.prepare_weight(w))
     )
 
 
@@ -99,17 +96,30 @@ _WS = jnp.ones((1, 32), jnp.float32)
 
 
 @pytest.mark.parametrize(
-    ("w", "layout", "match"),
+    ("matmul", "w", "match"),
     [
-        (jnp.zeros((32, 64), jnp.int8), "kk", r"w_layout='kk': expected 'kn' .* or 'nk'"),
-        (jnp.zeros((64, 32), jnp.int8), "nk", r"w_q has 32 columns .*must be \(N, K\).*w_layout='kn'"),
-        (jnp.zeros((32, 64), jnp.int8), "kn", r"w_q has 32 rows .*must be \(K, N\).*w_layout='nk'"),
-        (jnp.zeros((33, 64), jnp.int8), "nk", r"w_scale has shape \(1, 32\)"),  # N read from axis 0
+        (
+            functools.partial(hopper.w8a8_matmul_hopper, layout=nk_layout.NK),
+            jnp.zeros((64, 32), jnp.int8),
+            r"w_q has 32 columns .*must be \(N, K\).*main kernels",
+        ),
+        (
+            nk_layout.w8a8_matmul_nk,
+            jnp.zeros((64, 32), jnp.int8),
+            r"w_q has 32 columns .*must be \(N, K\).*main kernels",
+        ),
+        (w8a8_matmul, jnp.zeros((32, 64), jnp.int8), r"w_q has 32 rows .*must be \(K, N\).*_nk entries"),
+        (
+            nk_layout.w8a8_matmul_nk,
+            jnp.zeros((33, 64), jnp.int8),
+            r"w_scale has shape \(1, 32\)",
+        ),  # N from axis 0
     ],
+    ids=["hopper-nk", "nk", "kn", "nk-scale"],
 )
-def test_refusals_name_the_layout(w, layout, match):
+def test_refusals_name_the_layout(matmul, w, match):
     with pytest.raises(ValueError, match=match):
-        w8a8_matmul(_X, _XS, w, _WS, w_layout=layout)
+        matmul(_X, _XS, w, _WS)
 
 
 @pytest.mark.parametrize("m", [1, 64])
@@ -118,7 +128,44 @@ def test_refusals_name_the_layout(w, layout, match):
 def test_nk_lowers_for_accelerators(dtype, backend, platform, m, lowered):
     k, n = 512, 384
     s = jax.ShapeDtypeStruct
-    matmul = w8a8_matmul if dtype == jnp.int8 else fp8_matmul
-    f = functools.partial(matmul, backend=backend, w_layout="nk")
+    matmul = nk_layout.w8a8_matmul_nk if dtype == jnp.int8 else nk_layout.fp8_matmul_nk
+    f = functools.partial(matmul, backend=backend)
     args = (s((m, k), dtype), s((m, 1), jnp.float32), s((n, k), dtype), s((1, n), jnp.float32))
     assert lowered(jax.jit(f), *args, bias=s((n,), jnp.float32), platform=platform)
+
+
+# ------------------------------------------------------------------------------------------------
+# Block-scaled FP8
+
+
+@pytest.mark.parametrize("body", ["gpu", "tpu"])
+def test_fp8_block_weight_stored_nk_gives_the_same_values(body):
+    """The weight ``(N, K)`` (K contiguous), block scales unchanged; within the float32 rounding
+    bound of the formula, like the ``(K, N)`` kernel, in both bodies."""
+    m, k, n = 33, 384, 300
+    x, xs, w, ws, bias = block_operands(np.random.default_rng(5), m, k, n, 2)
+    y64, terms = block_float64(x, xs, w, ws, bias)
+    tol = (128 + xs.shape[1] + 4) * EPS32 * terms + 1e-30
+    f = functools.partial(
+        nk_layout.fp8_block_matmul_nk, out_dtype=jnp.float32, backend="interpret", body=body
+    )
+    y = np.asarray(jax.jit(f)(x, xs, w.T, ws, bias=bias), np.float64)
+    assert y.shape == (m, n) and np.all(np.abs(y - y64) <= tol)
+    ref = nk_layout.fp8_block_matmul_nk_reference(x, xs, w.T, ws, bias=bias, out_dtype=jnp.float32)
+    kn_ref = fp8_block_matmul_reference(x, xs, w, ws, bias=bias, out_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(kn_ref))
+    with pytest.raises(ValueError, match=r"w_q has 300 columns .*main kernels"):
+        nk_layout.fp8_block_matmul_nk(x, xs, w, ws, backend="interpret")
+
+
+@pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
+def test_fp8_block_weight_stored_nk_lowers(backend, platform, lowered):
+    m, k, n = 64, 1024, 384
+    args = (
+        jax.ShapeDtypeStruct((m, k), FP8),
+        jax.ShapeDtypeStruct((m, k // 128), jnp.float32),
+        jax.ShapeDtypeStruct((n, k), FP8),
+        jax.ShapeDtypeStruct((k // 128, 3), jnp.float32),
+    )
+    fn = jax.jit(functools.partial(nk_layout.fp8_block_matmul_nk, backend=backend))
+    assert "qjax_fp8_block" in lowered(fn, *args, platform=platform)

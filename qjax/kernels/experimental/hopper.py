@@ -1,37 +1,29 @@
-"""The Hopper path of W8A8 and FP8: Pallas on Mosaic GPU (TMA copies, ``wgmma``, warp specialisation).
+"""Experimental: W8A8 and FP8 on Hopper (sm_90): Pallas on Mosaic GPU (TMA, ``wgmma``, warp
+specialisation).
 
 .. math::
 
     y_{mn} = s^x_m \\, s^w_n \\Big(\\sum_k q^x_{mk} q^w_{kn} - z^x_m \\sum_k q^w_{kn}\\Big) + b_n
 
-the same contraction and epilogue as :func:`qjax.kernels.w8a8.w8a8_matmul` (int8, int32
-accumulator) and :func:`qjax.kernels.fp8.fp8_matmul` (e4m3, float32 accumulator), for sm_90 GPUs
-(H100, H200) at large M, where the Triton path leaves most of the tensor cores idle.
+the contraction and epilogue of :func:`qjax.kernels.w8a8.w8a8_matmul` (int8, int32 accumulator) and
+:func:`qjax.kernels.fp8.fp8_matmul` (e4m3, float32 accumulator): :func:`w8a8_matmul_hopper`,
+:func:`int8_matmul_hopper`, :func:`fp8_matmul_hopper`, and the ``mosaic_gpu`` serving path.
 
-**Layout.** Hopper's 8-bit ``wgmma`` reads both operands K-major, so the weight enters the kernel
-transposed, ``(N, K)``: :func:`prepare_weight` does that once per weight (at load time in a
-serving stack); :func:`scaled_matmul_hopper` takes the ``(N, K)`` layout, and the ``backend=
-"mosaic_gpu"`` of the public kernels, which take ``(K, N)`` like every other backend, transposes on
-each call.
+**Layout.** Hopper's 8-bit ``wgmma`` reads both operands K-major, so the kernel takes the weight
+``(N, K)``, padded to the tiles (:func:`prepare_weight`, once per weight; a ``(K, N)`` weight is
+transposed on each call).
 
 **Schedule.** One CTA per SM walks the output tiles (persistent, along a snake of ``grid_tile_width``
 columns for L2 reuse). A CTA tile is ``(tile_m, 2 * tile_n)``: two compute warpgroups, one
 ``(tile_m, tile_n)`` half each, with a register accumulator, and one memory warpgroup that keeps
-``max_concurrent_steps`` K slices of ``x`` and ``w`` in flight through TMA
-(:func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline_warp_specialized`). The epilogue (zero-
-point correction, scales, bias, cast) runs on the accumulator in registers; the tile leaves through
-shared memory by TMA.
+``max_concurrent_steps`` K slices of ``x`` and ``w`` in flight through TMA. The epilogue (zero-point
+correction, scales, bias, cast) runs on the accumulator in registers; the tile leaves through shared
+memory by TMA. M and N are padded to the CTA tile and K to ``tile_k`` (zeros add nothing).
 
-**Padding.** M and N are padded to the CTA tile and K to ``tile_k`` (zeros add nothing); the
-output is sliced back. Pad weights ahead of time to skip the weight copy on each call.
-
-**Testing.** On CPU the kernel runs in Pallas' GPU interpret mode (shared memory, barriers, TMA
-and ``wgmma`` simulated; :func:`interpret_params`) and equals the references. jax 0.10's
-interpreter cannot read the transposed shared-memory views of 8-bit ``wgmma`` (there only the
-kernel's 16-bit variant, the weight read ``(K, N)``, is interpreted; :data:`INTERPRETS_8BIT`);
-jax >= 0.11's runs the int8 and e4m3 variants too. Every variant is also checked by lowering for
-``cuda`` (any machine) and against the references on a GPU (``experiments.kernels.check``). Not yet
-timed on a device: ``auto`` dispatch keeps Triton on GPUs.
+On CPU the kernel runs in Pallas' GPU interpreter (:func:`interpret_params`); where that cannot
+read the transposed shared-memory views of 8-bit ``wgmma`` (:data:`INTERPRETS_8BIT`) only the
+kernel's 16-bit variant (weight read ``(K, N)``) is interpreted. Status and checks:
+``docs/benchmarks/kernels_status.md``.
 """
 
 from __future__ import annotations
@@ -39,19 +31,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from qjax.kernels import blocks as kb
+from qjax.kernels.common import KN, WeightLayout, pad_axis, round_up
+from qjax.kernels.fp8 import check_fp8
+from qjax.kernels.w8a8 import check_int8, check_w8a8
 
 _ROW = ("x_scale", "x_zp")  # (M,) vectors; the rest are (N,) vectors
 _INT = ("x_zp", "colsum")  # int32, carried bit for bit in the float32 tables
 _ORDER = ("x_scale", "w_scale", "x_zp", "colsum", "bias")
-_H100_SMS = 132  # H100 SXM and H200: the persistent grid when lowering without a GPU at hand
+H100_SMS = 132  # H100 SXM and H200: the persistent grid when lowering without a GPU at hand
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +81,7 @@ class HopperConfig:
             raise ValueError(f"HopperConfig.epi_tile_n={self.epi_tile_n} must divide tile_n={self.tile_n}")
 
 
-# M bucket -> config, like qjax.kernels.blocks.BLOCK_TABLE; starting points, not yet tuned on a device.
+# M bucket -> config, like qjax.kernels.tuning.BLOCK_TABLE (starting points).
 HOPPER_TABLE: tuple[tuple[int, HopperConfig], ...] = (
     (64, HopperConfig(tile_m=64, tile_n=128, tile_k=128, max_concurrent_steps=4)),
     (1 << 62, HopperConfig(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=4)),
@@ -130,7 +124,7 @@ def choose_config(
         chosen = config
     elif not isinstance(config, Mapping):
         raise TypeError(
-            f"blocks={config!r}: the mosaic_gpu backend takes a HopperConfig or a mapping of its fields"
+            f"config={config!r}: the Hopper kernels take a HopperConfig or a mapping of its fields"
         )
     else:
         fields = {f.name for f in dataclasses.fields(HopperConfig)}
@@ -149,8 +143,8 @@ def choose_config(
     return chosen
 
 
-# Whether Pallas' GPU interpreter reads the transposed shared-memory views of 8-bit wgmma: jax 0.10.2's
-# does not; 0.11.2's runs the int8 and e4m3 variants, int32-exact against numpy.
+# Whether Pallas' GPU interpreter reads the transposed shared-memory views of 8-bit wgmma (the
+# versions: docs/benchmarks/kernels_status.md).
 INTERPRETS_8BIT = jax.__version_info__ >= (0, 11)
 
 
@@ -166,15 +160,16 @@ def num_sms() -> int:
     dev = jax.devices()[0]
     if dev.platform == "gpu" and getattr(dev, "core_count", 0):
         return int(dev.core_count)
-    return _H100_SMS
+    return H100_SMS
 
 
-def prepare_weight(w: jax.Array, config: HopperConfig | None = None, *, w_layout: str = "kn") -> jax.Array:
-    """``w`` ``(K, N)`` (or ``(N, K)`` if ``w_layout == "nk"``) as the kernel reads it: ``(N, K)``,
-    padded to the tiles."""
+def prepare_weight(
+    w: jax.Array, config: HopperConfig | None = None, *, layout: WeightLayout = KN
+) -> jax.Array:
+    """``w`` (in ``layout``) as the kernel reads it: ``(N, K)``, padded to the tiles."""
     cfg = config or HOPPER_TABLE[-1][1]
-    wt = w if w_layout == "nk" else jnp.transpose(w)  # (N, K)
-    return kb.pad_axis(kb.pad_axis(wt, 0, 2 * cfg.tile_n), 1, cfg.tile_k)
+    wt = w if layout.n_axis == 0 else jnp.transpose(w)  # (N, K)
+    return pad_axis(pad_axis(wt, 0, 2 * cfg.tile_n), 1, cfg.tile_k)
 
 
 def _kernel(
@@ -243,8 +238,8 @@ def _kernel(
     cols = tuple(n for n in names if n not in _ROW)
     tables = tuple(t for t in (rows, cols) if t)  # one TMA copy per table and warpgroup
     # Both tables equally deep (the driver pads the shorter with zero rows): Pallas' GPU interpreter
-    # (jax 0.10.2) hung on this kernel with tables of different depth on one barrier, and with four
-    # vectors copied separately; two equally deep tables run (why, inside the interpreter, is open).
+    # hung on this kernel with tables of different depth on one barrier, and with four vectors
+    # copied separately (docs/benchmarks/kernels_status.md).
     depth = max(len(rows), len(cols))
     vec_smem = tuple(plgpu.SMEM((2, depth, tm if t is rows else tn), jnp.float32) for t in tables)
     vec_barrier = plgpu.Barrier(num_arrivals=len(tables), num_barriers=2) if tables else None
@@ -327,7 +322,7 @@ def _kernel(
 
 
 def _epilogue(acc: jax.Array, vec: Mapping[str, jax.Array], out_dtype: Any) -> jax.Array:
-    """The epilogue of :mod:`qjax.kernels.w8a8` on vectors: the same arithmetic in the same order."""
+    """:func:`qjax.kernels.common.epilogue` on vectors: the same arithmetic in the same order."""
     shape = acc.shape
 
     def row(v: jax.Array) -> jax.Array:
@@ -357,13 +352,12 @@ def scaled_matmul_hopper(
     config: HopperConfig | Mapping[str, Any] | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """``x`` ``(M, K)`` times the weight ``w`` with the epilogue of :mod:`qjax.kernels.w8a8`;
+    """``x`` ``(M, K)`` times the weight ``w`` with the epilogue of :mod:`qjax.kernels.common`;
     operands checked by the caller. 8-bit operands (int8, e4m3) take the weight K-major, ``(N', K')``
     (:func:`prepare_weight`); 16-bit operands take it ``(K', N')``; ``N' >= n``, ``K' >= K``, the
     padding zero. ``epilogue`` holds ``(M, 1)``/``(1, 1)`` row and ``(1, N)``/``(1, 1)`` column
-    operands keyed as in :mod:`qjax.kernels.w8a8`. ``interpret`` runs Pallas' GPU interpreter
-    (16-bit operands only before jax 0.11, see :data:`INTERPRETS_8BIT`). Returns
-    ``(M, n)``."""
+    operands keyed by :data:`qjax.kernels.common.EPILOGUE_ORDER`. ``interpret`` runs Pallas' GPU
+    interpreter (16-bit operands only unless :data:`INTERPRETS_8BIT`). Returns ``(M, n)``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     m, k = x.shape
@@ -389,9 +383,9 @@ def scaled_matmul_hopper(
         out_bytes=jnp.dtype(out_dtype).itemsize,
         depth=max(rows, len(epilogue) - rows),
     )
-    kp = kb.round_up(k_max, cfg.tile_k)
-    xp = kb.pad_axis(kb.pad_axis(x, 0, cfg.tile_m), 1, kp)
-    wp = kb.pad_axis(kb.pad_axis(w, n_axis, 2 * cfg.tile_n), k_axis, kp)
+    kp = round_up(k_max, cfg.tile_k)
+    xp = pad_axis(pad_axis(x, 0, cfg.tile_m), 1, kp)
+    wp = pad_axis(pad_axis(w, n_axis, 2 * cfg.tile_n), k_axis, kp)
     mp, np_ = xp.shape[0], wp.shape[n_axis]
     tiles = (mp // cfg.tile_m) * (np_ // (2 * cfg.tile_n))
     names = tuple(name for name in _ORDER if name in epilogue)
@@ -399,14 +393,14 @@ def scaled_matmul_hopper(
     for name in names:
         a = epilogue[name]
         if name in _ROW:
-            v = kb.pad_axis(jnp.broadcast_to(a, (m, 1)).reshape(m), 0, cfg.tile_m)
+            v = pad_axis(jnp.broadcast_to(a, (m, 1)).reshape(m), 0, cfg.tile_m)
         else:
-            v = kb.pad_axis(jnp.broadcast_to(a, (1, n)).reshape(n), 0, np_)
+            v = pad_axis(jnp.broadcast_to(a, (1, n)).reshape(n), 0, np_)
         v = lax.bitcast_convert_type(v.astype(jnp.int32), jnp.float32) if name in _INT else v
         table[name in _ROW].append(v.astype(jnp.float32))
     depth = max(len(table[True]), len(table[False]))
     operands = [  # (depth, Mp) row vectors and (depth, Np) column vectors, zero rows below
-        kb.pad_axis(jnp.stack(t), 0, depth) for t in (table[True], table[False]) if t
+        pad_axis(jnp.stack(t), 0, depth) for t in (table[True], table[False]) if t
     ]
     body = functools.partial(
         _kernel, names=names, cfg=cfg, acc_dtype=acc_dtype, out_dtype=out_dtype, w_kmajor=kmajor
@@ -422,3 +416,71 @@ def scaled_matmul_hopper(
         interpret=interpret_params() if interpret else None,
     )
     return fn(xp, wp, *operands)[:m, :n]
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernels by name: the arguments of the main kernels, the weight in `layout`
+
+
+class HopperOptions(NamedTuple):
+    """The keyword arguments of the Hopper kernels beside the main kernels' ones: the tiles
+    (``config``: a :class:`HopperConfig` or some of its fields, over :data:`HOPPER_TABLE`), the
+    weight's ``layout`` and ``interpret`` (Pallas' GPU interpreter)."""
+
+    config: HopperConfig | Mapping[str, Any] | None = None
+    layout: WeightLayout = KN
+    interpret: bool = False
+
+
+def _hopper_options(kw: Mapping[str, Any]) -> tuple[HopperOptions, dict[str, Any]]:
+    """``kw`` as the Hopper options and the others (for the main kernel's check)."""
+    fields = HopperOptions._fields
+    return HopperOptions(**{k: v for k, v in kw.items() if k in fields}), {
+        k: v for k, v in kw.items() if k not in fields
+    }
+
+
+def _hopper_matmul(
+    x_q: jax.Array,
+    w_q: jax.Array,
+    epi: Mapping[str, jax.Array],
+    acc_dtype: Any,
+    out_dtype: Any,
+    opts: HopperOptions,
+) -> jax.Array:
+    """Checked operands through :func:`scaled_matmul_hopper`; ``w_q`` prepared (a transpose per call
+    for a ``(K, N)`` weight: :func:`prepare_weight` once to avoid it)."""
+    wp = prepare_weight(w_q, layout=opts.layout)
+    n = w_q.shape[opts.layout.n_axis]
+    kw = dict(n=n, acc_dtype=acc_dtype, out_dtype=out_dtype, config=opts.config, interpret=opts.interpret)
+    return scaled_matmul_hopper(x_q, wp, epi, **kw)
+
+
+def w8a8_matmul_hopper(
+    x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax.Array, **kw: Any
+) -> jax.Array:
+    """:func:`qjax.kernels.w8a8.w8a8_matmul` on this kernel: the same operands and epilogue arguments
+    (``x_zero_point``, ``bias``, ``out_dtype``), ``w_q`` int8 ``(K, N)`` or, with ``layout``
+    :data:`qjax.kernels.experimental.nk_layout.NK`, ``(N, K)``; ``config`` over
+    :data:`HOPPER_TABLE`; ``interpret``: Pallas' GPU interpreter."""
+    opts, epilogue = _hopper_options(kw)
+    x_q, w_q, epi, dt = check_w8a8(x_q, x_scale, w_q, w_scale, layout=opts.layout, **epilogue)
+    return _hopper_matmul(x_q, w_q, epi, jnp.int32, dt, opts)
+
+
+def int8_matmul_hopper(x_q: jax.Array, w_q: jax.Array, **kw: Any) -> jax.Array:
+    """:func:`qjax.kernels.w8a8.int8_matmul` (the raw int32 accumulator) on this kernel (``config``,
+    ``layout``, ``interpret`` as in :func:`w8a8_matmul_hopper`)."""
+    opts, rest = _hopper_options(kw)
+    x_q, w_q = check_int8(x_q, w_q, opts.layout, **rest)
+    return _hopper_matmul(x_q, w_q, {}, jnp.int32, jnp.int32, opts)
+
+
+def fp8_matmul_hopper(
+    x_q: jax.Array, x_scale: jax.Array, w_q: jax.Array, w_scale: jax.Array, **kw: Any
+) -> jax.Array:
+    """:func:`qjax.kernels.fp8.fp8_matmul` on this kernel (``bias``, ``out_dtype``; ``config``,
+    ``layout``, ``interpret`` as in :func:`w8a8_matmul_hopper`)."""
+    opts, epilogue = _hopper_options(kw)
+    x_q, w_q, epi, dt = check_fp8(x_q, x_scale, w_q, w_scale, layout=opts.layout, **epilogue)
+    return _hopper_matmul(x_q, w_q, epi, jnp.float32, dt, opts)

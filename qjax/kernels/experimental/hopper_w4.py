@@ -1,4 +1,5 @@
-"""W4A16 at small M on Hopper (sm_90): Pallas on Mosaic GPU, the int4 weight as ``wgmma``'s register operand.
+"""Experimental: W4A16 at small M on Hopper (sm_90), Pallas on Mosaic GPU: the int4 weight as
+``wgmma``'s register operand.
 
 At decode sizes (M <= 64) the W4A16 matmul only has to stream its packed weight. This kernel computes
 ``y^T = w^T x^T`` ("swap AB"): the weight, stored ``(N, K)`` as signed int4 codes, is the left
@@ -26,10 +27,9 @@ small integers, exact in 16 bits), computes ``d = (q - z_j)^T x^T`` with ``wgmma
 accumulator and adds ``s_j d`` to its float32 total in registers: the scale is applied in float32
 after the dot, as in the Triton kernel, so no dequantized weight is rounded to 16 bits.
 
-**Testing.** Pallas' GPU interpreter of jax >= 0.11 runs the kernel with the converted weight staged
-through shared memory (its ``wgmma`` takes no register operand; ``a_in_smem=True``); the register
-variant is checked by lowering for ``cuda`` and on a GPU by ``experiments.kernels.check``. Not yet
-timed on a device: ``w4a16_matmul`` and the serving path keep the Triton kernel.
+In Pallas' GPU interpreter (:data:`qjax.kernels.experimental.hopper.INTERPRETS_8BIT`) the
+converted weight is staged through shared memory (the interpreter's ``wgmma`` takes no register
+operand; ``a_in_smem=True``). Status and checks: ``docs/benchmarks/kernels_status.md``.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from qjax.kernels import blocks as kb
-from qjax.kernels import hopper
-from qjax.kernels.w4a16 import PackedW4, _check_call, _codes
+from qjax.kernels.common import pad_axis, round_up
+from qjax.kernels.experimental import hopper
+from qjax.kernels.w4a16 import PackedW4, check_w4a16_call, packed_codes
 
 __all__ = ["HopperW4", "HopperW4Config", "prepare_w4", "w4a16_matmul_hopper"]
 
@@ -53,7 +53,7 @@ TILE_N = 64  # output columns per compute warpgroup (wgmma's M)
 CTA_N = 2 * TILE_N
 MAX_M = 128
 ACT_DTYPES = (jnp.bfloat16, jnp.float16)
-TARGET_CTAS = 2 * hopper._H100_SMS  # about two waves of an H100
+TARGET_CTAS = 2 * hopper.H100_SMS  # about two waves of an H100
 K_SLICES_MULTIPLE = 8  # K padded (once, by prepare_w4) to a multiple of 8 slices: many ways to split it
 
 
@@ -110,12 +110,12 @@ def prepare_w4(w: PackedW4) -> HopperW4:
             "128 rows; use w4a16_matmul (Triton) for group size 32 or larger groups"
         )
     slices = K_SLICES_MULTIPLE * w.group_size
-    codes = _codes(w) + (8 if w.symmetric else 0)  # (K_pad, N_pad) unsigned nibbles 0..15
+    codes = packed_codes(w) + (8 if w.symmetric else 0)  # (K_pad, N_pad) unsigned nibbles 0..15
     signed = jnp.transpose(codes - 8).astype(jnp.int4)  # (N_pad, K_pad)
-    signed = kb.pad_axis(kb.pad_axis(signed, 0, CTA_N), 1, slices)
+    signed = pad_axis(pad_axis(signed, 0, CTA_N), 1, slices)
 
     def grid(a: jax.Array) -> jax.Array:  # (G, N_pad) -> padded groups and columns
-        return kb.pad_axis(kb.pad_axis(a, 1, CTA_N), 0, K_SLICES_MULTIPLE)
+        return pad_axis(pad_axis(a, 1, CTA_N), 0, K_SLICES_MULTIPLE)
 
     zeros = None if w.zeros is None else grid(w.zeros - 8.0)
     return HopperW4(signed, grid(w.scales), zeros, w.k, w.n, w.group_size)
@@ -129,7 +129,7 @@ def smem_bytes(mp: int, tk: int, x_bytes: int, asym: bool, stages: int, a_in_sme
     return stages * per_stage + 2 * TILE_N * mp * 4 + staged
 
 
-def _stages(cfg: HopperW4Config, per: int, mp: int, tk: int, x_bytes: int, asym: bool) -> int:
+def choose_stages(cfg: HopperW4Config, per: int, mp: int, tk: int, x_bytes: int, asym: bool) -> int:
     """K slices in flight: ``cfg``'s (checked against sm_90's shared memory) or the most that fit."""
     budget = hopper.SMEM_BYTES - 1024  # barriers and alignment
 
@@ -147,7 +147,7 @@ def _stages(cfg: HopperW4Config, per: int, mp: int, tk: int, x_bytes: int, asym:
     return next((s for s in (8, 6, 4, 3, 2) if need(s) <= budget), 2)
 
 
-def _splits(n_ctas: int, steps: int, splits: int | None) -> int:
+def choose_splits(n_ctas: int, steps: int, splits: int | None) -> int:
     """K ranges: ``splits``, or the fewest that divide the ``steps`` K slices and give
     ``TARGET_CTAS`` CTAs (all of them if none does)."""
     if splits is not None:
@@ -278,7 +278,7 @@ def w4a16_matmul_hopper(
     GPU interpreter (jax >= 0.11; the weight staged through shared memory)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    _check_call(
+    check_w4a16_call(
         x,
         w,
         bias,
@@ -301,12 +301,12 @@ def w4a16_matmul_hopper(
     tk = w.group_size
     np_, kp = w.codes.shape
     steps = kp // tk
-    splits = _splits(np_ // CTA_N, steps, cfg.splits)
+    splits = choose_splits(np_ // CTA_N, steps, cfg.splits)
     per = steps // splits
-    mp = kb.round_up(max(m, 1), 16)
-    xp = kb.pad_axis(kb.pad_axis(x, 0, mp), 1, kp)  # zeros on the weight's K padding add nothing
+    mp = round_up(max(m, 1), 16)
+    xp = pad_axis(pad_axis(x, 0, mp), 1, kp)  # zeros on the weight's K padding add nothing
     operands = [xp, w.codes, w.scales] + ([] if w.zeros is None else [w.zeros])
-    stages = _stages(cfg, per, mp, tk, jnp.dtype(x.dtype).itemsize, w.zeros is not None)
+    stages = choose_stages(cfg, per, mp, tk, jnp.dtype(x.dtype).itemsize, w.zeros is not None)
     fn = plgpu.kernel(
         functools.partial(_kernel, per=per, mp=mp, tk=tk, stages=stages, a_in_smem=cfg.a_in_smem),
         out_type=jax.ShapeDtypeStruct((splits, np_, mp), jnp.float32),
