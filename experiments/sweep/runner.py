@@ -246,6 +246,15 @@ def cell_log(path: pathlib.Path) -> Iterator[None]:
         handler.close()
 
 
+def diagnose(task: Task, model: nnx.Module, base: nnx.Module) -> list[dict[str, Any]]:
+    """The per-layer diagnostics of ``model`` against ``base`` on the task's first test examples
+    (``task.diagnostic_examples`` of them, cut to ``task.diagnostic_length`` positions if set)."""
+    probe = task.test.take(np.arange(min(task.diagnostic_examples, len(task.test))))[0]
+    if task.diagnostic_length > 0:
+        probe = probe[:, : task.diagnostic_length]
+    return qjax.nn.layer_diagnostics(model, base, probe)
+
+
 def run_cell(
     cell: config_lib.Cell, sweep_dir: pathlib.Path, env: dict[str, Any], on_step: StepCallback | None = None
 ) -> dict[str, Any]:
@@ -279,12 +288,7 @@ def run_cell(
         example = task.test.take(np.arange(1))[0]
         storage = {k: v for k, v in energy.model_storage(model).items() if k != "params"}
         model_info = {**storage, **energy.forward_energy(model, example)}
-        layers = []
-        if cfg.method.name.quantizes and cfg.eval.diagnostics:
-            probe = task.test.take(np.arange(min(task.diagnostic_examples, len(task.test))))[0]
-            if task.diagnostic_length > 0:
-                probe = probe[:, : task.diagnostic_length]
-            layers = qjax.nn.layer_diagnostics(model, base, probe)
+        layers = diagnose(task, model, base) if cfg.method.name.quantizes and cfg.eval.diagnostics else []
         logger.info("metrics %s", metrics)
     record = {
         "cell": cell.label,
