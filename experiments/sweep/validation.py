@@ -39,6 +39,7 @@ from experiments.sweep.schema import (
     QuantConfig,
     Schedule,
 )
+from qjax.numerics.fields import did_you_mean
 
 ESTIMATORS = tuple(e.value for e in qjax.Estimator)
 WEIGHT_ESTIMATORS = tuple(e for e in ESTIMATORS if e not in (qjax.Estimator.PACT, qjax.Estimator.LSQ_PLUS))
@@ -185,9 +186,7 @@ def build(cls: type, data: Mapping[str, Any], path: str, out: Problems) -> Any:
 
 def not_one_of(value: Any, choices: Sequence[str]) -> str:
     """``'x' is not one of a, b, c; did you mean 'b'?``"""
-    near = difflib.get_close_matches(str(value), list(choices), n=1)
-    did = f"; did you mean {near[0]!r}?" if near else ""
-    return f"{value!r} is not one of {', '.join(choices)}{did}"
+    return f"{value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
 
 
 def _one_of(out: Problems, path: str, value: Any, choices: Sequence[str]) -> None:
