@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The test command: lint, type-check, then the test suite (two workers). Run scripts/setup.sh first.
+# The test command: lint (ruff, the import rules), type-check, then the test suite (two workers).
+# Run scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-ruff check qjax experiments tests
-ruff format --check qjax experiments tests
+ruff check qjax experiments tests scripts
+ruff format --check qjax experiments tests scripts
+python scripts/check_imports.py
 mypy
 pytest -q -n 2 "$@"
