@@ -264,7 +264,7 @@ models = {
 x = jnp.ones((3, 64), jnp.float32)
 served = {}
 for name, rules in models.items():
-    served[name] = qjax.nn.convert(qjax.nn.quantize_model(MLP(nnx.Rngs(0), widths=(64, 64, 32)), rules))
+    served[name] = qjax.nn.convert(qjax.nn.quantize_model(MLP(nnx.Rngs(0), widths=(64, 32)), rules))
     if name == "w4a16":
         qjax.nn.prepare_kernels(served[name])
     for path in ("auto", "pallas", "xla", "reference"):
