@@ -57,7 +57,9 @@ class Mode(enum.StrEnum):
 MODES: tuple[str, ...] = (Mode.QAT.value, Mode.CALIBRATE.value, Mode.SERVE.value)  # a layer's modes
 
 
-_jit_quantize = jax.jit(quantize, static_argnums=1)  # k-means compiled once per kernel shape
+# one compiled program per (spec, shape): run eagerly, each primitive of quantize (k-means
+# included) compiles on its own, which made converting a fresh model take seconds
+_jit_quantize = jax.jit(quantize, static_argnums=1)
 
 
 class CodebookIndices(nnx.Variable):
@@ -404,4 +406,6 @@ def quantize_kernel(op: QuantizedOp | QuantizedEmbedding, kernel: jax.Array) -> 
         qparams: QParams | None = QParams(op.weight_scale[...])
     else:
         qparams = op.weight_qparams() if isinstance(op, QuantizedOp) else None
-    return quantize(kernel, spec, qparams=qparams, key=jax.random.key(0))
+    if qparams is None:
+        check_finite(kernel, "kernel")  # a no-op inside the compiled quantizer: check before
+    return _jit_quantize(kernel, spec, qparams=qparams, key=jax.random.key(0))

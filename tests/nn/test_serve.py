@@ -166,6 +166,8 @@ def test_converted_kernels_are_packed_quantized_weights():
         assert w.data.shape == (k, n * bits // 8)
         scales = n * (k // spec.group_size if spec.group_size else 1)
         assert w.nbytes == k * n * bits // 8 + 4 * scales == sizes[f"layers/{i}"]
+        eager = qjax.quantize(q.layers[i].kernel[...], spec)  # convert compiles it: the same bits
+        assert jnp.array_equal(w.data, eager.data) and jnp.array_equal(w.scale, eager.scale)
 
 
 def test_conv_serve_limits_are_clear_errors_at_convert():
