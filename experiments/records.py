@@ -3,7 +3,8 @@
 Every file is written atomically: to a temporary file in the same directory, flushed and
 ``fsync``-ed, then ``os.replace``-d over the target, so a killed run leaves either the old file or
 the new one, never half of one. ``results.jsonl`` holds one JSON line per finished cell and is
-rewritten whole (atomically) when a cell finishes.
+rewritten whole (atomically) when a cell finishes, under ``results.jsonl.lock`` so that processes
+sharing a sweep directory never lose each other's records.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import filelock
 import flax
 import jax
 import optax
@@ -71,8 +73,22 @@ def write_results(sweep_dir: pathlib.Path, records: Iterable[Mapping[str, Any]])
 
 def upsert_result(sweep_dir: pathlib.Path, record: Mapping[str, Any]) -> None:
     """Add ``record``, replacing an earlier record of the same cell (a failed one being retried)."""
-    records = [r for r in read_results(sweep_dir) if r.get("cell") != record["cell"]]
-    write_results(sweep_dir, [*records, record])
+    with results_lock(sweep_dir):
+        records = [r for r in read_results(sweep_dir) if r.get("cell") != record["cell"]]
+        write_results(sweep_dir, [*records, record])
+
+
+def file_lock(path: pathlib.Path) -> filelock.BaseFileLock:
+    """An exclusive inter-process lock on the file ``path`` (``flock``: the operating system
+    releases it when its process exits, killed or not)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the lock file stays: removing it on release races with a process about to lock it
+    return filelock.FileLock(path, preserve_lock_file=True)
+
+
+def results_lock(sweep_dir: pathlib.Path) -> filelock.BaseFileLock:
+    """The lock that every read-modify-write of ``results.jsonl`` holds."""
+    return file_lock(sweep_dir / f"{RESULTS}.lock")
 
 
 def git_commit() -> str:

@@ -9,8 +9,10 @@
 The whole grid is validated before anything runs. Cells already finished (a record with the same
 config hash and status ``ok`` in ``results.jsonl``) are skipped; a killed cell resumes from its
 last checkpoint; a failing cell is recorded with its error and the sweep goes on unless
-``--fail-fast``. The report (``results.md``, ``results.csv``, ``results.png``, ``layers.md``) is
-rendered at the end; ``qjax-report SWEEP_DIR`` renders it again.
+``--fail-fast``. Several processes may run one sweep directory at once
+(``experiments.sweep.claims``): each cell runs in one of them, each float model is trained by one
+and awaited by the others. The report (``results.md``, ``results.csv``, ``results.png``,
+``layers.md``) is rendered at the end; ``qjax-report SWEEP_DIR`` renders it again.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from experiments import records
+from experiments.sweep import claims, report, runner
 from experiments.sweep import config as config_lib
-from experiments.sweep import report, runner
 from experiments.sweep.schema import Method
 
 logger = logging.getLogger("qjax.experiments")
@@ -108,28 +110,57 @@ def run_sweep(
     sweep_dir = sweep_dir_of(spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     records.write_atomic(sweep_dir / "sweep.yaml", spec.dump_yaml())
-    done = finished_hashes(records.read_results(sweep_dir))
+    started = records.read_results(sweep_dir)
+    done = finished_hashes(started)
+    before = {r.get("cell"): r for r in started}
     env = records.environment()
     todo = [c for c in cells if c.hash not in done]
     console.print(f"{sweep_dir}: {len(cells)} cells, {len(cells) - len(todo)} already done")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=quiet()) as progress:
         overall = progress.add_task("sweep", total=len(cells), completed=len(cells) - len(todo))
-        for cell in todo:
-            steps = progress.add_task(f"  {cell.label}", total=None)
-            try:
-                record = runner.run_cell(cell, sweep_dir, env, on_step=_progress(progress, steps))
-            except Exception as e:  # a failing cell is recorded; the sweep goes on
-                if fail_fast:
-                    raise
-                logger.exception("cell %s failed", cell.label)
-                record = runner.failure_record(cell, sweep_dir, e)
-                console.print(f"[red]failed[/red] {cell.label}: {record['error']}")
-            records.upsert_result(sweep_dir, record)
-            progress.remove_task(steps)
-            progress.advance(overall)
+        # first pass: the cells no other process holds; then wait for the ones another one held
+        pending, wait = todo, False
+        while pending:
+            deferred = []
+            for cell in pending:
+                with claims.claim(claims.cell_claim_path(sweep_dir, cell.slug), wait=wait) as held:
+                    if not held:
+                        deferred.append(cell)
+                        continue
+                    now = {r.get("cell"): r for r in records.read_results(sweep_dir)}.get(cell.label)
+                    if claims.settled_elsewhere(cell.hash, before.get(cell.label), now):
+                        assert now is not None
+                        console.print(f"{cell.label}: {now.get('status')} in another process")
+                    else:
+                        _run_one(cell, sweep_dir, env, progress, fail_fast, console)
+                progress.advance(overall)
+            pending, wait = deferred, True
     report.render(sweep_dir)
     return sweep_dir
+
+
+def _run_one(
+    cell: config_lib.Cell,
+    sweep_dir: pathlib.Path,
+    env: dict[str, Any],
+    progress: Progress,
+    fail_fast: bool,
+    console: Console,
+) -> None:
+    """Run ``cell`` (claimed by this process) and add its record to ``results.jsonl``."""
+    steps = progress.add_task(f"  {cell.label}", total=None)
+    try:
+        record = runner.run_cell(cell, sweep_dir, env, on_step=_progress(progress, steps))
+    except Exception as e:  # a failing cell is recorded; the sweep goes on
+        if fail_fast:
+            raise
+        logger.exception("cell %s failed", cell.label)
+        record = runner.failure_record(cell, sweep_dir, e)
+        console.print(f"[red]failed[/red] {cell.label}: {record['error']}")
+    finally:
+        progress.remove_task(steps)
+    records.upsert_result(sweep_dir, record)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

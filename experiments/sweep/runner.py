@@ -2,9 +2,9 @@
 
 The float model of a (task, train, seed) triple is trained once per output directory, under
 ``<output_dir>/float-models/seed<seed>-<hash>/``, and shared by every cell of every sweep there
-that needs it; cells keep their own QAT
-checkpoints under ``cells/<slug>/ckpt``. Both resume from their last checkpoint when a run was
-killed. A cell writes ``config.yaml`` (resolved), ``metrics.json`` and ``log.txt`` in its
+that needs it (trained by one process while the others wait: ``experiments.sweep.claims``); cells
+keep their own QAT checkpoints under ``cells/<slug>/ckpt``. Both resume from their last checkpoint
+when a run was killed. A cell writes ``config.yaml`` (resolved), ``metrics.json`` and ``log.txt`` in its
 directory; the sweep adds its record to ``results.jsonl``.
 """
 
@@ -27,8 +27,8 @@ import numpy as np
 
 import qjax
 from experiments import records
+from experiments.sweep import claims, energy, llm_methods
 from experiments.sweep import config as config_lib
-from experiments.sweep import energy, llm_methods
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig, Method
 from experiments.sweep.train_loop import make_tx, total_steps, train
@@ -83,18 +83,21 @@ def float_model(
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
     )
-    return train(
-        task,
-        model,
-        tx,
-        steps=steps,
-        batch_size=t.batch_size,
-        seed=cfg.seed,
-        checkpoint_dir=sweep_dir.parent / "float-models" / f"seed{cfg.seed}-{key[:12]}",
-        checkpoint_every=t.checkpoint_every,
-        keep=t.keep_checkpoints,
-        on_step=on_step,
-    )
+    checkpoint_dir = sweep_dir.parent / "float-models" / f"seed{cfg.seed}-{key[:12]}"
+    # one process trains it; the others wait here, then restore its final checkpoint
+    with claims.exclusive(checkpoint_dir.with_name(checkpoint_dir.name + ".lock"), "the float model"):
+        return train(
+            task,
+            model,
+            tx,
+            steps=steps,
+            batch_size=t.batch_size,
+            seed=cfg.seed,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=t.checkpoint_every,
+            keep=t.keep_checkpoints,
+            on_step=on_step,
+        )
 
 
 def export_and_reload(

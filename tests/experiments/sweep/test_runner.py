@@ -156,7 +156,7 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         records.upsert_result(sweep_dir, {"cell": "b", "status": "ok"})
     assert (sweep_dir / records.RESULTS).read_bytes() == before
-    assert [p.name for p in sweep_dir.iterdir()] == [records.RESULTS]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [records.RESULTS, f"{records.RESULTS}.lock"]
 
 
 def test_finetune_is_qat_without_quantizers(tmp_path):
