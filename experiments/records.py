@@ -112,7 +112,8 @@ def git_commit() -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and device: the part of the protocol that is the same for every cell of a run."""
+    """Versions and the devices jax sees: the part of the protocol that is the same for every cell of
+    a run (each cell adds ``device``, the devices that held its model)."""
     device = jax.devices()[0]
     return {
         "git_commit": git_commit(),
@@ -121,6 +122,6 @@ def environment() -> dict[str, Any]:
         "flax": flax.__version__,
         "optax": optax.__version__,
         "python": platform.python_version(),
-        "device": f"{device.platform}: {device.device_kind} x{jax.device_count()}",
+        "host_devices": f"{device.platform}: {device.device_kind} x{jax.device_count()}",
         "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }

@@ -29,6 +29,7 @@ import qjax
 from experiments import records
 from experiments.sweep import claims, energy, llm_methods
 from experiments.sweep import config as config_lib
+from experiments.sweep.placement import Placement, devices_of
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig, Method
 from experiments.sweep.train_loop import make_tx, total_steps, train
@@ -64,12 +65,17 @@ def _hash(payload: Any) -> str:
 
 
 def float_model(
-    cfg: ExperimentConfig, task: Task, sweep_dir: pathlib.Path, on_step: StepCallback | None
+    cfg: ExperimentConfig,
+    task: Task,
+    sweep_dir: pathlib.Path,
+    on_step: StepCallback | None,
+    placement: Placement | None = None,
 ) -> nnx.Module:
     """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored; a
-    pretrained task's model is loaded as it is."""
+    pretrained task's model is loaded as it is. Placed as ``placement`` says."""
+    place = placement or Placement()
     if task.pretrained:
-        return task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
+        return place.model(task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed))
     t = cfg.train
     task_key = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "data_args" or v}
     key = _hash({"task": task_key, "train": dataclasses.asdict(t), "seed": cfg.seed})
@@ -97,6 +103,7 @@ def float_model(
             checkpoint_every=t.checkpoint_every,
             keep=t.keep_checkpoints,
             on_step=on_step,
+            placement=place,
         )
 
 
@@ -118,12 +125,16 @@ def export_and_reload(
     return {**{f"export_{k}": v for k, v in metrics.items()}, "export_bytes": float(size)}
 
 
-def calibration_batches(cfg: ExperimentConfig, task: Task) -> list[jax.Array]:
-    """``calibration.batches`` batches of training inputs, drawn with the cell's seed."""
+def calibration_batches(
+    cfg: ExperimentConfig, task: Task, placement: Placement | None = None
+) -> list[jax.Array]:
+    """``calibration.batches`` batches of training inputs, drawn with the cell's seed (placed as
+    ``placement`` says)."""
     c = cfg.calibration
+    place = placement or Placement()
     order = np.random.default_rng([cfg.seed, 7]).permutation(len(task.train))
     size = min(c.batch_size, len(task.train))
-    return [task.train.take(order[i * size : (i + 1) * size])[0] for i in range(c.batches)]
+    return [place.batch(task.train.take(order[i * size : (i + 1) * size])[0]) for i in range(c.batches)]
 
 
 def calibration_description(cfg: ExperimentConfig, task: Task) -> str:
@@ -170,13 +181,16 @@ def apply_method(
     base: nnx.Module,
     cell_dir: pathlib.Path,
     on_step: StepCallback | None,
+    placement: Placement | None = None,
 ) -> nnx.Module:
     """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably; finetune: the
-    float model trained as QAT would be, without quantizers (QAT's control for the extra training)."""
+    float model trained as QAT would be, without quantizers (QAT's control for the extra training).
+    The quantized model (its quantizer state included) is placed as ``placement`` says."""
     m = cfg.method
+    place = placement or Placement()
     if m.name == Method.FINETUNE:
-        return fine_tune(cfg, task, nnx.clone(base), cell_dir, on_step)
-    calib = calibration_batches(cfg, task)
+        return fine_tune(cfg, task, nnx.clone(base), cell_dir, on_step, place)
+    calib = calibration_batches(cfg, task, place)
     if m.name == Method.LLM_INT8 or m.smoothquant_alpha is not None or m.awq or m.gptq:
         info: dict[str, Any] = {}
         qmodel = llm_methods.apply_llm_method(
@@ -190,7 +204,7 @@ def apply_method(
     if m.bit_budget is not None:
         rules, info = mixed_precision_rules(cfg, plan, task, base, calib)
         records.write_json(cell_dir / "mixed_precision.json", info)
-    qmodel = quantize(cfg, base, rules)
+    qmodel = place.model(quantize(cfg, base, rules))
     qjax.nn.calibrate(qmodel, calib)
     if plan.adaround is not None:
         layers: list[methods.LayerReport] = []
@@ -199,7 +213,7 @@ def apply_method(
     if m.bias_correction:
         qmodel = qjax.nn.bias_correction(qmodel, base, calib)
     if m.name == Method.QAT:
-        fine_tune(cfg, task, qmodel, cell_dir, on_step)
+        fine_tune(cfg, task, qmodel, cell_dir, on_step, place)
     return qmodel
 
 
@@ -209,6 +223,7 @@ def fine_tune(
     model: nnx.Module,
     cell_dir: pathlib.Path,
     on_step: StepCallback | None,
+    placement: Placement | None = None,
 ) -> nnx.Module:
     """Train ``model`` in place for ``method.epochs`` (or ``method.steps``), resumably."""
     m = cfg.method
@@ -225,6 +240,7 @@ def fine_tune(
         checkpoint_every=cfg.train.checkpoint_every,
         keep=cfg.train.keep_checkpoints,
         on_step=on_step,
+        placement=placement,
     )
     return model
 
@@ -268,14 +284,16 @@ def run_cell(
     start = time.time()
     with cell_log(cell_dir / "log.txt"):
         logger.info("cell %s (%s)", cell.label, cell.hash)
+        placement = Placement.of(cfg.mesh.data, cfg.mesh.fsdp)
         task = load_task(cfg)
-        model = float_model(cfg, task, sweep_dir, on_step)
+        model = float_model(cfg, task, sweep_dir, on_step, placement)
         base = model
         if cfg.method.name != Method.FLOAT:
             base = prepare_base(cfg, task, model)
-            model = apply_method(cfg, cell.plan, task, base, cell_dir, on_step)
+            model = apply_method(cfg, cell.plan, task, base, cell_dir, on_step, placement)
         model.eval()
-        metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit)
+        metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit, placement.batch)
+        held_by = devices_of(nnx.state(model))
         if cfg.eval.serve and cfg.method.name.quantizes:
             served = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
             if qjax.kernels.resolved_kernel_path(cfg.eval.kernels) != "xla":
@@ -283,7 +301,9 @@ def run_cell(
             metrics.update(
                 {
                     f"serve_{k}": v
-                    for k, v in evaluate(task, served, cfg.eval.batch_size, cfg.eval.limit).items()
+                    for k, v in evaluate(
+                        task, served, cfg.eval.batch_size, cfg.eval.limit, placement.batch
+                    ).items()
                 }
             )
         if cfg.eval.export and cfg.method.name.quantizes:
@@ -304,6 +324,8 @@ def run_cell(
         "layers": layers,
         "protocol": {
             **env,
+            "device": held_by,
+            "mesh": placement.describe(),
             "config_hash": cell.hash,
             "seed": cfg.seed,
             "dataset": task.description,

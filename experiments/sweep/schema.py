@@ -277,6 +277,24 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """The devices one cell runs on: a ``data x fsdp`` mesh (:func:`qjax.training.make_mesh`) over
+    the first ``data * fsdp`` devices, used by float training, calibration, QAT and evaluation.
+
+    Attributes:
+      data: devices each batch is split over; -1: the devices ``fsdp`` leaves.
+      fsdp: devices each kernel, its quantizer scales and its optimizer state are split over
+        (``qjax.training.shard_model``); -1: the devices ``data`` leaves.
+
+    The default, 1 x 1, runs on jax's default device. Where a cell runs is not part of its config
+    hash: a cell finished on one device counts as finished on a mesh.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     """How ``qjax-report`` pivots the results.
 
@@ -318,4 +336,5 @@ class ExperimentConfig:
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)

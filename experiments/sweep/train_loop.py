@@ -19,6 +19,7 @@ from typing import Any
 import flax.nnx as nnx
 import optax
 
+from experiments.sweep.placement import Placement
 from experiments.sweep.schema import Optimizer, Schedule
 from experiments.tasks.base import Task
 from qjax import training
@@ -72,13 +73,18 @@ def train(
     checkpoint_every: int,
     keep: int,
     on_step: Callable[[int, Any], None] | None = None,
+    placement: Placement | None = None,
 ) -> nnx.Module:
     """Train ``model`` in place for ``steps`` steps, resuming from ``checkpoint_dir`` if it holds a
-    checkpoint; the final step is always checkpointed."""
-    optimizer = training.make_optimizer(model, tx)
-    train_step = training.make_train_step(task.loss)
+    checkpoint; the final step is always checkpointed. With a ``placement`` on a mesh, the model
+    and optimizer state are placed on it (and restored onto it) and each batch is split over it."""
+    place = placement or Placement()
+    place.model(model)
+    optimizer = place.optimizer(training.make_optimizer(model, tx), model)
     with training.TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every, keep=keep) as ckpt:
         restored = ckpt.restore(model, optimizer)
+        shardings = None if place.mesh is None else training.state_shardings(model, optimizer)
+        train_step = training.make_train_step(task.loss, shardings=shardings)
         start = training.DataPosition()
         if restored is not None and restored.data is not None:
             start = training.DataPosition.from_dict(restored.data)
@@ -87,7 +93,7 @@ def train(
         model.train()
         stream = training.batch_indices(len(task.train), batch_size, seed=seed, start=start)
         for position, idx in itertools.islice(stream, max(steps - start.step, 0)):
-            loss = train_step(model, optimizer, task.train.take(idx))
+            loss = train_step(model, optimizer, place.batch(task.train.take(idx)))
             if on_step is not None:
                 on_step(position.step, loss)
             ckpt.save(position.step, model, optimizer, data=position, force=position.step == steps)

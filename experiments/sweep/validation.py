@@ -28,7 +28,10 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+
 import qjax
+from experiments.sweep import placement
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import (
     ExperimentConfig,
@@ -252,6 +255,7 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
     if cfg.eval.kernels != "auto" and not (cfg.eval.serve or cfg.eval.export):
         out.append(("eval.kernels", "only the converted model uses it: set eval.serve or eval.export"))
     _check_method_extras(out, cfg)
+    _check_mesh(out, cfg)
     r = cfg.report
     for key in ("rows", "columns"):
         name = getattr(r, key)
@@ -259,6 +263,42 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
             near = difflib.get_close_matches(name, [*axis_names, *all_paths()], n=1)
             did = f"; did you mean {near[0]!r}?" if near else ""
             out.append((f"report.{key}", f"{name!r} is neither a sweep axis nor a config key{did}"))
+
+
+def _check_mesh(out: Problems, cfg: ExperimentConfig) -> None:
+    """The mesh fits the devices, its ``data`` axis divides the training and calibration batches,
+    and the method runs on a mesh (float, PTQ, QAT, finetune; not yet the LLM methods, AdaRound or
+    mixed precision)."""
+    mesh, m = cfg.mesh, cfg.method
+    try:
+        data, fsdp = placement.mesh_shape(mesh.data, mesh.fsdp, jax.device_count())
+    except ValueError as e:
+        out.append(("mesh", str(e).removeprefix("mesh: ").removeprefix("mesh ")))
+        return
+    if data * fsdp == 1:
+        return
+    for path, size in (
+        ("train.batch_size", cfg.train.batch_size),
+        ("calibration.batch_size", cfg.calibration.batch_size),
+    ):
+        if size % data:
+            out.append((path, f"{size} is not divisible by mesh.data={data}; use a multiple of {data}"))
+    unsupported = [
+        name
+        for name, on in (
+            ("method.rounding: adaround", m.rounding == LearnedRounding.ADAROUND),
+            ("method.bit_budget", m.bit_budget is not None),
+            ("method.smoothquant_alpha", m.smoothquant_alpha is not None),
+            ("method.awq", m.awq),
+            ("method.gptq", m.gptq),
+            ("method.name: llm_int8", m.name == Method.LLM_INT8),
+        )
+        if on
+    ]
+    if unsupported:
+        out.append(
+            ("mesh", f"{', '.join(unsupported)}: one device only; drop the mesh section for these cells")
+        )
 
 
 def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:

@@ -80,11 +80,20 @@ class Task:
         return self.models[model](rngs=nnx.Rngs(seed), **model_args)
 
 
-def evaluate(task: Task, model: nnx.Module, batch_size: int, limit: int = 0) -> dict[str, float]:
-    """The task's metrics of ``model`` over its test split (jitted per batch shape)."""
+def evaluate(
+    task: Task,
+    model: nnx.Module,
+    batch_size: int,
+    limit: int = 0,
+    place: Callable[[Any], Any] | None = None,
+) -> dict[str, float]:
+    """The task's metrics of ``model`` over its test split (jitted per batch shape); ``place`` puts
+    each batch where the model's arrays are (e.g. split over a mesh)."""
     step = nnx.jit(task.metrics)
     totals: dict[str, float] = {}
     for batch in task.test.batches(batch_size, limit):
+        if place is not None:
+            batch = place(batch)
         for key, value in step(model, batch).items():
             totals[key] = totals.get(key, 0.0) + float(value)
     return task.finish(totals)
