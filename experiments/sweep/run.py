@@ -30,8 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from experiments import records
-from experiments.sweep import claims, report, runner
 from experiments.sweep import config as config_lib
+from experiments.sweep import report, runner
 from experiments.sweep.schema import Method
 
 logger = logging.getLogger("qjax.experiments")
@@ -124,43 +124,37 @@ def run_sweep(
         while pending:
             deferred = []
             for cell in pending:
-                with claims.claim(claims.cell_claim_path(sweep_dir, cell.slug), wait=wait) as held:
-                    if not held:
-                        deferred.append(cell)
-                        continue
-                    now = {r.get("cell"): r for r in records.read_results(sweep_dir)}.get(cell.label)
-                    if claims.settled_elsewhere(cell.hash, before.get(cell.label), now):
-                        assert now is not None
-                        console.print(f"{cell.label}: {now.get('status')} in another process")
-                    else:
-                        _run_one(cell, sweep_dir, env, progress, fail_fast, console)
+                steps = progress.add_task(f"  {cell.label}", total=None)
+                try:
+                    outcome = runner.run_claimed(
+                        cell,
+                        sweep_dir,
+                        env,
+                        before.get(cell.label),
+                        wait=wait,
+                        write=True,
+                        fail_fast=fail_fast,
+                        on_step=_progress(progress, steps),
+                    )
+                finally:
+                    progress.remove_task(steps)
+                if outcome.status == "busy":
+                    deferred.append(cell)
+                    continue
+                report_outcome(cell, outcome, console)
                 progress.advance(overall)
             pending, wait = deferred, True
     report.render(sweep_dir)
     return sweep_dir
 
 
-def _run_one(
-    cell: config_lib.Cell,
-    sweep_dir: pathlib.Path,
-    env: dict[str, Any],
-    progress: Progress,
-    fail_fast: bool,
-    console: Console,
-) -> None:
-    """Run ``cell`` (claimed by this process) and add its record to ``results.jsonl``."""
-    steps = progress.add_task(f"  {cell.label}", total=None)
-    try:
-        record = runner.run_cell(cell, sweep_dir, env, on_step=_progress(progress, steps))
-    except Exception as e:  # a failing cell is recorded; the sweep goes on
-        if fail_fast:
-            raise
-        logger.exception("cell %s failed", cell.label)
-        record = runner.failure_record(cell, sweep_dir, e)
-        console.print(f"[red]failed[/red] {cell.label}: {record['error']}")
-    finally:
-        progress.remove_task(steps)
-    records.upsert_result(sweep_dir, record)
+def report_outcome(cell: config_lib.Cell, outcome: runner.Outcome, console: Console) -> None:
+    """One console line for a cell that failed or that another process settled."""
+    record = outcome.record or {}
+    if outcome.status == "settled":
+        console.print(f"{cell.label}: {record.get('status')} in another process")
+    elif record.get("status") == "failed":
+        console.print(f"[red]failed[/red] {cell.label}: {record.get('error')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

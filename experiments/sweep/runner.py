@@ -64,6 +64,14 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def float_model_dir(cfg: ExperimentConfig, sweep_dir: pathlib.Path) -> pathlib.Path:
+    """Where the float model of ``cfg``'s (task, train, seed) is trained and checkpointed: shared
+    by every cell of every sweep under the same output directory that needs it."""
+    task_key = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "data_args" or v}
+    key = _hash({"task": task_key, "train": dataclasses.asdict(cfg.train), "seed": cfg.seed})
+    return sweep_dir.parent / "float-models" / f"seed{cfg.seed}-{key[:12]}"
+
+
 def float_model(
     cfg: ExperimentConfig,
     task: Task,
@@ -77,8 +85,6 @@ def float_model(
     if task.pretrained:
         return place.model(task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed))
     t = cfg.train
-    task_key = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "data_args" or v}
-    key = _hash({"task": task_key, "train": dataclasses.asdict(t), "seed": cfg.seed})
     model = task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
     steps = total_steps(t.epochs, t.steps, len(task.train), t.batch_size)
     tx = make_tx(
@@ -89,7 +95,7 @@ def float_model(
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
     )
-    checkpoint_dir = sweep_dir.parent / "float-models" / f"seed{cfg.seed}-{key[:12]}"
+    checkpoint_dir = float_model_dir(cfg, sweep_dir)
     # one process trains it; the others wait here, then restore its final checkpoint
     with claims.exclusive(checkpoint_dir.with_name(checkpoint_dir.name + ".lock"), "the float model"):
         return train(
@@ -354,3 +360,61 @@ def failure_record(cell: config_lib.Cell, sweep_dir: pathlib.Path, error: BaseEx
         "config": config_lib.to_dict(cell.config),
         "run_dir": str((sweep_dir / "cells" / cell.slug).relative_to(sweep_dir)),
     }
+
+
+def finished_record(cell: config_lib.Cell, sweep_dir: pathlib.Path) -> dict[str, Any] | None:
+    """The record a finished run of ``cell`` left in its ``metrics.json`` (written only when the
+    cell ends ``ok``), or ``None``: lets a later process add a record whose writer died first."""
+    path = sweep_dir / "cells" / cell.slug / "metrics.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and record.get("status") == "ok" and record.get("hash") == cell.hash
+    return record if ok else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What :func:`run_claimed` did with a cell: ``busy`` (another process holds it), ``settled``
+    (another process finished it: ``record`` is its record in ``results.jsonl``), ``recovered`` (a
+    finished run's ``metrics.json`` had no record yet), ``ran`` (``record``: ok or failed)."""
+
+    status: str
+    record: dict[str, Any] | None = None
+
+
+def run_claimed(
+    cell: config_lib.Cell,
+    sweep_dir: pathlib.Path,
+    env: dict[str, Any],
+    before: dict[str, Any] | None,
+    *,
+    wait: bool,
+    write: bool,
+    fail_fast: bool = False,
+    on_step: StepCallback | None = None,
+) -> Outcome:
+    """Run ``cell`` if this process can claim it (``experiments.sweep.claims``) and nobody finished
+    it since ``before`` (its record when the sweep started); a failing cell gives a failed record
+    unless ``fail_fast``. With ``write``, the record is added to ``results.jsonl`` before the claim
+    is released (else the caller adds it)."""
+    with claims.claim(claims.cell_claim_path(sweep_dir, cell.slug), wait=wait) as held:
+        if not held:
+            return Outcome("busy")
+        now = {r.get("cell"): r for r in records.read_results(sweep_dir)}.get(cell.label)
+        if claims.settled_elsewhere(cell.hash, before, now):
+            return Outcome("settled", now)
+        record = finished_record(cell, sweep_dir)
+        status = "recovered" if record is not None else "ran"
+        if record is None:
+            try:
+                record = run_cell(cell, sweep_dir, env, on_step=on_step)
+            except Exception as e:  # a failing cell is recorded; the sweep goes on
+                if fail_fast:
+                    raise
+                logger.exception("cell %s failed", cell.label)
+                record = failure_record(cell, sweep_dir, e)
+        if write:
+            records.upsert_result(sweep_dir, record)
+        return Outcome(status, record)
