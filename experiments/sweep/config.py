@@ -32,9 +32,9 @@ hex digits of the hash, e.g. ``seed0_ptq_W4A8-1a2b3c4d``.
 
 **Hash.** ``Cell.hash = sha256(canonical JSON of to_dict(config) without HASH_EXCLUDED)``, canonical
 meaning ``json.dumps(sort_keys=True, separators=(",", ":"))``; ints given for floats are stored as
-floats, so ``learning_rate: 1`` and ``1.0`` hash alike. ``output_dir``, ``report`` and ``mesh`` are
-excluded: moving a sweep, changing how it is reported or the devices it runs on does not change what
-a cell computes (on a mesh, up to float rounding: ``experiments.sweep.placement``).
+floats, so ``learning_rate: 1`` and ``1.0`` hash alike. ``output_dir``, ``report``, ``mesh`` and
+``resources`` are excluded: moving a sweep, changing how it is reported or the devices it runs on
+does not change what a cell computes (on a mesh, up to float rounding: ``experiments.sweep.placement``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from experiments.sweep import validation
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig
 
-HASH_EXCLUDED = ("output_dir", "report", "mesh")
+HASH_EXCLUDED = ("output_dir", "report", "mesh", "resources")
 _MISSING: Any = object()
 
 

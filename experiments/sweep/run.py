@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from experiments import records
 from experiments.sweep import config as config_lib
-from experiments.sweep import report, runner
+from experiments.sweep import parallel, report, runner
 from experiments.sweep.schema import Method
 
 logger = logging.getLogger("qjax.experiments")
@@ -99,9 +99,15 @@ def finished_hashes(results: list[dict[str, Any]]) -> set[str]:
 
 
 def run_sweep(
-    spec: config_lib.SweepSpec, *, fail_fast: bool = False, console: Console | None = None
+    spec: config_lib.SweepSpec,
+    *,
+    fail_fast: bool = False,
+    console: Console | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> pathlib.Path:
-    """Run every unfinished cell of ``spec``; returns the sweep directory."""
+    """Run every unfinished cell of ``spec``; returns the sweep directory. With ``workers`` or
+    ``ray_address``, the cells run as Ray tasks (``experiments.sweep.parallel``), else one by one."""
     console = console or Console(quiet=quiet())
     cells = spec.cells()
     problems = check_layers(cells)
@@ -119,6 +125,29 @@ def run_sweep(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=quiet()) as progress:
         overall = progress.add_task("sweep", total=len(cells), completed=len(cells) - len(todo))
+        if workers is not None or ray_address is not None:
+            running: dict[str, TaskID] = {}
+
+            def submitted(cell: config_lib.Cell) -> None:
+                running[cell.label] = progress.add_task(f"  {cell.label}", total=None)
+
+            def finished(cell: config_lib.Cell, outcome: runner.Outcome) -> None:
+                progress.remove_task(running.pop(cell.label))
+                report_outcome(cell, outcome, console)
+                progress.advance(overall)
+
+            parallel.run_cells(
+                todo,
+                sweep_dir,
+                env,
+                before,
+                workers=workers,
+                address=ray_address,
+                fail_fast=fail_fast,
+                on_submit=submitted,
+                on_done=finished,
+            )
+            todo = []
         # first pass: the cells no other process holds; then wait for the ones another one held
         pending, wait = todo, False
         while pending:
@@ -163,7 +192,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. sweep.seed=[0,1,2]")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the grid, run nothing")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing cell")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run N cells at once as tasks of a local Ray instance started here (resources: per cell)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="run the cells on an existing Ray cluster (default: $RAY_ADDRESS when --workers is not given)",
+    )
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers {args.workers}: give at least 1 (or leave it out to run cells one by one)")
+    address = args.ray_address or (None if args.workers else parallel.ray_address(None))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(quiet=quiet() and not args.dry_run)
     try:
@@ -175,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problems:
                 raise config_lib.ConfigError("the config does not fit the model:\n" + "\n".join(problems))
             return 0
-        sweep_dir = run_sweep(spec, fail_fast=args.fail_fast, console=console)
+        sweep_dir = run_sweep(
+            spec, fail_fast=args.fail_fast, console=console, workers=args.workers, ray_address=address
+        )
     except config_lib.ConfigError as e:
         print(f"qjax-run: invalid config {args.config}:\n{e}", file=sys.stderr)
         return 2

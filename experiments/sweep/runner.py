@@ -15,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -289,7 +291,7 @@ def run_cell(
     records.write_atomic(cell_dir / "config.yaml", config_lib.dump_yaml(cfg))
     start = time.time()
     with cell_log(cell_dir / "log.txt"):
-        logger.info("cell %s (%s)", cell.label, cell.hash)
+        logger.info("cell %s (%s) in process %d on %s", cell.label, cell.hash, os.getpid(), socket.gethostname())
         placement = Placement.of(cfg.mesh.data, cfg.mesh.fsdp)
         task = load_task(cfg)
         model = float_model(cfg, task, sweep_dir, on_step, placement)

@@ -295,6 +295,22 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ResourcesConfig:
+    """What one cell asks of a Ray worker when cells run in parallel (``qjax-run --workers N`` or
+    ``--ray-address``); a serial run ignores it.
+
+    Attributes:
+      cpus: CPUs per cell (a local Ray instance gets ``workers x cpus``).
+      gpus: GPUs per cell (fractions share a GPU).
+
+    Not part of the config hash.
+    """
+
+    cpus: float = 1
+    gpus: float = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     """How ``qjax-report`` pivots the results.
 
@@ -337,4 +353,5 @@ class ExperimentConfig:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)

@@ -256,6 +256,9 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
         out.append(("eval.kernels", "only the converted model uses it: set eval.serve or eval.export"))
     _check_method_extras(out, cfg)
     _check_mesh(out, cfg)
+    if not cfg.resources.cpus > 0:
+        out.append(("resources.cpus", f"{cfg.resources.cpus} must be > 0, e.g. 1"))
+    _at_least(out, "resources.gpus", cfg.resources.gpus, 0)
     r = cfg.report
     for key in ("rows", "columns"):
         name = getattr(r, key)
