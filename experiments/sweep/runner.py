@@ -291,7 +291,9 @@ def run_cell(
     records.write_atomic(cell_dir / "config.yaml", config_lib.dump_yaml(cfg))
     start = time.time()
     with cell_log(cell_dir / "log.txt"):
-        logger.info("cell %s (%s) in process %d on %s", cell.label, cell.hash, os.getpid(), socket.gethostname())
+        logger.info(
+            "cell %s (%s) in process %d on %s", cell.label, cell.hash, os.getpid(), socket.gethostname()
+        )
         placement = Placement.of(cfg.mesh.data, cfg.mesh.fsdp)
         task = load_task(cfg)
         model = float_model(cfg, task, sweep_dir, on_step, placement)
