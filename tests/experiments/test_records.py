@@ -1,10 +1,9 @@
 """``experiments.records``: processes that add records to one ``results.jsonl`` at once lose none."""
 
-import subprocess
 import sys
 
 from experiments import records
-from tests import ROOT
+from tests.processes import run_together
 
 WRITER = """
 import pathlib, sys
@@ -16,19 +15,9 @@ for i in range(300):
 
 
 def test_two_processes_adding_300_records_each_keep_all_600(tmp_path):
-    writers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(tmp_path), name], cwd=ROOT, stderr=subprocess.PIPE
-        )
-        for name in ("a", "b")
-    ]
-    try:
-        errors = [w.communicate(timeout=120)[1] for w in writers]
-    finally:
-        for w in writers:
-            w.kill()
-            w.wait()
-    assert [w.returncode for w in writers] == [0, 0], errors
+    writers = [[sys.executable, "-c", WRITER, str(tmp_path), name] for name in ("a", "b")]
+    done = run_together(writers, timeout=120)
+    assert [code for code, _ in done] == [0, 0], done
     cells = sorted(r["cell"] for r in records.read_results(tmp_path))
     assert cells == sorted(f"{name}-{i}" for name in ("a", "b") for i in range(300))
 

@@ -7,10 +7,6 @@ The tests named ``test_multidevice_*`` need 8 devices. On CPU that takes
 suite keeps its one device.
 """
 
-import os
-import subprocess
-import sys
-
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -24,7 +20,7 @@ from sklearn.datasets import load_digits
 import qjax
 from qjax import training
 from qjax.nn import Rule
-from tests import ROOT
+from tests.processes import run_multidevice_tests
 
 
 class MLP(nnx.Module):
@@ -128,12 +124,7 @@ def test_mesh_needs_enough_devices():
 
 
 def test_eight_device_tests_in_subprocess():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "multidevice", __file__]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "2 passed" in done.stdout, done.stdout[-3000:]
+    run_multidevice_tests(__file__, passed=2)
 
 
 # -- 8 devices --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from experiments import records
 from experiments.sweep import claims
 from tests import ROOT
+from tests.processes import run_together
 
 HOLDER = """
 import pathlib, sys, time
@@ -68,25 +69,9 @@ def test_two_processes_on_one_sweep_run_every_cell_once(tmp_path):
         "eval.serve=false",
         "eval.diagnostics=false",
     ]
-    env = dict(os.environ, CI="true")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "experiments.sweep.run", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    cmd = [sys.executable, "-m", "experiments.sweep.run", *args]
+    done = run_together([cmd, cmd], timeout=300, env=dict(os.environ, CI="true"))
+    assert [code for code, _ in done] == [0, 0], done
     sweep_dir = tmp_path / "digits_smoke"
     results = records.read_results(sweep_dir)
     assert sorted(r["cell"] for r in results) == sorted(

@@ -23,7 +23,7 @@ ARGS = [
     "sweep.method.name=[float,ptq,qat]",
     "sweep.seed=[0,1]",
     "train.epochs=1",
-    "method.steps=60",
+    "method.steps=30",
     "train.checkpoint_every=10",
     "eval.serve=false",
     "eval.diagnostics=false",
@@ -57,7 +57,7 @@ def test_two_workers_match_the_serial_run_and_survive_a_killed_worker(tmp_path):
             for log in (out / "digits_smoke" / "cells").glob("qat_seed*/log.txt"):
                 found = re.search(r"in process (\d+)", log.read_text())
                 steps = [int(p.name) for p in (log.parent / "ckpt").glob("*") if p.name.isdigit()]
-                if found and steps and max(steps) >= 20:  # mid-cell, after a checkpoint
+                if found and steps and max(steps) >= 10:  # mid-cell, after a checkpoint
                     os.kill(int(found.group(1)), signal.SIGKILL)
                     killed = log
                     break

@@ -3,10 +3,6 @@ and errors, validation before compute, and (on 8 simulated devices, in a subproc
 QAT cell on a 2 x 2 mesh: parameters, optimizer and quantizer state split as configured, the
 record naming the 4 devices that held them, metrics equal to the one-device run's."""
 
-import os
-import subprocess
-import sys
-
 import flax.nnx as nnx
 import jax
 import numpy as np
@@ -17,6 +13,7 @@ from experiments import records
 from experiments.sweep import config as config_lib
 from experiments.sweep import placement, run
 from tests import ROOT
+from tests.processes import run_multidevice_tests
 
 SMOKE = ROOT / "configs" / "digits" / "smoke.yaml"
 
@@ -64,12 +61,7 @@ def test_mesh_is_not_part_of_the_config_hash():
 
 
 def test_eight_device_tests_in_subprocess():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "multidevice", __file__]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert "2 passed" in done.stdout, done.stdout[-3000:]
+    run_multidevice_tests(__file__, passed=2)
 
 
 # -- 8 devices --------------------------------------------------------------------------------------
