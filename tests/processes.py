@@ -28,14 +28,14 @@ def run_together(commands: Sequence[Sequence[str]], *, timeout: float, env: dict
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
 
 
-def run_multidevice_tests(test_file: str, passed: int, devices: int = 8) -> None:
-    """Run the ``test_multidevice_*`` tests of ``test_file`` in a pytest process with ``devices``
+def run_multidevice_tests(test_files: Sequence[str], passed: int, devices: int = 8) -> None:
+    """Run the ``test_multidevice_*`` tests of ``test_files`` in one pytest process with ``devices``
     simulated CPU devices (``tests/conftest.py`` deselects them in a process with fewer) and
     require ``passed`` of them to pass."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     flag = f"--xla_force_host_platform_device_count={devices}"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "multidevice", test_file]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "multidevice", *test_files]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert f"{passed} passed" in done.stdout, done.stdout[-3000:]

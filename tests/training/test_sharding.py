@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits
 import qjax
 from qjax import training
 from qjax.nn import Rule
+from tests import ROOT
 from tests.processes import run_multidevice_tests
 
 
@@ -124,7 +125,9 @@ def test_mesh_needs_enough_devices():
 
 
 def test_eight_device_tests_in_subprocess():
-    run_multidevice_tests(__file__, passed=2)
+    """The 8-device tests of the library and of the runner's mesh, in one process."""
+    placement_tests = ROOT / "tests" / "experiments" / "sweep" / "test_placement.py"
+    run_multidevice_tests([__file__, str(placement_tests)], passed=4)
 
 
 # -- 8 devices --------------------------------------------------------------------------------------

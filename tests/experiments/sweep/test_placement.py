@@ -1,7 +1,8 @@
 """A cell on a ``data x fsdp`` mesh (``mesh:``; ``experiments.sweep.placement``): the mesh's sizes
-and errors, validation before compute, and (on 8 simulated devices, in a subprocess) a float and a
-QAT cell on a 2 x 2 mesh: parameters, optimizer and quantizer state split as configured, the
-record naming the 4 devices that held them, metrics equal to the one-device run's."""
+and errors, validation before compute, and (on 8 simulated devices, in the subprocess that
+``tests/training/test_sharding.py`` starts) a float and a QAT cell on a 2 x 2 mesh: parameters,
+optimizer and quantizer state split as configured, the record naming the 4 devices that held them,
+metrics equal to the one-device run's."""
 
 import flax.nnx as nnx
 import jax
@@ -13,7 +14,6 @@ from experiments import records
 from experiments.sweep import config as config_lib
 from experiments.sweep import placement, run
 from tests import ROOT
-from tests.processes import run_multidevice_tests
 
 SMOKE = ROOT / "configs" / "digits" / "smoke.yaml"
 
@@ -58,10 +58,6 @@ def test_mesh_is_not_part_of_the_config_hash():
     one = config_lib.load(SMOKE, []).cells()
     other = config_lib.load(SMOKE, ["mesh.data=-1"]).cells()
     assert [c.hash for c in one] == [c.hash for c in other]
-
-
-def test_eight_device_tests_in_subprocess():
-    run_multidevice_tests(__file__, passed=2)
 
 
 # -- 8 devices --------------------------------------------------------------------------------------
