@@ -126,55 +126,87 @@ def run_sweep(
     with Progress(*columns, console=console, disable=quiet()) as progress:
         overall = progress.add_task("sweep", total=len(cells), completed=len(cells) - len(todo))
         if workers is not None or ray_address is not None:
-            running: dict[str, TaskID] = {}
-
-            def submitted(cell: config_lib.Cell) -> None:
-                running[cell.label] = progress.add_task(f"  {cell.label}", total=None)
-
-            def finished(cell: config_lib.Cell, outcome: runner.Outcome) -> None:
-                progress.remove_task(running.pop(cell.label))
-                report_outcome(cell, outcome, console)
-                progress.advance(overall)
-
-            parallel.run_cells(
-                todo,
-                sweep_dir,
-                env,
-                before,
-                workers=workers,
-                address=ray_address,
-                fail_fast=fail_fast,
-                on_submit=submitted,
-                on_done=finished,
+            _run_on_ray(
+                todo, sweep_dir, env, before, progress, overall, console, fail_fast, workers, ray_address
             )
-            todo = []
-        # first pass: the cells no other process holds; then wait for the ones another one held
-        pending, wait = todo, False
-        while pending:
-            deferred = []
-            for cell in pending:
-                steps = progress.add_task(f"  {cell.label}", total=None)
-                try:
-                    outcome = runner.run_claimed(
-                        cell,
-                        sweep_dir,
-                        env,
-                        before.get(cell.label),
-                        wait=wait,
-                        write=True,
-                        fail_fast=fail_fast,
-                        on_step=_progress(progress, steps),
-                    )
-                finally:
-                    progress.remove_task(steps)
-                if outcome.status == "busy":
-                    deferred.append(cell)
-                    continue
-                report_outcome(cell, outcome, console)
-                progress.advance(overall)
-            pending, wait = deferred, True
+        else:
+            _run_here(todo, sweep_dir, env, before, progress, overall, console, fail_fast)
     report.render(sweep_dir)
     return sweep_dir
+
+
+def _run_on_ray(
+    todo: list[config_lib.Cell],
+    sweep_dir: pathlib.Path,
+    env: dict[str, Any],
+    before: dict[Any, dict[str, Any]],
+    progress: Progress,
+    overall: TaskID,
+    console: Console,
+    fail_fast: bool,
+    workers: int | None,
+    ray_address: str | None,
+) -> None:
+    """The cells as Ray tasks, one progress row per cell in flight."""
+    running: dict[str, TaskID] = {}
+
+    def submitted(cell: config_lib.Cell) -> None:
+        running[cell.label] = progress.add_task(f"  {cell.label}", total=None)
+
+    def finished(cell: config_lib.Cell, outcome: runner.Outcome) -> None:
+        progress.remove_task(running.pop(cell.label))
+        report_outcome(cell, outcome, console)
+        progress.advance(overall)
+
+    parallel.run_cells(
+        todo,
+        sweep_dir,
+        env,
+        before,
+        workers=workers,
+        address=ray_address,
+        fail_fast=fail_fast,
+        on_submit=submitted,
+        on_done=finished,
+    )
+
+
+def _run_here(
+    todo: list[config_lib.Cell],
+    sweep_dir: pathlib.Path,
+    env: dict[str, Any],
+    before: dict[Any, dict[str, Any]],
+    progress: Progress,
+    overall: TaskID,
+    console: Console,
+    fail_fast: bool,
+) -> None:
+    """The cells one by one in this process: first those no other process holds, then (waiting for
+    them) the ones another process held."""
+    pending, wait = todo, False
+    while pending:
+        deferred = []
+        for cell in pending:
+            steps = progress.add_task(f"  {cell.label}", total=None)
+            try:
+                outcome = runner.run_claimed(
+                    cell,
+                    sweep_dir,
+                    env,
+                    before.get(cell.label),
+                    wait=wait,
+                    write=True,
+                    fail_fast=fail_fast,
+                    on_step=_progress(progress, steps),
+                )
+            finally:
+                progress.remove_task(steps)
+            if outcome.status == "busy":
+                deferred.append(cell)
+                continue
+            report_outcome(cell, outcome, console)
+            progress.advance(overall)
+        pending, wait = deferred, True
 
 
 def report_outcome(cell: config_lib.Cell, outcome: runner.Outcome, console: Console) -> None:
