@@ -2,9 +2,10 @@
 
 Every file is written atomically: to a temporary file in the same directory, flushed and
 ``fsync``-ed, then ``os.replace``-d over the target, so a killed run leaves either the old file or
-the new one, never half of one. ``results.jsonl`` holds one JSON line per finished cell and is
-rewritten whole (atomically) when a cell finishes, under ``results.jsonl.lock`` so that processes
-sharing a sweep directory never lose each other's records.
+the new one, never half of one; in a run of several processes, process 0 alone writes.
+``results.jsonl`` holds one JSON line per finished cell and is rewritten whole (atomically) when a
+cell finishes, under ``results.jsonl.lock`` so that processes sharing a sweep directory never lose
+each other's records.
 """
 
 from __future__ import annotations
@@ -28,9 +29,18 @@ import qjax
 RESULTS = "results.jsonl"
 
 
+def writes() -> bool:
+    """Whether this process writes results files: the only one, or process 0 of a multi-process
+    (``jax.distributed``) run."""
+    return jax.process_index() == 0
+
+
 def write_atomic(path: pathlib.Path, text: str | bytes) -> None:
     """Write ``text`` (str or bytes) to ``path`` so that readers see the old or the new content,
-    nothing between (a temporary file in the same directory, ``fsync``, ``os.replace``)."""
+    nothing between (a temporary file in the same directory, ``fsync``, ``os.replace``). In a
+    multi-process run only process 0 writes (:func:`writes`); on the others this does nothing."""
+    if not writes():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     data = text.encode() if isinstance(text, str) else text

@@ -3,7 +3,9 @@
 On a mesh, the model's kernels (with their quantizer scales) and the optimizer state are split over
 ``fsdp`` (:func:`qjax.training.shard_model`, :func:`~qjax.training.shard_optimizer`), each batch is
 split over ``data`` (a batch that ``data`` does not divide, e.g. the last evaluation batch, is
-replicated instead), and every train step keeps that layout. XLA then runs the same program over
+replicated instead), and every train step keeps that layout. With several processes
+(``jax.distributed``) the mesh spans the devices of all of them and each process reads only the
+rows of a batch that its devices hold. XLA then runs the same program over
 the mesh: results agree with one device up to float rounding (sums split over devices add in
 another order).
 """
@@ -15,8 +17,10 @@ from typing import Any
 
 import flax.nnx as nnx
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from experiments.tasks.base import Split
 from qjax import training
 
 
@@ -53,8 +57,16 @@ class Placement:
 
     @classmethod
     def of(cls, data: int, fsdp: int) -> Placement:
+        """The placement of a ``mesh:`` section. With several processes the mesh must hold every
+        device of every process (each process runs the same program on its part of the mesh)."""
         data, fsdp = mesh_shape(data, fsdp, jax.device_count())
-        if data * fsdp == 1:
+        if jax.process_count() > 1 and data * fsdp != jax.device_count():
+            raise ValueError(
+                f"mesh data={data} x fsdp={fsdp} uses {data * fsdp} of the {jax.device_count()} devices "
+                f"of {jax.process_count()} processes; with several processes the mesh must use all of "
+                "them: set mesh.data=-1 (or sizes whose product is the device count)"
+            )
+        if data * fsdp == 1 and jax.process_count() == 1:
             return cls(None)
         return cls(training.make_mesh(data, fsdp))
 
@@ -69,23 +81,32 @@ class Placement:
     def optimizer(self, optimizer: nnx.Optimizer, model: nnx.Module) -> nnx.Optimizer:
         return optimizer if self.mesh is None else training.shard_optimizer(optimizer, model, self.mesh)
 
-    def batch(self, batch: Any) -> Any:
-        """``batch`` split over ``data`` (replicated if ``data`` does not divide its size)."""
+    def take(self, split: Split, idx: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """The examples ``idx`` of ``split`` split over ``data`` (replicated if ``data`` does not
+        divide their number); each process reads only the rows its devices hold
+        (:func:`qjax.training.make_global_batch`)."""
         if self.mesh is None:
-            return batch
-        leaves = jax.tree.leaves(batch)
-        if leaves and all(x.shape[0] % self.data_size == 0 for x in leaves):
-            return training.shard_batch(batch, self.mesh)
-        return jax.device_put(batch, NamedSharding(self.mesh, PartitionSpec()))
+            return split.take(idx)
+        spec = PartitionSpec("data") if len(idx) % self.data_size == 0 else PartitionSpec()
+        return training.make_global_batch(split.rows, idx, NamedSharding(self.mesh, spec))
+
+    def replicate_across_processes(self, model: nnx.Module) -> nnx.Module:
+        """With several processes, ``model`` whole on every device (in place), so that every
+        process can read its values (diagnostics, storage, conversion); as it is otherwise."""
+        if self.mesh is None or jax.process_count() == 1:
+            return model
+        return training.replicate(model, self.mesh)
 
     def describe(self) -> dict[str, Any] | None:
-        """What the record states: the mesh axes and its devices (``None`` on one device)."""
+        """What the record states: the mesh axes, its devices and the processes that drove them
+        (``None`` on one device)."""
         if self.mesh is None:
             return None
         return {
             "data": self.data_size,
             "fsdp": int(self.mesh.shape["fsdp"]),
             "devices": [str(d) for d in self.mesh.devices.flat],
+            "processes": jax.process_count(),
         }
 
 

@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from experiments import records
 from experiments.sweep import config as config_lib
-from experiments.sweep import parallel, report, runner
+from experiments.sweep import hosts, parallel, report, runner
 from experiments.sweep.schema import Method
 
 logger = logging.getLogger("qjax.experiments")
@@ -118,6 +118,8 @@ def run_sweep(
     records.write_atomic(sweep_dir / "sweep.yaml", spec.dump_yaml())
     started = records.read_results(sweep_dir)
     done = finished_hashes(started)
+    if hosts.several():  # every process runs the cells that process 0 found unfinished
+        done = {c.hash for c in cells if hosts.agree(int(c.hash in done))}
     before = {r.get("cell"): r for r in started}
     env = records.environment()
     todo = [c for c in cells if c.hash not in done]
@@ -131,7 +133,8 @@ def run_sweep(
             )
         else:
             _run_here(todo, sweep_dir, env, before, progress, overall, console, fail_fast)
-    report.render(sweep_dir)
+    if records.writes():
+        report.render(sweep_dir)
     return sweep_dir
 
 
@@ -235,12 +238,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="ADDR",
         help="run the cells on an existing Ray cluster (default: $RAY_ADDRESS when --workers is not given)",
     )
+    processes = parser.add_argument_group(
+        "one cell over several processes (run the same command on every host; see docs/scale.md)"
+    )
+    processes.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    processes.add_argument("--num-processes", type=int, metavar="N", help="how many processes in all")
+    processes.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
+    processes.add_argument(
+        "--distributed",
+        action="store_true",
+        help="let jax.distributed find the cluster (SLURM, TPU pod, Kubernetes, JAX_COORDINATOR_ADDRESS)",
+    )
+    processes.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        metavar="S",
+        help="seconds after which the other processes stop when one has died (default 100)",
+    )
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers {args.workers}: give at least 1 (or leave it out to run cells one by one)")
     address = args.ray_address or (None if args.workers else parallel.ray_address(None))
+    multi = args.distributed or args.coordinator is not None or args.num_processes is not None
+    if multi and (args.workers is not None or args.ray_address is not None):
+        parser.error(
+            "--workers/--ray-address run each cell in one process; with several processes per cell "
+            "(--coordinator or --distributed) leave them out"
+        )
+    try:
+        hosts.initialize(
+            args.coordinator,
+            args.num_processes,
+            args.process_id,
+            auto=args.distributed,
+            heartbeat_timeout=args.heartbeat_timeout,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    if multi:
+        address = None  # RAY_ADDRESS in the environment does not apply to a multi-process cell
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console(quiet=quiet() and not args.dry_run)
+    console = Console(quiet=(quiet() and not args.dry_run) or not records.writes())
     try:
         spec = config_lib.load(args.config, args.overrides)
         cells = spec.cells()
@@ -256,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"qjax-run: invalid config {args.config}:\n{e}", file=sys.stderr)
         return 2
-    print((sweep_dir / "results.md").read_text())
+    if records.writes():
+        print((sweep_dir / "results.md").read_text())
     return 0
 
 

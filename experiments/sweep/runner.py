@@ -29,7 +29,7 @@ import numpy as np
 
 import qjax
 from experiments import records
-from experiments.sweep import claims, energy, llm_methods
+from experiments.sweep import claims, energy, hosts, llm_methods
 from experiments.sweep import config as config_lib
 from experiments.sweep.placement import Placement, devices_of
 from experiments.sweep.plan import Plan
@@ -142,7 +142,7 @@ def calibration_batches(
     place = placement or Placement()
     order = np.random.default_rng([cfg.seed, 7]).permutation(len(task.train))
     size = min(c.batch_size, len(task.train))
-    return [place.batch(task.train.take(order[i * size : (i + 1) * size])[0]) for i in range(c.batches)]
+    return [place.take(task.train, order[i * size : (i + 1) * size])[0] for i in range(c.batches)]
 
 
 def calibration_description(cfg: ExperimentConfig, task: Task) -> str:
@@ -255,7 +255,11 @@ def fine_tune(
 
 @contextlib.contextmanager
 def cell_log(path: pathlib.Path) -> Iterator[None]:
-    """Route the ``qjax`` loggers to the cell's ``log.txt`` while the cell runs."""
+    """Route the ``qjax`` loggers to the cell's ``log.txt`` while the cell runs (process 0's, with
+    several processes)."""
+    if not records.writes():  # several processes: process 0 keeps the log
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -302,8 +306,10 @@ def run_cell(
             base = prepare_base(cfg, task, model)
             model = apply_method(cfg, cell.plan, task, base, cell_dir, on_step, placement)
         model.eval()
-        metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit, placement.batch)
+        metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit, placement.take)
         held_by = devices_of(nnx.state(model))
+        for node in (base, model):  # several processes: each reads the values from here on
+            placement.replicate_across_processes(node)
         if cfg.eval.serve and cfg.method.name.quantizes:
             served = qjax.nn.set_kernels(qjax.nn.convert(model), cfg.eval.kernels)
             if qjax.kernels.resolved_kernel_path(cfg.eval.kernels) != "xla":
@@ -312,7 +318,7 @@ def run_cell(
                 {
                     f"serve_{k}": v
                     for k, v in evaluate(
-                        task, served, cfg.eval.batch_size, cfg.eval.limit, placement.batch
+                        task, served, cfg.eval.batch_size, cfg.eval.limit, placement.take
                     ).items()
                 }
             )
@@ -388,6 +394,9 @@ class Outcome:
     record: dict[str, Any] | None = None
 
 
+_DECISIONS = ("settled", "recovered", "ran")
+
+
 def run_claimed(
     cell: config_lib.Cell,
     sweep_dir: pathlib.Path,
@@ -402,23 +411,29 @@ def run_claimed(
     """Run ``cell`` if this process can claim it (``experiments.sweep.claims``) and nobody finished
     it since ``before`` (its record when the sweep started); a failing cell gives a failed record
     unless ``fail_fast``. With ``write``, the record is added to ``results.jsonl`` before the claim
-    is released (else the caller adds it)."""
-    with claims.claim(claims.cell_claim_path(sweep_dir, cell.slug), wait=wait) as held:
+    is released (else the caller adds it). With several processes (``experiments.sweep.hosts``)
+    process 0 claims and decides for all, and a failure stops every process."""
+    several = hosts.several()
+    with claims.claim(claims.cell_claim_path(sweep_dir, cell.slug), wait=wait or several) as held:
         if not held:
             return Outcome("busy")
         now = {r.get("cell"): r for r in records.read_results(sweep_dir)}.get(cell.label)
-        if claims.settled_elsewhere(cell.hash, before, now):
+        settled = claims.settled_elsewhere(cell.hash, before, now)
+        record = None if settled else finished_record(cell, sweep_dir)
+        mine = "settled" if settled else "recovered" if record is not None else "ran"
+        status = _DECISIONS[hosts.agree(_DECISIONS.index(mine))]  # several processes: process 0's
+        if status == "settled":
             return Outcome("settled", now)
-        record = finished_record(cell, sweep_dir)
-        status = "recovered" if record is not None else "ran"
-        if record is None:
+        if status == "ran":
             try:
                 record = run_cell(cell, sweep_dir, env, on_step=on_step)
             except Exception as e:  # a failing cell is recorded; the sweep goes on
+                if several:
+                    hosts.stop_everywhere(cell.label, e)
                 if fail_fast:
                     raise
                 logger.exception("cell %s failed", cell.label)
                 record = failure_record(cell, sweep_dir, e)
-        if write:
+        if write and record is not None:
             records.upsert_result(sweep_dir, record)
         return Outcome(status, record)

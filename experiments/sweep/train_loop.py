@@ -93,7 +93,7 @@ def train(
         model.train()
         stream = training.batch_indices(len(task.train), batch_size, seed=seed, start=start)
         for position, idx in itertools.islice(stream, max(steps - start.step, 0)):
-            loss = train_step(model, optimizer, place.batch(task.train.take(idx)))
+            loss = train_step(model, optimizer, place.take(task.train, idx))
             if on_step is not None:
                 on_step(position.step, loss)
             ckpt.save(position.step, model, optimizer, data=position, force=position.step == steps)

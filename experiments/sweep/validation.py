@@ -269,16 +269,27 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
 
 
 def _check_mesh(out: Problems, cfg: ExperimentConfig) -> None:
-    """The mesh fits the devices, its ``data`` axis divides the training and calibration batches,
-    and the method runs on a mesh (float, PTQ, QAT, finetune; not yet the LLM methods, AdaRound or
-    mixed precision)."""
+    """The mesh fits the devices (all of them with several processes), its ``data`` axis divides
+    the training and calibration batches, and the method runs on a mesh (float, PTQ, QAT,
+    finetune; not yet the LLM methods, AdaRound or mixed precision)."""
     mesh, m = cfg.mesh, cfg.method
     try:
         data, fsdp = placement.mesh_shape(mesh.data, mesh.fsdp, jax.device_count())
     except ValueError as e:
         out.append(("mesh", str(e).removeprefix("mesh: ").removeprefix("mesh ")))
         return
-    if data * fsdp == 1:
+    processes = jax.process_count()
+    if processes > 1 and data * fsdp != jax.device_count():
+        out.append(
+            (
+                "mesh",
+                f"data={data} x fsdp={fsdp} uses {data * fsdp} of the {jax.device_count()} devices of "
+                f"{processes} processes; with several processes the mesh must use all of them: "
+                "set mesh.data=-1 (or sizes whose product is the device count)",
+            )
+        )
+        return
+    if data * fsdp == 1 and processes == 1:
         return
     for path, size in (
         ("train.batch_size", cfg.train.batch_size),

@@ -27,14 +27,23 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets of the examples ``idx``, on the host."""
+        return self.x[idx], self.y[idx]
+
     def take(self, idx: np.ndarray) -> tuple[jax.Array, jax.Array]:
         return jnp.asarray(self.x[idx]), jnp.asarray(self.y[idx])
 
-    def batches(self, batch_size: int, limit: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
-        """In-order batches (the last may be smaller), over the first ``limit`` examples if set."""
+    def index_batches(self, batch_size: int, limit: int = 0) -> Iterator[np.ndarray]:
+        """The indices of in-order batches (the last may be smaller), over the first ``limit``
+        examples if set."""
         n = len(self) if limit <= 0 else min(limit, len(self))
         for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
+            yield np.arange(start, min(start + batch_size, n))
+
+    def batches(self, batch_size: int, limit: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """In-order batches (the last may be smaller), over the first ``limit`` examples if set."""
+        for idx in self.index_batches(batch_size, limit):
             yield self.take(idx)
 
 
@@ -85,15 +94,15 @@ def evaluate(
     model: nnx.Module,
     batch_size: int,
     limit: int = 0,
-    place: Callable[[Any], Any] | None = None,
+    take: Callable[[Split, np.ndarray], Any] | None = None,
 ) -> dict[str, float]:
-    """The task's metrics of ``model`` over its test split (jitted per batch shape); ``place`` puts
-    each batch where the model's arrays are (e.g. split over a mesh)."""
+    """The task's metrics of ``model`` over its test split (jitted per batch shape); ``take(split,
+    idx)`` loads each batch where the model's arrays are (e.g. split over a mesh; default
+    ``split.take``)."""
     step = nnx.jit(task.metrics)
     totals: dict[str, float] = {}
-    for batch in task.test.batches(batch_size, limit):
-        if place is not None:
-            batch = place(batch)
+    for idx in task.test.index_batches(batch_size, limit):
+        batch = task.test.take(idx) if take is None else take(task.test, idx)
         for key, value in step(model, batch).items():
             totals[key] = totals.get(key, 0.0) + float(value)
     return task.finish(totals)

@@ -1,14 +1,17 @@
 """Training utilities for any NNX model, quantized or not: an optax train step, orbax checkpoints
 that resume exactly, and data-parallel / FSDP sharding that covers quantizer state and QArrays."""
 
-from qjax.training.checkpoint import RestoredCheckpoint, TrainingCheckpointer
+from qjax.training.checkpoint import RestoredCheckpoint, TrainingCheckpointer, default_sharding
 from qjax.training.data import DataPosition, batch_indices, epoch_order
 from qjax.training.sharding import (
     follow_spec,
     fsdp_spec,
     largest_divisible_axis,
+    make_global_batch,
     make_mesh,
     partition_specs,
+    process_rows,
+    replicate,
     shard_batch,
     shard_model,
     shard_optimizer,
@@ -21,15 +24,19 @@ __all__ = [
     "RestoredCheckpoint",
     "TrainingCheckpointer",
     "batch_indices",
+    "default_sharding",
     "epoch_order",
     "follow_spec",
     "fsdp_spec",
     "largest_divisible_axis",
     "make_eval_step",
+    "make_global_batch",
     "make_mesh",
     "make_optimizer",
     "make_train_step",
     "partition_specs",
+    "process_rows",
+    "replicate",
     "shard_batch",
     "shard_model",
     "shard_optimizer",

@@ -30,7 +30,9 @@ from typing import Any, NamedTuple
 
 import flax.nnx as nnx
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from qjax.training.data import DataPosition
 
@@ -42,12 +44,28 @@ class RestoredCheckpoint(NamedTuple):
     data: dict[str, Any] | None
 
 
-def _as_target(x: Any) -> Any:
-    """Abstract leaf with the sharding to restore onto (a concrete leaf's own, else device 0)."""
+def default_sharding() -> jax.sharding.Sharding:
+    """Where a leaf without a sharding (of an abstract target) restores: device 0 with one process;
+    with several, whole on every device of every process (each process can read it)."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices(), dtype=object), ("all",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _as_target(x: Any, default: jax.sharding.Sharding) -> Any:
+    """Abstract leaf with the sharding to restore onto (a concrete leaf's own, else ``default``)."""
     sharding = getattr(x, "sharding", None)
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default if sharding is None else sharding)
+
+
+def _agreed_step(step: int | None) -> int | None:
+    """``step`` as process 0 sees it, on every process (they restore the same checkpoint even if
+    one of them listed the directory while another was still finishing a save)."""
+    if jax.process_count() == 1:
+        return step
+    agreed = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+    return None if agreed < 0 else agreed
 
 
 def _pure(node: Any) -> Any:
@@ -136,16 +154,18 @@ class TrainingCheckpointer:
         """Restore ``step`` (default: the latest) into ``model`` (and ``optimizer``, ``rngs``) in place.
 
         The objects restored into give the structure, static metadata and shardings; an abstract
-        model (``nnx.eval_shape``) restores onto device 0. Returns ``None`` if there is no
-        checkpoint yet.
+        model (``nnx.eval_shape``) restores onto :func:`default_sharding` (device 0 with one
+        process, every device with several). With several processes, every one restores the
+        step process 0 chose. Returns ``None`` if there is no checkpoint yet.
         """
-        step = self.manager.latest_step() if step is None else step
+        step = _agreed_step(self.manager.latest_step() if step is None else step)
         if step is None:
             return None
         if step not in self.manager.all_steps():
             raise ValueError(f"no checkpoint for step={step} in {self.directory}; have {self.all_steps()}")
         present = {p.name for p in (self.directory / str(step)).iterdir()}
         nodes = {"model": model, "optimizer": optimizer, "rngs": rngs}
+        default = default_sharding()
         args: dict[str, Any] = {}
         for name, node in nodes.items():
             if node is None:
@@ -154,7 +174,8 @@ class TrainingCheckpointer:
                 raise ValueError(
                     f"checkpoint step {step} in {self.directory} has no {name!r} item to restore"
                 )
-            args[name] = ocp.args.StandardRestore(jax.tree.map(_as_target, _pure(node)))
+            target = jax.tree.map(lambda x: _as_target(x, default), _pure(node))
+            args[name] = ocp.args.StandardRestore(target)
         if "data" in present:
             args["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -187,4 +208,4 @@ class TrainingCheckpointer:
         self.close()
 
 
-__all__ = ["RestoredCheckpoint", "TrainingCheckpointer"]
+__all__ = ["RestoredCheckpoint", "TrainingCheckpointer", "default_sharding"]

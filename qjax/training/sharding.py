@@ -177,6 +177,14 @@ def shard_optimizer(optimizer: nnx.Optimizer, model: nnx.Module, mesh: Mesh) -> 
     return optimizer
 
 
+def replicate(node: Any, mesh: Mesh) -> Any:
+    """Place every variable of ``node`` whole on every device of ``mesh`` (in place): after
+    training, what reads values on the host (diagnostics, storage accounting, conversion) can, on
+    every process."""
+    nnx.update(node, jax.device_put(nnx.state(node), NamedSharding(mesh, PartitionSpec())))
+    return node
+
+
 def state_shardings(*nodes: Any) -> tuple[Any, ...]:
     """The current sharding of every array in ``nnx.state(node)``, one tree per node (what
     :func:`~qjax.training.make_train_step` pins its outputs to)."""
@@ -196,12 +204,48 @@ def shard_batch(batch: Any, mesh: Mesh, *, data_axis: str | Sequence[str] = "dat
     return jax.tree.map(put, batch)
 
 
+def process_rows(sharding: jax.sharding.Sharding, n: int) -> slice:
+    """The rows ``[start, stop)`` of an ``n``-row batch that the devices of this process hold under
+    ``sharding`` (a sharding of the leading axis: split or replicated): all of them with one
+    process; with several, one block (:func:`make_mesh` puts each process's devices next to each
+    other; a layout where a process holds rows apart raises a ``ValueError``)."""
+    rows = [index[0] for index in sharding.addressable_devices_indices_map((n,)).values() if index]
+    spans = sorted({(r.start or 0, n if r.stop is None else r.stop) for r in rows})
+    reach = spans[0][0]
+    for start, stop in spans:
+        if start > reach:
+            raise ValueError(
+                f"process {jax.process_index()} holds rows {spans} of the batch, not one block: lay "
+                "the mesh out so that each process's devices are consecutive along the data axis"
+            )
+        reach = max(reach, stop)
+    return slice(spans[0][0], reach)
+
+
+def make_global_batch(load: Any, indices: np.ndarray, sharding: jax.sharding.Sharding) -> Any:
+    """The batch of examples ``indices`` as global arrays laid out by ``sharding``, each process
+    loading only its own rows: ``load(indices[rows])`` (a tree of numpy arrays, leading axis the
+    batch) with ``rows`` from :func:`process_rows`, assembled by
+    ``jax.make_array_from_process_local_data``. With one process it loads the whole batch."""
+    n = len(indices)
+    local = load(indices[process_rows(sharding, n)])
+
+    def assemble(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, (n, *x.shape[1:]))
+
+    return jax.tree.map(assemble, local)
+
+
 __all__ = [
     "follow_spec",
     "fsdp_spec",
     "largest_divisible_axis",
+    "make_global_batch",
     "make_mesh",
     "partition_specs",
+    "process_rows",
+    "replicate",
     "shard_batch",
     "shard_model",
     "shard_optimizer",

@@ -124,10 +124,46 @@ def test_mesh_needs_enough_devices():
         training.make_mesh(n, 2)
 
 
+class RowsOf:
+    """A sharding stand-in whose devices hold the given row slices of a batch."""
+
+    def __init__(self, *slices):
+        self.slices = slices
+
+    def addressable_devices_indices_map(self, shape):
+        return {i: (s,) for i, s in enumerate(self.slices)}
+
+
+def test_process_rows_is_one_block_or_an_error():
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    assert training.process_rows(one, 7) == slice(0, 7)
+    assert training.process_rows(RowsOf(slice(4, 6), slice(2, 4)), 8) == slice(2, 6)
+    assert training.process_rows(RowsOf(slice(None), slice(0, 3)), 8) == slice(0, 8)
+    with pytest.raises(ValueError, match=r"holds rows \[\(0, 2\), \(4, 6\)\] of the batch, not one block"):
+        training.process_rows(RowsOf(slice(0, 2), slice(4, 6)), 8)
+
+
+def test_global_batch_of_one_process_loads_the_whole_batch():
+    loaded = []
+
+    def load(idx):
+        loaded.append(idx)
+        return np.stack([idx, 2 * idx], axis=1).astype(np.float32)
+
+    idx = np.array([5, 1, 3])
+    x = training.make_global_batch(load, idx, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    np.testing.assert_array_equal(loaded[0], idx)
+    np.testing.assert_array_equal(x, [[5, 10], [1, 2], [3, 6]])
+
+
+def test_abstract_targets_restore_onto_device_zero_with_one_process():
+    assert training.default_sharding() == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def test_eight_device_tests_in_subprocess():
     """The 8-device tests of the library and of the runner's mesh, in one process."""
     placement_tests = ROOT / "tests" / "experiments" / "sweep" / "test_placement.py"
-    run_multidevice_tests([__file__, str(placement_tests)], passed=4)
+    run_multidevice_tests([__file__, str(placement_tests)], passed=5)
 
 
 # -- 8 devices --------------------------------------------------------------------------------------
@@ -197,6 +233,21 @@ def test_multidevice_sharded_qat_step_matches_single_device():
     assert spec_of(model.l2.kernel[...]) == P("fsdp", None)
     assert spec_of(optimizer.opt_state[0].mu["l1"]["kernel"][...]) == P(None, "fsdp")
     assert model.l1.kernel[...].addressable_shards[0].data.shape == (64, 64)
+
+
+def test_multidevice_global_batch_and_replicate():
+    mesh = training.make_mesh(4, 2)
+    data = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    idx = np.array([3, 15, 0, 7, 9, 2, 11, 4])
+    x = training.make_global_batch(lambda i: data[i], idx, NamedSharding(mesh, P("data")))
+    assert x.sharding.spec == P("data") and x.addressable_shards[0].data.shape == (2, 3)
+    np.testing.assert_array_equal(x, data[idx])
+    model = placed(qat_model(), mesh)[0]
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    training.replicate(model, mesh)
+    kernel = model.l1.kernel[...]
+    assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
 
 
 def test_multidevice_checkpoint_moves_between_meshes(tmp_path):

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 from experiments import records
 from experiments.sweep import config as config_lib
 from experiments.sweep import placement, run
+from experiments.tasks.base import Split
 from tests import ROOT
 
 SMOKE = ROOT / "configs" / "digits" / "smoke.yaml"
@@ -44,8 +45,10 @@ def test_mesh_shape_errors(data, fsdp, n, match):
 def test_one_device_mesh_places_nothing():
     p = placement.Placement.of(1, 1)
     assert p.mesh is None and p.describe() is None
-    x = np.ones((3, 2), np.float32)
-    assert p.batch(x) is x
+    split = Split(np.arange(6, dtype=np.float32).reshape(3, 2), np.arange(3))
+    x, y = p.take(split, np.array([2, 0]))
+    np.testing.assert_array_equal(x, [[4, 5], [0, 1]])
+    np.testing.assert_array_equal(y, [2, 0])
 
 
 def test_mesh_problems_are_named_before_compute():
@@ -65,10 +68,15 @@ def test_mesh_is_not_part_of_the_config_hash():
 
 def test_multidevice_batch_and_validation():
     p = placement.Placement.of(2, 2)
-    x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
-    assert p.batch(x).sharding.spec == jax.sharding.PartitionSpec("data")
-    odd = p.batch(x[:5])  # the last evaluation batch: replicated over the mesh
+    split = Split(np.arange(10 * 3, dtype=np.float32).reshape(10, 3), np.arange(10))
+    idx = np.array([9, 1, 4, 3, 0, 2, 8, 5])
+    x, y = p.take(split, idx)
+    assert x.sharding.spec == y.sharding.spec == jax.sharding.PartitionSpec("data")
+    np.testing.assert_array_equal(x, split.x[idx])
+    np.testing.assert_array_equal(y, idx)
+    odd, _ = p.take(split, idx[:5])  # the last evaluation batch: replicated over the mesh
     assert odd.sharding.is_fully_replicated and len(odd.sharding.device_set) == 4
+    np.testing.assert_array_equal(odd, split.x[idx[:5]])
     with pytest.raises(config_lib.ConfigError, match=r"train.batch_size: 63 is not divisible by mesh.data=2"):
         config_lib.load(SMOKE, ["mesh.data=2", "train.batch_size=63"]).cells()
     with pytest.raises(config_lib.ConfigError, match=r"mesh: method.gptq: one device only"):
@@ -104,7 +112,12 @@ def test_multidevice_cells_on_a_2x2_mesh_match_one_device(tmp_path, monkeypatch)
         assert r["status"] == "ok"
         assert r["protocol"]["device"] == "cpu: cpu x4"  # of the 8 the host has
         assert r["protocol"]["host_devices"] == "cpu: cpu x8"
-        assert r["protocol"]["mesh"] == {"data": 2, "fsdp": 2, "devices": [f"cpu:{i}" for i in range(4)]}
+        assert r["protocol"]["mesh"] == {
+            "data": 2,
+            "fsdp": 2,
+            "devices": [f"cpu:{i}" for i in range(4)],
+            "processes": 1,
+        }
     for r in results["one"].values():
         assert r["protocol"]["device"] == "cpu: cpu x1" and r["protocol"]["mesh"] is None
 
