@@ -11,6 +11,7 @@ each other's records.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import platform
@@ -55,8 +56,25 @@ def write_atomic(path: pathlib.Path, text: str | bytes) -> None:
         raise
 
 
+def finite(payload: Any) -> Any:
+    """``payload`` with every non-finite float (NaN, +-Inf) replaced by ``None``: JSON has no NaN
+    (Python's ``NaN`` token is not JSON), so records say ``null`` and their status says why."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, Mapping):
+        return {k: finite(v) for k, v in payload.items()}
+    if isinstance(payload, list | tuple):
+        return [finite(v) for v in payload]
+    return payload
+
+
+def to_json(payload: Any, **kwargs: Any) -> str:
+    """Strict JSON of ``payload`` (non-finite floats as ``null``, keys sorted)."""
+    return json.dumps(finite(payload), sort_keys=True, default=str, allow_nan=False, **kwargs)
+
+
 def write_json(path: pathlib.Path, payload: Any) -> None:
-    write_atomic(path, json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
+    write_atomic(path, to_json(payload, indent=1) + "\n")
 
 
 def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
@@ -68,16 +86,43 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[st
     return "\n".join(lines)
 
 
+class ResultsError(ValueError):
+    """``results.jsonl`` holds a line that is not a record."""
+
+
 def read_results(sweep_dir: pathlib.Path) -> list[dict[str, Any]]:
-    """The records of ``results.jsonl`` (empty if there is none yet)."""
+    """The records of ``results.jsonl`` (empty if there is none yet). A line that is not a JSON
+    object with a ``cell`` raises :class:`ResultsError` naming the file, the line and the repair;
+    nothing is skipped (the next write would drop it)."""
     path = sweep_dir / RESULTS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    repair = (
+        f"fix or delete that line of {path} (a finished cell's record is also in its "
+        "cells/<slug>/metrics.json, and qjax-run adds a missing record back from there)"
+    )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ResultsError(f"{path}:{at}: not UTF-8 text ({e.reason}); {repair}") from None
+    results = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{path}:{i}: not a JSON record ({e}); {repair}") from None
+        if not isinstance(record, dict) or "cell" not in record:
+            what = f"{line[:60]!r} is not a record (a JSON object with a 'cell')"
+            raise ResultsError(f"{path}:{i}: {what}; {repair}")
+        results.append(record)
+    return results
 
 
 def write_results(sweep_dir: pathlib.Path, records: Iterable[Mapping[str, Any]]) -> None:
-    lines = [json.dumps(r, sort_keys=True, default=str) for r in records]
+    lines = [to_json(r) for r in records]
     write_atomic(sweep_dir / RESULTS, "".join(line + "\n" for line in lines))
 
 

@@ -2,9 +2,11 @@
 # The kernel tests under jax 0.11.2, the version of the GPU machines the kernels are timed on (jax
 # 0.11 needs Python >= 3.12; the main suite runs jax 0.10.2 on Python 3.11). Makes .venv-jax011
 # from the first Python 3.12 found (on PATH or under pyenv); says so and exits 0 if there is none.
-# Not repeated here: serving tests of qjax.nn (on CPU they run XLA's integer path, not Pallas), and
-# whole models served through the kernels in the interpreter (test_dispatch's *_through_the_kernel:
-# the kernels' own interpret tests run here; what a served model runs is jax-version independent).
+# Not repeated here (they run in the main suite under jax 0.10.2): serving tests of qjax.nn (on CPU
+# they run XLA's integer path, not Pallas), the routing of served layers to the kernels
+# (tests/kernels/test_dispatch.py: which kernel a layer takes, weights prepared once, imports; the
+# kernels it routes to are tested here one by one), and the benchmark's bookkeeping
+# (tests/experiments/kernels/bench: rows, accounting, the CPU smoke run of its command line).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=""
@@ -23,5 +25,5 @@ fi
 .venv-jax011/bin/python -m pip install -q "jax==0.11.2" "jaxlib==0.11.2" -e ".[test]"
 .venv-jax011/bin/python -c "import jax; assert jax.__version__ == '0.11.2', jax.__version__"
 k=tests/experiments/kernels
-.venv-jax011/bin/python -m pytest -q -n 2 -p no:cacheprovider -k "not through_the_kernel" tests/kernels \
-  $k/bench $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py "$@"
+.venv-jax011/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_dispatch.py \
+  $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py "$@"

@@ -185,10 +185,13 @@ def _read(path: pathlib.Path, stack: tuple[pathlib.Path, ...] = ()) -> dict[str,
         where = f" (base of {stack[-1]})" if stack else ""
         raise fail(f"no such config file{where}")
     try:
-        data = _yaml(path.read_text())
+        data = _yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise fail("not a text (UTF-8) file; a config is a YAML file") from None
     except yaml.YAMLError as e:
         raise fail(f"not valid YAML: {e}") from None
-    data = {} if data is None else data
+    if data is None:
+        raise fail("the file is empty; a config needs at least task: and name: (see configs/quickstart.yaml)")
     if not isinstance(data, dict):
         raise fail(f"a config is a mapping of keys to values; got {type(data).__name__}")
     bases = data.pop("base", None)
@@ -277,6 +280,42 @@ def config_hash(config: ExperimentConfig) -> str:
     """SHA-256 hex of the canonical JSON of ``to_dict(config)`` without :data:`HASH_EXCLUDED`."""
     d = {k: v for k, v in to_dict(config).items() if k not in HASH_EXCLUDED}
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}`` (mappings only; lists stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def normalized_config(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's config as today's schema reads it (fields added since it ran take their
+    defaults), or as recorded when today's schema cannot read it."""
+    raw = record.get("config") or {}
+    try:
+        return to_dict(from_dict(raw))
+    except (KeyError, TypeError, ValueError):
+        return dict(raw)
+
+
+def config_differences(
+    a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ()
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every key where the config dicts ``a`` and ``b``
+    differ, leaving out :data:`HASH_EXCLUDED` and the keys in ``ignore`` (with what is under them)."""
+    skip = (*HASH_EXCLUDED, *ignore)
+    fa, fb = flatten(a), flatten(b)
+    keys = sorted(set(fa) | set(fb))
+    return [
+        (k, fa.get(k), fb.get(k))
+        for k in keys
+        if fa.get(k) != fb.get(k) and not any(k == s or k.startswith(s + ".") for s in skip)
+    ]
 
 
 def get_path(data: Mapping[str, Any], dotted: str, default: Any = _MISSING) -> Any:

@@ -52,7 +52,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from experiments import records
 from experiments.records import write_atomic
+from experiments.sweep.config import config_differences, flatten, normalized_config
 from experiments.sweep.schema import Plot, ReportConfig
 
 RESULTS = "results.jsonl"
@@ -74,15 +76,13 @@ def load_results(sweep_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     path = pathlib.Path(sweep_dir) / RESULTS
     if not path.is_file():
         raise ReportError(f"{path} not found: run the sweep first (qjax-run CONFIG) or pass its directory")
+    try:
+        results = records.read_results(pathlib.Path(sweep_dir))
+    except records.ResultsError as e:
+        raise ReportError(str(e)) from None
     by_cell: dict[str, dict[str, Any]] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path}:{i}: not a JSON record ({e})") from None
-        label = str(record.get("cell", f"line {i}"))
+    for record in results:
+        label = str(record["cell"])
         by_cell.pop(label, None)  # a retried cell moves to where its last record is
         by_cell[label] = record
     if not by_cell:
@@ -214,6 +214,8 @@ def pivot(records: Sequence[dict[str, Any]], config: ReportConfig) -> Pivot:
             failed.append(
                 {"cell": record.get("cell"), "row": key[0], "column": key[1], "error": record.get("error")}
             )
+    for key, rs in ok.items():
+        _check_pooled(key, rs)
     n_failed = {key: sum(1 for f in failed if (f["row"], f["column"]) == key) for key in ok}
     stats = {
         key: Stat(tuple(metric_value(r, config.metric) for r in rs), tuple(rs), n_failed[key])
@@ -223,6 +225,23 @@ def pivot(records: Sequence[dict[str, Any]], config: ReportConfig) -> Pivot:
     other = [a for a in axes if a not in (config.rows, config.columns)]
     expected = max(s.n + s.failed for s in stats.values())
     return Pivot(config, rows, columns, stats, failed, expected, other, list(records))
+
+
+def _check_pooled(key: tuple[str, str], records: Sequence[Mapping[str, Any]]) -> None:
+    """The records averaged in one table cell may differ only in sweep axes (e.g. ``seed``):
+    records of configs that differ elsewhere (a rerun with another override into the same
+    directory) are never pooled."""
+    for other in records[1:]:
+        axes = [*(records[0].get("axes") or {}), *(other.get("axes") or {})]
+        diff = config_differences(normalized_config(records[0]), normalized_config(other), axes)
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in diff[:4])
+            raise ReportError(
+                f"cell {key[0]} / {key[1]} would average records of different configs "
+                f"({records[0].get('cell')!r} and {other.get('cell')!r} differ in {shown}), which no "
+                "sweep axis names; report them apart (rows=/columns= on that key) or rerun one of them "
+                "into its own output_dir"
+            )
 
 
 def report_config(
@@ -363,20 +382,10 @@ def render_markdown(p: Pivot, sweep_dir: pathlib.Path, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def protocol_summary(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """``(key, value)`` lines describing the ``protocol`` of the ok records: a value shared by all of
     them as it is, up to 3 distinct values joined, more counted; ``wall_time_s`` summed."""
-    flat = [_flatten(r.get("protocol") or {}) for r in records if r.get("status") == "ok"]
+    flat = [flatten(r.get("protocol") or {}) for r in records if r.get("status") == "ok"]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     keys = [k for k in _PROTOCOL_FIRST if k in keys] + [k for k in keys if k not in _PROTOCOL_FIRST]
     lines = []

@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from experiments import records
 from experiments.sweep import config as config_lib
 from experiments.sweep import hosts, parallel, report, runner
-from experiments.sweep.schema import Method
+from experiments.sweep.schema import ExperimentConfig, Method
 
 logger = logging.getLogger("qjax.experiments")
 
@@ -42,12 +42,35 @@ def quiet() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
+def data_problems(cfg: ExperimentConfig, n_train: int) -> list[str]:
+    """Sizes that need the training set's length: a training batch larger than it would leave no
+    full batch (0 optimizer steps, an untrained model recorded as trained)."""
+    if cfg.train.batch_size <= n_train:
+        return []
+    return [
+        f"train.batch_size={cfg.train.batch_size} is larger than the {n_train} training examples "
+        f"(task.train_limit={cfg.task.train_limit}); use at most {n_train}"
+    ]
+
+
 def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
-    """Problems that need the model: a spec that does not fit a layer (e.g. a group size that does
-    not divide its contraction dimension). Each distinct (task, model, quant) is built once."""
+    """Problems that need the data or the model: batch sizes and step counts against the training
+    set (:func:`data_problems`), a spec that does not fit a layer (e.g. a group size that does not
+    divide its contraction dimension). Each distinct task and (task, model, quant) is built once."""
     problems, seen = [], set()
+    tasks: dict[str, Any] = {}
     for cell in cells:
         cfg = cell.config
+        try:
+            if repr(cfg.task) not in tasks:
+                tasks[repr(cfg.task)] = runner.load_task(cfg)
+            task = tasks[repr(cfg.task)]
+        except (ValueError, TypeError, OSError) as e:
+            problems.append(f"{cell.label}: {e}")
+            continue
+        problems += [
+            f"{cell.label}: {p}" for p in ([] if task.pretrained else data_problems(cfg, len(task.train)))
+        ]
         if cfg.method.name == Method.FLOAT:
             continue
         key = (repr(cfg.task), repr(cfg.quant), cfg.method.fold_batchnorm)
@@ -55,7 +78,6 @@ def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
             continue
         seen.add(key)
         try:
-            task = runner.load_task(cfg)
             model = task.make_model(cfg.task.model, dict(cfg.task.model_args), 0)
             runner.quantize(cfg, runner.prepare_base(cfg, task, model), cell.plan.rules)
         except (ValueError, TypeError) as e:
@@ -98,6 +120,49 @@ def finished_hashes(results: list[dict[str, Any]]) -> set[str]:
     return done
 
 
+def check_writable(sweep_dir: pathlib.Path) -> None:
+    """Refuse, before compute, a sweep directory this process cannot write (records, checkpoints
+    and the report go there): it, or the nearest folder above it that exists."""
+    if not records.writes():
+        return
+    existing = sweep_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probes = [existing] + ([p for p in existing.iterdir() if p.is_dir()] if existing == sweep_dir else [])
+    blocked = [p for p in probes if not os.access(p, os.W_OK | os.X_OK)]
+    if blocked:
+        raise config_lib.ConfigError(
+            f"output_dir: {blocked[0]} is not writable; give output_dir=<a folder you can write>, or "
+            f"change the folder's permissions (a finished sweep's results stay readable in {sweep_dir})"
+        )
+
+
+def check_same_configs(
+    cells: Sequence[config_lib.Cell], before: dict[Any, dict[str, Any]], sweep_dir: pathlib.Path
+) -> None:
+    """Refuse to run cells whose label has an ``ok`` record of another config in ``sweep_dir``
+    (the same sweep rerun with a changed override): replacing those records one by one would leave
+    the directory, and its report, a mix of two configs."""
+    changed = []
+    for cell in cells:
+        prior = before.get(cell.label)
+        if not prior or prior.get("status") != "ok" or prior.get("hash") == cell.hash:
+            continue
+        old = config_lib.normalized_config(prior)
+        diff = config_lib.config_differences(old, config_lib.to_dict(cell.config))
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:4])
+            changed.append(f"{cell.label} ({shown})")
+    if changed:
+        raise config_lib.ConfigError(
+            f"{sweep_dir} holds finished cells of another config under the same labels: "
+            + "; ".join(changed[:3])
+            + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+            + ". Give this config its own name= (or output_dir=), or delete "
+            f"{sweep_dir / records.RESULTS} to rerun the sweep from scratch"
+        )
+
+
 def run_sweep(
     spec: config_lib.SweepSpec,
     *,
@@ -114,13 +179,15 @@ def run_sweep(
     if problems:
         raise config_lib.ConfigError("the config does not fit the model:\n" + "\n".join(problems))
     sweep_dir = sweep_dir_of(spec)
+    check_writable(sweep_dir)
+    started = records.read_results(sweep_dir)
+    before = {r.get("cell"): r for r in started}
+    check_same_configs(cells, before, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     records.write_atomic(sweep_dir / "sweep.yaml", spec.dump_yaml())
-    started = records.read_results(sweep_dir)
     done = finished_hashes(started)
     if hosts.several():  # every process runs the cells that process 0 found unfinished
         done = {c.hash for c in cells if hosts.agree(int(c.hash in done))}
-    before = {r.get("cell"): r for r in started}
     env = records.environment()
     todo = [c for c in cells if c.hash not in done]
     console.print(f"{sweep_dir}: {len(cells)} cells, {len(cells) - len(todo)} already done")
@@ -295,9 +362,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"qjax-run: invalid config {args.config}:\n{e}", file=sys.stderr)
         return 2
+    except records.ResultsError as e:
+        print(f"qjax-run: {e}", file=sys.stderr)
+        return 2
     if records.writes():
         print((sweep_dir / "results.md").read_text())
+    failed = failed_cells(cells, sweep_dir)
+    if failed:
+        print(
+            f"qjax-run: {len(failed)} of {len(cells)} cells failed (see their records and "
+            f"cells/<slug>/log.txt; rerun to retry them): {', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def failed_cells(cells: Sequence[config_lib.Cell], sweep_dir: pathlib.Path) -> list[str]:
+    """Labels of the cells of ``cells`` whose record in ``results.jsonl`` is not ``ok``."""
+    by_label = {r.get("cell"): r for r in records.read_results(sweep_dir)}
+    return [c.label for c in cells if by_label.get(c.label, {}).get("status") != "ok"]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import socket
@@ -43,6 +44,10 @@ from qjax.methods import mixed_precision
 logger = logging.getLogger("qjax.experiments")
 
 StepCallback = Callable[[int, Any], None]
+
+
+class NonFiniteMetrics(ValueError):
+    """A cell's evaluation gave NaN or Inf: it is recorded ``failed``, never ``ok``."""
 
 
 def load_task(cfg: ExperimentConfig) -> Task:
@@ -329,6 +334,12 @@ def run_cell(
         model_info = {**storage, **energy.forward_energy(model, example)}
         layers = diagnose(task, model, base) if cfg.method.name.quantizes and cfg.eval.diagnostics else []
         logger.info("metrics %s", metrics)
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteMetrics(
+                f"non-finite metrics {bad}: the model's outputs overflow or are NaN (a diverged or "
+                "broken model; see the layer diagnostics of a run with eval.diagnostics=true)"
+            )
     record = {
         "cell": cell.label,
         "hash": cell.hash,

@@ -74,10 +74,13 @@ def train(
     keep: int,
     on_step: Callable[[int, Any], None] | None = None,
     placement: Placement | None = None,
+    max_loss_ratio: float = 1e4,
 ) -> nnx.Module:
     """Train ``model`` in place for ``steps`` steps, resuming from ``checkpoint_dir`` if it holds a
     checkpoint; the final step is always checkpointed. With a ``placement`` on a mesh, the model
-    and optimizer state are placed on it (and restored onto it) and each batch is split over it."""
+    and optimizer state are placed on it (and restored onto it) and each batch is split over it.
+    A non-finite loss, or one over ``max_loss_ratio`` times the first (:class:`qjax.training.
+    LossWatch`), raises :class:`qjax.training.TrainingDiverged` before the next checkpoint."""
     place = placement or Placement()
     place.model(model)
     optimizer = place.optimizer(training.make_optimizer(model, tx), model)
@@ -91,11 +94,16 @@ def train(
         if start.step:
             logger.info("resuming at step %d of %d from %s", start.step, steps, checkpoint_dir)
         model.train()
+        watch = training.LossWatch(max_loss_ratio)
         stream = training.batch_indices(len(task.train), batch_size, seed=seed, start=start)
         for position, idx in itertools.islice(stream, max(steps - start.step, 0)):
             loss = train_step(model, optimizer, place.take(task.train, idx))
+            watch.update(position.step, loss)
             if on_step is not None:
                 on_step(position.step, loss)
-            ckpt.save(position.step, model, optimizer, data=position, force=position.step == steps)
+            last = position.step == steps
+            if last or position.step % checkpoint_every == 0:
+                watch.check()  # a diverged model is never checkpointed
+            ckpt.save(position.step, model, optimizer, data=position, force=last)
     model.eval()
     return model

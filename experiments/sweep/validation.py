@@ -211,6 +211,36 @@ def _check_run(out: Problems, section: str, c: Any) -> None:
         _at_least(out, f"{section}.epochs", c.epochs, 1, f"or set {section}.steps > 0")
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_EPOCHS, MAX_STEPS = 10**6, 10**9
+
+
+def _check_identity(out: Problems, cfg: ExperimentConfig) -> None:
+    """``name`` is one directory under ``output_dir`` (no path separators, no ``..``), ``seed`` is
+    a seed numpy accepts (>= 0), and run lengths are ones that end."""
+    if not _NAME.fullmatch(cfg.name) or ".." in cfg.name:
+        out.append(
+            (
+                "name",
+                f"{cfg.name!r} must be one directory name under output_dir (letters, digits, '.', '_', "
+                "'-'; no '/' or '..'), e.g. 'w4a8_sweep'",
+            )
+        )
+    _at_least(out, "seed", cfg.seed, 0, "seeds are non-negative integers")
+    for section, run in (("train", cfg.train), ("method", cfg.method)):
+        if run.epochs > MAX_EPOCHS:
+            out.append(
+                (
+                    f"{section}.epochs",
+                    f"{run.epochs} is more than {MAX_EPOCHS:,} passes; give a run that ends",
+                )
+            )
+        if run.steps > MAX_STEPS:
+            out.append(
+                (f"{section}.steps", f"{run.steps} is more than {MAX_STEPS:,} steps; give a run that ends")
+            )
+
+
 def _check_task(out: Problems, cfg: ExperimentConfig) -> None:
     from experiments.tasks import TASK_MODULES
 
@@ -504,6 +534,7 @@ def make_plan(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> tuple[Pl
     """The :class:`Plan` of one typed config and its value problems as ``(dotted path, message)``
     pairs; the plan is ``None`` when there is a problem."""
     out: Problems = []
+    _check_identity(out, cfg)
     _check_task(out, cfg)
     _check_sections(out, cfg, axis_names)
     specs = _quant_specs(out, cfg.quant, cfg.method.name)

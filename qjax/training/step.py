@@ -13,11 +13,13 @@ counters) get no gradient and are never touched by optax; mutations the forward 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.nnx as nnx
 import jax
+import jax.numpy as jnp
 
 
 def make_optimizer(model: nnx.Module, tx: Any, *, wrt: Any = nnx.Param) -> nnx.Optimizer:
@@ -75,4 +77,55 @@ def make_eval_step(metric_fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any],
     return nnx.jit(eval_step)
 
 
-__all__ = ["make_eval_step", "make_optimizer", "make_train_step"]
+class TrainingDiverged(ValueError):
+    """A run's loss became non-finite or blew up (see :class:`LossWatch`)."""
+
+
+@jax.jit
+def _watch(state: jax.Array, step: jax.Array, loss: jax.Array, max_ratio: jax.Array) -> jax.Array:
+    """``state = [first loss, first bad step, its loss]`` (``nan``: none yet) after one more step."""
+    loss = jnp.asarray(loss, jnp.float32)
+    first = jnp.where(jnp.isnan(state[0]), loss, state[0])
+    bad = ~jnp.isfinite(loss) | ((max_ratio > 0) & (jnp.abs(loss) > max_ratio * jnp.abs(first)))
+    new = jnp.isnan(state[1]) & bad
+    return jnp.stack(
+        [first, jnp.where(new, step.astype(jnp.float32), state[1]), jnp.where(new, loss, state[2])]
+    )
+
+
+class LossWatch:
+    r"""The health of a training run, watched on the device (no host round trip per step).
+
+    Step :math:`t` with loss :math:`\ell_t` is *bad* when :math:`\ell_t` is not finite, or when
+    :math:`|\ell_t| > r\,|\ell_{t_0}|` (:math:`t_0`: the first step watched, :math:`r`:
+    ``max_ratio``; ``0`` turns that test off). :meth:`check` raises :class:`TrainingDiverged`
+    naming the first bad step and its loss; call it before saving a checkpoint, so that a
+    diverged model is never saved. Non-finite gradients show as a non-finite loss one step later
+    (they make the parameters non-finite).
+    """
+
+    def __init__(self, max_ratio: float = 1e4):
+        if not max_ratio >= 0:
+            raise ValueError(f"max_ratio={max_ratio} must be >= 0 (0: only non-finite losses are bad)")
+        self.max_ratio = float(max_ratio)
+        self.state = jnp.full((3,), jnp.nan, jnp.float32)
+
+    def update(self, step: int, loss: Any) -> None:
+        self.state = _watch(self.state, jnp.int32(step), loss, jnp.float32(self.max_ratio))
+
+    def check(self) -> None:
+        first, step, loss = (float(v) for v in jax.device_get(self.state))
+        if step != step:  # nan: no bad step
+            return
+        why = (
+            "is not finite"
+            if not math.isfinite(loss)
+            else f"is over {self.max_ratio:g} x the first loss {first:.4g}"
+        )
+        raise TrainingDiverged(
+            f"training diverged at step {int(step)}: loss {loss:.4g} {why}; lower the learning rate "
+            "(or check the data and the quantizer ranges)"
+        )
+
+
+__all__ = ["LossWatch", "TrainingDiverged", "make_eval_step", "make_optimizer", "make_train_step"]
