@@ -249,6 +249,13 @@ def _check_param_shape(p: jax.Array, grid: tuple[int, ...], name: str) -> None:
         )
     if not jnp.issubdtype(jnp.result_type(p), jnp.floating):
         raise TypeError(f"{name} must be a float array; got dtype {jnp.result_type(p)}")
+    if name == "scale" and not isinstance(p, jax.core.Tracer):
+        low = float(np.min(np.asarray(p)))
+        if not low > 0:  # traced (a learned scale mid-training) it is clamped to a tiny positive step
+            raise ValueError(
+                f"scale must be > 0 everywhere (a step size); its smallest entry is {low}; initialise it "
+                "with qjax.lsq_init_scale(x, spec)"
+            )
 
 
 def _sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -102,6 +102,11 @@ def quantize_model(
 
     Warns :class:`UnusedRuleWarning` for rules that matched nothing; logs the layers left in float.
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"quantize_model needs a flax NNX module (nnx.Module); got {type(model).__name__}. A Linen "
+            "model takes qjax.nn.FakeQuantDotGeneral as its layers' dot_general instead"
+        )
     if mode not in (Mode.QAT, Mode.CALIBRATE, Mode.CONVERT):
         hint = " ('serve' runs a converted model: use mode='convert')" if mode == Mode.SERVE else ""
         raise ValueError(f"mode={mode!r} is not one of 'qat', 'calibrate', 'convert'{hint}")

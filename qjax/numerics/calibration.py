@@ -44,11 +44,17 @@ def check_finite(x: jax.Array, arg: str = "x") -> None:
 
 
 def check_float_input(x: jax.Array, arg: str = "x") -> None:
-    """Quantizers take real-valued floating-point tensors."""
+    """Quantizers take real-valued floating-point tensors with at least one element (a scale of
+    nothing is undefined: every quantizer refuses a zero-size tensor the same way)."""
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise TypeError(
             f"{arg} has dtype {jnp.result_type(x)}, but quantization needs a floating-point "
             f"tensor; convert it first, e.g. {arg}.astype(jnp.float32)"
+        )
+    if 0 in np.shape(x):
+        raise ValueError(
+            f"{arg} has shape {tuple(np.shape(x))}, no elements to quantize; skip empty tensors "
+            "before quantizing (a scale of nothing is undefined)"
         )
 
 

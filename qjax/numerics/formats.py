@@ -239,6 +239,9 @@ class BlockFloatFormat:
             # 2^-126 at least (E8M0 reaches 2^-127, a float32 subnormal that CPUs may flush to 0).
             exponent = jnp.clip(e - 1 - self.element.emax, -126, 127)
             scale = jnp.ldexp(jnp.ones_like(amax), exponent)
+            # a block holding NaN or Inf gets E8M0's NaN scale: the whole block decodes to NaN, as a
+            # non-finite value makes its block's scale non-finite in every other format
+            scale = jnp.where(jnp.isfinite(amax), scale, jnp.nan)
             return QParams(scale=scale.astype(self.scale_dtype))
         scale_max = float(jnp.finfo(self.scale_dtype).max)
         tensor_scale = jnp.maximum(jnp.max(amax) * _inverse(scale_max * self.element.max), MIN_SCALE)

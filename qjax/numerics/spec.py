@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,11 @@ def _as_axes(value: Any, arg: str) -> int | tuple[int, ...] | None:
     ):
         return tuple(value) if len(value) > 1 else value[0]
     raise SpecTypeError(f"{arg}={value!r} must be an int or a non-empty list of ints", field=arg)
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never a size here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,14 +105,18 @@ class QuantSpec:
             raise SpecTypeError(f"symmetric={self.symmetric!r} must be true or false", field="symmetric")
         self._check_granularity(fmt)
         self._check_format(fmt)
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, int | float):
+            raise SpecTypeError(
+                f"percentile={self.percentile!r} must be a number, e.g. 99.99", field="percentile"
+            )
         if not 50.0 < float(self.percentile) <= 100.0:
             raise SpecError(
                 f"percentile={self.percentile} must be in (50, 100], e.g. 99.99 for the 99.99th",
                 field="percentile",
             )
-        if not isinstance(self.mse_grid, int) or self.mse_grid < 2:
+        if not _is_int(self.mse_grid) or self.mse_grid < 2:
             raise SpecError(f"mse_grid={self.mse_grid!r} must be an int >= 2, e.g. 100", field="mse_grid")
-        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+        if not _is_int(self.kmeans_iters) or self.kmeans_iters < 1:
             raise SpecError(
                 f"kmeans_iters={self.kmeans_iters!r} must be an int >= 1, e.g. 30", field="kmeans_iters"
             )
@@ -141,7 +151,7 @@ class QuantSpec:
                     f"granularity='per_group' groups along one axis; got axis={self.axis}",
                     field="granularity",
                 )
-            if not isinstance(self.group_size, int) or self.group_size < 1:
+            if not (_is_int(self.group_size) and typing.cast(int, self.group_size) >= 1):
                 raise SpecError(
                     f"granularity='per_group' needs group_size=<positive int>, e.g. 32 or 128; "
                     f"got {self.group_size!r}",
@@ -155,7 +165,7 @@ class QuantSpec:
             )
         if g == Granularity.PER_BLOCK:
             bs = self.block_shape
-            if not bs or not all(isinstance(b, int) and b >= 1 for b in bs):
+            if not bs or not all(_is_int(b) and b >= 1 for b in bs):
                 raise SpecError(
                     f"granularity='per_block' needs block_shape=<positive ints>, e.g. (128, 128); got {bs!r}",
                     field="granularity",

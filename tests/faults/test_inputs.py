@@ -77,3 +77,9 @@ def test_a_bad_results_line_is_named_by_run_and_report(tmp_path, capsys, bad):
     with pytest.raises(report.ReportError, match=rf"{records.RESULTS}:2:"):
         report.load_results(sweep_dir)
     assert (sweep_dir / records.RESULTS).read_bytes() == before  # nothing rewritten away
+
+
+def test_dry_run_checks_the_llm_model_path(capsys):
+    config = ROOT / "configs" / "llm" / "rtn.yaml"
+    assert run.main([str(config), "task.data_dir=/nonexistent/model.gguf", "--dry-run"]) == 2
+    assert "task.data_dir='/nonexistent/model.gguf' is neither a GGUF file" in capsys.readouterr().err
