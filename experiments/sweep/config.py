@@ -477,6 +477,28 @@ def _build_cell(
     return cfg, plan, list(dict.fromkeys(out))
 
 
+_CALIBRATION_OPTIONS = (("percentile", "percentile"), ("mse_grid", "mse"))
+
+
+def _ignored_options(cells: Sequence[Cell]) -> list[Problem]:
+    """``quant.weights.percentile`` (or ``mse_grid``) given where no cell of the sweep calibrates
+    with ``percentile`` (``mse``): an option every cell would ignore. (A sweep over the calibration
+    that sets it for all its cells uses it in some: that is fine.)"""
+    problems = []
+    for section in ("weights", "activations"):
+        specs = [getattr(c.config.quant, section) or {} for c in cells]
+        for option, calibration in _CALIBRATION_OPTIONS:
+            given = [s for s in specs if option in s]
+            if given and not any(s.get("calibration", "minmax") == calibration for s in specs):
+                path = f"quant.{section}.{option}"
+                msg = (
+                    f"{given[0][option]!r} is ignored: no cell calibrates with {calibration!r}; remove it, "
+                    f"or set quant.{section}.calibration: {calibration}"
+                )
+                problems.append(Problem("all cells", path, msg))
+    return problems
+
+
 def _cells(body: dict[str, Any], axes: Sequence[Axis], found: list[Problem]) -> list[Cell]:
     """Every cell of the grid, in order; the problems of the invalid ones go to ``found``."""
     names = [a.name for a in axes]
@@ -494,6 +516,7 @@ def _cells(body: dict[str, Any], axes: Sequence[Axis], found: list[Problem]) -> 
             axes_of = dict(zip(names, values, strict=True))
             cells.append(Cell(_label(grid[n]), slug, axes_of, cfg, digest, plan))
     found += [Problem(_where(idx, grid), path, msg) for (path, msg), idx in failing.items()]
+    found += _ignored_options(cells)
     first: dict[str, Cell] = {}
     for c in cells:
         if first.setdefault(c.hash, c) is not c:

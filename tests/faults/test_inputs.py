@@ -21,12 +21,22 @@ SMOKE = ROOT / "configs" / "digits" / "smoke.yaml"
         (["name=/tmp/abs"], r"name: '/tmp/abs' must be one directory name"),
         (["name=.."], r"name: '..' must be one directory name"),
         (["train.epochs=100000000000000000000000"], r"train.epochs: 1\d+ is more than 1,000,000 passes"),
+        (["quant.weights.percentile=99.9"], r"quant.weights.percentile: 99.9 is ignored: no cell calibrates"),
+        (
+            ["quant.activations.mse_grid=20"],
+            r"quant.activations.mse_grid: 20 is ignored: no cell calibrates with 'mse'",
+        ),
         (["method.steps=10000000000"], r"method.steps: 10000000000 is more than 1,000,000,000 steps"),
     ],
 )
 def test_config_values_are_refused_with_the_key(overrides, match):
     with pytest.raises(config_lib.ConfigError, match=match):
         config_lib.load(SMOKE, overrides).cells()
+
+
+def test_an_option_used_by_some_cells_of_a_sweep_is_fine():
+    cells = config_lib.load(ROOT / "configs" / "study" / "calibration_weights.yaml").cells()
+    assert {c.config.quant.weights["calibration"] for c in cells} == {"minmax", "percentile", "mse"}
 
 
 def test_empty_and_binary_config_files_are_named(tmp_path):
