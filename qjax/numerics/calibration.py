@@ -38,7 +38,7 @@ def check_finite(x: jax.Array, arg: str = "x") -> None:
     if not finite.all():
         bad = int(finite.size - np.count_nonzero(finite))
         raise ValueError(
-            f"{arg} holds {bad} NaN or Inf value(s), found during calibration; quantization needs "
+            f"{arg} holds {bad} NaN or Inf value(s) (seen when computing its scales); quantization needs "
             "finite inputs: check the data or the model for overflow before quantizing"
         )
 

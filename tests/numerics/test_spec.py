@@ -307,7 +307,7 @@ def _with_bad_values(kind):
 
 
 NONFINITE_MSG = (
-    r"x holds {n} NaN or Inf value\(s\), found during calibration; quantization needs finite inputs"
+    r"x holds {n} NaN or Inf value\(s\) \(seen when computing its scales\); quantization needs finite inputs"
 )
 
 
