@@ -367,13 +367,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if records.writes():
         print((sweep_dir / "results.md").read_text())
-    failed = failed_cells(cells, sweep_dir)
-    if failed:
-        print(
-            f"qjax-run: {len(failed)} of {len(cells)} cells failed (see their records and "
-            f"cells/<slug>/log.txt; rerun to retry them): {', '.join(failed)}",
-            file=sys.stderr,
-        )
+    failed = failed_cells(cells, sweep_dir) if records.writes() else []
+    if hosts.agree(len(failed)):  # several processes: process 0 has read the records it wrote
+        if failed:
+            print(
+                f"qjax-run: {len(failed)} of {len(cells)} cells failed (see their records and "
+                f"cells/<slug>/log.txt; rerun to retry them): {', '.join(failed)}",
+                file=sys.stderr,
+            )
         return 1
     return 0
 

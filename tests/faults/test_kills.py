@@ -1,6 +1,7 @@
-"""kill -9 at random points: a ``qjax-run`` process killed at random moments (seeded), wherever it
-is (training, saving a checkpoint, calibrating, writing records), then run to the end: the records
-equal an undisturbed run's, and no checkpoint or results file is left half-written."""
+"""kill -9 at random points: a ``qjax-run`` process killed at a random moment (seeded) of its cell's
+work, wherever it is (training the float model, QAT, saving a checkpoint, calibrating, writing
+records), twice, then run to the end: the records equal an undisturbed run's, and no checkpoint or
+results file is left half-written."""
 
 import os
 import signal
@@ -35,18 +36,25 @@ def test_random_kills_resume_to_the_undisturbed_records(tmp_path):
     cmd = [sys.executable, "-m", "experiments.sweep.run", str(SMOKE), f"output_dir={out}", *ARGS]
     env = dict(os.environ, CI="true")
     rng = np.random.default_rng(20261207)
-    killed = 0
-    for delay in rng.uniform(3.5, 7.0, size=2):  # a process needs ~3 s to import and validate
+    killed = []
+    for delay in rng.uniform(0.0, 2.5, size=2):  # seconds into the cell's work
+        logs_before = {p: p.stat().st_size for p in out.glob("*/cells/*/log.txt")}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:  # until this run's cell starts
+                logs = {p: p.stat().st_size for p in out.glob("*/cells/*/log.txt")}
+                if logs != logs_before:
+                    break
+                time.sleep(0.05)
             time.sleep(delay)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
-                killed += 1
+                killed.append(round(float(delay), 2))
         finally:
             proc.kill()
             proc.wait()
-    assert killed == 2  # the run takes longer than the delays: the kills land mid-run
+    assert len(killed) == 2, killed  # both landed while the cell ran
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert metrics(out / "digits_smoke") == expected

@@ -14,9 +14,10 @@ from experiments.kernels import check as ck
 
 def test_interpret_run_passes_and_writes(tmp_path, capsys):
     out = tmp_path / "check.json"
-    assert ck.main(["--backend", "interpret", "--shapes", "1x256x128,3x200x130", "--out", str(out)]) == 0
+    # one shape with odd M, K and N (padded blocks, masked rows): each kernel's own tests cover more
+    assert ck.main(["--backend", "interpret", "--shapes", "3x200x130", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert len(results) == 2 * len(ck.CASES) and all(r["ok"] for r in results)
+    assert len(results) == len(ck.CASES) and all(r["ok"] for r in results)
     assert f"{len(results)}/{len(results)} cases OK" in capsys.readouterr().out
 
 
