@@ -2,7 +2,8 @@
 # The kernel tests under jax 0.11.2, the version of the GPU machines the kernels are timed on (jax
 # 0.11 needs Python >= 3.12; the main suite runs jax 0.10.2 on Python 3.11). Makes .venv-jax011
 # from the first Python 3.12 found (on PATH or under pyenv); says so and exits 0 if there is none.
-# --setup-only: make the environment and stop (CI makes it while the main suite's checks run).
+# --setup-only: make the environment and stop. JAX011_WORKERS: pytest workers (default 2; CI runs
+# one beside the main suite).
 # Not repeated here (they run in the main suite under jax 0.10.2): serving tests of qjax.nn (on CPU
 # they run XLA's integer path, not Pallas), the routing of served layers to the kernels
 # (tests/kernels/test_dispatch.py: which kernel a layer takes, weights prepared once, imports; the
@@ -33,5 +34,5 @@ if [ "${1:-}" = "--setup-only" ]; then
   exit 0
 fi
 k=tests/experiments/kernels
-.venv-jax011/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_dispatch.py \
+.venv-jax011/bin/python -m pytest -q -n "${JAX011_WORKERS:-2}" -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_dispatch.py \
   $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py "$@"

@@ -53,7 +53,7 @@ def command(out, name, process_id=None, port=None):
     ]
     if process_id is not None:
         cmd += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(process_id)]
-        cmd += ["--heartbeat-timeout", "5"]
+        cmd += ["--heartbeat-timeout", "30"]  # loaded CI cores must not look like a dead process
     return cmd
 
 
