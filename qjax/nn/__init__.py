@@ -1,5 +1,6 @@
 """Flax NNX integration: rule-based model quantization, QAT / calibrate / serve modes."""
 
+from qjax.nn.attention import QuantizedAttention
 from qjax.nn.diagnostics import (
     HookCall,
     channel_outliers,
@@ -17,13 +18,15 @@ from qjax.nn.fold import (
     fold_batchnorm_params,
     mean_output_error,
 )
-from qjax.nn.hooks import LayerHook, OpKind, join_path, layer_hook, wrapped_contractions
+from qjax.nn.hooks import LayerHook, OpKind, attention_layers, join_path, layer_hook, wrapped_contractions
 from qjax.nn.linen import FakeQuantDotGeneral
 from qjax.nn.model import (
     QuantizedWeight,
     UnusedRuleWarning,
+    attention_ops,
     calibrate,
     convert,
+    float_modules,
     learned_quantizer_params,
     pin_weight_qparams,
     prepare_kernels,
@@ -35,7 +38,7 @@ from qjax.nn.model import (
     summary,
 )
 from qjax.nn.ops import MODES, CodebookIndices, KernelLayout, Mode, QuantizedEmbedding, QuantizedOp
-from qjax.nn.rules import ActivationScale, Observer, Rule
+from qjax.nn.rules import ActivationScale, Observer, Rule, RuleKind
 from qjax.nn.stats import QuantStats, StaticQParams
 
 __all__ = [
@@ -52,16 +55,21 @@ __all__ = [
     "Observer",
     "OpKind",
     "QuantStats",
+    "QuantizedAttention",
     "QuantizedEmbedding",
     "QuantizedOp",
     "QuantizedWeight",
     "Rule",
+    "RuleKind",
     "StaticQParams",
     "UnusedRuleWarning",
+    "attention_layers",
+    "attention_ops",
     "bias_correction",
     "calibrate",
     "channel_outliers",
     "convert",
+    "float_modules",
     "fold_batchnorm",
     "fold_batchnorm_params",
     "format_table",

@@ -6,10 +6,13 @@
              qjax.nn.Rule(path=r".*", weights=spec_w8)]          # first match wins
     qmodel = qjax.nn.quantize_model(model, rules, mode="qat")   # model itself is left unchanged
 
-The model's own layer objects are kept: each matched ``nnx.Linear``, ``nnx.Conv`` or ``nnx.Einsum``
-gets a :class:`~qjax.nn.ops.QuantizedOp` as its contraction hook, each ``nnx.Embed`` a
-:class:`~qjax.nn.ops.QuantizedEmbedding` as its ``promote_dtype`` hook. Converting replaces a
-kernel ``nnx.Param`` by a :class:`QuantizedWeight` variable holding a packed ``QArray``.
+The model's own layer objects are kept: each matched ``nnx.Linear``, ``nnx.LinearGeneral``,
+``nnx.Conv`` or ``nnx.Einsum`` gets a :class:`~qjax.nn.ops.QuantizedOp` as its contraction hook, each
+``nnx.ConvTranspose`` one as its ``promote_dtype`` hook, each ``nnx.Embed`` a
+:class:`~qjax.nn.ops.QuantizedEmbedding` as its ``promote_dtype`` hook, and each
+``nnx.MultiHeadAttention`` matched by a rule of ``kind='attention'`` a
+:class:`~qjax.nn.attention.QuantizedAttention` as its ``attention_fn``. Converting replaces a kernel
+``nnx.Param`` by a :class:`QuantizedWeight` variable holding a packed ``QArray``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.kernels.dispatch import Prepared, check_kernel_path, prepare_w4a16
-from qjax.nn.hooks import OpKind, layer_hook, quantizable_layers
+from qjax.nn.attention import QuantizedAttention, check_attention_layer
+from qjax.nn.hooks import HOOKS, OpKind, attention_layers, layer_hook, quantizable_layers
 from qjax.nn.ops import (
     MODES,
     KernelLayout,
@@ -37,7 +41,7 @@ from qjax.nn.ops import (
     promote_keeping_quantized,
     quantize_kernel,
 )
-from qjax.nn.rules import ActivationScale, Rule, first_match
+from qjax.nn.rules import ActivationScale, Rule, RuleKind, first_match
 from qjax.nn.stats import lsq_scale_from_stats, static_qparams, static_range
 from qjax.numerics import QArray, QParams, tiling
 from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat
@@ -66,6 +70,15 @@ def quantized_ops(model: nnx.Module) -> list[tuple[str, nnx.Module, QuantizedOp 
         if isinstance(op, QuantizedOp | QuantizedEmbedding):
             out.append((path, layer, op))
     return out
+
+
+def attention_ops(model: nnx.Module) -> list[tuple[str, nnx.Module, QuantizedAttention]]:
+    """``(path, layer, op)`` of every ``MultiHeadAttention`` whose contractions are quantized."""
+    return [
+        (path, layer, layer.attention_fn)
+        for path, layer in attention_layers(model)
+        if isinstance(layer.attention_fn, QuantizedAttention)
+    ]
 
 
 def _as_rules(rules: Iterable[Rule | Mapping[str, Any]]) -> list[Rule]:
@@ -100,7 +113,8 @@ def quantize_model(
         calibrated model: use :func:`convert` on it).
       seed: seed of the stochastic-rounding streams.
 
-    Warns :class:`UnusedRuleWarning` for rules that matched nothing; logs the layers left in float.
+    Warns :class:`UnusedRuleWarning` for rules that matched nothing; logs a WARNING listing every
+    parameter-holding module left in float, with its type and why (:func:`float_modules`).
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(
@@ -119,17 +133,23 @@ def quantize_model(
             "its input unchanged, so keep a reference to it)"
         )
     qmodel = nnx.clone(model)
-    used, float_layers = set(), []
+    used: set[int] = set()
+    why: dict[str, str] = {}  # path of a contraction left in float -> the reason
     for path, layer in quantizable_layers(qmodel):
         match = first_match(rules, path)
         if match is None or match[1].is_exclusion:
-            float_layers.append(path)
+            why[path] = "no rule matched" if match is None else f"rule {match[0]} excludes it"
             if match is not None:
                 used.add(match[0])
             continue
         index, rule = match
         used.add(index)
         hook = layer_hook(layer)
+        if getattr(layer, "dot_general_cls", None) is not None:
+            raise ValueError(
+                f"layer {path!r} sets dot_general_cls, which Flax calls instead of the dot_general hook "
+                "qjax installs; build the layer without dot_general_cls, or exclude it from the rules"
+            )
         kernel = getattr(layer, hook.kernel)[...]
         _check_kernel(path, rule, kernel)
         if hook.kind == OpKind.EMBED:
@@ -140,12 +160,73 @@ def quantize_model(
         else:
             op = QuantizedOp(hook.kind, path, rule, kernel, layer_mode, seed=seed)
         setattr(layer, hook.hook, nnx.data(op))
+    for path, layer in attention_layers(qmodel):
+        match = first_match(rules, path, RuleKind.ATTENTION)
+        if match is not None:
+            used.add(match[0])
+        if match is None or match[1].is_exclusion:
+            why[f"{path} (QK^T, PV)"] = (
+                "no rule of kind='attention' matched" if match is None else f"rule {match[0]} excludes it"
+            )
+            continue
+        check_attention_layer(path, layer)
+        layer.attention_fn = nnx.data(QuantizedAttention(path, match[1], layer_mode))
     for i, rule in enumerate(rules):
         if i not in used:
-            warnings.warn(f"rule {i} (path={rule.path!r}) matched no layer", UnusedRuleWarning, stacklevel=2)
-    if float_layers:
-        logger.info("layers left in float: %s", ", ".join(float_layers))
+            warnings.warn(
+                f"rule {i} (path={rule.path!r}, kind={str(rule.kind)!r}) matched no layer",
+                UnusedRuleWarning,
+                stacklevel=2,
+            )
+    left = float_modules(qmodel, why)
+    if left:
+        logger.warning(
+            "%d parameter-holding modules left in float:\n%s",
+            len(left),
+            "\n".join(f"  {path} ({kind}): {reason}" for path, kind, reason in left),
+        )
     return convert(qmodel) if mode == Mode.CONVERT else qmodel
+
+
+_NO_CONTRACTION = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm)
+_QJAX_MODULES = (QuantizedOp, QuantizedEmbedding, QuantizedAttention)
+
+
+def float_modules(model: nnx.Module, why: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """``(path, type, reason)`` of every module of ``model`` that holds parameters and computes in
+    float: contraction layers no rule quantized (``why`` gives the reason by path, as
+    :func:`quantize_model` found it), attention layers whose :math:`QK^T`, :math:`PV` stay float,
+    normalization layers, and modules with their own parameters that qjax cannot hook."""
+    why = dict(why or {})
+    out = []
+    for parts, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module) or isinstance(node, _QJAX_MODULES):
+            continue
+        path = "/".join(str(p) for p in parts) or "(root)"
+        kind = type(node).__name__
+        if isinstance(node, tuple(HOOKS)):
+            op = getattr(node, layer_hook(node).hook)
+            if not isinstance(op, QuantizedOp | QuantizedEmbedding):
+                out.append((path, kind, why.get(path, "not quantized")))
+            continue
+        if isinstance(node, nnx.MultiHeadAttention):
+            if not isinstance(node.attention_fn, QuantizedAttention):
+                label = f"{path} (QK^T, PV)"
+                out.append((label, kind, why.get(label, "attention contractions not quantized")))
+            continue
+        own = [name for name, v in vars(node).items() if isinstance(v, nnx.Param)]
+        if not own:
+            continue
+        if isinstance(node, _NO_CONTRACTION):
+            reason = "normalization: elementwise scale and shift, no contraction"
+        else:
+            reason = (
+                f"holds its own parameters ({', '.join(own)}) outside the layers qjax hooks (Linear, "
+                "LinearGeneral, Conv, ConvTranspose, Einsum, Embed, MultiHeadAttention): a matmul "
+                "that uses them stays float; build it from those layers to quantize it"
+            )
+        out.append((path, kind, reason))
+    return out
 
 
 def pin_weight_qparams(layer: nnx.Module, w_hat: jax.Array, qp: QParams) -> None:
@@ -189,7 +270,8 @@ def set_mode(model: M, mode: Mode | str) -> M:
         hint = "; serving needs qjax.nn.convert(model)" if mode == Mode.SERVE else ""
         raise ValueError(f"mode={mode!r} cannot be set in place: use 'qat' or 'calibrate'{hint}")
     mode = Mode(mode)
-    for path, _layer, op in quantized_ops(model):
+    ops: list[tuple[str, nnx.Module, Any]] = [*quantized_ops(model), *attention_ops(model)]
+    for path, _layer, op in ops:
         if op.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is converted (mode 'serve'); quantize the float model again")
         if isinstance(op, QuantizedOp) and op.mode == Mode.CALIBRATE and mode == Mode.QAT:
@@ -304,8 +386,13 @@ def convert(model: M) -> M:
     parameters fixed where the rule asks for static (or learned) scales. ``model`` is unchanged."""
     served = nnx.clone(model)
     ops = quantized_ops(served)
-    if not ops:
+    attention = attention_ops(served)
+    if not ops and not attention:
         raise ValueError("the model has no quantized layers; call qjax.nn.quantize_model first")
+    for path, _, att in attention:
+        if att.mode == Mode.SERVE:
+            raise ValueError(f"layer {path!r} is already converted")
+        att.mode = Mode.SERVE
     for path, layer, op in ops:
         if op.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is already converted")
@@ -314,9 +401,9 @@ def convert(model: M) -> M:
         if isinstance(op, QuantizedOp):
             op.mode = Mode.QAT
             op.input_qparams()  # fails here, naming the layer, if static scales were never calibrated
-        _hook, kernel_name, kind = layer_hook(layer)
+        hook_name, kernel_name, kind = layer_hook(layer)
         if op.rule.weights is not None:
-            if kind == OpKind.CONV and getattr(layer, "mask", None) is not None:
+            if kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE) and getattr(layer, "mask", None) is not None:
                 raise ValueError(f"layer {path!r}: fold the Conv mask into the kernel before converting")
             kernel = getattr(layer, kernel_name)[...]
             if op.rule.activations is not None and isinstance(op.rule.weights.format, CodebookFormat):
@@ -330,7 +417,7 @@ def convert(model: M) -> M:
             setattr(layer, kernel_name, QuantizedWeight(quantize_kernel(op, kernel)))
             if op.centroids is not None:  # stored in the QArray now: do not keep a second copy
                 op.centroids, op.indices = None, None
-            if kind != OpKind.EMBED:
+            if hook_name != "promote_dtype":  # Embed and ConvTranspose: the op is promote_dtype itself
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
         op.mode = Mode.SERVE
     return served
@@ -422,6 +509,18 @@ def summary(model: nnx.Module) -> list[dict[str, Any]]:
                 leaves = jax.tree_util.tree_leaves(op.prepared.get_value())
                 row["kernel_layout_bytes"] = sum(int(leaf.nbytes) for leaf in leaves)
         rows.append(row)
+    quantized_attention = {path: op for path, _, op in attention_ops(model)}
+    for path, layer in attention_layers(model):
+        att = quantized_attention.get(path)
+        row = {"path": f"{path} (QK^T, PV)", "layer": type(layer).__name__, "mode": "float"}
+        if att is not None and att.rule.activations is not None:
+            row.update(
+                mode=str(att.mode),
+                activations=att.rule.activations.dtype,
+                activation_scale=str(att.rule.activation_scale),
+                activation_estimator=str(att.rule.activation_estimator),
+            )
+        rows.append(row)
     return rows
 
 
@@ -446,8 +545,10 @@ __all__ = [
     "Mode",
     "QuantizedWeight",
     "UnusedRuleWarning",
+    "attention_ops",
     "calibrate",
     "convert",
+    "float_modules",
     "learned_quantizer_params",
     "prepare_kernels",
     "quantizable_layers",

@@ -20,6 +20,7 @@ activation parameters. Its ``mode`` decides what a call does:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
@@ -35,12 +36,13 @@ from qjax.nn.hooks import OpKind
 from qjax.nn.integer_qat import integer_forward_dot, supports_integer_forward
 from qjax.nn.rules import ActivationScale, Rule
 from qjax.nn.stats import QuantStats, StaticQParams, init_stats, update_stats
-from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize
+from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize, quantize_dequantize
 from qjax.numerics.calibration import check_finite
 from qjax.numerics.fields import parse_enum
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.qarray import pack_values
 from qjax.numerics.rounding import Rounding
+from qjax.numerics.spec import Granularity
 from qjax.ste import Estimator, codebook_weight, fake_quant, lsq_init_scale, lsq_plus_qparams
 
 
@@ -101,8 +103,8 @@ class QuantizedOp(nnx.Module):
     """A layer's quantized contraction (see the module docstring).
 
     Attributes:
-      kind: :class:`~qjax.nn.hooks.OpKind` ``dot_general``, ``conv`` or ``einsum``: which hook of
-        the layer this replaces.
+      kind: :class:`~qjax.nn.hooks.OpKind` ``dot_general``, ``conv``, ``einsum`` or
+        ``conv_transpose`` (installed as ``promote_dtype``): which hook of the layer this replaces.
       path: the layer's path in the model (for error messages and reports).
       rule: the :class:`~qjax.nn.Rule` that selected the layer.
       mode: :class:`Mode` ``qat``, ``calibrate`` or ``serve``.
@@ -136,6 +138,8 @@ class QuantizedOp(nnx.Module):
     # -- the hook ---------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        if self.kind == OpKind.CONV_TRANSPOSE:
+            return self._promote(*args, **kwargs)
         if self.kind == OpKind.EINSUM:
             equation, lhs, rhs = args[0], args[1], args[2]
             float_op: Any = functools.partial(jnp.einsum, equation, **kwargs)
@@ -148,13 +152,62 @@ class QuantizedOp(nnx.Module):
             if self.stats is not None:
                 self.stats.set_value(update_stats(self.stats.get_value(), lhs, self.rule.ema_decay))
             return float_op(lhs, rhs)
+        acts = self._input_spec(args, lhs, rhs, rest)
         if self.mode == Mode.QAT:
             if self.kind != OpKind.CONV and self._integer_forward():
-                return self._checked(lambda: self._qat_integer(args, lhs, rhs, rest), "integer forward")
-            return float_op(self._fake_input(lhs), self._fake_kernel(rhs))
+                return self._checked(lambda: self._qat_integer(args, lhs, rhs, rest, acts), "integer forward")
+            return float_op(self._fake_input(lhs, acts), self._fake_kernel(rhs))
         if self.mode != Mode.SERVE:
             raise ValueError(f"layer {self.path!r}: unknown mode {str(self.mode)!r}; use one of {MODES}")
-        return self._serve(lhs, rhs, args, rest, kwargs, float_op)
+        return self._serve(lhs, rhs, args, rest, kwargs, float_op, acts)
+
+    def _input_spec(self, args: Any, lhs: jax.Array, rhs: Any, rest: tuple[Any, ...]) -> QuantSpec | None:
+        """The rule's activation spec, with ``per_token`` meaning one scale per row of the
+        contraction: where the input contracts over several trailing axes (a ``LinearGeneral``
+        over heads and head dimension), the token's block spans all of them."""
+        spec = self.rule.activations
+        if spec is None or spec.granularity != Granularity.PER_TOKEN or self.kind == OpKind.CONV:
+            return spec
+        if self.kind == OpKind.EINSUM:
+            rhs_ndim = rhs.data.ndim if isinstance(rhs, QArray) else rhs.ndim
+            try:
+                contracting = einsum_dimension_numbers(args[0], lhs.ndim, rhs_ndim)[0][0][0]
+            except ValueError:
+                return spec
+        else:
+            contracting = rest[0][0][0]
+        axes = sorted(a % lhs.ndim for a in contracting)
+        k = len(axes)
+        if k > 1 and axes == list(range(lhs.ndim - k, lhs.ndim)):
+            return dataclasses.replace(spec, granularity=Granularity.PER_BLOCK, block_shape=lhs.shape[-k:])
+        return spec
+
+    def _promote(self, arrays: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
+        """``ConvTranspose``'s ``promote_dtype((x, kernel, bias))``: the layer then calls
+        ``lax.conv_transpose`` on what this returns, so the operands are quantized here and the
+        contraction runs in float on their values (served: the stored kernel dequantized)."""
+        x, w, b = arrays
+        spec = self.rule.activations
+        if self.mode == Mode.CALIBRATE:
+            if self.stats is not None:
+                self.stats.set_value(update_stats(self.stats.get_value(), x, self.rule.ema_decay))
+        elif self.mode == Mode.QAT:
+            x, w = self._fake_input(x, spec), self._fake_kernel(w)
+        elif self.mode == Mode.SERVE:
+            if self.rule.weights is not None and not isinstance(w, QArray):
+                raise ValueError(
+                    f"layer {self.path!r} is in mode 'serve' but its kernel is float: convert the model "
+                    "first with qjax.nn.convert(model)"
+                )
+            if isinstance(w, QArray):
+                w = dequantize(w, jnp.result_type(x))
+            if spec is not None:
+                qparams = self.input_qparams()
+                key = self._key()
+                x = self._checked(lambda: quantize_dequantize(x, spec, key=key, qparams=qparams), "input")
+        else:
+            raise ValueError(f"layer {self.path!r}: unknown mode {str(self.mode)!r}; use one of {MODES}")
+        return promote_dtype((x, w, b), dtype=dtype, inexact=inexact)
 
     # -- QAT --------------------------------------------------------------------------------------
 
@@ -163,9 +216,9 @@ class QuantizedOp(nnx.Module):
         estimators = (rule.weight_estimator, rule.activation_estimator)
         return rule.integer_forward and supports_integer_forward(rule.weights, rule.activations, estimators)
 
-    def _qat_integer(self, args, lhs, rhs, rest):  # type: ignore[no-untyped-def]
+    def _qat_integer(self, args, lhs, rhs, rest, acts):  # type: ignore[no-untyped-def]
         rule = self.rule
-        assert rule.weights is not None and rule.activations is not None
+        assert rule.weights is not None and acts is not None
         if self.kind == OpKind.EINSUM:
             dn, perm = einsum_dimension_numbers(args[0], lhs.ndim, rhs.ndim)
         else:
@@ -174,7 +227,7 @@ class QuantizedOp(nnx.Module):
             lhs,
             rhs,
             dn,
-            activations=rule.activations,
+            activations=acts,
             weights=rule.weights,
             activation_estimator=rule.activation_estimator,
             weight_estimator=rule.weight_estimator,
@@ -209,8 +262,7 @@ class QuantizedOp(nnx.Module):
         value = self.weight_static.get_value()
         return None if value is None else QParams(*value)
 
-    def _fake_input(self, x: jax.Array) -> jax.Array:
-        spec = self.rule.activations
+    def _fake_input(self, x: jax.Array, spec: QuantSpec | None) -> jax.Array:
         if spec is None:
             return x
         est = self.rule.activation_estimator
@@ -276,13 +328,12 @@ class QuantizedOp(nnx.Module):
             return QParams(self.act_clip[...] * (1.0 / qmax))
         return self._static_qparams()
 
-    def _serve(self, lhs, rhs, args, rest, kwargs, float_op):  # type: ignore[no-untyped-def]
+    def _serve(self, lhs, rhs, args, rest, kwargs, float_op, spec):  # type: ignore[no-untyped-def]
         if self.rule.weights is not None and not isinstance(rhs, QArray):
             raise ValueError(
                 f"layer {self.path!r} is in mode 'serve' but its kernel is float: convert the model "
                 "first with qjax.nn.convert(model)"
             )
-        spec = self.rule.activations
         x: jax.Array | QArray = lhs
         if spec is not None:
             x = self._checked(

@@ -17,7 +17,7 @@ from typing import Any
 from qjax.kernels.dispatch import KERNEL_PATHS, KernelPath
 from qjax.nn.integer_qat import Residuals
 from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
-from qjax.numerics.formats import CodebookFormat, IntFormat
+from qjax.numerics.formats import CodebookFormat, FloatFormat, IntFormat
 from qjax.numerics.spec import Granularity, QuantSpec
 from qjax.ste import Estimator
 
@@ -25,6 +25,13 @@ from qjax.ste import Estimator
 class ActivationScale(enum.StrEnum):
     DYNAMIC = "dynamic"  # from each batch (per-tensor or per-token) at run time
     STATIC = "static"  # from calibration statistics, fixed afterwards
+
+
+class RuleKind(enum.StrEnum):
+    """What a rule's ``path`` selects."""
+
+    LAYER = "layer"  # Linear, LinearGeneral, Conv, ConvTranspose, Einsum and Embed layers
+    ATTENTION = "attention"  # the QK^T and PV contractions of MultiHeadAttention layers
 
 
 class Observer(enum.StrEnum):
@@ -44,6 +51,11 @@ class Rule:
 
     Attributes:
       path: regular expression for the layer paths this rule covers (full match).
+      kind: ``layer`` (the rule covers Linear, LinearGeneral, Conv, ConvTranspose, Einsum and
+        Embed layers) or ``attention`` (the :math:`QK^T` and :math:`PV` contractions of the
+        ``nnx.MultiHeadAttention`` layers it matches, quantized with ``activations``, dynamic
+        scales, ``ste`` or ``clipped_ste``; see :mod:`qjax.nn.attention`). The kinds never match
+        each other's layers.
       weights: the spec of the layer's kernel (``None``: kernel stays float).
       activations: the spec of the layer's input (``None``: weight-only).
       weight_estimator: gradient of the weight quantizer in QAT (``ste``, ``clipped_ste``,
@@ -74,6 +86,7 @@ class Rule:
     """
 
     path: str
+    kind: RuleKind | str = RuleKind.LAYER
     weights: QuantSpec | None = None
     activations: QuantSpec | None = None
     weight_estimator: Estimator | str = Estimator.STE
@@ -110,6 +123,9 @@ class Rule:
         set_("activation_estimator", parse_enum(Estimator, self.activation_estimator, "activation_estimator"))
         set_("activation_scale", parse_enum(ActivationScale, self.activation_scale, "activation_scale"))
         set_("observer", parse_enum(Observer, self.observer, "observer"))
+        set_("kind", parse_enum(RuleKind, self.kind, "kind"))
+        if self.kind == RuleKind.ATTENTION:
+            self._check_attention()
         self._check_estimators()
         if self.activation_scale == ActivationScale.STATIC and self.activations is not None:
             g = self.activations.granularity
@@ -174,6 +190,41 @@ class Rule:
                 field="activation_estimator",
             )
 
+    def _check_attention(self) -> None:
+        fix = "e.g. Rule(path='.*attn', kind='attention', activations={'dtype': 'int8'})"
+        if self.weights is not None:
+            raise SpecError(
+                f"Rule {self.path!r}: kind='attention' quantizes the attention contractions, which "
+                f"have no weights; remove weights and set activations ({fix})",
+                field="weights",
+            )
+        acts = self.activations
+        if acts is None:
+            return  # an exclusion
+        if not isinstance(acts.format, IntFormat | FloatFormat):
+            raise SpecError(
+                f"Rule {self.path!r}: attention operands need an integer or fp8 dtype; got {acts.dtype!r}",
+                field="activations",
+            )
+        if acts.granularity not in (Granularity.PER_TENSOR, Granularity.PER_TOKEN):
+            raise SpecError(
+                f"Rule {self.path!r}: attention operands take granularity 'per_tensor' or 'per_token'; "
+                f"got {str(acts.granularity)!r}",
+                field="activations",
+            )
+        if self.activation_scale != ActivationScale.DYNAMIC:
+            raise SpecError(
+                f"Rule {self.path!r}: attention scales are dynamic (each call's range); remove "
+                "activation_scale='static'",
+                field="activation_scale",
+            )
+        if self.activation_estimator not in (Estimator.STE, Estimator.CLIPPED_STE):
+            raise SpecError(
+                f"Rule {self.path!r}: attention operands hold no learned quantizer state; use "
+                f"activation_estimator 'ste' or 'clipped_ste', not {str(self.activation_estimator)!r}",
+                field="activation_estimator",
+            )
+
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.path, path) is not None
 
@@ -189,9 +240,9 @@ class Rule:
         return cls(**d)
 
 
-def first_match(rules: Sequence[Rule], path: str) -> tuple[int, Rule] | None:
-    """The index and rule that applies to ``path`` (the first that matches), or ``None``."""
+def first_match(rules: Sequence[Rule], path: str, kind: RuleKind = RuleKind.LAYER) -> tuple[int, Rule] | None:
+    """The index and rule of ``kind`` that applies to ``path`` (the first that matches), or ``None``."""
     for i, rule in enumerate(rules):
-        if rule.matches(path):
+        if rule.kind == kind and rule.matches(path):
             return i, rule
     return None
