@@ -23,6 +23,7 @@ from qjax.nn.linen import FakeQuantDotGeneral
 from qjax.nn.model import (
     QuantizedWeight,
     UnusedRuleWarning,
+    abstract_converted,
     attention_ops,
     calibrate,
     convert,
@@ -63,6 +64,7 @@ __all__ = [
     "RuleKind",
     "StaticQParams",
     "UnusedRuleWarning",
+    "abstract_converted",
     "attention_layers",
     "attention_ops",
     "bias_correction",

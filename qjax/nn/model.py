@@ -419,8 +419,55 @@ def convert(model: M) -> M:
                 op.centroids, op.indices = None, None
             if hook_name != "promote_dtype":  # Embed and ConvTranspose: the op is promote_dtype itself
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
+        if isinstance(op, QuantizedOp):  # calibration-only state: the QArray and static scales hold it
+            op.stats = None
+            op.weight_static.set_value(None)
         op.mode = Mode.SERVE
     return served
+
+
+def abstract_converted(
+    model: nnx.Module | Callable[[], nnx.Module],
+    rules: Iterable[Rule | Mapping[str, Any]],
+    *,
+    seed: int = 0,
+) -> nnx.Module:
+    """The converted model that ``convert(calibrate(quantize_model(model, rules), ...))`` would
+    give, abstractly (``jax.ShapeDtypeStruct`` leaves, no compute, no calibration data): the target
+    to restore a saved served model into, static activation scales included.
+
+    ``model`` is the float model or a zero-argument function that builds it (then not even the
+    float weights are materialized). Restore with orbax into its state:
+
+    .. code-block:: python
+
+        abstract = qjax.nn.abstract_converted(lambda: MyModel(nnx.Rngs(0)), rules)
+        graphdef, target = nnx.split(abstract)
+        served = nnx.merge(graphdef, ocp.StandardCheckpointer().restore(path, target))
+
+    Save the served model before :func:`prepare_kernels` (its kernel layouts are not part of this
+    structure; prepare again after restoring).
+    """
+
+    def build() -> nnx.Module:
+        float_model = model if isinstance(model, nnx.Module) else model()
+        if not isinstance(float_model, nnx.Module):
+            raise TypeError(
+                f"abstract_converted needs a flax NNX module or a function that builds one; got "
+                f"{type(float_model).__name__}"
+            )
+        qmodel = quantize_model(float_model, rules, seed=seed)
+        for _, _, op in quantized_ops(qmodel):
+            rule = op.rule
+            if isinstance(op, QuantizedOp) and rule.activation_scale == ActivationScale.STATIC:
+                assert op.stats is not None and rule.activations is not None
+                placeholder = static_qparams(op.stats.get_value(), rule.observer, rule.activations)
+                op.static.set_value(tuple(placeholder))
+        return convert(qmodel)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedRuleWarning)  # the caller saw them when quantizing
+        return nnx.eval_shape(build)
 
 
 def prepare_kernels(model: nnx.Module, *, w8_layout: str = "kn") -> list[str]:
@@ -545,6 +592,7 @@ __all__ = [
     "Mode",
     "QuantizedWeight",
     "UnusedRuleWarning",
+    "abstract_converted",
     "attention_ops",
     "calibrate",
     "convert",
