@@ -8,6 +8,7 @@ from qjax.models.hf_loader import load_hf, save_hf
 from qjax.models.llama import (
     SMOLLM2_135M,
     BlockGroups,
+    KVCacheQuant,
     LinearPair,
     Llama,
     LlamaConfig,
@@ -16,6 +17,7 @@ from qjax.models.llama import (
     block_forward,
     llama_from_weights,
     model_weights,
+    set_kv_cache,
     smoothing_groups,
 )
 from qjax.models.perplexity import (
@@ -32,6 +34,7 @@ from qjax.models.tokenizer import tokenizer_from_file, tokenizer_from_gguf
 __all__ = [
     "SMOLLM2_135M",
     "BlockGroups",
+    "KVCacheQuant",
     "LinearPair",
     "Llama",
     "LlamaConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "model_weights",
     "pydoc_text",
     "save_hf",
+    "set_kv_cache",
     "smoothing_groups",
     "tokenize",
     "tokenizer_from_file",

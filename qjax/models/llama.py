@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.numerics import QuantSpec, quantize_dequantize
 from qjax.numerics.fields import SpecError
+from qjax.numerics.formats import FloatFormat, IntFormat, parse_format
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -170,6 +172,59 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([a * c - b * s, b * c + a * s], axis=-1).astype(x.dtype)
 
 
+KV_GRANULARITIES = ("per_token", "per_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheQuant:
+    """How the attention's key / value cache is stored: keys (after the rotary embedding) and
+    values are quantized to ``dtype`` (symmetric, nearest rounding) and read back dequantized.
+
+    ``granularity``: ``per_token`` gives one scale per (sequence, token, key/value head) over the
+    head's ``d_h`` channels (a token's scale depends on that token only, as in a cache appended one
+    token at a time); ``per_head`` gives one scale per (sequence, key/value head) over the window's
+    tokens and channels (as a cache filled by one prefill of the whole window stores it).
+    """
+
+    dtype: str = "int8"
+    granularity: str = "per_token"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in KV_GRANULARITIES:
+            raise SpecError(
+                f"KVCacheQuant granularity={self.granularity!r}: use one of {list(KV_GRANULARITIES)}",
+                field="granularity",
+            )
+        fmt = parse_format(self.dtype)
+        if not isinstance(fmt, IntFormat | FloatFormat):
+            raise SpecError(
+                f"KVCacheQuant dtype={self.dtype!r}: the cache stores an integer or float8 format "
+                "(e.g. 'int8', 'float8_e4m3fn')",
+                field="dtype",
+            )
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """The cached tensor ``x`` (B, T, H_kv, d_h) as stored and read back (float, same shape)."""
+        if self.granularity == "per_token":
+            return quantize_dequantize(x, QuantSpec(dtype=self.dtype, granularity="per_token"))
+        heads_first = jnp.transpose(x, (0, 2, 1, 3))  # (B, H_kv, T, d_h): one block per (b, h)
+        spec = QuantSpec(dtype=self.dtype, granularity="per_block", block_shape=heads_first.shape[-2:])
+        return jnp.transpose(quantize_dequantize(heads_first, spec), (0, 2, 1, 3))
+
+
+def set_kv_cache(model: nnx.Module, kv: KVCacheQuant | None) -> nnx.Module:
+    """Store the key / value cache of every :class:`Attention` of ``model`` as ``kv`` (``None``:
+    float), in place; returns ``model``. A static setting: a jitted forward retraces for it."""
+    if kv is not None and not isinstance(kv, KVCacheQuant):
+        raise TypeError(f"kv must be a qjax.models.KVCacheQuant or None; got {type(kv).__name__}")
+    found = [node for _, node in nnx.iter_graph(model) if isinstance(node, Attention)]
+    if not found:
+        raise ValueError("the model has no qjax.models.llama.Attention layer to store a KV cache for")
+    for attention in found:
+        attention.kv_cache = kv
+    return model
+
+
 def _linear(d_in: int, d_out: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
     init = nnx.initializers.normal(0.02)
     return nnx.Linear(
@@ -186,12 +241,15 @@ class Attention(nnx.Module):
         o_h = \\mathrm{softmax}\\!\\left(\\frac{\\mathrm{RoPE}(Q_h)\\, \\mathrm{RoPE}(K_{h/G})^\\top}
               {\\sqrt{d_h}} + M\\right) V_{h/G}, \\qquad M_{ts} = -\\infty \\text{ for } s > t
 
-    and the output is :math:`[o_1, \\dots, o_H] W_o`. Scores and softmax are float32.
+    and the output is :math:`[o_1, \\dots, o_H] W_o`. Scores and softmax are float32. With
+    ``kv_cache`` set (:func:`set_kv_cache`), :math:`\\mathrm{RoPE}(K)` and :math:`V` are read as
+    the quantized cache would return them (:class:`KVCacheQuant`).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         c = config
         self.config = c
+        self.kv_cache: KVCacheQuant | None = None
         self.q_proj = _linear(c.dim, c.n_heads * c.head_dim, dtype, rngs)
         self.k_proj = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
         self.v_proj = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
@@ -204,6 +262,8 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.apply(k), self.kv_cache.apply(v)
         q = q.reshape(b, t, c.n_kv_heads, c.kv_groups, c.head_dim)  # head h = kv * G + g
         scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
         scores = scores / np.float32(math.sqrt(c.head_dim))

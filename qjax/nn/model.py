@@ -39,7 +39,7 @@ from qjax.nn.ops import (
     QuantizedEmbedding,
     QuantizedOp,
     promote_keeping_quantized,
-    quantize_kernel,
+    quantize_kernels,
 )
 from qjax.nn.rules import ActivationScale, Rule, RuleKind, first_match
 from qjax.nn.stats import lsq_scale_from_stats, static_qparams, static_range
@@ -393,6 +393,7 @@ def convert(model: M) -> M:
         if att.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is already converted")
         att.mode = Mode.SERVE
+    stored: list[tuple[nnx.Module, str, QuantizedOp | QuantizedEmbedding, jax.Array]] = []
     for path, layer, op in ops:
         if op.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is already converted")
@@ -414,15 +415,19 @@ def convert(model: M) -> M:
                 )
             if kind == OpKind.CONV and op.rule.activations is not None:
                 _check_integer_conv(path, op.rule, kernel)
-            setattr(layer, kernel_name, QuantizedWeight(quantize_kernel(op, kernel)))
-            if op.centroids is not None:  # stored in the QArray now: do not keep a second copy
-                op.centroids, op.indices = None, None
+            stored.append((layer, kernel_name, op, kernel))
             if hook_name != "promote_dtype":  # Embed and ConvTranspose: the op is promote_dtype itself
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
+        op.mode = Mode.SERVE
+    qarrays = quantize_kernels([(op, kernel) for _, _, op, kernel in stored])
+    for (layer, kernel_name, op, _), q in zip(stored, qarrays, strict=True):
+        setattr(layer, kernel_name, QuantizedWeight(q))
+        if op.centroids is not None:  # stored in the QArray now: do not keep a second copy
+            op.centroids, op.indices = None, None
+    for _, _, op in ops:
         if isinstance(op, QuantizedOp):  # calibration-only state: the QArray and static scales hold it
             op.stats = None
             op.weight_static.set_value(None)
-        op.mode = Mode.SERVE
     return served
 
 

@@ -449,14 +449,39 @@ class QuantizedEmbedding(nnx.Module):
 
 def quantize_kernel(op: QuantizedOp | QuantizedEmbedding, kernel: jax.Array) -> QArray:
     """The stored kernel of a converted layer (with its learned LSQ scale or fine-tuned codebook)."""
-    spec = op.rule.weights
-    assert spec is not None
-    if op.centroids is not None and op.indices is not None:
-        return codebook_qarray(op.centroids[...], op.indices[...], spec)
-    if op.weight_scale is not None:
-        qparams: QParams | None = QParams(op.weight_scale[...])
-    else:
-        qparams = op.weight_qparams() if isinstance(op, QuantizedOp) else None
-    if qparams is None:
-        check_finite(kernel, "kernel")  # a no-op inside the compiled quantizer: check before
-    return _jit_quantize(kernel, spec, qparams=qparams, key=jax.random.key(0))
+    return quantize_kernels([(op, kernel)])[0]
+
+
+def quantize_kernels(layers: list[tuple[QuantizedOp | QuantizedEmbedding, jax.Array]]) -> list[QArray]:
+    """:func:`quantize_kernel` of every ``(op, kernel)`` pair, the quantizers of all the layers
+    compiled as one program (one compilation per model, not one per layer shape)."""
+    out: list[QArray | None] = [None] * len(layers)
+    todo, specs = [], []
+    for i, (op, kernel) in enumerate(layers):
+        spec = op.rule.weights
+        assert spec is not None
+        if op.centroids is not None and op.indices is not None:
+            out[i] = codebook_qarray(op.centroids[...], op.indices[...], spec)
+            continue
+        if op.weight_scale is not None:
+            qparams: QParams | None = QParams(op.weight_scale[...])
+        else:
+            qparams = op.weight_qparams() if isinstance(op, QuantizedOp) else None
+        if qparams is None:
+            check_finite(kernel, "kernel")  # a no-op inside the compiled quantizer: check before
+        todo.append((i, kernel, qparams))
+        specs.append(spec)
+    if todo:
+        kernels = [kernel for _, kernel, _ in todo]
+        qparams_list = [qp for _, _, qp in todo]
+        for (i, _, _), q in zip(todo, _jit_quantize_all(kernels, tuple(specs), qparams_list), strict=True):
+            out[i] = q
+    return [q for q in out if q is not None]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _jit_quantize_all(
+    kernels: list[jax.Array], specs: tuple[QuantSpec, ...], qparams: list[QParams | None]
+) -> list[QArray]:
+    key = jax.random.key(0)  # stochastic-rounding weight specs: a fixed draw, as at every convert
+    return [quantize(k, s, qparams=qp, key=key) for k, s, qp in zip(kernels, specs, qparams, strict=True)]

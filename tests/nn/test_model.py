@@ -123,15 +123,18 @@ def test_first_matching_rule_applies():
 def test_path_is_a_full_match_and_unused_rules_warn(caplog):
     lm = TinyLM(nnx.Rngs(0))
     rules = [Rule(path="blocks/1/attn/query", weights=W8_CH), Rule(path="blocks/1", weights=W4_CH)]
-    unused = pytest.warns(UnusedRuleWarning, match=r"rule 1 \(path='blocks/1'\) matched no layer")
-    with caplog.at_level(logging.INFO, logger="qjax"), unused:
+    unused = pytest.warns(
+        UnusedRuleWarning, match=r"rule 1 \(path='blocks/1', kind='layer'\) matched no layer"
+    )
+    with caplog.at_level(logging.WARNING, logger="qjax"), unused:
         q = qjax.nn.quantize_model(lm, rules)
     assert [path for path, _, _ in qjax.nn.quantized_ops(q)] == ["blocks/1/attn/query"]
     assert isinstance(q.blocks[1].attn.query.einsum_op, QuantizedOp)
     assert not isinstance(q.blocks[0].attn.query.einsum_op, QuantizedOp)
-    (line,) = [r.getMessage() for r in caplog.records if "left in float" in r.getMessage()]
-    left = set(line.split(": ")[1].split(", "))
-    assert left == {"embed", "head", "blocks/0/attn/query", "blocks/0/attn/out", "blocks/1/attn/out"}
+    (message,) = [r.getMessage() for r in caplog.records if "left in float" in r.getMessage()]
+    left = {line.split(" (")[0].strip(): line.split(": ", 1)[1] for line in message.splitlines()[1:]}
+    float_paths = {"embed", "head", "blocks/0/attn/query", "blocks/0/attn/out", "blocks/1/attn/out"}
+    assert left == dict.fromkeys(float_paths, "no rule matched")
 
 
 def test_exclusion_rule_keeps_a_layer_float():
