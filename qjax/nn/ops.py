@@ -84,9 +84,9 @@ def codebook_qarray(centroids: jax.Array, indices: jax.Array, spec: QuantSpec) -
 
 
 def _codebook_state(
-    rule: Rule, kernel: jax.Array, path: str
+    rule: Rule, kernel: jax.Array | None, path: str
 ) -> tuple[nnx.Param | None, CodebookIndices | None]:
-    if rule.weights is None or rule.weight_estimator != Estimator.KMEANS_FINETUNE:
+    if rule.weights is None or rule.weight_estimator != Estimator.KMEANS_FINETUNE or kernel is None:
         return None, None
     try:
         return init_codebook(kernel, rule.weights)
@@ -113,7 +113,13 @@ class QuantizedOp(nnx.Module):
     """
 
     def __init__(
-        self, kind: OpKind | str, path: str, rule: Rule, kernel: jax.Array, mode: Mode | str, seed: int = 0
+        self,
+        kind: OpKind | str,
+        path: str,
+        rule: Rule,
+        kernel: jax.Array | None,
+        mode: Mode | str,
+        seed: int = 0,
     ):
         self.kind = parse_enum(OpKind, kind, "kind")
         self.path = path
@@ -121,7 +127,17 @@ class QuantizedOp(nnx.Module):
         self.mode = parse_enum(Mode, mode, "mode")
         w, a = rule.weights, rule.activations
         lsq = rule.weight_estimator == Estimator.LSQ
-        self.weight_scale = nnx.Param(lsq_init_scale(kernel, w)) if lsq and w is not None else None
+        if (
+            kernel is None
+            and w is not None
+            and rule.weight_estimator in (Estimator.LSQ, Estimator.KMEANS_FINETUNE)
+        ):
+            raise ValueError(
+                f"layer {path!r}: a {rule.weight_estimator} weight quantizer is built from the kernel"
+            )
+        self.weight_scale = (
+            nnx.Param(lsq_init_scale(kernel, w)) if lsq and w is not None and kernel is not None else None
+        )
         self.centroids, self.indices = _codebook_state(rule, kernel, path)
         self.stats = QuantStats(init_stats(rule.histogram_bins)) if a is not None else None
         lsq_plus = _learns(rule, Estimator.LSQ_PLUS)
@@ -139,7 +155,7 @@ class QuantizedOp(nnx.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         if self.kind == OpKind.CONV_TRANSPOSE:
-            return self._promote(*args, **kwargs)
+            return self.promote(*args, **kwargs)
         if self.kind == OpKind.EINSUM:
             equation, lhs, rhs = args[0], args[1], args[2]
             float_op: Any = functools.partial(jnp.einsum, equation, **kwargs)
@@ -182,7 +198,7 @@ class QuantizedOp(nnx.Module):
             return dataclasses.replace(spec, granularity=Granularity.PER_BLOCK, block_shape=lhs.shape[-k:])
         return spec
 
-    def _promote(self, arrays: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
+    def promote(self, arrays: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
         """``ConvTranspose``'s ``promote_dtype((x, kernel, bias))``: the layer then calls
         ``lax.conv_transpose`` on what this returns, so the operands are quantized here and the
         contraction runs in float on their values (served: the stored kernel dequantized)."""
@@ -411,6 +427,11 @@ def promote_keeping_quantized(args: Any, /, *, dtype: Any = None, inexact: bool 
     floats = [a for a in args if not isinstance(a, QArray)]
     promoted = iter(promote_dtype(tuple(floats), dtype=dtype, inexact=inexact))
     return tuple(a if isinstance(a, QArray) else next(promoted) for a in args)
+
+
+def promote_keeping_quantized_varargs(*args: Any, dtype: Any = None, inexact: bool = True) -> Any:
+    """:func:`promote_keeping_quantized` in Linen's form (``promote_dtype(*arrays, dtype=...)``)."""
+    return promote_keeping_quantized(args, dtype=dtype, inexact=inexact)
 
 
 class QuantizedEmbedding(nnx.Module):
