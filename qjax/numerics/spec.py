@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -146,9 +147,20 @@ class QuantSpec:
             )
             raise SpecError(f"granularity={str(g)!r} needs axis=<{what}>", field="granularity")
         if g == Granularity.PER_GROUP:
-            if not isinstance(self.axis, int):
+            axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis or ())
+            if len(axes) > 1 and (
+                any(b != a + 1 for a, b in itertools.pairwise(axes))
+                or len({a < 0 for a in axes}) > 1
+            ):
                 raise SpecError(
-                    f"granularity='per_group' groups along one axis; got axis={self.axis}",
+                    f"granularity='per_group' groups along one axis, or along consecutive axes "
+                    f"flattened in order (e.g. axis=(0, 1, 2), the H, W, I of a conv kernel); got "
+                    f"axis={self.axis}",
+                    field="granularity",
+                )
+            if len(axes) > 1 and isinstance(fmt, BlockFloatFormat):
+                raise SpecError(
+                    f"dtype={self.dtype!r} groups its blocks along one axis; got axis={self.axis}",
                     field="granularity",
                 )
             if not (_is_int(self.group_size) and typing.cast(int, self.group_size) >= 1):

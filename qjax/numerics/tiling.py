@@ -11,7 +11,8 @@ granularity    block extent per axis
 per_tensor     the whole axis everywhere
 per_channel    1 on the channel axis (or axes), the whole axis elsewhere
 per_token      the whole last axis, 1 on every other axis
-per_group      ``group_size`` on ``axis``, 1 on every other axis
+per_group      ``group_size`` on ``axis``, 1 on every other axis; with several consecutive
+               axes, ``group_size`` consecutive elements of them flattened in order
 per_block      ``block_shape`` on the trailing axes, 1 on the leading ones
 =============  ==============================================================
 """
@@ -65,12 +66,21 @@ def block_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
         return tuple(1 if a in channels else n for a, n in enumerate(shape))
     if g == Granularity.PER_GROUP:
         assert spec.axis is not None and spec.group_size is not None
-        (axis,) = normalize_axes(spec.axis, ndim)
+        axes = normalize_axes(spec.axis, ndim)
         size = spec.group_size
+        if len(axes) > 1:
+            return _flattened_group(tuple(shape), axes, size)
+        (axis,) = axes
         if shape[axis] % size:
+            hint = ""
+            if ndim == 4 and axis == 2:
+                hint = (
+                    f"; for a convolution kernel (H, W, I, O), axis=(0, 1, 2) groups the flattened "
+                    f"H*W*I = {shape[0] * shape[1] * shape[2]} reduction elements"
+                )
             raise ValueError(
                 f"group_size={size} does not divide axis {axis} of size {shape[axis]} "
-                f"(tensor shape {tuple(shape)}); use a divisor of {shape[axis]} or pad the tensor"
+                f"(tensor shape {tuple(shape)}); use a divisor of {shape[axis]} or pad the tensor{hint}"
             )
         return tuple(size if a == axis else 1 for a in range(ndim))
     assert spec.block_shape is not None
@@ -88,6 +98,41 @@ def block_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
                 f"axis {a} of size {n}; use block extents that divide the axes or pad the tensor"
             )
     return full
+
+
+def _group_block(shape: tuple[int, ...], axes: tuple[int, ...], size: int) -> tuple[int, ...] | None:
+    """The block of ``size`` consecutive elements of the flattened ``axes`` (row-major), or None
+    where such groups straddle the axes' rows (they are then not blocks)."""
+    block = [1] * len(shape)
+    remaining = size
+    for a in reversed(axes):
+        if remaining == 1:
+            break
+        n = shape[a]
+        if remaining >= n:
+            if remaining % n:
+                return None
+            block[a], remaining = n, remaining // n
+        else:
+            if n % remaining:
+                return None
+            block[a], remaining = remaining, 1
+    return tuple(block) if remaining == 1 else None
+
+
+def _flattened_group(shape: tuple[int, ...], axes: tuple[int, ...], size: int) -> tuple[int, ...]:
+    """``per_group`` over several consecutive axes: groups of ``size`` consecutive elements of the
+    axes flattened in order (a conv kernel's H, W, I), which are blocks of the tensor."""
+    block = _group_block(shape, axes, size)
+    if block is None:
+        total = math.prod(shape[a] for a in axes)
+        fits = [d for d in range(1, total + 1) if total % d == 0 and _group_block(shape, axes, d)]
+        raise ValueError(
+            f"group_size={size} over the flattened axes {axes} (extents "
+            f"{tuple(shape[a] for a in axes)}, {total} elements) does not make whole groups that "
+            f"stay within the axes' rows; use one of {fits}"
+        )
+    return block
 
 
 def grid_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
