@@ -6,8 +6,9 @@ once (a failed cell retried) counts with its last record. How to pivot comes fro
 command line, the ``report:`` block of ``SWEEP_DIR/sweep.yaml`` (the config as last run; ``report``
 does not enter the cell hash, so it may change without rerunning), the records' resolved config,
 :class:`experiments.sweep.schema.ReportConfig`'s defaults. A ``title`` belongs to the ``metric``
-given with it: a later source that changes the metric without giving a title drops it, and the
-title is then ``<sweep name>: <metric>``.
+given with it and a ``baseline`` to the ``columns``: a later source that changes the metric
+(the columns) without giving a title (a baseline) drops it; the title is then
+``<sweep name>: <metric>``.
 
 **Pivot** (:mod:`experiments.sweep.pivot`). ``rows`` and ``columns`` name one or more keys each
 (``--rows quant.weights.dtype,method.name``): sweep axes or dotted config keys. A table cell
@@ -79,6 +80,14 @@ MAX_LAYER_ROWS = 4
 PLOTS = tuple(p.value for p in Plot)
 _PROTOCOL_FIRST = ("command", "qjax", "jax", "flax", "git_commit", "device", "dataset", "dataset_sha256")
 _PROTOCOL_PER_CELL = ("config_hash", "seed")
+_WRITTEN_FOR = {"title": "metric", "baseline": "columns"}  # a setting -> what it was written for
+
+
+def _as_keys(value: Any) -> Any:
+    """``"a, b"`` and ``["a", "b"]`` alike, to compare two ways of giving keys."""
+    if isinstance(value, str):
+        return validation.split_keys(value)
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def report_config(
@@ -86,7 +95,8 @@ def report_config(
 ) -> ReportConfig:
     """The :class:`ReportConfig` to render with: ``overrides`` (not None) over ``sweep.yaml``'s
     ``report:`` over the first record's ``config.report`` over the defaults; a title given with
-    another metric than the one rendered is dropped (see the module docstring)."""
+    another metric than the one rendered, a baseline with other columns, are dropped (see the
+    module docstring)."""
     first: Mapping[str, Any] = next(
         (r["config"] for r in records if isinstance(r.get("config"), Mapping)), {}
     )
@@ -97,9 +107,10 @@ def report_config(
     fields = {f.name for f in dataclasses.fields(ReportConfig)}
     merged: dict[str, Any] = {}
     for level in levels:
-        metric = merged.get("metric", ReportConfig.metric)
-        if "title" not in level and level.get("metric", metric) != metric:
-            merged.pop("title", None)  # it was written for the other metric
+        for setting, basis in _WRITTEN_FOR.items():
+            before = _as_keys(merged.get(basis, getattr(ReportConfig, basis)))
+            if setting not in level and basis in level and _as_keys(level[basis]) != before:
+                merged.pop(setting, None)
         merged.update({k: v for k, v in level.items() if k in fields})
     problems: validation.Problems = []
     cfg = typing.cast(ReportConfig, validation.build(ReportConfig, merged, "report", problems))
@@ -167,11 +178,17 @@ def _caption(p: Pivot) -> str:
     asked = [a for a in cfg.pool if a in p.pooled]
     if asked:
         text += f" Averaged over {', '.join(f'`{a}`' for a in asked)} as asked (`report.pool`)."
-    if p.split_keys:
-        keys = ", ".join(p.split_keys)
+    if len(p.split_keys) == 1:
+        key = p.split_keys[0]
         text += (
-            f" One table per value of `{keys}`: a sweep axis that varies within a cell and that neither "
-            f"rows nor columns name (`--pool {','.join(p.split_keys)}` averages over it instead)."
+            f" One table per value of `{key}`, a sweep axis that rows and columns do not name "
+            f"(`--pool {key}` averages over it instead)."
+        )
+    elif p.split_keys:
+        keys = ", ".join(f"`{k}`" for k in p.split_keys)
+        text += (
+            f" One table per combination of {keys}, sweep axes that rows and columns do not name "
+            f"(`--pool {','.join(p.split_keys)}` averages over them instead)."
         )
     if missing:
         text += f" `-`: no record of the cell has {metric}."
@@ -205,7 +222,7 @@ def _paired_table(p: Pivot, table: Table, baseline: Label, heading: str) -> list
             text += f" ± {float(np.std(d, ddof=1)):.4f}"
         return text + f" ({sum(x > 0 for x in d)}/{len(d)} > 0)"
 
-    over = ", ".join(p.pooled) if p.pooled else "repeated cells"
+    over = " and ".join(p.pooled) or "repeated cells"
     metric = p.config.metric
     lines = [
         "",

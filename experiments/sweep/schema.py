@@ -331,6 +331,7 @@ class ReportConfig:
         metric is dropped when the command line asks for another one.
       baseline: a column label; when set, ``results.md`` adds a table of differences to that
         column paired by the pooled axes (the seeds): mean +- std of the per-seed differences.
+        Dropped when the command line names other columns without a baseline.
     """
 
     rows: tuple[str, ...] = ("method.name",)

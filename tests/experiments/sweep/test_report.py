@@ -587,6 +587,25 @@ def test_the_title_follows_the_metric_rendered(tmp_path):
     assert {ax.get_ylabel() for ax in fig.axes} == {"loss"}
 
 
+def test_a_baseline_follows_the_columns_it_was_given_with(tmp_path):
+    sweep = _write(tmp_path, _grid())
+    (sweep / "sweep.yaml").write_text(
+        "name: grid\nreport: {rows: quant.weights.dtype, columns: granularity, baseline: per-channel, "
+        "pool: [method.name]}\n"
+    )
+    report.render(sweep, columns="granularity")  # the same columns: the baseline stays
+    assert (
+        "## Difference to `per-channel`, paired by seed and method.name" in (sweep / "results.md").read_text()
+    )
+    report.render(sweep, columns="seed", pool="")  # other columns: a baseline for them is not 'per-channel'
+    md = (sweep / "results.md").read_text()
+    assert "Difference to" not in md and "One table per combination of `method.name`, `granularity`" in md
+    with pytest.raises(
+        report.ReportError, match=r"report.baseline='9' is not a column; the columns are \['0', '1', '2'\]"
+    ):
+        report.render(sweep, columns="seed", pool="", baseline="9")
+
+
 def test_y_limits():
     assert plot.y_limits([1.0, 2.0], [3.0, 4.0]) == pytest.approx((1.0 - 0.15, 4.0 + 0.15))
     assert plot.y_limits([0.5], [0.5]) == pytest.approx((0.475, 0.525))  # no span: 5 % of the value
