@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from experiments.sweep.report import ReportError, load_results
+from experiments.sweep.pivot import ReportError, load_results
 
 
 def llm_table(records: Sequence[Mapping[str, Any]], order: Sequence[str] = ()) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.sweep.report import ReportError, load_results, metric_value
+from experiments.sweep.pivot import ReportError, load_results, metric_value
 
 DTYPE = "quant.weights.dtype"
 

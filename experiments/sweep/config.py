@@ -542,8 +542,8 @@ def expand(
     base = validation.build(ExperimentConfig, body, "", base_out)
     reported = {(p.path, p.message) for p in found}
     found += [Problem("base config (before the sweep)", p, m) for p, m in base_out if (p, m) not in reported]
-    if base is not None and base.report.baseline is not None:
-        axis = next((a for a in axes if a.name == base.report.columns), None)
+    if base is not None and base.report.baseline is not None and len(base.report.columns) == 1:
+        axis = next((a for a in axes if a.name == base.report.columns[0]), None)
         if axis is not None and str(base.report.baseline) not in axis.labels:
             msg = (
                 f"{base.report.baseline!r} is not a label of the column axis {axis.name!r}: "

@@ -73,9 +73,12 @@ class LearnedRounding(enum.StrEnum):
 
 
 class Plot(enum.StrEnum):
-    """``report.plot``: how ``qjax-report`` plots the pivot."""
+    """``report.plot``: how ``qjax-report`` plots the pivot. ``auto``: ``line`` when the rows are
+    numbers (bits), else ``point``. ``line`` and ``point`` zoom to the data; ``bar`` starts at 0."""
 
+    AUTO = "auto"
     LINE = "line"
+    POINT = "point"
     BAR = "bar"
 
 
@@ -315,20 +318,27 @@ class ReportConfig:
     """How ``qjax-report`` pivots the results.
 
     Attributes:
-      rows: the key whose values label the table rows (a dotted config key or a named axis).
-      columns: the key whose values label the columns.
-      metric: the metric in the cells (mean +- std over seeds).
-      plot: ``line`` (metric against ``rows``, one line per column value) or ``bar`` (grouped
-        bars with error bars).
-      title: plot and table title (default: the sweep name).
+      rows: the keys whose values label the table rows (dotted config keys or sweep axes), a list
+        or a comma-separated string: ``quant.weights.dtype,method.name``.
+      columns: the keys whose values label the columns, likewise.
+      pool: sweep axes to average over besides ``seed`` (e.g. ``quant.rounding_seed``). Any other
+        axis that varies within a table cell gets a table of its own; it is never averaged.
+      metric: the metric in the cells (mean +- std over the seeds and ``pool``).
+      plot: ``auto`` (``line`` for numeric rows, else ``point``), ``line`` (metric against
+        ``rows``, one line per column value), ``point`` (markers with error bars) or ``bar``
+        (grouped bars from 0). ``line`` and ``point`` zoom to the data.
+      title: plot and table title (default: ``<sweep name>: <metric>``); a title set with one
+        metric is dropped when the command line asks for another one.
       baseline: a column label; when set, ``results.md`` adds a table of differences to that
-        column paired by the other axes (the seeds): mean +- std of the per-seed differences.
+        column paired by the pooled axes (the seeds): mean +- std of the per-seed differences.
+        Dropped when the command line names other columns without a baseline.
     """
 
-    rows: str = "method.name"
-    columns: str = "method.name"
+    rows: tuple[str, ...] = ("method.name",)
+    columns: tuple[str, ...] = ("method.name",)
+    pool: tuple[str, ...] = ()
     metric: str = "accuracy"
-    plot: Plot = Plot.BAR
+    plot: Plot = Plot.AUTO
     title: str | None = None
     baseline: str | None = None
 

@@ -4,7 +4,8 @@
 unknown keys are named with a suggestion (``train.epoch: unknown key; did you mean
 'train.epochs'?``), types are checked (an int is fine where a float is expected and is stored as a
 float; a bool is not an int; lists stand for tuples; a string enum field takes one of its values,
-with a suggestion), and a bad field keeps its default so that one pass finds every problem.
+with a suggestion; a comma-separated string stands for a tuple of strings: ``rows: "a,b"``), and
+a bad field keeps its default so that one pass finds every problem.
 :func:`make_plan` then finds the impossible values of a typed config (sizes and counts below their
 minimum, unknown names with a suggestion, ``quant`` specs that ``qjax.QuantSpec.from_dict`` or
 ``qjax.nn.Rule`` refuse, under the dotted path of the field their error names, stochastic rounding
@@ -134,6 +135,8 @@ def _coerce(tp: Any, value: Any, path: str, out: Problems) -> tuple[bool, Any]:
             return False, None
         built = build(typing.cast(type, base), value, path, out)
         return built is not None, built
+    if origin is tuple and typing.get_args(base)[0] is str and isinstance(value, str):
+        return True, split_keys(value)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             out.append((path, f"expected a list; {got}"))
@@ -161,6 +164,11 @@ def _coerce(tp: Any, value: Any, path: str, out: Problems) -> tuple[bool, Any]:
     if not ok:
         out.append((path, f"expected {_KINDS.get(base, str(base))}; {got}"))
     return ok, value
+
+
+def split_keys(text: str) -> tuple[str, ...]:
+    """A comma-separated list of keys as a tuple: ``"a.b, c"`` -> ``("a.b", "c")`` (blanks dropped)."""
+    return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
 def build(cls: type, data: Mapping[str, Any], path: str, out: Problems) -> Any:
@@ -289,13 +297,27 @@ def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[s
     if not cfg.resources.cpus > 0:
         out.append(("resources.cpus", f"{cfg.resources.cpus} must be > 0, e.g. 1"))
     _at_least(out, "resources.gpus", cfg.resources.gpus, 0)
+    _check_report(out, cfg, axis_names)
+
+
+def _check_report(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[str]) -> None:
+    """``rows`` and ``columns``: at least one key each, each an axis or a config key; ``pool``:
+    sweep axes that are neither rows nor columns."""
     r = cfg.report
     for key in ("rows", "columns"):
-        name = getattr(r, key)
-        if name not in axis_names and not is_config_path(name):
-            near = difflib.get_close_matches(name, [*axis_names, *all_paths()], n=1)
-            did = f"; did you mean {near[0]!r}?" if near else ""
-            out.append((f"report.{key}", f"{name!r} is neither a sweep axis nor a config key{did}"))
+        if not getattr(r, key):
+            out.append((f"report.{key}", "names no key; give at least one, e.g. method.name"))
+        for name in getattr(r, key):
+            if name not in axis_names and not is_config_path(name):
+                near = difflib.get_close_matches(name, [*axis_names, *all_paths()], n=1)
+                did = f"; did you mean {near[0]!r}?" if near else ""
+                out.append((f"report.{key}", f"{name!r} is neither a sweep axis nor a config key{did}"))
+    for name in r.pool:
+        if name not in axis_names:
+            axes = ", ".join(axis_names) or "none"
+            out.append(("report.pool", f"{name!r} is not a sweep axis; pool one of {axes}"))
+        elif name in (*r.rows, *r.columns):
+            out.append(("report.pool", f"{name!r} is a row or column key; pool it or show it, not both"))
 
 
 def _check_mesh(out: Problems, cfg: ExperimentConfig) -> None:

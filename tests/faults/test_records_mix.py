@@ -6,7 +6,7 @@ import pytest
 
 from experiments import records
 from experiments.sweep import config as config_lib
-from experiments.sweep import report, run
+from experiments.sweep import pivot, run
 from experiments.sweep.schema import ReportConfig
 from tests import ROOT
 
@@ -43,11 +43,11 @@ def record(cell, seed, lr, accuracy):
 
 def test_a_report_never_pools_records_of_different_configs():
     same = [record("seed=0", 0, 0.01, 0.9), record("seed=1", 1, 0.01, 0.8)]
-    stat = report.pivot(same, ReportConfig()).stats[("qat", "qat")]
+    stat = pivot.pivot(same, ReportConfig()).tables[0].stats[(("qat",), ("qat",))]
     assert stat.n == 2 and stat.mean == pytest.approx(0.85)
     mixed = [record("seed=0", 0, 0.01, 0.9), record("seed=1", 1, 0.02, 0.8)]
     with pytest.raises(
-        report.ReportError,
+        pivot.ReportError,
         match=r"qat / qat would average records of different configs .*train.learning_rate: 0.01 vs 0.02",
     ):
-        report.pivot(mixed, ReportConfig())
+        pivot.pivot(mixed, ReportConfig())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments.scripts import rounding_table
-from experiments.sweep.report import ReportError
+from experiments.sweep.pivot import ReportError
 
 
 def _write(path, records):

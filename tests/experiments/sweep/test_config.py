@@ -134,7 +134,7 @@ def test_accepted_types(tmp_path):
             "quant: {observer: hist}",
             r"quant\.observer: 'hist' is not one of minmax, moving_average, histogram",
         ),
-        ("report: {plot: pie}", r"report\.plot: 'pie' is not one of line, bar"),
+        ("report: {plot: pie}", r"report\.plot: 'pie' is not one of auto, line, point, bar"),
         (
             "eval: {serve: true, kernels: triton}",
             r"eval\.kernels: 'triton' is not one of auto, pallas, xla, reference, mosaic_gpu",
@@ -544,3 +544,26 @@ def test_report_baseline_must_be_a_column_label(tmp_path):
         load(tmp_path, text)
     ok = load(tmp_path, text.replace("baseline: float", "baseline: ptq"))
     assert ok.base.report.baseline == "ptq"
+
+
+def test_report_keys_as_lists_or_comma_separated_and_pool_axes(tmp_path):
+    sweep = "sweep: {seed: [0, 1], method.name: [ptq, qat], quant.rounding_seed: [0, 1]}\n"
+    text = (
+        PTQ
+        + sweep
+        + "report: {rows: 'method.name, quant.weights.dtype', columns: [seed], pool: quant.rounding_seed}\n"
+    )
+    report = load(tmp_path, text).base.report
+    assert report.rows == ("method.name", "quant.weights.dtype") and report.columns == ("seed",)
+    assert report.pool == ("quant.rounding_seed",)
+    bad = PTQ + sweep + "report: {rows: 'method.name,', columns: [], pool: [seed, quant.weights.dtype]}\n"
+    with pytest.raises(config.ConfigError) as info:
+        load(tmp_path, bad)
+    message = str(info.value)
+    assert "report.columns: names no key; give at least one" in message
+    axes = "seed, method.name, quant.rounding_seed"
+    assert f"report.pool: 'quant.weights.dtype' is not a sweep axis; pool one of {axes}" in message
+    assert "report.rows" not in message  # the trailing comma is no key
+    clash = PTQ + sweep + "report: {rows: method.name, columns: seed, pool: [seed]}\n"
+    with pytest.raises(config.ConfigError, match=r"report\.pool: 'seed' is a row or column key"):
+        load(tmp_path, clash)
