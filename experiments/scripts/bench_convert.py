@@ -3,9 +3,10 @@ program (what ``convert`` does) against one compiled program per layer (what it 
 each measured in a fresh process (a first call pays the compilations), alternating the two.
 
 The quickstart's model (``experiments.tasks.fashion_mnist.CNN``, W4A8: int4 weights per output
-channel, int8 static activations) is quantized and calibrated on one batch; the time is the
-``convert`` call alone. The number to read is the ratio of the medians: absolute times move with
-the machine's load.
+channel, int8 static activations) is quantized and calibrated on one batch. ``model``: the whole
+``convert`` call; ``per_layer``: only the kernels' quantization, one compiled program per layer (a
+lower bound of the former ``convert``, which also cloned the model and checked each layer). The
+number to read is the ratio of the medians: absolute times move with the machine's load.
 
 Run: ``python -m experiments.scripts.bench_convert [--repeats 5] [--out results.json]``.
 """
