@@ -5,6 +5,7 @@ from qjax.numerics import (
     FORMAT_NAMES,
     Calibration,
     Granularity,
+    PluginError,
     QArray,
     QParams,
     QuantSpec,
@@ -13,13 +14,24 @@ from qjax.numerics import (
     SpecTypeError,
     calibrate,
     dequantize,
+    load_plugins,
     pack,
     parse_format,
     quantize,
     quantize_dequantize,
     unpack,
 )
-from qjax.ste import Estimator, codebook_weight, fake_quant, lsq_init_scale, lsq_plus_init, lsq_plus_qparams
+from qjax.ste import (
+    Estimator,
+    EstimatorImpl,
+    codebook_weight,
+    estimator_names,
+    fake_quant,
+    lsq_init_scale,
+    lsq_plus_init,
+    lsq_plus_qparams,
+    register_estimator,
+)
 
 __version__ = "0.1.0"
 
@@ -27,7 +39,9 @@ __all__ = [
     "FORMAT_NAMES",
     "Calibration",
     "Estimator",
+    "EstimatorImpl",
     "Granularity",
+    "PluginError",
     "QArray",
     "QParams",
     "QuantSpec",
@@ -38,7 +52,9 @@ __all__ = [
     "calibrate",
     "codebook_weight",
     "dequantize",
+    "estimator_names",
     "fake_quant",
+    "load_plugins",
     "lsq_init_scale",
     "lsq_plus_init",
     "lsq_plus_qparams",
@@ -48,6 +64,7 @@ __all__ = [
     "parse_format",
     "quantize",
     "quantize_dequantize",
+    "register_estimator",
     "training",
     "unpack",
 ]

@@ -31,13 +31,35 @@
 
 The scales of ``ste`` and ``clipped_ste`` are calibrated from ``x`` (dynamic) unless ``qparams``
 gives them (static); either way they are constants to the gradient.
+
+**Plug-ins.** An estimator is a function
+
+.. code-block:: python
+
+    fn(x, spec, *, key, qparams) -> x_hat
+
+of a float tensor ``x`` and its :class:`~qjax.numerics.QuantSpec`: the fake-quantized value in
+``x.dtype``, with the estimator's gradient inside (``jax.custom_vjp``, or
+``x + stop_gradient(q - x)`` for an identity gradient). ``qparams`` are static parameters (static
+activation scales, AdaRound's grid) or ``None``: calibrate from ``x``. ``key`` is a PRNG key or
+``None``; an estimator registered with ``needs_key=True`` gets a key in training and ``None`` at
+evaluation (a model after ``model.eval()``), where it must return its evaluation value.
+:func:`register_estimator` adds one; ``fake_quant(x, spec, name)`` and
+``qjax.nn.Rule(weight_estimator=name)`` then take its name. The built-ins are registered in the
+same registry (:data:`ESTIMATORS`) and dispatched by the same lookup. Estimators that learn
+parameters (``lsq``, ``lsq_plus``, ``pact``, ``kmeans_finetune``) stay built-in: their state is
+created, initialised, trained, converted to serving parameters and sharded by
+:mod:`qjax.nn` per estimator, which a plug-in protocol would have to reproduce whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +67,6 @@ import numpy as np
 
 from qjax.numerics import kmeans, tiling
 from qjax.numerics.calibration import block_range, check_finite, check_float_input
-from qjax.numerics.fields import parse_enum
 from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat, QParams
 from qjax.numerics.quantize import (
     check_qparams,
@@ -55,11 +76,14 @@ from qjax.numerics.quantize import (
     noise_for,
     quantize_dequantize,
 )
+from qjax.numerics.registry import Registry, parse_name
 from qjax.numerics.rounding import round_to_integer
 from qjax.numerics.spec import QuantSpec
 
 
 class Estimator(enum.StrEnum):
+    """The built-in estimators (``fake_quant`` and ``Rule`` also take a registered plug-in's name)."""
+
     STE = "ste"
     CLIPPED_STE = "clipped_ste"
     LSQ = "lsq"
@@ -68,8 +92,76 @@ class Estimator(enum.StrEnum):
     KMEANS_FINETUNE = "kmeans_finetune"
 
 
+@dataclasses.dataclass(frozen=True)
+class EstimatorImpl:
+    """A registered estimator (see the module docstring).
+
+    Attributes:
+      fn: ``fn(x, spec, *, key, qparams, **learned) -> x_hat``.
+      needs_key: draws random numbers in training: a quantized layer gives it a PRNG key stream,
+        and ``key=None`` after ``model.eval()``.
+      integer_forward: QAT may compute the layer's contraction in int8 (``Rule.integer_forward``,
+        :mod:`qjax.nn.integer_qat`), which replays the estimator as ``ste``: declare it only when
+        the forward value is ``quantize_dequantize(x, spec, key=key, qparams=qparams)`` and the
+        gradient the identity (``clipped_ste``, built in, has its own mask there). Otherwise QAT
+        contracts the fake-quantized operands in float.
+      learns: built-ins only: the learned parameters ``fake_quant`` passes (``scale``, ``clip``,
+        ``offset``); plug-ins learn none.
+    """
+
+    fn: Callable[..., jax.Array]
+    needs_key: bool = False
+    integer_forward: bool = False
+    learns: tuple[str, ...] = ()
+
+
+ESTIMATORS: Registry[EstimatorImpl] = Registry("estimator", "estimator")
+
+
+def register_estimator(
+    name: str,
+    fn: Callable[..., jax.Array],
+    *,
+    needs_key: bool = False,
+    integer_forward: bool = False,
+    override: bool = False,
+) -> EstimatorImpl:
+    """Register the estimator ``name``: ``fn(x, spec, *, key, qparams) -> x_hat`` (see the module
+    docstring and :class:`EstimatorImpl` for the flags). Raises ``ValueError`` for a name already
+    registered unless ``override=True`` (built-in names are reserved).
+
+    .. code-block:: python
+
+        def ste_with_noise(x, spec, *, key, qparams):
+            ...
+
+        qjax.register_estimator("noise", ste_with_noise, needs_key=True)
+        rule = qjax.nn.Rule(path=".*", weights={"dtype": "int4"}, weight_estimator="noise")
+    """
+    if not callable(fn):
+        raise TypeError(f"register_estimator({name!r}, fn): fn must be callable; got {type(fn).__name__}")
+    impl = EstimatorImpl(fn, needs_key=bool(needs_key), integer_forward=bool(integer_forward))
+    return ESTIMATORS.register(name, impl, override=override)
+
+
+def estimator_impl(name: str, field: str = "estimator") -> EstimatorImpl:
+    """The registered estimator ``name`` (a refusal is a ``SpecError`` whose ``field`` is ``field``)."""
+    return ESTIMATORS.get(name, field)
+
+
+def parse_estimator(value: str, field: str = "estimator") -> Estimator | str:
+    """``value`` as a rule or config holds it: an :class:`Estimator` member for a built-in, the name
+    for a plug-in; an unknown name raises ``SpecError`` (``field``) listing the registered ones."""
+    parsed: Estimator | str = parse_name(ESTIMATORS, Estimator, value, field)
+    return parsed
+
+
+def estimator_names() -> tuple[str, ...]:
+    """Every registered estimator: the built-ins, then the plug-ins."""
+    return ESTIMATORS.names()
+
+
 _LEARNED_BY = {"scale": "lsq", "offset": "lsq_plus", "clip": "pact"}
-_WANTED = {Estimator.LSQ: ("scale",), Estimator.LSQ_PLUS: ("scale", "offset"), Estimator.PACT: ("clip",)}
 # LSQ+ zero points are clipped to +-2^15: an offset that many steps away means training diverged,
 # and the bound keeps serving's int32 zero-point correction terms small.
 ZERO_POINT_LIMIT = 2**15
@@ -129,9 +221,12 @@ def fake_quant(
     Args:
       x: float tensor.
       spec: the quantizer.
-      estimator: ``ste``, ``clipped_ste``, ``lsq``, ``pact`` or ``lsq_plus``.
-      key: PRNG key for ``rounding='stochastic'``.
-      qparams: static parameters for ``ste``/``clipped_ste`` (else calibrated from ``x``).
+      estimator: ``ste``, ``clipped_ste``, ``lsq``, ``pact``, ``lsq_plus``, or a registered
+        plug-in (:func:`register_estimator`).
+      key: PRNG key for ``rounding='stochastic'``, and for plug-ins registered with
+        ``needs_key`` (``None``: their evaluation value).
+      qparams: static parameters for ``ste``/``clipped_ste`` and plug-ins (else calibrated from
+        ``x``).
       scale: the learned step size for ``lsq`` and ``lsq_plus``, grid-shaped or a scalar.
       clip: the learned clipping value for ``pact``, grid-shaped or a scalar.
       offset: the learned offset :math:`\\beta` for ``lsq_plus``, grid-shaped or a scalar.
@@ -140,65 +235,113 @@ def fake_quant(
         example to follow the paper exactly for batched activations).
       integer_offset: ``lsq_plus`` only: round the offset onto the integer zero-point grid.
     """
-    est = parse_enum(Estimator, estimator, "estimator")
+    impl = estimator_impl(estimator)
+    est = str(estimator)
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a qjax.QuantSpec; got {type(spec).__name__}")
     check_float_input(x)
     x = jnp.asarray(x)
-    block = tiling.block_shape(x.shape, spec)
-    noise = noise_for(key, x.shape, spec)
-    if est == Estimator.KMEANS_FINETUNE:
-        raise ValueError(
-            "estimator='kmeans_finetune' is not a function of x: the weight is centroids[indices]; "
-            "use qjax.ste.codebook_weight(centroids, indices, spec), or a qjax.nn.Rule with "
-            "weight_estimator='kmeans_finetune' and a kmeans weight spec"
-        )
+    tiling.block_shape(x.shape, spec)  # the spec fits x (a clear error if not)
     learned = {"scale": scale, "clip": clip, "offset": offset}
-    wanted = _WANTED.get(est, ())
     for name, value in learned.items():
-        if value is not None and name not in wanted:
+        if value is not None and name not in impl.learns:
             raise ValueError(
                 f"{name}= is a learned parameter of estimator {_LEARNED_BY[name]!r}, not of "
-                f"{str(est)!r}; remove it"
+                f"{est!r}; remove it"
             )
     if integer_offset and est != Estimator.LSQ_PLUS:
-        raise ValueError(f"integer_offset=True applies to estimator 'lsq_plus', not {str(est)!r}; remove it")
-    if est == Estimator.STE:
-        x_hat = quantize_dequantize(x, spec, key=key, qparams=qparams)
-        # Q(x) exactly in the forward pass (x - x is exactly 0), identity in the backward pass.
-        return jax.lax.stop_gradient(x_hat) + (x - jax.lax.stop_gradient(x))
-    if est == Estimator.CLIPPED_STE:
-        fmt = spec.affine_format
-        if qparams is None:
-            check_finite(x)
-            lo, hi = block_range(x.astype(jnp.float32), spec, block)
-            qparams = fmt.qparams(lo, hi, spec.symmetric)
-        else:
-            qparams = check_qparams(QParams(*qparams), tiling.grid_shape(x.shape, block))
-        qp = jax.tree_util.tree_map(jax.lax.stop_gradient, QParams(*qparams))
-        return _clipped_ste(spec, x, qp, noise)
-    fmt = _integer_format(spec, est)
-    _qmin, qmax = fmt.qrange(spec.symmetric)
-    grid = tiling.grid_shape(x.shape, block)
+        raise ValueError(f"integer_offset=True applies to estimator 'lsq_plus', not {est!r}; remove it")
+    kwargs: dict[str, Any] = {name: learned[name] for name in impl.learns}
+    if "scale" in impl.learns:
+        kwargs["grad_scale"] = grad_scale
     if est == Estimator.LSQ_PLUS:
-        if scale is None or offset is None:
-            raise ValueError(
-                "estimator='lsq_plus' needs scale=<learned step size> and offset=<learned offset "
-                "beta>; initialise them with qjax.ste.lsq_plus_init(x, spec) and hold them as parameters"
-            )
-        _check_param_shape(scale, grid, "scale")
-        _check_param_shape(offset, grid, "offset")
-        gs = _default_grad_scale(x, scale, qmax) if grad_scale is None else float(grad_scale)
-        return _lsq_plus(spec, gs, bool(integer_offset), x, jnp.asarray(scale), jnp.asarray(offset), noise)
-    if est == Estimator.LSQ:
-        if scale is None:
-            raise ValueError(
-                "estimator='lsq' needs scale=<learned step size>; initialise it with "
-                "qjax.lsq_init_scale(x, spec) and hold it as a parameter"
-            )
-        _check_param_shape(scale, grid, "scale")
-        gs = _default_grad_scale(x, scale, qmax) if grad_scale is None else float(grad_scale)
-        return _lsq(spec, gs, x, jnp.asarray(scale), noise)
+        kwargs["integer_offset"] = integer_offset
+    return impl.fn(x, spec, key=key, qparams=qparams, **kwargs)
+
+
+def _ste(x: jax.Array, spec: QuantSpec, *, key: jax.Array | None, qparams: QParams | None) -> jax.Array:
+    x_hat = quantize_dequantize(x, spec, key=key, qparams=qparams)
+    # Q(x) exactly in the forward pass (x - x is exactly 0), identity in the backward pass.
+    return jax.lax.stop_gradient(x_hat) + (x - jax.lax.stop_gradient(x))
+
+
+def _clipped_ste_estimator(
+    x: jax.Array, spec: QuantSpec, *, key: jax.Array | None, qparams: QParams | None
+) -> jax.Array:
+    block = tiling.block_shape(x.shape, spec)
+    noise = noise_for(key, x.shape, spec)
+    fmt = spec.affine_format
+    if qparams is None:
+        check_finite(x)
+        lo, hi = block_range(x.astype(jnp.float32), spec, block)
+        qparams = fmt.qparams(lo, hi, spec.symmetric)
+    else:
+        qparams = check_qparams(QParams(*qparams), tiling.grid_shape(x.shape, block))
+    qp = jax.tree_util.tree_map(jax.lax.stop_gradient, QParams(*qparams))
+    return _clipped_ste(spec, x, qp, noise)
+
+
+def _kmeans_finetune_estimator(x: jax.Array, spec: QuantSpec, **_: Any) -> jax.Array:
+    raise ValueError(
+        "estimator='kmeans_finetune' is not a function of x: the weight is centroids[indices]; "
+        "use qjax.ste.codebook_weight(centroids, indices, spec), or a qjax.nn.Rule with "
+        "weight_estimator='kmeans_finetune' and a kmeans weight spec"
+    )
+
+
+def _lsq_plus_estimator(
+    x: jax.Array,
+    spec: QuantSpec,
+    *,
+    key: jax.Array | None,
+    qparams: QParams | None,
+    scale: jax.Array | None,
+    offset: jax.Array | None,
+    grad_scale: float | None,
+    integer_offset: bool,
+) -> jax.Array:
+    noise = noise_for(key, x.shape, spec)
+    _qmin, qmax = _integer_format(spec, Estimator.LSQ_PLUS).qrange(spec.symmetric)
+    grid = tiling.grid_shape(x.shape, tiling.block_shape(x.shape, spec))
+    if scale is None or offset is None:
+        raise ValueError(
+            "estimator='lsq_plus' needs scale=<learned step size> and offset=<learned offset "
+            "beta>; initialise them with qjax.ste.lsq_plus_init(x, spec) and hold them as parameters"
+        )
+    _check_param_shape(scale, grid, "scale")
+    _check_param_shape(offset, grid, "offset")
+    gs = _default_grad_scale(x, scale, qmax) if grad_scale is None else float(grad_scale)
+    return _lsq_plus(spec, gs, bool(integer_offset), x, jnp.asarray(scale), jnp.asarray(offset), noise)
+
+
+def _lsq_estimator(
+    x: jax.Array,
+    spec: QuantSpec,
+    *,
+    key: jax.Array | None,
+    qparams: QParams | None,
+    scale: jax.Array | None,
+    grad_scale: float | None,
+) -> jax.Array:
+    noise = noise_for(key, x.shape, spec)
+    _qmin, qmax = _integer_format(spec, Estimator.LSQ).qrange(spec.symmetric)
+    grid = tiling.grid_shape(x.shape, tiling.block_shape(x.shape, spec))
+    if scale is None:
+        raise ValueError(
+            "estimator='lsq' needs scale=<learned step size>; initialise it with "
+            "qjax.lsq_init_scale(x, spec) and hold it as a parameter"
+        )
+    _check_param_shape(scale, grid, "scale")
+    gs = _default_grad_scale(x, scale, qmax) if grad_scale is None else float(grad_scale)
+    return _lsq(spec, gs, x, jnp.asarray(scale), noise)
+
+
+def _pact_estimator(
+    x: jax.Array, spec: QuantSpec, *, key: jax.Array | None, qparams: QParams | None, clip: jax.Array | None
+) -> jax.Array:
+    noise = noise_for(key, x.shape, spec)
+    _integer_format(spec, Estimator.PACT)
+    grid = tiling.grid_shape(x.shape, tiling.block_shape(x.shape, spec))
     if clip is None:
         raise ValueError(
             "estimator='pact' needs clip=<learned clipping value alpha>, e.g. a parameter "
@@ -515,3 +658,12 @@ def lsq_init_scale(x: jax.Array, spec: QuantSpec) -> jax.Array:
     mean_abs = jnp.mean(tiling.tile(jnp.abs(x), block), axis=tiling.inner_axes(x.ndim))
     _, qmax = fmt.qrange(spec.symmetric)
     return jnp.maximum(2.0 * mean_abs / math.sqrt(qmax), MIN_SCALE)
+
+
+ESTIMATORS.register(Estimator.STE.value, EstimatorImpl(_ste, integer_forward=True))
+ESTIMATORS.register(Estimator.CLIPPED_STE.value, EstimatorImpl(_clipped_ste_estimator, integer_forward=True))
+ESTIMATORS.register(Estimator.LSQ.value, EstimatorImpl(_lsq_estimator, learns=("scale",)))
+ESTIMATORS.register(Estimator.PACT.value, EstimatorImpl(_pact_estimator, learns=("clip",)))
+ESTIMATORS.register(Estimator.LSQ_PLUS.value, EstimatorImpl(_lsq_plus_estimator, learns=("scale", "offset")))
+ESTIMATORS.register(Estimator.KMEANS_FINETUNE.value, EstimatorImpl(_kmeans_finetune_estimator))
+ESTIMATORS.seal()

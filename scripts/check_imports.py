@@ -4,7 +4,8 @@
    ``qjax``, ``experiments`` or ``tests``) are refused outside ``M`` itself: what two modules share
    is public in the module where it belongs.
 2. **Layers.** A package imports only the packages below it (``docs/ARCHITECTURE.md``), so
-   ``qjax.numerics`` never imports ``qjax.nn`` and ``qjax`` never imports ``experiments``.
+   ``qjax.numerics`` never imports ``qjax.nn`` and ``qjax`` never imports ``experiments``;
+   ``examples`` (plug-ins) import ``qjax`` and ``experiments.tasks`` only.
    ``qjax.kernels.experimental`` is reached by name only: no module outside it imports it at module
    level (a caller that names an experimental path imports it inside the function that needs it).
 
@@ -19,8 +20,8 @@ import pathlib
 import sys
 from collections.abc import Iterator, Sequence
 
-ROOTS = ("qjax", "experiments", "tests")
-FIRST_PARTY = ("qjax", "experiments", "tests")
+ROOTS = ("qjax", "experiments", "examples", "tests")
+FIRST_PARTY = ("qjax", "experiments", "examples", "tests")
 
 # package -> the first-party packages it may import (besides itself). A module belongs to the
 # longest package prefix listed here; tests may import anything.
@@ -39,7 +40,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "experiments.kernels": ("qjax", "experiments.records"),
     "experiments.scripts": ("qjax", "experiments.records", "experiments.tasks", "experiments.sweep"),
     "experiments": ("experiments",),
-    "tests": ("qjax", "experiments", "tests"),
+    "examples": ("qjax", "experiments.tasks"),  # plug-ins, written as a user would
+    "tests": ("qjax", "experiments", "examples", "tests"),
 }
 EXPERIMENTAL = "qjax.kernels.experimental"
 

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-ruff check qjax experiments tests scripts
-ruff format --check qjax experiments tests scripts
+ruff check qjax experiments examples tests scripts
+ruff format --check qjax experiments examples tests scripts
 python scripts/check_imports.py
 mypy
 pytest -q -n 2 "$@"

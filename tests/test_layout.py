@@ -20,9 +20,9 @@ def test_every_test_folder_is_a_package():
 
 
 def test_test_folders_mirror_the_tree():
-    """``tests/<path>/`` tests ``qjax/<path>/``, ``experiments/<path>/`` (``tests/experiments/...``)
-    or ``scripts/`` (``tests/scripts``); ``tests/faults/`` is the fault-injection suite, which
-    crosses the layers."""
+    """``tests/<path>/`` tests ``qjax/<path>/``, ``experiments/<path>/`` (``tests/experiments/...``),
+    ``examples/`` (``tests/examples``) or ``scripts/`` (``tests/scripts``); ``tests/faults/`` is the
+    fault-injection suite, which crosses the layers."""
     strays = []
     for d in TESTS.rglob("*"):
         if not d.is_dir() or d.name == "__pycache__":
@@ -30,7 +30,7 @@ def test_test_folders_mirror_the_tree():
         rel = d.relative_to(TESTS)
         if rel.parts[0] == "faults":
             continue
-        under = ROOT / rel if rel.parts[0] in ("experiments", "scripts") else ROOT / "qjax" / rel
+        under = ROOT / rel if rel.parts[0] in ("experiments", "examples", "scripts") else ROOT / "qjax" / rel
         if not under.is_dir():
             strays.append(str(rel))
     assert not strays, f"tests/{strays} mirror no folder of qjax/, experiments/ or scripts/"

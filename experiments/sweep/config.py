@@ -35,6 +35,15 @@ meaning ``json.dumps(sort_keys=True, separators=(",", ":"))``; ints given for fl
 floats, so ``learning_rate: 1`` and ``1.0`` hash alike. ``output_dir``, ``report``, ``mesh`` and
 ``resources`` are excluded: moving a sweep, changing how it is reported or the devices it runs on
 does not change what a cell computes (on a mesh, up to float rounding: ``experiments.sweep.placement``).
+``plugins`` is hashed when it is not empty (the modules decide what a plug-in name computes); an
+empty list leaves the hash of a config as it was before the key existed.
+
+**Plug-ins.** The modules of the top-level ``plugins:`` list are imported (:func:`import_plugins`)
+before any cell is validated, so the names they register (estimators, formats, rounding schemes,
+calibration methods, tasks, models) resolve; the ``qjax.plugins`` entry points of installed packages
+are loaded then too. ``plugins`` is one list for the whole sweep: it cannot be a sweep axis. Ray
+workers import the same list before they run a cell (``experiments.sweep.parallel``); with several
+processes per cell each process reads the config, so each imports them.
 """
 
 from __future__ import annotations
@@ -48,12 +57,14 @@ import json
 import os
 import pathlib
 import re
+import sys
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
 
+import qjax
 from experiments.sweep import validation
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig
@@ -277,8 +288,11 @@ def dump_yaml(config: ExperimentConfig) -> str:
 
 
 def config_hash(config: ExperimentConfig) -> str:
-    """SHA-256 hex of the canonical JSON of ``to_dict(config)`` without :data:`HASH_EXCLUDED`."""
+    """SHA-256 hex of the canonical JSON of ``to_dict(config)`` without :data:`HASH_EXCLUDED`
+    (and without ``plugins`` when it is empty)."""
     d = {k: v for k, v in to_dict(config).items() if k not in HASH_EXCLUDED}
+    if not d.get("plugins"):
+        d.pop("plugins", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -525,6 +539,48 @@ def _cells(body: dict[str, Any], axes: Sequence[Axis], found: list[Problem]) -> 
     return cells
 
 
+def import_plugins(names: Any) -> list[Problem]:
+    """Import the plug-in modules ``names`` (a config's ``plugins`` list) and the ``qjax.plugins``
+    entry points; the problems (a bad list, a module that cannot be imported: named with
+    ``sys.path``) as :class:`Problem` values. The current directory is searched after ``sys.path``
+    (``qjax-run`` is a console script, whose ``sys.path`` does not hold it)."""
+    if names is None:
+        names = []
+    if isinstance(names, str):
+        names = validation.split_keys(names)
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        return [
+            Problem("config", "plugins", f"must be a list of module names, e.g. [my_plugins]; got {names!r}")
+        ]
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    problems = []
+    for i, name in enumerate(names):
+        try:
+            qjax.load_plugins([name], entry_points=False)
+        except qjax.PluginError as e:
+            problems.append(Problem("config", f"plugins[{i}]", str(e)))
+    try:
+        qjax.numerics.load_entry_points()
+    except qjax.PluginError as e:
+        problems.append(Problem("installed packages", "", str(e)))
+    return problems
+
+
+def _plugin_axes(axes: Sequence[Axis]) -> list[Problem]:
+    """``plugins`` set by a sweep axis: it is imported once for the whole sweep."""
+    return [
+        Problem(
+            "sweep",
+            f"sweep.{a.name}",
+            "sets plugins, which is one list for the whole sweep; list them at the top level",
+        )
+        for a in axes
+        if any(k == "plugins" or k.startswith("plugins.") for s in a.settings for k in s)
+    ]
+
+
 def expand(
     raw: Mapping[str, Any],
     source: str = "config",
@@ -532,10 +588,15 @@ def expand(
     problems: Sequence[Problem] = (),
 ) -> SweepSpec:
     """The validated :class:`SweepSpec` of a merged config mapping (with its ``sweep:``); raises
-    :class:`ConfigError` with every problem of the grid (and ``problems`` found before)."""
+    :class:`ConfigError` with every problem of the grid (and ``problems`` found before). The
+    config's ``plugins`` are imported first (a plug-in that cannot be imported stops here)."""
+    plugin_problems = import_plugins(raw.get("plugins"))
+    if plugin_problems:
+        raise ConfigError(source, [*problems, *plugin_problems])
     found = list(problems)
     body = {k: v for k, v in raw.items() if k != "sweep"}
     axes = _parse_axes(raw.get("sweep"), found)
+    found += _plugin_axes(axes)
     _check_conflicts(axes, cli_keys, found)
     cells = _cells(body, axes, found)
     base_out: validation.Problems = []

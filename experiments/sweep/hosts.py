@@ -15,6 +15,9 @@ collectives and cannot go on, so the failing process prints which cell failed an
 once (code 1) rather than wait at jax's shutdown barrier, and jax's coordination service ends the
 others (after ``--heartbeat-timeout`` seconds). Rerunning the same command on every host resumes:
 finished cells are skipped, the failed cell resumes from its last checkpoint.
+
+Plug-ins: every process reads the config itself (``experiments.sweep.config.load``), which imports
+the config's ``plugins`` before validating it, so each process has the same registered names.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ lock). Every task declares ``resources`` (CPUs, GPUs) from the config. A worker 
 mid-task is replaced and the task run again (``max_retries``); the cell resumes from its last
 checkpoint. Tasks return records; only this driver writes ``results.jsonl`` and the report. Cells
 claim their directory as in a serial run (``experiments.sweep.claims``), so a parallel run and
-other ``qjax-run`` processes can share a sweep directory.
+other ``qjax-run`` processes can share a sweep directory. A worker process starts without the
+config's plug-ins: each task imports them first (:func:`prepare_worker`), so that the names they
+register resolve there as in the driver.
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ from experiments.sweep import runner
 MAX_RETRIES = 3  # a lost worker's task is run again, resuming from its checkpoints
 
 
+def prepare_worker(cell: config_lib.Cell) -> None:
+    """Make a worker process ready to run ``cell``: import its config's plug-ins (and the
+    ``qjax.plugins`` entry points) as the driver did when it read the config."""
+    problems = config_lib.import_plugins(list(cell.config.plugins))
+    if problems:
+        raise config_lib.ConfigError(f"cell {cell.label} in a worker", problems)
+
+
 def _float_model(cell: config_lib.Cell, sweep_dir: str) -> str | None:
     """Train (or restore) the float model ``cell`` needs; its checkpoint directory (``None`` for a
     pretrained task, which has none)."""
+    prepare_worker(cell)
     cfg = cell.config
     task = runner.load_task(cfg)
     if task.pretrained:
@@ -55,6 +66,7 @@ def _cell(
 ) -> runner.Outcome:
     """Run one cell in a worker (after its float model's task: ``float_dir`` is its result)."""
     del float_dir  # only orders this task after the float model's
+    prepare_worker(cell)
     return runner.run_claimed(
         cell, pathlib.Path(sweep_dir), env, before, wait=True, write=False, fail_fast=fail_fast
     )

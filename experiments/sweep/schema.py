@@ -351,11 +351,17 @@ class ExperimentConfig:
       name: the sweep's name: its directory under ``output_dir``.
       output_dir: where sweep directories go.
       seed: seed of initialisation, data order and calibration sampling.
+      plugins: modules to import before the config is validated, by dotted name
+        (``[examples.noise_estimator, my_formats]``): they register estimators, formats, rounding
+        schemes, calibration methods, tasks or models that the rest of the config names (see
+        ``docs/plugins.md``). Looked up on ``sys.path`` and in the current directory; the same for
+        every cell (not a sweep axis); part of the config hash when not empty.
     """
 
     name: str = "experiment"
     output_dir: str = "runs"
     seed: int = 0
+    plugins: tuple[str, ...] = ()
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)

@@ -22,7 +22,6 @@ import dataclasses
 import difflib
 import enum
 import functools
-import importlib
 import re
 import types
 import typing
@@ -44,10 +43,19 @@ from experiments.sweep.schema import (
     Schedule,
 )
 from qjax.numerics.fields import did_you_mean
+from qjax.numerics.rounding import needs_key
 
-ESTIMATORS = tuple(e.value for e in qjax.Estimator)
-WEIGHT_ESTIMATORS = tuple(e for e in ESTIMATORS if e not in (qjax.Estimator.PACT, qjax.Estimator.LSQ_PLUS))
-ACTIVATION_ESTIMATORS = tuple(e for e in ESTIMATORS if e != qjax.Estimator.KMEANS_FINETUNE)
+
+def weight_estimators() -> tuple[str, ...]:
+    """The registered estimators a weight takes (plug-ins included; not ``pact``, ``lsq_plus``)."""
+    return tuple(e for e in qjax.estimator_names() if e not in (qjax.Estimator.PACT, qjax.Estimator.LSQ_PLUS))
+
+
+def activation_estimators() -> tuple[str, ...]:
+    """The registered estimators an activation takes (plug-ins included; not ``kmeans_finetune``)."""
+    return tuple(e for e in qjax.estimator_names() if e != qjax.Estimator.KMEANS_FINETUNE)
+
+
 ACTIVATION_SCALES = tuple(e.value for e in qjax.nn.ActivationScale)
 OBSERVERS = tuple(e.value for e in qjax.nn.Observer)
 
@@ -250,19 +258,18 @@ def _check_identity(out: Problems, cfg: ExperimentConfig) -> None:
 
 
 def _check_task(out: Problems, cfg: ExperimentConfig) -> None:
-    from experiments.tasks import TASK_MODULES
+    from experiments.tasks import task_models, task_names
 
     task = cfg.task
-    _one_of(out, "task.name", task.name, sorted(TASK_MODULES))
+    _one_of(out, "task.name", task.name, sorted(task_names()))
     _at_least(out, "task.train_limit", task.train_limit, 0, "0 means: all")
-    if task.name in TASK_MODULES:
+    if task.name in task_names():
         try:
-            models = getattr(importlib.import_module(TASK_MODULES[task.name]), "MODELS", None)
+            models = task_models(task.name)
         except ImportError as e:
             out.append(("task.name", f"task {task.name!r} cannot be imported: {e}"))
             return
-        if models is not None:
-            _one_of(out, "task.model", task.model, sorted(models))
+        _one_of(out, "task.model", task.model, sorted(models))
 
 
 def _check_sections(out: Problems, cfg: ExperimentConfig, axis_names: Sequence[str]) -> None:
@@ -452,8 +459,13 @@ def _parse_spec(
     except (ValueError, TypeError) as e:  # not one field's (e.g. block_shape: 3 is not a list)
         out.append((path, str(e)))
         return False, None
-    if spec.rounding == qjax.Rounding.STOCHASTIC and seed is None:
-        out.append((f"{path}.rounding", "rounding='stochastic' needs a key: set quant.rounding_seed, e.g. 0"))
+    if needs_key(spec.rounding) and seed is None:
+        out.append(
+            (
+                f"{path}.rounding",
+                f"rounding={str(spec.rounding)!r} needs a key: set quant.rounding_seed, e.g. 0",
+            )
+        )
         return False, None
     return True, spec
 
@@ -462,8 +474,8 @@ def _quant_specs(out: Problems, q: QuantConfig, method: Method) -> tuple[Specs, 
     """The (weights, activations) specs of ``quant`` and of each override (``None``: keep_float);
     ``None`` when a problem was found (in ``out``)."""
     n = len(out)
-    _one_of(out, "quant.weight_estimator", q.weight_estimator, WEIGHT_ESTIMATORS)
-    _one_of(out, "quant.activation_estimator", q.activation_estimator, ACTIVATION_ESTIMATORS)
+    _one_of(out, "quant.weight_estimator", q.weight_estimator, weight_estimators())
+    _one_of(out, "quant.activation_estimator", q.activation_estimator, activation_estimators())
     _one_of(out, "quant.activation_scale", q.activation_scale, ACTIVATION_SCALES)
     _one_of(out, "quant.observer", q.observer, OBSERVERS)
     ok_w, weights = _parse_spec(out, "quant.weights", q.weights, q.rounding_seed)
@@ -490,9 +502,9 @@ def _override(
     if o.keep_float and (o.weights or o.activations or o.weight_estimator or o.activation_estimator):
         out.append((p, "keep_float: true keeps the layers in float; remove its other fields"))
     if o.weight_estimator is not None:
-        _one_of(out, f"{p}.weight_estimator", o.weight_estimator, WEIGHT_ESTIMATORS)
+        _one_of(out, f"{p}.weight_estimator", o.weight_estimator, weight_estimators())
     if o.activation_estimator is not None:
-        _one_of(out, f"{p}.activation_estimator", o.activation_estimator, ACTIVATION_ESTIMATORS)
+        _one_of(out, f"{p}.activation_estimator", o.activation_estimator, activation_estimators())
     if defaults is None or o.keep_float:
         return None
     merged = override_specs(q, o)

@@ -2,7 +2,8 @@
 
 ``get_task(TaskConfig)`` returns a :class:`~experiments.tasks.base.Task`; datasets are loaded once per
 process per ``(name, data_dir)``. The task modules (``digits``, ``fashion_mnist``, ``tiny_lm``) are
-imported on first use.
+imported on first use. Tasks and models are looked up in :mod:`experiments.tasks.registry`, where
+plug-ins add theirs (:func:`register_task`, :func:`register_model`).
 
 Classification shares one loss and one set of metrics, whether a label belongs to an example (the
 image tasks) or to a position (``tiny_lm``'s next byte): logits :math:`z \\in \\mathbb{R}^{N
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import importlib
 from typing import Any
 
 import flax.nnx as nnx
@@ -35,14 +34,18 @@ import numpy as np
 import optax
 
 from experiments.tasks.base import Split, Task, evaluate
-
-# config name -> module with ``MODELS`` and ``make_task(data_dir) -> Task``
-TASK_MODULES = {
-    "digits": "experiments.tasks.digits",
-    "fashion_mnist": "experiments.tasks.fashion_mnist",
-    "tiny_lm": "experiments.tasks.tiny_lm",
-    "llm": "experiments.tasks.llm",
-}
+from experiments.tasks.registry import (
+    TASK_MODULES,
+    batchnorm_pairs,
+    load_task,
+    register_model,
+    register_task,
+    takes_data_args,
+    task_models,
+    task_names,
+    unregister_model,
+    unregister_task,
+)
 
 
 def require_inference_mode(model: nnx.Module) -> None:
@@ -135,32 +138,13 @@ def _did_you_mean(value: str, choices: Any) -> str:
     return f"did you mean {hint[0]!r}? " if hint else ""
 
 
-def batchnorm_pairs(task_name: str, model_name: str) -> list[tuple[str, str]]:
-    """The ``(layer_path, batchnorm_path)`` pairs of a task's model for :func:`qjax.nn.fold_batchnorm`
-    (from the task module's ``batchnorm_pairs``; ``[]`` for tasks without batch norm)."""
-    module = importlib.import_module(TASK_MODULES[task_name])
-    pairs = getattr(module, "batchnorm_pairs", None)
-    return [] if pairs is None else list(pairs(model_name))
-
-
-@functools.cache
-def _load(name: str, data_dir: str | None, data_args: tuple[tuple[str, Any], ...] = ()) -> Task:
-    module = importlib.import_module(TASK_MODULES[name])
-    return module.make_task(data_dir, **dict(data_args))  # type: ignore[no-any-return]
-
-
 def get_task(config: Any) -> Task:
     """The :class:`Task` of a :class:`experiments.sweep.schema.TaskConfig` (``name``, ``model``,
     ``data_dir``, ``train_limit``: the first N training examples only).
 
     Raises ``ValueError`` with a suggestion for an unknown task or model name, before loading data.
     """
-    if config.name not in TASK_MODULES:
-        raise ValueError(
-            f"task.name={config.name!r} is not a task; {_did_you_mean(config.name, TASK_MODULES)}"
-            f"use one of {sorted(TASK_MODULES)}"
-        )
-    models = importlib.import_module(TASK_MODULES[config.name]).MODELS
+    models = task_models(config.name)  # an unknown task: SpecError (a ValueError) with the names
     if config.model not in models:
         raise ValueError(
             f"task.model={config.model!r} is not a model of task {config.name!r}; "
@@ -169,9 +153,10 @@ def get_task(config: Any) -> Task:
     if config.train_limit < 0:
         raise ValueError(f"task.train_limit={config.train_limit} must be >= 0 (0 = all)")
     data_args = getattr(config, "data_args", {}) or {}
-    if data_args and config.name != "llm":
+    if data_args and not takes_data_args(config.name):
         raise ValueError(f"task.data_args={dict(data_args)!r}: only task 'llm' takes data options")
-    task = _load(config.name, config.data_dir, tuple(sorted(data_args.items())))
+    task = load_task(config.name, config.data_dir, tuple(sorted(data_args.items())))
+    task = dataclasses.replace(task, models={**task.models, **models})
     if 0 < config.train_limit < len(task.train):
         n = config.train_limit
         task = dataclasses.replace(
@@ -195,5 +180,12 @@ __all__ = [
     "cross_entropy",
     "evaluate",
     "get_task",
+    "load_task",
+    "register_model",
+    "register_task",
     "require_inference_mode",
+    "task_models",
+    "task_names",
+    "unregister_model",
+    "unregister_task",
 ]

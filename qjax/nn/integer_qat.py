@@ -31,7 +31,7 @@ from qjax.numerics import QParams, QuantSpec, tiling
 from qjax.numerics.calibration import block_range
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.quantize import clip_bounds, encode, noise_for
-from qjax.ste import Estimator
+from qjax.ste import Estimator, estimator_impl
 
 
 class Residuals(enum.StrEnum):
@@ -47,13 +47,14 @@ STATELESS = (Estimator.STE, Estimator.CLIPPED_STE)
 def supports_integer_forward(
     weights: QuantSpec | None, activations: QuantSpec | None, estimators: tuple[str, str]
 ) -> bool:
-    """Both operands integer (any width up to 8 bits) and both estimators stateless."""
+    """Both operands integer (any width up to 8 bits) and both estimators stateless (``ste``,
+    ``clipped_ste``, or a plug-in registered with ``integer_forward=True``, replayed as ``ste``)."""
     return (
         weights is not None
         and activations is not None
         and isinstance(weights.format, IntFormat)
         and isinstance(activations.format, IntFormat)
-        and all(e in STATELESS for e in estimators)
+        and all(estimator_impl(e).integer_forward for e in estimators)
     )
 
 

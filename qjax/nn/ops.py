@@ -41,9 +41,9 @@ from qjax.numerics.calibration import check_finite
 from qjax.numerics.fields import parse_enum
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.qarray import pack_values
-from qjax.numerics.rounding import Rounding
+from qjax.numerics.rounding import needs_key
 from qjax.numerics.spec import Granularity
-from qjax.ste import Estimator, codebook_weight, fake_quant, lsq_init_scale, lsq_plus_qparams
+from qjax.ste import Estimator, codebook_weight, estimator_impl, fake_quant, lsq_init_scale, lsq_plus_qparams
 
 
 class Mode(enum.StrEnum):
@@ -147,8 +147,14 @@ class QuantizedOp(nnx.Module):
         self.act_clip = nnx.Param(jnp.full((), 6.0, jnp.float32)) if _learns(rule, Estimator.PACT) else None
         self.static = StaticQParams(None)
         self.weight_static = StaticQParams(None)  # fixed kernel parameters (e.g. AdaRound's grid)
-        stochastic = any(s is not None and s.rounding == Rounding.STOCHASTIC for s in (w, a))
-        self.rngs = nnx.Rngs(quantize=seed) if stochastic else None
+        stochastic = any(s is not None and needs_key(s.rounding) for s in (w, a))
+        # an estimator that draws noise (a plug-in registered with needs_key) gets a key stream in
+        # training and key=None after model.eval(), which sets deterministic (as for nnx.Dropout)
+        estimators = ((w, rule.weight_estimator), (a, rule.activation_estimator))
+        keyed = any(s is not None and estimator_impl(e).needs_key for s, e in estimators)
+        if keyed:
+            self.deterministic = False
+        self.rngs = nnx.Rngs(quantize=seed) if stochastic or keyed else None
         self.prepared: KernelLayout | None = nnx.data(None)  # data: a KernelLayout once prepared
 
     # -- the hook ---------------------------------------------------------------------------------
@@ -257,6 +263,13 @@ class QuantizedOp(nnx.Module):
     def _key(self) -> jax.Array | None:
         return None if self.rngs is None else self.rngs.quantize()
 
+    def _estimator_key(self, estimator: str) -> jax.Array | None:
+        """The key of an estimator's ``fake_quant``: ``None`` for one that draws noise once the
+        model is in evaluation (``model.eval()``), so that it gives its evaluation value."""
+        if getattr(self, "deterministic", False) and estimator_impl(estimator).needs_key:
+            return None
+        return self._key()
+
     def _fake_kernel(self, w: jax.Array) -> jax.Array:
         spec = self.rule.weights
         if spec is None:
@@ -268,7 +281,12 @@ class QuantizedOp(nnx.Module):
         qparams = self.weight_qparams()
         return self._checked(
             lambda: fake_quant(
-                w, spec, self.rule.weight_estimator, key=self._key(), scale=scale, qparams=qparams
+                w,
+                spec,
+                self.rule.weight_estimator,
+                key=self._estimator_key(self.rule.weight_estimator),
+                scale=scale,
+                qparams=qparams,
             ),
             "kernel",
         )
@@ -304,7 +322,7 @@ class QuantizedOp(nnx.Module):
             if est == Estimator.PACT:
                 assert self.act_clip is not None
                 return fake_quant(x, spec, est, key=self._key(), clip=self.act_clip[...])
-            return fake_quant(x, spec, est, key=self._key(), qparams=self._static_qparams())
+            return fake_quant(x, spec, est, key=self._estimator_key(est), qparams=self._static_qparams())
 
         return self._checked(run, "input")
 

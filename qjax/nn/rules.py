@@ -19,7 +19,7 @@ from qjax.nn.integer_qat import Residuals
 from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
 from qjax.numerics.formats import CodebookFormat, FloatFormat, IntFormat
 from qjax.numerics.spec import Granularity, QuantSpec
-from qjax.ste import Estimator
+from qjax.ste import Estimator, parse_estimator
 
 
 class ActivationScale(enum.StrEnum):
@@ -64,7 +64,8 @@ class Rule:
         see :func:`qjax.ste.codebook_weight`).
       activation_estimator: gradient of the activation quantizer in QAT (``ste``,
         ``clipped_ste``, ``lsq``, ``pact``, or ``lsq_plus``: learned step size and offset, with an
-        asymmetric integer spec).
+        asymmetric integer spec). Both also take a registered plug-in's name
+        (:func:`qjax.register_estimator`).
       activation_scale: ``dynamic`` (each batch's range, per-tensor or per-token) or ``static``
         (calibrated; needs a ``calibrate`` pass before ``convert``).
       observer: how calibration statistics become a static range.
@@ -119,8 +120,8 @@ class Rule:
                 raise SpecTypeError(
                     f"Rule {name}={value!r} must be a qjax.QuantSpec, a mapping or None", field=name
                 )
-        set_("weight_estimator", parse_enum(Estimator, self.weight_estimator, "weight_estimator"))
-        set_("activation_estimator", parse_enum(Estimator, self.activation_estimator, "activation_estimator"))
+        set_("weight_estimator", parse_estimator(self.weight_estimator, "weight_estimator"))
+        set_("activation_estimator", parse_estimator(self.activation_estimator, "activation_estimator"))
         set_("activation_scale", parse_enum(ActivationScale, self.activation_scale, "activation_scale"))
         set_("observer", parse_enum(Observer, self.observer, "observer"))
         set_("kind", parse_enum(RuleKind, self.kind, "kind"))

@@ -118,8 +118,14 @@ def static_range(stats: Stats, observer: Observer | str, spec: QuantSpec) -> tup
             clip = _histogram_mse(stats, spec)
         elif spec.calibration == Calibration.PERCENTILE:
             clip = _histogram_percentile(stats, spec.percentile)
-        else:
+        elif spec.calibration == Calibration.MINMAX:
             clip = stats["hist_max"]
+        else:
+            raise ValueError(
+                f"calibration={str(spec.calibration)!r} (a plug-in) reads a tensor, not a histogram: "
+                "the histogram observer takes calibration 'minmax', 'percentile' or 'mse'; use "
+                "activation_scale='dynamic' for the plug-in's range, or one of those"
+            )
         return jnp.maximum(stats["min"], -clip), jnp.minimum(stats["max"], clip)
     return stats["min"], stats["max"]
 

@@ -7,9 +7,20 @@
 * ``mse``: the min-max range shrunk by the ratio :math:`c \\in \\{1/G, 2/G, \\dots, 1\\}` that
   minimises :math:`\\|x - Q_c(x)\\|^2` in each block (nearest rounding during the search; ties go
   to the larger ratio).
+
+**Plug-ins.** A calibration method maps the values of each block to its range:
+``fn(blocks, spec) -> (lo, hi)``, where ``blocks`` is the float32 tensor with each block's values
+on the last axis, shape ``grid + (n,)`` (:func:`qjax.numerics.tiling.blocks_last`), and ``lo``,
+``hi`` have the grid's shape. The format turns the range into a scale and zero point
+(``symmetric`` formats use :math:`\\max(|lo|, |hi|)`). :func:`register_calibration` adds one;
+``QuantSpec(calibration=name)`` then accepts its name wherever scales are computed from the tensor
+(weights, dynamic activations; static activation scales come from the rule's observer). The
+built-ins are looked up in the same registry (:data:`qjax.numerics.spec.CALIBRATIONS`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +29,9 @@ import numpy as np
 from qjax.numerics import tiling
 from qjax.numerics.formats import IntFormat, QParams
 from qjax.numerics.rounding import Rounding
-from qjax.numerics.spec import Calibration, QuantSpec
+from qjax.numerics.spec import CALIBRATIONS, Calibration, QuantSpec
+
+BlockCalibration = Callable[[jax.Array, QuantSpec], tuple[jax.Array, jax.Array]]
 
 
 def tiled_qparams(qp: QParams, block: tuple[int, ...]) -> QParams:
@@ -60,25 +73,36 @@ def check_float_input(x: jax.Array, arg: str = "x") -> None:
 
 def block_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """Per-block ``(lo, hi)`` of float32 ``x`` by ``spec.calibration``, grid-shaped."""
-    if spec.calibration == Calibration.PERCENTILE:
-        flat = tiling.blocks_last(x, block)
-        if spec.symmetric:
-            amax = jnp.percentile(jnp.abs(flat), spec.percentile, axis=-1)
-            return -amax, amax
-        lo = jnp.percentile(flat, 100.0 - spec.percentile, axis=-1)
-        return lo, jnp.percentile(flat, spec.percentile, axis=-1)
-    t = tiling.tile(x, block)
-    inner = tiling.inner_axes(x.ndim)
+    return CALIBRATIONS.get(spec.calibration)(x, spec, block)
+
+
+def _percentile_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    flat = tiling.blocks_last(x, block)
+    if spec.symmetric:
+        amax = jnp.percentile(jnp.abs(flat), spec.percentile, axis=-1)
+        return -amax, amax
+    lo = jnp.percentile(flat, 100.0 - spec.percentile, axis=-1)
+    return lo, jnp.percentile(flat, spec.percentile, axis=-1)
+
+
+def _tiled_minmax(t: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Min-max (absmax) of each block of the tiled ``t``."""
+    inner = tiling.inner_axes(t.ndim // 2)
     fmt = spec.format
     if spec.symmetric and not (isinstance(fmt, IntFormat) and not fmt.signed):
         # Signed symmetric and float formats use only max|x|: one reduction instead of two.
         amax = jnp.max(jnp.abs(t), axis=inner)
-        lo, hi = -amax, amax
-    else:
-        lo, hi = jnp.min(t, axis=inner), jnp.max(t, axis=inner)
-    if spec.calibration == Calibration.MSE:
-        lo, hi = _mse_search(t, lo, hi, spec)
-    return lo, hi
+        return -amax, amax
+    return jnp.min(t, axis=inner), jnp.max(t, axis=inner)
+
+
+def _minmax_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    return _tiled_minmax(tiling.tile(x, block), spec)
+
+
+def _mse_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    t = tiling.tile(x, block)
+    return _mse_search(t, *_tiled_minmax(t, spec), spec)
 
 
 def _mse_search(t: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
@@ -103,6 +127,38 @@ def _mse_search(t: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> 
     init = (jnp.full(lo.shape, jnp.inf, jnp.float32), jnp.ones(lo.shape, jnp.float32))
     _, ratio = jax.lax.fori_loop(0, spec.mse_grid, step, init)
     return ratio * lo, ratio * hi
+
+
+CALIBRATIONS.register(Calibration.MINMAX.value, _minmax_range)
+CALIBRATIONS.register(Calibration.PERCENTILE.value, _percentile_range)
+CALIBRATIONS.register(Calibration.MSE.value, _mse_range)
+CALIBRATIONS.seal()
+
+
+def register_calibration(name: str, fn: BlockCalibration, *, override: bool = False) -> None:
+    """Register the calibration method ``name``: ``fn(blocks, spec) -> (lo, hi)`` with ``blocks``
+    the float32 values of each block on the last axis, shape ``grid + (n,)``, and ``lo``, ``hi``
+    of shape ``grid`` (see the module docstring). Raises ``ValueError`` for a name already
+    registered unless ``override=True`` (built-in names are reserved).
+
+    .. code-block:: python
+
+        def absmean3(blocks, spec):  # 3 x mean|x| per block
+            a = 3.0 * jnp.mean(jnp.abs(blocks), axis=-1)
+            return -a, a
+
+        qjax.numerics.register_calibration("absmean3", absmean3)
+        spec = qjax.QuantSpec(dtype="int4", calibration="absmean3")
+    """
+    if not callable(fn):
+        raise TypeError(f"register_calibration({name!r}, fn): fn must be callable; got {type(fn).__name__}")
+
+    def block_range_of(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = fn(tiling.blocks_last(x, block), spec)
+        grid = tiling.grid_shape(x.shape, block)
+        return jnp.broadcast_to(lo, grid).astype(jnp.float32), jnp.broadcast_to(hi, grid).astype(jnp.float32)
+
+    CALIBRATIONS.register(name, block_range_of, override=override)
 
 
 def calibrate(x: jax.Array, spec: QuantSpec) -> QParams:

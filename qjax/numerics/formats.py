@@ -26,10 +26,19 @@ Division is carried out as multiplication by a reciprocal rounded once to float3
 :math:`\\max|r| \\cdot \\mathrm{fl}(1/q_{max})`. XLA rewrites divisions by broadcast or constant
 divisors into such products anyway; writing them out makes eager, jitted, simulated and stored
 paths agree bit for bit.
+
+**Plug-ins.** A new format subclasses :class:`CustomFormat` (the four methods above, its storage
+bits and value dtype) and is registered under its name with :func:`register_format`;
+``QuantSpec(dtype=name)`` then accepts it. It takes part in the simulated paths (``fake_quant``,
+PTQ evaluation, QAT with ``ste`` / ``clipped_ste`` / plug-in estimators) and is stored as a
+``QArray`` (bit-packed below 8 bits); a served layer dequantizes it and contracts in float
+(weight-only: the integer and fp8 kernels take the built-in formats). The built-in formats are
+registered in the same registry, :data:`FORMATS`.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from typing import NamedTuple, Protocol
@@ -38,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.numerics.fields import SpecError, SpecTypeError, did_you_mean
+from qjax.numerics.fields import did_you_mean
+from qjax.numerics.registry import Registry
 from qjax.numerics.rounding import round_to_float_grid, round_to_integer
 
 # The smallest positive normal float32: every scale is at least this, so that no finite input
@@ -287,7 +297,43 @@ class CodebookFormat:
         return jnp.dtype(jnp.uint8)
 
 
-AffineFormat = IntFormat | FloatFormat | BlockFloatFormat
+class CustomFormat(abc.ABC):
+    """Base class of a plug-in number format (register an instance with :func:`register_format`).
+
+    The arrays given to the methods are tiled (see the module docstring): ``qp``'s entries
+    broadcast against ``x`` and ``values``, one per block.
+
+    Attributes:
+      name: the name the format is registered under (what ``QuantSpec.dtype`` says).
+      container_bits: storage bits of one value, 1..8 (below 8 the values are bit-packed).
+      value_dtype: the dtype the values are stored as: ``int8`` / ``uint8`` for integer codes
+        (signed codes need a signed dtype), or a float dtype such as ``float8_e4m3fn``.
+    """
+
+    name: str
+    container_bits: int
+    value_dtype: jnp.dtype
+
+    @abc.abstractmethod
+    def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
+        """The scale (zero point, tensor scale) of each block from its range ``[lo, hi]``."""
+
+    @abc.abstractmethod
+    def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        """The stored values of float32 ``x``; round with
+        ``qjax.numerics.rounding.round_to_integer(y, rounding, noise)`` so that every rounding
+        scheme applies."""
+
+    @abc.abstractmethod
+    def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
+        """The float32 real values that ``values`` stand for."""
+
+    @abc.abstractmethod
+    def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
+        """``(lo, hi)``: the smallest and largest representable real values of each block."""
+
+
+AffineFormat = IntFormat | FloatFormat | BlockFloatFormat | CustomFormat
 AnyFormat = AffineFormat | CodebookFormat
 
 _FLOATS = ("float8_e4m3fn", "float8_e5m2", "float4_e2m1fn")
@@ -296,7 +342,7 @@ _BLOCK_FLOATS = {
     "mxfp4": ("float4_e2m1fn", 32, "float8_e8m0fnu"),
     "nvfp4": ("float4_e2m1fn", 16, "float8_e4m3fn"),
 }
-FORMAT_NAMES: tuple[str, ...] = (
+FORMAT_NAMES: tuple[str, ...] = (  # the built-in formats
     *(f"int{b}" for b in range(2, 9)),
     *(f"uint{b}" for b in range(2, 9)),
     *_FLOATS,
@@ -305,27 +351,24 @@ FORMAT_NAMES: tuple[str, ...] = (
 )
 
 
-@functools.cache
-def parse_format(name: str) -> AnyFormat:
-    """The format called ``name`` (``"int4"``, ``"uint8"``, ``"float8_e4m3fn"``, ``"mxfp4"``,
-    ``"nvfp4"``, ``"kmeans3"``, ...); for anything else a clear :class:`~qjax.numerics.fields.SpecError`
-    (a ``ValueError``; :class:`~qjax.numerics.fields.SpecTypeError` for a non-string), ``field="dtype"``."""
-    if not isinstance(name, str):
-        raise SpecTypeError(
-            f"dtype={name!r} must be a string such as 'int8'; got {type(name).__name__}", field="dtype"
-        )
-    if name not in FORMAT_NAMES:
-        bits_hint = ""
-        for prefix in ("uint", "int", "kmeans"):
-            if name.startswith(prefix) and name[len(prefix) :].isdigit():
-                low = 1 if prefix == "kmeans" else 2
-                bits_hint = f"; {prefix} formats have {low}..8 bits"
-                break
-        raise SpecError(
-            f"dtype={name!r} is not a known format{bits_hint}{did_you_mean(name, FORMAT_NAMES)} "
-            f"Known formats: {', '.join(FORMAT_NAMES)}",
-            field="dtype",
-        )
+def _unknown_format(registry: Registry[AnyFormat], name: object, field: str) -> str:
+    names = registry.names()
+    bits_hint = ""
+    for prefix in ("uint", "int", "kmeans"):
+        if isinstance(name, str) and name.startswith(prefix) and name[len(prefix) :].isdigit():
+            low = 1 if prefix == "kmeans" else 2
+            bits_hint = f"; {prefix} formats have {low}..8 bits"
+            break
+    return (
+        f"{field}={name!r} is not a known format{bits_hint}{did_you_mean(name, names)} "
+        f"Known formats: {', '.join(names)}"
+    )
+
+
+FORMATS: Registry[AnyFormat] = Registry("format", "dtype", unknown=_unknown_format, example="int8")
+
+
+def _builtin_format(name: str) -> AnyFormat:
     if name in _FLOATS:
         return FloatFormat(name)
     if name in _BLOCK_FLOATS:
@@ -335,3 +378,39 @@ def parse_format(name: str) -> AnyFormat:
         return CodebookFormat(int(name[len("kmeans") :]))
     signed = name.startswith("int")
     return IntFormat(int(name[3 if signed else 4 :]), signed)
+
+
+for _name in FORMAT_NAMES:
+    FORMATS.register(_name, _builtin_format(_name))
+FORMATS.seal()
+
+
+def register_format(fmt: CustomFormat, *, override: bool = False) -> CustomFormat:
+    """Register the plug-in format ``fmt`` under ``fmt.name``; ``QuantSpec(dtype=fmt.name)`` then
+    uses it. Raises ``ValueError`` for a name already registered unless ``override=True``
+    (built-in names are reserved), ``TypeError`` for an object that is not a
+    :class:`CustomFormat`."""
+    if not isinstance(fmt, CustomFormat):
+        raise TypeError(
+            f"register_format needs an instance of qjax.numerics.CustomFormat (with qparams, encode, "
+            f"decode, clip_range); got {type(fmt).__name__}"
+        )
+    bits = getattr(fmt, "container_bits", None)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"format {fmt.name!r}: container_bits={bits!r} must be an int in 1..8")
+    FORMATS.register(fmt.name, fmt, override=override)
+    return fmt
+
+
+def format_names() -> tuple[str, ...]:
+    """Every format ``QuantSpec.dtype`` accepts: the built-ins (:data:`FORMAT_NAMES`), then the
+    registered plug-ins."""
+    return FORMATS.names()
+
+
+def parse_format(name: str) -> AnyFormat:
+    """The format called ``name`` (``"int4"``, ``"uint8"``, ``"float8_e4m3fn"``, ``"mxfp4"``,
+    ``"nvfp4"``, ``"kmeans3"``, a registered plug-in, ...); for anything else a clear
+    :class:`~qjax.numerics.fields.SpecError` (a ``ValueError``;
+    :class:`~qjax.numerics.fields.SpecTypeError` for a non-string), ``field="dtype"``."""
+    return FORMATS.get(name)

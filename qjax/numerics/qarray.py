@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.numerics import packing
-from qjax.numerics.formats import BlockFloatFormat, CodebookFormat, FloatFormat, QParams
+from qjax.numerics.formats import AnyFormat, BlockFloatFormat, FloatFormat, QParams
 from qjax.numerics.spec import QuantSpec
 
 
@@ -93,7 +93,7 @@ def pack_values(values: jax.Array, spec: QuantSpec) -> jax.Array:
     bits = fmt.container_bits
     if bits == 8 or values.ndim == 0:
         return values.astype(fmt.value_dtype)
-    if isinstance(fmt, FloatFormat | BlockFloatFormat):  # fp4: pack the 4-bit codes
+    if _float_values(fmt):  # fp4: pack the 4-bit codes
         codes = jax.lax.bitcast_convert_type(values.astype(fmt.value_dtype), jnp.uint4)
         return packing.pack(codes.astype(jnp.uint8), bits)
     return packing.pack(values.astype(fmt.value_dtype), bits)
@@ -105,8 +105,17 @@ def unpack_values(data: jax.Array, spec: QuantSpec, last_dim: int) -> jax.Array:
     bits = fmt.container_bits
     if bits == 8 or data.ndim == 0:
         return data
-    if isinstance(fmt, FloatFormat | BlockFloatFormat):
+    if _float_values(fmt):
         codes = packing.unpack(data, bits, last_dim, signed=False)
         return jax.lax.bitcast_convert_type(codes.astype(jnp.uint4), fmt.value_dtype)
-    signed = not isinstance(fmt, CodebookFormat) and fmt.signed
+    signed = bool(
+        jnp.issubdtype(fmt.value_dtype, jnp.signedinteger)
+    )  # int formats: int8; uint, kmeans: uint8
     return packing.unpack(data, bits, last_dim, signed=signed)
+
+
+def _float_values(fmt: AnyFormat) -> bool:
+    """Values stored as a float dtype (fp4 elements, or a plug-in format's float values)."""
+    return isinstance(fmt, FloatFormat | BlockFloatFormat) or bool(
+        jnp.issubdtype(fmt.value_dtype, jnp.floating)
+    )

@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import itertools
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
@@ -23,7 +23,8 @@ from qjax.numerics.formats import (
     IntFormat,
     parse_format,
 )
-from qjax.numerics.rounding import Rounding
+from qjax.numerics.registry import Registry, parse_name
+from qjax.numerics.rounding import ROUNDINGS, Rounding
 
 
 class Granularity(enum.StrEnum):
@@ -35,9 +36,16 @@ class Granularity(enum.StrEnum):
 
 
 class Calibration(enum.StrEnum):
+    """The built-in calibration methods (a spec also takes a registered plug-in's name)."""
+
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"
+
+
+# name -> ``block_range(x32, spec, block) -> (lo, hi)``, grid-shaped; the built-ins are registered
+# (and sealed) by qjax.numerics.calibration, plug-ins by its register_calibration
+CALIBRATIONS: Registry[Callable[..., tuple[Any, Any]]] = Registry("calibration method", "calibration")
 
 
 def _as_axes(value: Any, arg: str) -> int | tuple[int, ...] | None:
@@ -66,16 +74,19 @@ class QuantSpec:
 
     Attributes:
       dtype: the format: ``int2..int8``, ``uint2..uint8``, ``float8_e4m3fn``, ``float8_e5m2``,
-        ``float4_e2m1fn``, ``mxfp8``, ``mxfp4``, ``nvfp4`` or ``kmeans1..kmeans8``.
+        ``float4_e2m1fn``, ``mxfp8``, ``mxfp4``, ``nvfp4``, ``kmeans1..kmeans8``, or a registered
+        plug-in (:func:`qjax.numerics.register_format`).
       granularity: which elements share a scale (see :mod:`qjax.numerics.tiling`).
       axis: the channel axis or axes (``per_channel``), or the grouped axis (``per_group``).
       group_size: elements per group along ``axis`` (``per_group``; 32 for MX, 16 for NVFP4).
       block_shape: tile extents on the trailing axes (``per_block``), e.g. ``(128, 128)``.
       symmetric: ``Z = 0`` with the narrow signed range; ``False`` = full range, integer ``Z``.
-      rounding: ``nearest`` (half to even), ``stochastic`` (needs a key), ``floor``, ``ceil``.
+      rounding: ``nearest`` (half to even), ``stochastic`` (needs a key), ``floor``, ``ceil``, or
+        a registered plug-in (:func:`qjax.numerics.register_rounding`).
       calibration: how each block's range is chosen: ``minmax`` (absmax when symmetric),
-        ``percentile`` (of ``|x|``, or both tails when asymmetric) or ``mse`` (grid search
-        of the clipping ratio minimising :math:`\\|x - Q(x)\\|^2`).
+        ``percentile`` (of ``|x|``, or both tails when asymmetric), ``mse`` (grid search
+        of the clipping ratio minimising :math:`\\|x - Q(x)\\|^2`), or a registered plug-in
+        (:func:`qjax.numerics.register_calibration`).
       percentile: the percentile used by ``calibration='percentile'``, in (50, 100].
       mse_grid: clipping ratios tried by ``calibration='mse'``: ``i / mse_grid``, i = 1..grid.
       kmeans_iters: Lloyd iterations for ``kmeans`` formats.
@@ -97,8 +108,8 @@ class QuantSpec:
         fmt = parse_format(self.dtype)
         set_ = lambda name, value: object.__setattr__(self, name, value)
         set_("granularity", parse_enum(Granularity, self.granularity, "granularity"))
-        set_("rounding", parse_enum(Rounding, self.rounding, "rounding"))
-        set_("calibration", parse_enum(Calibration, self.calibration, "calibration"))
+        set_("rounding", parse_name(ROUNDINGS, Rounding, self.rounding, "rounding"))
+        set_("calibration", parse_name(CALIBRATIONS, Calibration, self.calibration, "calibration"))
         set_("axis", _as_axes(self.axis, "axis"))
         if self.block_shape is not None:
             set_("block_shape", tuple(self.block_shape))

@@ -20,6 +20,7 @@ from typing import Any
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def make_optimizer(model: nnx.Module, tx: Any, *, wrt: Any = nnx.Param) -> nnx.Optimizer:
@@ -37,6 +38,7 @@ def make_train_step(
     *,
     has_aux: bool = False,
     shardings: tuple[Any, Any] | None = None,
+    return_grad_norm: bool = False,
 ) -> Callable[[Any, nnx.Optimizer, Any], Any]:
     """A jitted ``train_step(model, optimizer, batch)`` that updates both in place.
 
@@ -47,9 +49,14 @@ def make_train_step(
         :func:`~qjax.training.state_shardings`; the updated state is constrained to them, so a
         sharded model keeps its layout step after step (GSPMD would otherwise pick the layout of
         the outputs). ``None`` on one device.
+      return_grad_norm: also return the global norm of the gradients,
+        :math:`\\lVert g \\rVert_2 = (\\sum_i \\sum_j g_{ij}^2)^{1/2}` over every leaf :math:`i`
+        (``optax.tree.norm``), computed inside the step from the gradients it applies (no second
+        forward or backward pass); a device scalar, so reading it is the caller's sync to choose.
 
-    Returns ``loss`` (or ``(loss, aux)``). Gradients are taken with respect to the optimizer's
-    ``wrt`` filter, so they match what the optimizer updates.
+    Returns ``loss`` (or ``(loss, aux)``); with ``return_grad_norm``, ``(that, grad_norm)``.
+    Gradients are taken with respect to the optimizer's ``wrt`` filter, so they match what the
+    optimizer updates.
     """
 
     def train_step(model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
@@ -60,7 +67,7 @@ def make_train_step(
         if shardings is not None:
             _pin(model, shardings[0])
             _pin(optimizer, shardings[1])
-        return out
+        return (out, optax.tree.norm(grads)) if return_grad_norm else out
 
     return nnx.jit(train_step)
 

@@ -125,6 +125,22 @@ def test_aux_output_is_the_forward_before_the_update(batch):
     assert not np.allclose(FORWARD(model, batch[0]), want)
 
 
+def test_grad_norm_is_the_global_norm_of_the_applied_gradients(batch):
+    """``return_grad_norm``: the norm of the gradients the step applies, against float64 numpy on
+    gradients taken apart by ``jax.grad``; the update is the same as without it."""
+    model, twin = qat_model(batch), qat_model(batch)
+    params = nnx.state(model, nnx.Param)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch)))(params)
+    want = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(grads)))
+    step = training.make_train_step(loss_fn, return_grad_norm=True)
+    loss, norm = step(model, training.make_optimizer(model, optax.sgd(LR)), batch)
+    assert float(norm) == pytest.approx(want, rel=1e-5) and want > 0
+    twin_loss = SGD_STEP(twin, training.make_optimizer(twin, optax.sgd(LR)), batch)
+    assert float(loss) == pytest.approx(float(twin_loss))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), nnx.state(twin, nnx.Param))
+
+
 def test_static_activation_scales_are_not_trained(batch):
     spec_w, spec_a = RULES[0].weights, RULES[0].activations
     rules = [Rule(path=".*", weights=spec_w, activations=spec_a, activation_scale="static")]
