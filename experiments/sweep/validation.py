@@ -31,7 +31,7 @@ from typing import Any
 import jax
 
 import qjax
-from experiments.sweep import placement
+from experiments.sweep import placement, tracking
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import (
     ExperimentConfig,
@@ -564,6 +564,12 @@ def _adaround(out: Problems, cfg: ExperimentConfig) -> qjax.methods.AdaRoundConf
         return None
 
 
+def _check_tracking(out: Problems, cfg: ExperimentConfig) -> None:
+    """``log_every`` is a step count, and every writer turned on has its package installed."""
+    _at_least(out, "tracking.log_every", cfg.tracking.log_every, 0, "0 means: no per-step metrics")
+    out += tracking.missing_packages(cfg.tracking)
+
+
 def make_plan(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> tuple[Plan | None, Problems]:
     """The :class:`Plan` of one typed config and its value problems as ``(dotted path, message)``
     pairs; the plan is ``None`` when there is a problem."""
@@ -571,6 +577,7 @@ def make_plan(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> tuple[Pl
     _check_identity(out, cfg)
     _check_task(out, cfg)
     _check_sections(out, cfg, axis_names)
+    _check_tracking(out, cfg)
     specs = _quant_specs(out, cfg.quant, cfg.method.name)
     rules = [] if specs is None else _rules(out, cfg.quant, specs)
     adaround = _adaround(out, cfg) if not out else None

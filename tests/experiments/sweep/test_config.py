@@ -451,7 +451,7 @@ def test_slugs_are_short_safe_and_unique(tmp_path):
 
 def canonical_sha256(cfg):
     d = dataclasses.asdict(cfg)
-    del d["output_dir"], d["report"], d["mesh"], d["resources"]
+    del d["output_dir"], d["report"], d["mesh"], d["resources"], d["tracking"]
     if not d["plugins"]:
         del d["plugins"]  # hashed only when listed, so hashes from before the key stay
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -1,15 +1,19 @@
 """The experiment runner end to end on sklearn digits: a two-cell sweep, resume after a kill,
-skipping finished cells, failing cells, dry runs, atomic results and the protocol record."""
+skipping finished cells, failing cells, dry runs, atomic results, the protocol record and the
+training metrics of every phase."""
 
 import json
+import math
 import os
 import pathlib
 
+import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from experiments import records
 from experiments.sweep import config as config_lib
-from experiments.sweep import run, runner
+from experiments.sweep import run, runner, tracking
 from qjax import training
 from tests import ROOT
 
@@ -22,6 +26,17 @@ def spec_at(out: pathlib.Path, *overrides: str) -> config_lib.SweepSpec:
 
 def ok_records(sweep_dir: pathlib.Path) -> dict[str, dict]:
     return {r["cell"]: r for r in records.read_results(sweep_dir) if r["status"] == "ok"}
+
+
+def training_rows(sweep_dir: pathlib.Path, record: dict) -> list[dict]:
+    return tracking.read_metrics(sweep_dir / record["run_dir"] / "metrics.jsonl")
+
+
+def event_steps(sweep_dir: pathlib.Path, record: dict, phase: str) -> list[int]:
+    """The steps of ``<phase>/loss`` as TensorBoard reads the cell's event files (purges applied)."""
+    acc = event_accumulator.EventAccumulator(str(sweep_dir / record["run_dir"] / "tb" / phase))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(f"{phase}/loss")]
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +109,48 @@ def test_killed_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path,
             run.run_sweep(spec)
     sweep_dir = run.run_sweep(spec)
     got = ok_records(sweep_dir)
+    whole_dir = uninterrupted[0]
     for cell, record in expected.items():
         assert got[cell]["metrics"] == record["metrics"], cell
+        # the training metrics: no step lost or logged twice, in the file and in TensorBoard
+        rows, want = training_rows(sweep_dir, got[cell]), training_rows(whole_dir, record)
+        assert [(r["phase"], r["step"]) for r in rows] == [(r["phase"], r["step"]) for r in want]
+        np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in want], rtol=1e-5)
+        for phase in dict.fromkeys(r["phase"] for r in want):
+            steps = [r["step"] for r in want if r["phase"] == phase]
+            assert event_steps(sweep_dir, got[cell], phase) == steps
     logs = "".join(p.read_text() for p in sweep_dir.glob("cells/*/log.txt"))
     assert "resuming at step 20" in logs
+
+
+def test_every_training_phase_of_every_cell_is_tracked(uninterrupted):
+    """metrics.jsonl and TensorBoard: the float model's training (logged once, copied into both
+    cells) and QAT, every 10th step and the last, with the schedule's learning rate; the report
+    draws the curves."""
+    sweep_dir, recs = uninterrupted
+    ptq, qat = recs["method.name=ptq"], recs["method.name=qat"]
+    cfg = config_lib.from_dict(qat["config"])
+    n_float = 2 * (len(runner.load_task(cfg).train) // cfg.train.batch_size)  # train.epochs: 2
+    float_rows = [r for r in training_rows(sweep_dir, qat) if r["phase"] == "float"]
+    assert [r["step"] for r in float_rows] == [*range(10, n_float, 10), n_float]
+    assert training_rows(sweep_dir, ptq) == float_rows
+    assert tracking.read_metrics(runner.float_metrics_path(cfg, sweep_dir)) == float_rows
+    qat_rows = [r for r in training_rows(sweep_dir, qat) if r["phase"] == "qat"]
+    assert [r["step"] for r in qat_rows] == [10, 20, 30, 40]
+    for rows, lr, steps in (
+        (float_rows, cfg.train.learning_rate, n_float),
+        (qat_rows, cfg.method.learning_rate, 40),
+    ):
+        for r in rows:
+            assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+            cosine = lr * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / steps))  # optax, in float64
+            assert r["lr"] == pytest.approx(cosine, rel=1e-6, abs=1e-7 * lr)
+    clipped = {f"quantizer/{p}/weight_clip_fraction" for p in ("fc1", "fc2", "head")}
+    assert {k for k in qat_rows[0] if k.startswith("quantizer/")} == clipped  # ste: nothing learned
+    for phase, rows in (("float", float_rows), ("qat", qat_rows)):
+        assert event_steps(sweep_dir, qat, phase) == [r["step"] for r in rows]
+    assert (sweep_dir / "curves.png").stat().st_size > 0
+    assert "![training loss by step](curves.png)" in (sweep_dir / "results.md").read_text()
 
 
 def test_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
