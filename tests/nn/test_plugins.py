@@ -13,10 +13,9 @@ import qjax
 from qjax import numerics
 from qjax.nn import Rule
 from qjax.nn.integer_qat import supports_integer_forward
-from qjax.numerics import QParams
-from qjax.numerics.rounding import round_to_integer
 from qjax.numerics.spec import CALIBRATIONS
 from qjax.ste import ESTIMATORS
+from tests.numerics.test_registry import Ternary
 
 W4 = {"dtype": "int4", "granularity": "per_channel", "axis": -1}
 
@@ -98,26 +97,12 @@ def test_the_integer_forward_runs_only_for_estimators_that_declare_it(plugins):
     )
 
 
-class Ternary(numerics.CustomFormat):
+class TernaryNN(Ternary):
     name = "ternary_nn"
-    container_bits = 2
-    value_dtype = jnp.dtype(jnp.int8)
-
-    def qparams(self, lo, hi, symmetric):
-        return QParams(scale=jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), 1e-30))
-
-    def encode(self, x, qp, rounding, noise):
-        return jnp.clip(round_to_integer(x * (1.0 / qp.scale), rounding, noise), -1, 1).astype(jnp.int32)
-
-    def decode(self, values, qp):
-        return values.astype(jnp.float32) * qp.scale
-
-    def clip_range(self, qp):
-        return -qp.scale, qp.scale
 
 
 def test_a_plug_in_format_is_trained_and_served_weight_only():
-    numerics.register_format(Ternary())
+    numerics.register_format(TernaryNN())
     try:
         m = model(weights={**W4, "dtype": "ternary_nn"})
         x = jax.random.normal(jax.random.key(3), (4, 16), jnp.float32)
