@@ -39,15 +39,17 @@ def child(mode: str) -> float:
 
     model = CNN(rngs=nnx.Rngs(0))
     model.eval()
-    weights = {"dtype": "int4", "granularity": "per_channel", "axis": -1}
-    rules = [Rule(path=".*", weights=weights, activations={"dtype": "int8"}, activation_scale="static")]
+    weights = qjax.QuantSpec(dtype="int4", granularity="per_channel", axis=-1)
+    activations = qjax.QuantSpec(dtype="int8")
+    rules = [Rule(path=".*", weights=weights, activations=activations, activation_scale="static")]
     qmodel = qjax.nn.calibrate(qjax.nn.quantize_model(model, rules), [jnp.ones((8, 28, 28, 1))])
     start = time.perf_counter()
     if mode == "model":
         qjax.nn.convert(qmodel)
     else:  # the former convert: one quantizer program per layer
         for _, layer, op in qjax.nn.quantized_ops(qmodel):
-            quantize_kernels([(op, layer.kernel[...])])[0].data.block_until_ready()
+            kernel = getattr(layer, qjax.nn.layer_hook(layer).kernel)[...]
+            quantize_kernels([(op, kernel)])[0].data.block_until_ready()
     return time.perf_counter() - start
 
 

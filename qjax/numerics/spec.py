@@ -160,8 +160,7 @@ class QuantSpec:
         if g == Granularity.PER_GROUP:
             axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis or ())
             if len(axes) > 1 and (
-                any(b != a + 1 for a, b in itertools.pairwise(axes))
-                or len({a < 0 for a in axes}) > 1
+                any(b != a + 1 for a, b in itertools.pairwise(axes)) or len({a < 0 for a in axes}) > 1
             ):
                 raise SpecError(
                     f"granularity='per_group' groups along one axis, or along consecutive axes "
