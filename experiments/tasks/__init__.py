@@ -156,7 +156,7 @@ def get_task(config: Any) -> Task:
     if data_args and not takes_data_args(config.name):
         raise ValueError(f"task.data_args={dict(data_args)!r}: only task 'llm' takes data options")
     task = load_task(config.name, config.data_dir, tuple(sorted(data_args.items())))
-    task = dataclasses.replace(task, models={**task.models, **models})
+    task = dataclasses.replace(task, models={**models, **task.models})  # the task's own constructors win
     if 0 < config.train_limit < len(task.train):
         n = config.train_limit
         task = dataclasses.replace(

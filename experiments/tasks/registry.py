@@ -147,8 +147,22 @@ def task_names() -> tuple[str, ...]:
 def _own_models(task: str) -> dict[str, ModelFactory]:
     source = TASKS.get(task)
     module = source.load_module()
-    own = dict(getattr(module, "MODELS", {}) if module is not None else {})
+    declared = getattr(module, "MODELS", {}) if module is not None else {}
+    if isinstance(declared, Mapping):
+        own = dict(declared)
+    else:  # names only: the task's make_task builds them (the llm task: its checkpoint's kinds)
+        own = {name: _built_by_task(task, name) for name in declared}
     return {**own, **source.models}
+
+
+def _built_by_task(task: str, name: str) -> ModelFactory:
+    def factory(**_: Any) -> Any:
+        raise ValueError(
+            f"model {name!r} of task {task!r} is built by the task itself: use the task's models "
+            "(experiments.tasks.get_task(config).models)"
+        )
+
+    return factory
 
 
 def task_models(task: str) -> dict[str, ModelFactory]:

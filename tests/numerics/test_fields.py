@@ -62,7 +62,7 @@ def test_reject_unknown_fields_names_the_first_unknown_key():
             SpecError,
         ),
         ({"granularity": "per_channel"}, "granularity", SpecError),
-        ({"granularity": "per_group", "axis": (0, 1), "group_size": 4}, "granularity", SpecError),
+        ({"granularity": "per_group", "axis": (0, 2), "group_size": 4}, "granularity", SpecError),
         ({"granularity": "per_group", "axis": 0}, "granularity", SpecError),
         ({"group_size": 32}, "group_size", SpecError),
         ({"granularity": "per_block"}, "granularity", SpecError),

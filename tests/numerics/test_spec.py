@@ -161,9 +161,12 @@ def test_per_group_without_group_size():
         QuantSpec(granularity="per_group", axis=0)
 
 
-def test_per_group_over_several_axes():
-    with pytest.raises(ValueError, match=r"granularity='per_group' groups along one axis; got axis=\(0, 1\)"):
-        QuantSpec(granularity="per_group", axis=(0, 1), group_size=2)
+def test_per_group_over_several_axes_must_be_consecutive():
+    QuantSpec(granularity="per_group", axis=(0, 1), group_size=2)  # flattened in order
+    with pytest.raises(ValueError, match=r"along consecutive axes flattened in order .* got axis=\(0, 2\)"):
+        QuantSpec(granularity="per_group", axis=(0, 2), group_size=2)
+    with pytest.raises(ValueError, match=r"groups its blocks along one axis"):
+        QuantSpec(dtype="mxfp8", granularity="per_group", axis=(0, 1), group_size=32)
 
 
 def test_per_channel_without_axis():
