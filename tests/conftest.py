@@ -1,7 +1,10 @@
-"""Make silent mistakes loud: strict dtype promotion, no implicit rank promotion."""
+"""Make silent mistakes loud: strict dtype promotion, no implicit rank promotion. Compile each
+program once per test run: a persistent compilation cache shared by the test processes."""
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -9,6 +12,36 @@ from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# One XLA compilation cache for the whole test run, in a fresh directory: the process pytest starts
+# in makes it and removes it at the end; xdist workers and the processes tests start (qjax-run,
+# the 8-device pytest) inherit it through the environment. Many tests compile the same programs
+# (every sweep of the digits smoke config; a killed and resumed run; each hypothesis example's
+# fresh jit), and a cache hit loads the executable XLA compiled for the same program, so what runs
+# is unchanged. An unreadable entry (one a killed process left half-written) is compiled again.
+CACHE_DIR_VAR = "JAX_COMPILATION_CACHE_DIR"
+OWN_CACHE_DIR = CACHE_DIR_VAR not in os.environ
+if OWN_CACHE_DIR:
+    os.environ[CACHE_DIR_VAR] = tempfile.mkdtemp(prefix="qjax-tests-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_DIR_VAR])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")),
+)
+
+
+def pytest_configure(config):
+    for what in ("reading", "writing"):
+        config.addinivalue_line(
+            "filterwarnings", f"ignore:Error {what} persistent compilation cache entry:UserWarning"
+        )
+
+
+def pytest_unconfigure(config):
+    if OWN_CACHE_DIR:
+        shutil.rmtree(os.environ[CACHE_DIR_VAR], ignore_errors=True)
+
 
 settings.register_profile(
     "default",
