@@ -64,16 +64,22 @@ def pytest_collection_modifyitems(config, items):
     """``test_multidevice_*`` tests need 8 (simulated) devices: with fewer they are deselected here
     and run by ``tests/training/test_sharding.py::test_eight_device_tests_in_subprocess``, which starts a
     pytest process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and requires them
-    to pass. With 8 devices, that subprocess test is the one deselected."""
+    to pass. With 8 devices, that subprocess test is the one deselected.
+
+    The subprocess test runs first: it takes tens of seconds and its file comes last in the
+    collection, where it kept one xdist worker busy after the other had run out of tests."""
     eight = jax.device_count() >= 8
-    keep, drop = [], []
+    first, keep, drop = [], [], []
     for item in items:
         multi = item.name.startswith("test_multidevice_")
         runner = item.name == "test_eight_device_tests_in_subprocess"
-        (drop if (multi and not eight) or (runner and eight) else keep).append(item)
+        if (multi and not eight) or (runner and eight):
+            drop.append(item)
+        else:
+            (first if runner else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    items[:] = first + keep
 
 
 @pytest.fixture
