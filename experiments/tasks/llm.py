@@ -14,7 +14,10 @@ without BOS. The test split is the first ``eval_windows`` (16) non-overlapping w
 
 **Metrics.** Each window predicts its tokens 2..L from the ones before them; with
 :math:`\\ell_t = -\\log p(x_t \\mid x_{<t})` over all :math:`16 \\times 511` predictions,
-``loss`` :math:`= \\bar\\ell` and ``perplexity`` :math:`= e^{\\bar\\ell}`.
+``loss`` :math:`= \\bar\\ell` and ``perplexity`` :math:`= e^{\\bar\\ell}`. Every window runs in
+a forward of its own (:func:`qjax.models.perplexity.token_nll`), so per-call statistics of a
+quantized model (dynamic per-tensor scales, LLM.int8()'s outlier columns) are per sequence and
+``eval.batch_size`` changes only speed and memory, never the result.
 """
 
 from __future__ import annotations
@@ -35,27 +38,21 @@ import numpy as np
 
 from experiments.tasks import require_inference_mode
 from experiments.tasks.base import Split, Task
+from qjax.models.perplexity import token_nll
 
 MODELS = ("gguf", "hf")
 DATA_ARGS = {"window": 512, "eval_windows": 16, "calibration_windows": 64}
 
 
-def _token_nll(model: nnx.Module, tokens: jax.Array) -> jax.Array:
-    """Per-token NLL (B, L-1): :math:`\\log\\sum_v e^{z_v} - z_{x_t}` for positions 1..L-1."""
-    logits = model(tokens)[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target
-
-
 def llm_loss(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy over the batch's windows."""
-    return jnp.mean(_token_nll(model, batch[0]))
+    return jnp.mean(token_nll(model, batch[0]))
 
 
 def llm_metrics(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
     """Per-batch sums: ``loss_sum`` and ``count`` of the next-token predictions."""
     require_inference_mode(model)
-    nll = _token_nll(model, batch[0])
+    nll = token_nll(model, batch[0])
     return {"loss_sum": jnp.sum(nll), "count": jnp.asarray(nll.size, jnp.float32)}
 
 

@@ -110,12 +110,23 @@ def calibration_windows(
     return tokens[first:].reshape(n, length).astype(np.int32)
 
 
-@nnx.jit
-def _token_nll(model: nnx.Module, windows: jax.Array) -> jax.Array:
-    """Per-token NLL (B, L-1) float32 of ``windows`` (B, L): :math:`\\log\\sum_v e^{z_v} - z_{x_t}`."""
-    logits = model(windows)[:, :-1].astype(jnp.float32)  # (B, L-1, V) predicts positions 1..L-1
-    target = jnp.take_along_axis(logits, windows[:, 1:, None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target
+def token_nll(model: nnx.Module, windows: jax.Array) -> jax.Array:
+    """Per-token NLL (B, L-1) float32 of ``windows`` (B, L): :math:`\\log\\sum_v e^{z_v} - z_{x_t}`.
+
+    Each window runs through ``model`` in a forward of its own (``lax.map`` over the batch), so
+    whatever a quantized model computes per call (dynamic per-tensor activation scales, the outlier
+    columns of LLM.int8()) is computed per sequence, and the result does not depend on how the
+    windows are batched."""
+
+    def window_nll(window: jax.Array) -> jax.Array:
+        logits = model(window[None])[0, :-1].astype(jnp.float32)  # (L-1, V) predicts positions 1..L-1
+        target = jnp.take_along_axis(logits, window[1:, None], axis=-1)[:, 0]
+        return jax.nn.logsumexp(logits, axis=-1) - target
+
+    return jax.lax.map(window_nll, windows)
+
+
+_jitted_token_nll = nnx.jit(token_nll)
 
 
 def evaluate_perplexity(
@@ -132,7 +143,7 @@ def evaluate_perplexity(
     windows = eval_windows(tokens, config)
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        nll = np.asarray(_token_nll(model, jnp.asarray(windows[i : i + batch_size])), np.float64)
+        nll = np.asarray(_jitted_token_nll(model, jnp.asarray(windows[i : i + batch_size])), np.float64)
         total += float(nll.sum())
         count += nll.size
     mean = total / count

@@ -440,3 +440,28 @@ def test_smollm2_tokenizer_and_one_window_perplexity():
     result = evaluate_perplexity(model, ids, PerplexityConfig(n_windows=1), batch_size=1)
     assert 8 < result.perplexity < 30, result
     jax.clear_caches()
+
+
+def test_perplexity_does_not_depend_on_the_batch_size(rng):
+    """Per-tensor dynamic activation scales and LLM.int8()'s outlier columns are taken per call:
+    evaluation runs each window in a forward of its own, so batch sizes 1, 2 and 4 agree, while
+    one forward over 4 windows gives window 0 other logits (the control: the test can fail)."""
+    from qjax.methods import apply_llm_int8
+    from qjax.nn import Rule, quantize_model
+    from qjax.numerics import QuantSpec
+
+    tokens = rng.integers(0, TINY.vocab_size, 200).astype(np.int32)
+    config = PerplexityConfig(window=32, n_windows=4, start=0)
+    windows = jnp.asarray(eval_windows(tokens, config))
+    float_model = random_model()
+    w8a8 = quantize_model(
+        float_model,
+        [Rule(path="layers/.*", weights=QuantSpec(dtype="int8"), activations=QuantSpec(dtype="int8"))],
+    )
+    outliers = nnx.clone(float_model)
+    apply_llm_int8(outliers, "layers/.*", threshold=1.0)
+    for model, sizes in ((w8a8, (1, 2, 4)), (outliers, (1, 4))):
+        ppl = [evaluate_perplexity(model, tokens, config, batch_size=b).perplexity for b in sizes]
+        assert ppl == pytest.approx([ppl[0]] * len(sizes), rel=1e-6)
+        alone, batched = logits_of(model, windows[:1])[0], logits_of(model, windows)[0]
+        assert float(jnp.max(jnp.abs(alone - batched))) > 1e-4 * float(jnp.max(jnp.abs(alone)))
