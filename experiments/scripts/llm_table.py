@@ -1,12 +1,19 @@
-"""The LLM results table of ``docs/results/llm.md`` from a sweep of ``configs/llm/table.yaml``.
+"""The LLM results tables of ``docs/results/llm.md`` from sweeps of ``configs/llm/*.yaml``.
 
-``python -m experiments.scripts.llm_table runs/llm_table``
+``python -m experiments.scripts.llm_table runs/llm_table [runs/llm_grids ...] [--plot bits.png]``
 
-One row per cell (``variant`` axis), in the order of the sweep's ``sweep.yaml``: perplexity, its
-change against the ``float`` cell, the cell's wall time (model loading, the method, calibration,
-evaluation and diagnostics), the model's stored size (``model.size_bytes``: packed integer kernels with their
-scales, float parameters at 4 bytes) and, for cells run with ``eval.export``, the size on disk of
-the orbax export and the perplexity of the model reloaded from it.
+One table per sweep directory, one row per cell (``variant`` axis) in the order of the sweep's
+``sweep.yaml``: perplexity, its change against the ``float`` cell (of the first sweep that has
+one), the stored bits per weight of the blocks' linears, the cell's wall time (model loading, the
+method, calibration, evaluation), the model's stored size (``model.size_bytes``: packed integer
+kernels with their scales, float parameters at 4 bytes) and, for cells run with ``eval.export``,
+the size on disk of the orbax export and the perplexity of the model reloaded from it.
+
+Bits per weight: :math:`8 \\sum_l \\mathrm{bytes}_l / \\sum_l n_l` over the linears of the blocks
+(paths ``layers/...``; scales and zero points included), with :math:`n_l` the float cell's
+``bytes / 4`` of the same layer. The float embedding and an untied float LM head are not counted
+(their size is in the stored size). ``--plot`` draws perplexity against these bits for every row
+of every sweep (log scale), one marker and colour per method family.
 """
 
 from __future__ import annotations
@@ -21,47 +28,132 @@ import yaml
 
 from experiments.sweep.pivot import ReportError, load_results
 
+Record = Mapping[str, Any]
+# method families of the plot: the first variant-name prefix that matches
+FAMILIES = (
+    ("float", "float"),
+    ("QAT", "QAT"),
+    ("GPTQ", "GPTQ"),
+    ("AWQ", "AWQ"),
+    ("LLM.int8", "LLM.int8()"),
+    ("SmoothQuant", "SmoothQuant"),
+    ("rot", "rotation"),
+    ("", "RTN"),
+)
 
-def llm_table(records: Sequence[Mapping[str, Any]], order: Sequence[str] = ()) -> str:
-    """The markdown table (see the module docstring); rows in ``order`` first, then the rest."""
+
+def ordered(records: Sequence[Record], order: Sequence[str] = ()) -> dict[str, Record]:
+    """Records by ``variant``: the names in ``order`` first, then the rest."""
     found = {str(r["axes"]["variant"]): r for r in records}
     by_variant = {name: found[name] for name in order if name in found}
     by_variant.update({name: r for name, r in found.items() if name not in by_variant})
-    if "float" not in by_variant or by_variant["float"].get("status") != "ok":
-        raise ReportError("no finished 'float' cell: run the sweep's float variant first")
-    base = by_variant["float"]["metrics"]["perplexity"]
+    return by_variant
+
+
+def float_record(sweeps: Sequence[Mapping[str, Record]]) -> Record:
+    """The finished ``float`` cell of the first sweep that has one."""
+    for by_variant in sweeps:
+        r = by_variant.get("float")
+        if r is not None and r.get("status") == "ok":
+            return r
+    raise ReportError("no finished 'float' cell: run a sweep's float variant first")
+
+
+def linear_bits(record: Record, float_rec: Record) -> float:
+    """Stored bits per weight of the blocks' linears (see the module docstring)."""
+    elements = {
+        x["path"]: x["bytes"] / 4 for x in float_rec["model"]["layers"] if x["path"].startswith("layers/")
+    }
+    layers = [x for x in record["model"]["layers"] if x["path"] in elements]
+    if not layers:
+        raise ReportError(f"cell {record.get('cell')!r} records no block linears (model.layers)")
+    return 8.0 * sum(x["bytes"] for x in layers) / sum(elements[x["path"]] for x in layers)
+
+
+def llm_table(by_variant: Mapping[str, Record], float_rec: Record) -> str:
+    """The markdown table of one sweep (see the module docstring)."""
+    base = float_rec["metrics"]["perplexity"]
     lines = [
-        "| variant | perplexity | vs float | cell time (s) | stored size (MB) "
+        "| variant | perplexity | vs float | bits / weight | cell time (s) | stored size (MB) "
         "| export on disk (MB) / reloaded ppl |",
-        "|---|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in by_variant.items():
         if r.get("status") != "ok":
             error = str(r.get("error") or "").splitlines()[0][:100]
-            lines.append(f"| {name} | failed: {error} | | | | |")
+            lines.append(f"| {name} | failed: {error} | | | | | |")
             continue
         m, ppl = r["metrics"], r["metrics"]["perplexity"]
         export = (
             f"{m['export_bytes'] / 1e6:.1f} / {m['export_perplexity']:.3f}" if "export_bytes" in m else ""
         )
         lines.append(
-            f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {r['protocol']['wall_time_s']:.0f} | "
-            f"{r['model']['size_bytes'] / 1e6:.1f} | {export} |"
+            f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {linear_bits(r, float_rec):.2f} | "
+            f"{r['protocol']['wall_time_s']:.0f} | {r['model']['size_bytes'] / 1e6:.1f} | {export} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def family(variant: str) -> str:
+    """The plot's method family of a variant name (:data:`FAMILIES`)."""
+    return next(label for prefix, label in FAMILIES if variant.startswith(prefix))
+
+
+def plot_bits(sweeps: Sequence[Mapping[str, Record]], float_rec: Record, path: pathlib.Path) -> None:
+    """Perplexity (log) against stored bits per weight, every finished row of every sweep."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points: dict[str, list[tuple[float, float, str]]] = {}
+    for by_variant in sweeps:
+        for name, r in by_variant.items():
+            if r.get("status") == "ok":
+                bits = linear_bits(r, float_rec)
+                points.setdefault(family(name), []).append((bits, r["metrics"]["perplexity"], name))
+    fig = Figure(figsize=(10, 6.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    markers = "o^svDP*XhH<>"
+    for i, (label, pts) in enumerate(sorted(points.items())):
+        ax.scatter(
+            [p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=label, s=30
+        )
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(float_rec["metrics"]["perplexity"], color="grey", linewidth=0.8, linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight of the block linears (scales included)")
+    ax.set_ylabel("perplexity (log scale; dashed: float)")
+    ax.set_title("SmolLM2-135M: perplexity against stored bits per weight")
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=150)
+    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.scripts.llm_table", description=__doc__)
     parser.add_argument(
-        "sweep_dir", help="the sweep directory of configs/llm/table.yaml, e.g. runs/llm_table"
+        "sweep_dirs", nargs="+", help="sweep directories of configs/llm/*.yaml, e.g. runs/llm_table"
     )
+    parser.add_argument("--plot", type=pathlib.Path, help="write the perplexity-vs-bits figure here (PNG)")
     args = parser.parse_args(argv)
-    sweep_yaml = pathlib.Path(args.sweep_dir) / "sweep.yaml"
-    raw = yaml.safe_load(sweep_yaml.read_text()) if sweep_yaml.is_file() else {}
-    order = [str(k) for k in ((raw.get("sweep") or {}).get("variant") or {})]
     try:
-        print(llm_table(load_results(args.sweep_dir), order), end="")
+        sweeps = []
+        for d in args.sweep_dirs:
+            sweep_yaml = pathlib.Path(d) / "sweep.yaml"
+            raw = yaml.safe_load(sweep_yaml.read_text()) if sweep_yaml.is_file() else {}
+            order = [str(k) for k in ((raw.get("sweep") or {}).get("variant") or {})]
+            sweeps.append(ordered(load_results(d), order))
+        float_rec = float_record(sweeps)
+        for d, by_variant in zip(args.sweep_dirs, sweeps, strict=True):
+            if len(sweeps) > 1:
+                print(f"\n{d}:\n")
+            print(llm_table(by_variant, float_rec), end="")
+        if args.plot is not None:
+            plot_bits(sweeps, float_rec, args.plot)
     except ReportError as e:
         parser.error(str(e))
     return 0

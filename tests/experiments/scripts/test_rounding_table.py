@@ -65,6 +65,11 @@ def test_missing_stochastic_results(tmp_path):
 def test_llm_table(tmp_path, capsys):
     from experiments.scripts import llm_table
 
+    def layers(*nbytes):  # two block linears of 1000 weights each (float: 4 bytes a weight)
+        return [{"path": f"layers/0/{n}", "bytes": b} for n, b in zip("qk", nbytes, strict=True)] + [
+            {"path": "lm_head", "bytes": 4e6}
+        ]
+
     recs = [
         {
             "cell": "a",
@@ -72,7 +77,7 @@ def test_llm_table(tmp_path, capsys):
             "axes": {"variant": "float"},
             "metrics": {"perplexity": 10.0},
             "protocol": {"wall_time_s": 5.0},
-            "model": {"size_bytes": 4e6},
+            "model": {"size_bytes": 4e6, "layers": layers(4000, 4000)},
         },
         {
             "cell": "b",
@@ -80,15 +85,23 @@ def test_llm_table(tmp_path, capsys):
             "axes": {"variant": "W4"},
             "metrics": {"perplexity": 12.5, "export_bytes": 1.5e6, "export_perplexity": 12.5},
             "protocol": {"wall_time_s": 7.0},
-            "model": {"size_bytes": 1e6},
+            "model": {"size_bytes": 1e6, "layers": layers(500, 532)},
         },
         {"cell": "c", "status": "failed", "axes": {"variant": "W2"}, "error": "ValueError: boom\ntrace"},
     ]
     path = _write(tmp_path / "t", recs)
-    assert llm_table.main([str(path)]) == 0
+    other = _write(tmp_path / "u", [{**recs[1], "axes": {"variant": "GPTQ W4"}}])
+    png = tmp_path / "bits.png"
+    assert llm_table.main([str(path), str(other), "--plot", str(png)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2] == "| float | 10.000 | +0.0% | 5 | 4.0 |  |"
-    assert lines[3] == "| W4 | 12.500 | +25.0% | 7 | 1.0 | 1.5 / 12.500 |"
-    assert lines[4].startswith("| W2 | failed: ValueError: boom")
+    assert lines[5] == "| float | 10.000 | +0.0% | 32.00 | 5 | 4.0 |  |"
+    # (500 + 532) bytes over 2000 weights = 4.128 bits; the float lm_head is not a block linear
+    assert lines[6] == "| W4 | 12.500 | +25.0% | 4.13 | 7 | 1.0 | 1.5 / 12.500 |"
+    assert lines[7].startswith("| W2 | failed: ValueError: boom")
+    assert (
+        lines[-1] == "| GPTQ W4 | 12.500 | +25.0% | 4.13 | 7 | 1.0 | 1.5 / 12.500 |"
+    )  # against the first float
+    assert png.stat().st_size > 10_000 and llm_table.family("GPTQ W4") == "GPTQ"
+    assert llm_table.family("W3 g64 asym") == "RTN"
     with pytest.raises(ReportError, match="no finished 'float' cell"):
-        llm_table.llm_table(recs[1:])
+        llm_table.float_record([llm_table.ordered(recs[1:])])
