@@ -84,7 +84,7 @@ def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
         ]
         if cfg.method.name == Method.FLOAT:
             continue
-        key = (repr(cfg.task), repr(cfg.quant), cfg.method.fold_batchnorm)
+        key = (repr(cfg.task), repr(cfg.quant), cfg.method.fold_batchnorm, cfg.method.rotation)
         if key in seen:
             continue
         seen.add(key)
