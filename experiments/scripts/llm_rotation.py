@@ -22,7 +22,7 @@ from typing import Any
 from experiments import records
 from experiments.tasks import llm
 from qjax.methods import rotate_llama
-from qjax.models import PerplexityConfig, evaluate_perplexity, pydoc_text, tokenize
+from qjax.models import PerplexityConfig, evaluate_perplexity, llama_from_weights, pydoc_text, tokenize
 
 
 def rotation_rows(
@@ -30,7 +30,7 @@ def rotation_rows(
 ) -> list[dict[str, Any]]:
     checkpoint = llm.load_checkpoint(data_dir)
     tokens = tokenize(checkpoint.tokenizer, pydoc_text())
-    model = checkpoint.model()
+    model = llama_from_weights(checkpoint.config, checkpoint.weights)
     variants: list[tuple[str, dict[str, bool] | None]] = [("float", None), ("rotated", {"rotate_qk": False})]
     if rotate_qk:
         variants.append(("rotated + q/k", {"rotate_qk": True}))
