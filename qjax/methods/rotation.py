@@ -28,9 +28,9 @@ With row vectors (``y = x @ W``, kernels (in, out)) and :math:`Q` orthogonal (d,
 
 :func:`rotate_llama` does all of it with :math:`Q` = :func:`qjax.numerics.random_hadamard`
 ``(dim, seed)``, in float64, and returns a new model; quantize it afterwards (RTN, GPTQ, AWQ,
-SmoothQuant on the norm groups). The embedding and the untied ``lm_head`` are float matrices of the
-same size: keep both float (``Rule(path="embed|lm_head", ...)`` with no specs) as the embedding
-of the unrotated model is kept.
+SmoothQuant on the norm groups). The untied ``lm_head`` is a (dim, vocab) linear like any other to
+:func:`qjax.nn.quantize_model`: to keep it float like the embedding, put a rule without specs
+first, ``Rule(path="embed|lm_head")``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from qjax.models.llama import Attention, Llama, LlamaConfig, llama_from_weights, model_weights
+from qjax.models.llama import Llama, LlamaConfig, llama_from_weights, model_weights
 from qjax.nn import quantized_ops
 from qjax.numerics.hadamard import hadamard, hadamard_factors, random_hadamard
 
@@ -152,10 +152,8 @@ def rotate_llama(model: Llama, *, seed: int = 0, online_down: bool = True, rotat
         fused_config, fused, random_hadamard(c.dim, seed), online_down=online_down, rotate_qk=rotate_qk
     )
     rotated = llama_from_weights(config, weights, dtype=model.dtype)
-    attentions = [layer.attn for layer in model.layers]
-    for old, new in zip(attentions, (layer.attn for layer in rotated.layers), strict=True):
-        if isinstance(old, Attention):
-            new.kv_cache = old.kv_cache
+    for old, new in zip(model.layers, rotated.layers, strict=True):
+        new.attn.kv_cache = old.attn.kv_cache
     return rotated
 
 
