@@ -12,14 +12,12 @@ and the seconds the evaluation took.
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import records
+from experiments.scripts.llm_cli import llm_parser, report_rows
 from experiments.tasks import llm
 from qjax.methods import rotate_llama
 from qjax.models import PerplexityConfig, evaluate_perplexity, llama_from_weights, pydoc_text, tokenize
@@ -64,19 +62,12 @@ def rotation_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.scripts.llm_rotation", description=__doc__)
-    parser.add_argument(
-        "--data-dir", default=None, help="a GGUF file or HF directory (default: SmolLM2-135M)"
-    )
+    parser = llm_parser("python -m experiments.scripts.llm_rotation", __doc__)
     parser.add_argument("--seed", type=int, default=0, help="the seed of the rotation's random signs")
     parser.add_argument("--rotate-qk", action="store_true", help="add a row with queries and keys rotated")
-    parser.add_argument("--out", type=pathlib.Path, help="write the rows and the environment as JSON")
     args = parser.parse_args(argv)
     rows = rotation_rows(args.data_dir, seed=args.seed, rotate_qk=args.rotate_qk)
-    sys.stdout.write(rotation_markdown(rows))
-    if args.out:
-        records.write_json(args.out, {"rows": rows, "environment": records.environment()})
-    return 0
+    return report_rows(rows, rotation_markdown(rows), args.out)
 
 
 if __name__ == "__main__":
