@@ -11,14 +11,12 @@ tokens of the pydoc text). Rows: float, then int8 / fp8 (e4m3) / int4 per token 
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import records
+from experiments.scripts.llm_cli import llm_parser, report_rows
 from experiments.tasks import llm
 from qjax.models import (
     KVCacheQuant,
@@ -72,17 +70,9 @@ def kv_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.scripts.llm_kv_cache", description=__doc__)
-    parser.add_argument(
-        "--data-dir", default=None, help="a GGUF file or HF directory (default: SmolLM2-135M)"
-    )
-    parser.add_argument("--out", type=pathlib.Path, help="write the rows and the environment as JSON")
-    args = parser.parse_args(argv)
+    args = llm_parser("python -m experiments.scripts.llm_kv_cache", __doc__).parse_args(argv)
     rows = kv_rows(args.data_dir)
-    sys.stdout.write(kv_markdown(rows))
-    if args.out:
-        records.write_json(args.out, {"rows": rows, "environment": records.environment()})
-    return 0
+    return report_rows(rows, kv_markdown(rows), args.out)
 
 
 if __name__ == "__main__":

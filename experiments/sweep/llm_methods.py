@@ -1,6 +1,11 @@
 """The LLM post-training methods of the runner on a :class:`qjax.models.llama.Llama`.
 
-``apply_llm_method(cfg, base, calib)`` returns the model a cell evaluates:
+With ``method.rotation: hadamard`` the runner first replaces the float model by
+``rotate(cfg.method, model)`` (:func:`qjax.methods.rotate_llama`: norms fused, the residual stream
+rotated, ``lm_head`` untied, ``down_proj``'s input rotated online unless
+``method.rotation_online_down`` is false); every method below then runs on the rotated model, and
+its per-layer diagnostics compare against it. ``apply_llm_method(cfg, base, calib)`` returns the
+model a cell evaluates:
 
 * ``method.name: llm_int8``: LLM.int8() on every linear of the blocks (threshold
   ``method.llm_int8_threshold``); embeddings and the tied LM head stay in float;
@@ -8,8 +13,9 @@
   windows folded into the RMSNorms before q/k/v and gate/up (and, with ``method.smoothquant_pairs``,
   into ``up_proj`` for ``down_proj``), then the config's rules (W8A8 O1/O3);
 * ``method.awq``: AWQ scales (folded into the norms and into ``up_proj`` for ``down_proj``; into
-  ``v_proj`` for ``o_proj`` only without grouped-query attention, else ``o_proj`` is clipped only)
-  and clipping, block by block on the float model;
+  ``v_proj`` for ``o_proj`` only without grouped-query attention, else ``o_proj`` is clipped only;
+  ``down_proj`` is clipped only behind an online rotation) and clipping, block by block on the
+  float model;
 * ``method.gptq``: GPTQ block by block, groups ``(q, k, v)``, ``(o)``, ``(gate, up)``, ``(down)``;
 
 and otherwise round-to-nearest with the config's rules (the cell's
@@ -66,6 +72,8 @@ def _norm_fold(norm: Any) -> Callable[[jax.Array], None]:
 def _pair_fold(pair: Any) -> Callable[[jax.Array], None] | None:
     if pair.kv_groups != 1:
         return None  # o_proj's input scale would have to repeat across the heads of a KV group
+    if not pair.scalable:
+        return None  # an online rotation between the two: no per-channel scale passes through it
 
     def fold(s: jax.Array) -> None:
         prev = pair.prev.kernel
@@ -89,6 +97,11 @@ def smooth_llama(model: Any, calib: Sequence[jax.Array], alpha: float, *, pairs:
     structure = smoothing_groups(model)
     groups = [g for bg in structure for g in bg.norm_groups]
     downs = [bg.linear_pairs[1] for bg in structure] if pairs else []
+    if not all(pair.scalable for pair in downs):
+        raise ValueError(
+            "pairs=True folds factors into up_proj, but down_proj reads an online-rotated input "
+            "(config.down_hadamard): smooth the rotated model with pairs=False"
+        )
     firsts = [g.linears[0] for g in groups] + [pair.next for pair in downs]
     absmax = methods.collect_act_absmax(model, firsts, list(calib))
     for g, a in zip(groups, absmax[: len(groups)], strict=True):
@@ -103,6 +116,17 @@ def smooth_llama(model: Any, calib: Sequence[jax.Array], alpha: float, *, pairs:
         w_prev, _, w_next = methods.smooth_linear_pair(pair.prev.kernel[...], None, pair.next.kernel[...], s)
         pair.prev.kernel.set_value(w_prev)
         pair.next.kernel.set_value(w_next)
+
+
+def rotate(method: Any, model: Any) -> Any:
+    """The model rotated as ``method`` (``method.rotation``, ``rotation_seed``,
+    ``rotation_online_down``, ``rotation_qk``) says: a new model, ``model`` is left as it is."""
+    return methods.rotate_llama(
+        model,
+        seed=method.rotation_seed,
+        online_down=method.rotation_online_down,
+        rotate_qk=method.rotation_qk,
+    )
 
 
 def _spec_of(rules: Sequence[qjax.nn.Rule]) -> Callable[[str], Any]:
@@ -171,4 +195,11 @@ def outlier_table(model: Any, calib: Sequence[jax.Array], threshold: float = 6.0
     return rows
 
 
-__all__ = ["apply_llm_method", "calibration_hidden", "llama_blocks", "outlier_table", "smooth_llama"]
+__all__ = [
+    "apply_llm_method",
+    "calibration_hidden",
+    "llama_blocks",
+    "outlier_table",
+    "rotate",
+    "smooth_llama",
+]

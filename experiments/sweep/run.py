@@ -67,9 +67,11 @@ def data_problems(cfg: ExperimentConfig, n_train: int) -> list[str]:
 def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
     """Problems that need the data or the model: batch sizes and step counts against the training
     set (:func:`data_problems`), a spec that does not fit a layer (e.g. a group size that does not
-    divide its contraction dimension). Each distinct task and (task, model, quant) is built once."""
+    divide its contraction dimension). Each distinct task, prepared model (batch norms folded, LLM
+    rotated) and (prepared model, quant) is built once."""
     problems, seen = [], set()
     tasks: dict[str, Any] = {}
+    bases: dict[tuple[Any, ...], Any] = {}
     for cell in cells:
         cfg = cell.config
         try:
@@ -84,13 +86,17 @@ def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
         ]
         if cfg.method.name == Method.FLOAT:
             continue
-        key = (repr(cfg.task), repr(cfg.quant), cfg.method.fold_batchnorm)
+        m = cfg.method
+        prepared = (repr(cfg.task), m.fold_batchnorm, m.rotation, m.rotation_online_down, m.rotation_qk)
+        key = (*prepared, repr(cfg.quant))
         if key in seen:
             continue
         seen.add(key)
         try:
-            model = task.make_model(cfg.task.model, dict(cfg.task.model_args), 0)
-            runner.quantize(cfg, runner.prepare_base(cfg, task, model), cell.plan.rules)
+            if prepared not in bases:
+                model = task.make_model(cfg.task.model, dict(cfg.task.model_args), 0)
+                bases[prepared] = runner.prepare_base(cfg, task, model)
+            runner.quantize(cfg, bases[prepared], cell.plan.rules)
         except (ValueError, TypeError) as e:
             problems.append(f"{cell.label}: {e}")
     return problems

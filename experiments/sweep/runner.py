@@ -178,7 +178,10 @@ def calibration_description(cfg: ExperimentConfig, task: Task) -> str:
 
 
 def prepare_base(cfg: ExperimentConfig, task: Task, model: nnx.Module) -> nnx.Module:
-    """The model the quantizers see: batch norms folded when asked and the task names the pairs."""
+    """The model the quantizers see: batch norms folded when asked and the task names the pairs;
+    an LLM rotated when ``method.rotation`` says so (a new model: the float one is left as it is)."""
+    if cfg.method.rotation is not None:
+        model = llm_methods.rotate(cfg.method, model)
     pairs = batchnorm_pairs(cfg.task.name, cfg.task.model) if cfg.method.fold_batchnorm else []
     return qjax.nn.fold_batchnorm(model, pairs) if pairs else model
 

@@ -4,8 +4,9 @@ One file describes a *sweep*: the fields of :class:`ExperimentConfig` plus a ``s
 axes expand into a grid of cells (see :mod:`experiments.sweep.config`). Every field has a default, so a
 config only states what differs. Field docs are the reference for config authors. Fields with a fixed
 set of values are string enums (:class:`Method`, :class:`Optimizer`, :class:`Schedule`,
-:class:`LearnedRounding`, :class:`Plot`): :func:`experiments.sweep.validation.build` turns the
-file's strings into their members, and :func:`experiments.sweep.config.to_dict` writes their values.
+:class:`LearnedRounding`, :class:`Rotation`, :class:`Plot`):
+:func:`experiments.sweep.validation.build` turns the file's strings into their members, and
+:func:`experiments.sweep.config.to_dict` writes their values.
 
 .. code-block:: yaml
 
@@ -70,6 +71,13 @@ class LearnedRounding(enum.StrEnum):
     """``method.rounding``: a rounding learned on the calibration data (``null``: each spec's own)."""
 
     ADAROUND = "adaround"
+
+
+class Rotation(enum.StrEnum):
+    """``method.rotation``: an orthogonal change of basis of an LLM before quantizing it (``null``:
+    none)."""
+
+    HADAMARD = "hadamard"  # randomized Hadamard, qjax.methods.rotate_llama (QuaRot)
 
 
 class Plot(enum.StrEnum):
@@ -171,6 +179,15 @@ class MethodConfig:
         ``gptq_block_size``) on inputs from the already quantized earlier layers.
       llm_int8_threshold: with ``name: llm_int8``: LLM.int8() (vector-wise int8 with input
         features whose magnitude reaches the threshold in float).
+      rotation: ``null`` or ``hadamard`` (``llm``, ``ptq``): the float model is rotated first
+        (:func:`qjax.methods.rotate_llama`: norm gains fused, the residual stream rotated by a
+        randomized Hadamard matrix, the LM head untied into ``lm_head``), then the method and the
+        rules run on it. Keep ``lm_head`` float like ``embed`` with an override.
+      rotation_seed: the seed of the rotation's random signs.
+      rotation_online_down: also rotate ``down_proj``'s input online by a Hadamard matrix of order
+        ``hidden_dim`` (its quantizer sees the rotated input).
+      rotation_qk: also rotate queries and keys per head after the rotary embedding (and values
+        through ``v_proj`` / ``o_proj``), for a quantized KV cache.
     """
 
     name: Method = Method.FLOAT
@@ -197,6 +214,10 @@ class MethodConfig:
     gptq_act_order: bool = False
     gptq_block_size: int = 128
     llm_int8_threshold: float = 6.0
+    rotation: Rotation | None = None
+    rotation_seed: int = 0
+    rotation_online_down: bool = True
+    rotation_qk: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -364,6 +364,7 @@ def _check_mesh(out: Problems, cfg: ExperimentConfig) -> None:
             ("method.smoothquant_alpha", m.smoothquant_alpha is not None),
             ("method.awq", m.awq),
             ("method.gptq", m.gptq),
+            ("method.rotation", m.rotation is not None),
             ("method.name: llm_int8", m.name == Method.LLM_INT8),
         )
         if on
@@ -397,7 +398,7 @@ def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
 
 
 def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
-    """SmoothQuant, AWQ, GPTQ and LLM.int8() run on the ``llm`` task's Llama models."""
+    """SmoothQuant, AWQ, GPTQ, rotations and LLM.int8() run on the ``llm`` task's Llama models."""
     m = cfg.method
     used = [
         name
@@ -405,6 +406,7 @@ def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
             ("method.smoothquant_alpha", m.smoothquant_alpha is not None),
             ("method.awq", m.awq),
             ("method.gptq", m.gptq),
+            ("method.rotation", m.rotation is not None),
             ("method.name", m.name == Method.LLM_INT8),
         )
         if on
@@ -416,6 +418,17 @@ def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
             )
         elif key != "method.name" and m.name != Method.PTQ:
             out.append((key, f"is a post-training method: set method.name: ptq (it is {str(m.name)!r})"))
+    _at_least(out, "method.rotation_seed", m.rotation_seed, 0)
+    if m.rotation is None and m.rotation_qk:
+        out.append(("method.rotation_qk", "rotates with method.rotation: set it to hadamard"))
+    if m.rotation is not None and m.rotation_online_down and m.smoothquant_pairs:
+        out.append(
+            (
+                "method.smoothquant_pairs",
+                "folds into up_proj, but method.rotation_online_down rotates down_proj's input "
+                "between up_proj and down_proj: drop one of them",
+            )
+        )
     if m.smoothquant_pairs and m.smoothquant_alpha is None:
         out.append(("method.smoothquant_pairs", "smooths with method.smoothquant_alpha: set it, e.g. 0.5"))
     if m.smoothquant_alpha is not None and not 0.0 <= m.smoothquant_alpha <= 1.0:

@@ -12,6 +12,8 @@
   (:mod:`qjax.methods.awq_core`).
 * LLM.int8() (Dettmers et al. 2022): :func:`llm_int8_matmul`, :func:`apply_llm_int8`
   (:mod:`qjax.methods.llm_int8`).
+* Hadamard rotations of a Llama (QuaRot, Ashkboos et al. 2024): :func:`rotate_llama`,
+  :func:`fuse_norms`, :func:`rotate_weights` (:mod:`qjax.methods.rotation`).
 """
 
 from qjax.methods.adaround import LayerReport, adaround
@@ -32,6 +34,7 @@ from qjax.methods.llm_int8 import (
     outlier_mask,
     outlier_stats,
 )
+from qjax.methods.rotation import fuse_norms, rotate_llama, rotate_weights
 from qjax.methods.smoothquant import (
     SmoothQuantLevel,
     channel_absmax,
@@ -59,6 +62,7 @@ __all__ = [
     "channel_absmax",
     "collect_act_absmax",
     "fold_scales",
+    "fuse_norms",
     "gptq_quantize",
     "hessian",
     "hessian_init",
@@ -66,6 +70,8 @@ __all__ = [
     "llm_int8_matmul",
     "outlier_mask",
     "outlier_stats",
+    "rotate_llama",
+    "rotate_weights",
     "smooth",
     "smooth_linear_pair",
     "smoothing_factors",

@@ -137,7 +137,14 @@ def hf_config_dict(config: LlamaConfig) -> dict[str, Any]:
 
 def save_hf(model: Llama, config: LlamaConfig, directory: str | os.PathLike[str]) -> Path:
     """Write ``model`` as ``directory/config.json`` and ``directory/model.safetensors`` (float32,
-    HF names and (out, in) layout); returns the directory. Inverse of :func:`load_hf`."""
+    HF names and (out, in) layout); returns the directory. Inverse of :func:`load_hf`. A model with
+    online rotations (``down_hadamard``, ``qk_hadamard``) is refused: Hugging Face's Llama has none."""
+    online = [name for name in ("down_hadamard", "qk_hadamard") if getattr(config, name)]
+    if online:
+        raise ValueError(
+            f"config has online rotations {online} that a Hugging Face Llama lacks; save the model "
+            "before qjax.methods.rotate_llama"
+        )
     from safetensors.numpy import save_file
 
     directory = Path(directory)

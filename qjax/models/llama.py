@@ -14,6 +14,14 @@ rules match them by path:
     norm                                    RMSNorm
     lm_head                                 nnx.Linear (only when embeddings are untied)
 
+Two optional online rotations (off by default; :func:`qjax.methods.rotate_llama` turns them on for
+a model whose weights it rotated to match): with ``down_hadamard`` the MLP multiplies
+``silu(gate) * up`` by the normalized Hadamard matrix :math:`H_{hidden} / \\sqrt{hidden}` before
+``down_proj`` (so a quantized ``down_proj`` quantizes the rotated input), and with ``qk_hadamard``
+every query and key head is multiplied by :math:`H_{d_h} / \\sqrt{d_h}` after the rotary embedding
+(so the KV cache stores rotated keys). Both are :func:`qjax.numerics.hadamard_transform`, never a
+dense matrix.
+
 Rotary layout: the Hugging Face "rotate_half" convention. Within each head the first half of the
 features pairs with the second half (feature ``j`` with ``j + d_h/2``). llama.cpp (GGUF) uses the
 interleaved convention (``2j`` with ``2j + 1``) and stores the q/k weight rows permuted to match;
@@ -43,6 +51,7 @@ import numpy as np
 from qjax.numerics import QuantSpec, quantize_dequantize
 from qjax.numerics.fields import SpecError
 from qjax.numerics.formats import FloatFormat, IntFormat, parse_format
+from qjax.numerics.hadamard import hadamard_transform, is_hadamard_order
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +70,13 @@ class LlamaConfig:
       rope_theta: rotary base :math:`\\theta`.
       max_seq_len: longest sequence the model accepts.
       tie_embeddings: the LM head is the transposed token embedding (no ``lm_head`` layer).
+      down_hadamard: ``down_proj`` reads :math:`z H / \\sqrt{n}` with :math:`z = \\mathrm{silu}(
+        \\mathrm{gate}(x)) \\odot \\mathrm{up}(x)` and :math:`H` = :func:`qjax.numerics.hadamard`
+        ``(hidden_dim)``, :math:`n` = ``hidden_dim`` (an online rotation; a model keeps its function
+        only if ``down_proj``'s kernel holds :math:`H^\\top W / \\sqrt{n}`:
+        :func:`qjax.methods.rotate_llama`).
+      qk_hadamard: queries and keys are multiplied per head by :math:`H_{d_h} / \\sqrt{d_h}` after the
+        rotary embedding (scores unchanged: :math:`H H^\\top = d_h I`).
     """
 
     vocab_size: int
@@ -73,6 +89,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = True
+    down_hadamard: bool = False
+    qk_hadamard: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
@@ -93,6 +111,16 @@ class LlamaConfig:
                 f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings",
                 field="n_heads",
             )
+        for name, dim, size in (
+            ("down_hadamard", "hidden_dim", self.hidden_dim),
+            ("qk_hadamard", "head_dim", self.head_dim),
+        ):
+            if getattr(self, name) and not is_hadamard_order(size):
+                raise SpecError(
+                    f"{name}=True needs a Hadamard matrix of order {dim}={size}, which is not built "
+                    f"here (qjax.numerics.hadamard_factors({size}) says why); set {name}=False",
+                    field=name,
+                )
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise SpecError(
                 f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive",
@@ -242,7 +270,9 @@ class Attention(nnx.Module):
               {\\sqrt{d_h}} + M\\right) V_{h/G}, \\qquad M_{ts} = -\\infty \\text{ for } s > t
 
     and the output is :math:`[o_1, \\dots, o_H] W_o`. Scores and softmax are float32. With
-    ``kv_cache`` set (:func:`set_kv_cache`), :math:`\\mathrm{RoPE}(K)` and :math:`V` are read as
+    ``config.qk_hadamard``, :math:`\\mathrm{RoPE}(Q_h)` and :math:`\\mathrm{RoPE}(K_h)` are
+    multiplied by :math:`H_{d_h} / \\sqrt{d_h}` (orthogonal: the scores are unchanged). With
+    ``kv_cache`` set (:func:`set_kv_cache`), the keys (as just described) and :math:`V` are read as
     the quantized cache would return them (:class:`KVCacheQuant`).
     """
 
@@ -262,6 +292,8 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(b, t, c.n_heads, c.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        if c.qk_hadamard:
+            q, k = hadamard_transform(q), hadamard_transform(k)
         if self.kv_cache is not None:
             k, v = self.kv_cache.apply(k), self.kv_cache.apply(v)
         q = q.reshape(b, t, c.n_kv_heads, c.kv_groups, c.head_dim)  # head h = kv * G + g
@@ -276,15 +308,21 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     """SwiGLU: :math:`\\mathrm{down}(\\mathrm{silu}(\\mathrm{gate}(x)) \\odot \\mathrm{up}(x))` with
-    :math:`\\mathrm{silu}(z) = z \\sigma(z)`."""
+    :math:`\\mathrm{silu}(z) = z \\sigma(z)`; with ``config.down_hadamard``,
+    :math:`\\mathrm{down}(z H_n / \\sqrt{n})` (:math:`n` = ``hidden_dim``), the transform applied
+    before ``down_proj`` is called, so a quantized ``down_proj`` quantizes :math:`z H_n / \\sqrt{n}`."""
 
     def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.down_hadamard = config.down_hadamard
         self.gate_proj = _linear(config.dim, config.hidden_dim, dtype, rngs)
         self.up_proj = _linear(config.dim, config.hidden_dim, dtype, rngs)
         self.down_proj = _linear(config.hidden_dim, config.dim, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        z = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, hidden)
+        if self.down_hadamard:
+            z = hadamard_transform(z)
+        return self.down_proj(z)
 
 
 class Block(nnx.Module):
@@ -373,6 +411,10 @@ class LinearPair:
     ``kv_groups`` maps the scale across grouped-query attention: ``v_proj`` has
     :math:`H_{kv} d_h` outputs but ``o_proj`` has :math:`H d_h` inputs; query head :math:`h` reads
     value head :math:`\\lfloor h/G \\rfloor`, so the input scale is :meth:`next_input_scale`.
+
+    ``scalable`` is ``False`` where an online rotation sits between the two
+    (:attr:`LlamaConfig.down_hadamard` between ``up_proj`` and ``down_proj``): no per-channel
+    scale passes through it, so none may be folded from ``next`` into ``prev``.
     """
 
     prev_path: str
@@ -381,6 +423,7 @@ class LinearPair:
     next: nnx.Linear
     kv_groups: int = 1
     head_dim: int = 1
+    scalable: bool = True
 
     def next_input_scale(self, s: jax.Array) -> jax.Array:
         """The scale for ``next``'s input channels given the scale ``s`` of ``prev``'s outputs."""
@@ -425,7 +468,13 @@ def smoothing_groups(model: Llama) -> list[BlockGroups]:
             LinearPair(
                 f"{p}/attn/v_proj", attn.v_proj, f"{p}/attn/o_proj", attn.o_proj, c.kv_groups, c.head_dim
             ),
-            LinearPair(f"{p}/mlp/up_proj", mlp.up_proj, f"{p}/mlp/down_proj", mlp.down_proj),
+            LinearPair(
+                f"{p}/mlp/up_proj",
+                mlp.up_proj,
+                f"{p}/mlp/down_proj",
+                mlp.down_proj,
+                scalable=not c.down_hadamard,
+            ),
         )
         out.append(BlockGroups(i, norms, pairs))
     return out

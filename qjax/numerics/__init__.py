@@ -1,4 +1,5 @@
-"""Quantization numerics: formats, granularity, rounding, calibration, QArray, bit packing.
+"""Quantization numerics: formats, granularity, rounding, calibration, QArray, bit packing,
+Hadamard rotations.
 
 Pure array functions, no autodiff; :mod:`qjax.ste` builds the differentiable estimators on top.
 Formats, rounding schemes and calibration methods are open to plug-ins
@@ -15,6 +16,13 @@ from qjax.numerics.formats import (
     format_names,
     parse_format,
     register_format,
+)
+from qjax.numerics.hadamard import (
+    hadamard,
+    hadamard_factors,
+    hadamard_transform,
+    is_hadamard_order,
+    random_hadamard,
 )
 from qjax.numerics.packing import pack, unpack
 from qjax.numerics.qarray import QArray
@@ -41,6 +49,10 @@ __all__ = [
     "calibrate",
     "dequantize",
     "format_names",
+    "hadamard",
+    "hadamard_factors",
+    "hadamard_transform",
+    "is_hadamard_order",
     "load_entry_points",
     "load_plugins",
     "pack",
@@ -48,6 +60,7 @@ __all__ = [
     "parse_format",
     "quantize",
     "quantize_dequantize",
+    "random_hadamard",
     "register_calibration",
     "register_format",
     "register_rounding",

@@ -36,6 +36,7 @@ from qjax.models import (
 )
 from qjax.models.gguf_loader import permute_rotary_rows, unpermute_rotary_rows
 from qjax.models.llama import TINY, RMSNorm, apply_rope, rope_angles
+from qjax.numerics import SpecError, hadamard
 
 gguf = pytest.importorskip("gguf")
 
@@ -65,6 +66,8 @@ def attention_ref(x, w, c, layout="half"):
     t, hd = x.shape[0], c.head_dim
     q = rope_ref((x @ w["q"].T).reshape(t, c.n_heads, hd), c.rope_theta, layout)
     k = rope_ref((x @ w["k"].T).reshape(t, c.n_kv_heads, hd), c.rope_theta, layout)
+    if c.qk_hadamard:  # dense normalized Hadamard per head
+        q, k = q @ hadamard(hd) / math.sqrt(hd), k @ hadamard(hd) / math.sqrt(hd)
     v = (x @ w["v"].T).reshape(t, c.n_kv_heads, hd)
     heads = []
     for h in range(c.n_heads):
@@ -76,14 +79,17 @@ def attention_ref(x, w, c, layout="half"):
     return np.concatenate(heads, axis=-1) @ w["o"].T
 
 
-def mlp_ref(x, w):
+def mlp_ref(x, w, c=TINY):
     g = x @ w["gate"].T
-    return (g / (1 + np.exp(-g)) * (x @ w["up"].T)) @ w["down"].T
+    z = g / (1 + np.exp(-g)) * (x @ w["up"].T)
+    if c.down_hadamard:
+        z = z @ hadamard(c.hidden_dim) / math.sqrt(c.hidden_dim)
+    return z @ w["down"].T
 
 
 def block_ref(h, w, c, layout="half"):
     h = h + attention_ref(rms_ref(h, w["attn_norm"], c.norm_eps), w, c, layout)
-    return h + mlp_ref(rms_ref(h, w["mlp_norm"], c.norm_eps), w)
+    return h + mlp_ref(rms_ref(h, w["mlp_norm"], c.norm_eps), w, c)
 
 
 def torch_layout(model, i):
@@ -136,6 +142,18 @@ def test_llama_matches_float64_reference():
     assert logits.shape == (2, 24, TINY.vocab_size) and logits.dtype == jnp.float32
     ref = np.stack([forward_ref(model, np.asarray(row)) for row in x])
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_online_hadamards_match_float64_reference():
+    """``down_hadamard`` and ``qk_hadamard`` (widths that need Kronecker factors: hidden 160 = 20 x 8,
+    head 24 = 12 x 2) against the reference with dense normalized Hadamard matrices."""
+    config = dataclasses.replace(TINY, dim=96, hidden_dim=160, down_hadamard=True, qk_hadamard=True)
+    model, x = random_model(config), tokens_for(config)
+    ref = np.stack([forward_ref(model, np.asarray(row)) for row in x])
+    np.testing.assert_allclose(np.asarray(logits_of(model, x)), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    plain = llama_from_weights(dataclasses.replace(config, down_hadamard=False), model_weights(model))
+    ref_plain = np.stack([forward_ref(plain, np.asarray(row)) for row in x])  # the transform matters
+    assert not np.allclose(ref_plain, ref, atol=1e-2 * np.abs(ref).max())
 
 
 def test_attention_and_mlp_match_float64_reference(rng):
@@ -244,6 +262,12 @@ def test_config_errors():
         dataclasses.replace(TINY, n_heads=5)
     with pytest.raises(ValueError, match="exceeds max_seq_len=128"):
         random_model()(jnp.zeros((1, 129), jnp.int32))
+    with pytest.raises(SpecError, match=r"order hidden_dim=52, which is not built") as info:
+        dataclasses.replace(TINY, hidden_dim=52, down_hadamard=True)
+    assert info.value.field == "down_hadamard"
+    with pytest.raises(SpecError, match=r"order head_dim=10.*set qk_hadamard=False") as info:
+        dataclasses.replace(TINY, dim=40, qk_hadamard=True)
+    assert info.value.field == "qk_hadamard"
 
 
 # -- GGUF -----------------------------------------------------------------------------------------
@@ -385,6 +409,9 @@ def test_hf_errors(tmp_path):
         load_hf(d)
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
         load_hf(tmp_path)
+    rotated = dataclasses.replace(TINY, down_hadamard=True)
+    with pytest.raises(ValueError, match=r"online rotations \['down_hadamard'\] that a Hugging Face"):
+        save_hf(random_model(rotated), rotated, tmp_path / "rotated")
 
 
 # -- perplexity -----------------------------------------------------------------------------------

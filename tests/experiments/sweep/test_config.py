@@ -141,6 +141,13 @@ def test_accepted_types(tmp_path):
         ),
         ("eval: {kernels: reference}", r"eval\.kernels: only the converted model uses it"),
         ("report: {rows: bitz}", r"report\.rows: 'bitz' is neither a sweep axis nor a config key"),
+        ("method: {name: ptq, rotation: hadamard}", r"method\.rotation: runs on the llm task's models"),
+        ("method: {rotation: hadamrd}", r"method\.rotation: 'hadamrd' is not one of hadamard"),
+        ("method: {rotation_qk: true}", r"method\.rotation_qk: rotates with method\.rotation: set it"),
+        (
+            "method: {rotation: hadamard, smoothquant_alpha: 0.5, smoothquant_pairs: true}",
+            r"method\.smoothquant_pairs: folds into up_proj, but method\.rotation_online_down",
+        ),
         ("task: {name: digit}", r"task\.name: 'digit' is not one of .*did you mean 'digits'\?"),
     ],
 )

@@ -187,6 +187,33 @@ def test_apply_llm_method_dispatch():
     )
 
 
+def test_rotation_runs_first_and_the_methods_fold_only_where_exact():
+    """``method.rotation``: the runner's base model is the rotated one (a new model); AWQ keeps its
+    norm folds but has none for down_proj behind the online Hadamard, and SmoothQuant's down_proj
+    pairs are refused there."""
+    from experiments.sweep import runner
+
+    model = _model()
+    method = types.SimpleNamespace(
+        rotation="hadamard",
+        rotation_seed=3,
+        rotation_online_down=True,
+        rotation_qk=False,
+        fold_batchnorm=True,
+    )
+    cfg = types.SimpleNamespace(method=method, task=types.SimpleNamespace(name="llm", model="gguf"))
+    base = runner.prepare_base(cfg, None, model)
+    assert base is not model and base.config.down_hadamard and not base.config.tie_embeddings
+    assert model.config == TINY  # the float model is left as it is
+    tokens = _tokens(11)
+    ref = _logits(model, tokens)
+    np.testing.assert_allclose(_logits(base, tokens), ref, rtol=0, atol=1e-4 * float(jnp.abs(ref).max()))
+    _, folds = llm_methods.llama_blocks(base)
+    assert all(f[0] is not None and f[2] is not None and f[1] is None and f[3] is None for f in folds)
+    with pytest.raises(ValueError, match="down_proj reads an online-rotated input"):
+        llm_methods.smooth_llama(base, [tokens], alpha=0.5, pairs=True)
+
+
 def test_outlier_table():
     rows = llm_methods.outlier_table(_model(), [_tokens(10, n=2)], threshold=6.0)
     assert len(rows) == 4 * TINY.n_layers

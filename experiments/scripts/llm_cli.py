@@ -1,0 +1,31 @@
+"""What the SmolLM2 study scripts (``llm_kv_cache``, ``llm_rotation``) share on their command line:
+``--data-dir`` (the checkpoint) and ``--out`` (the rows and the environment as JSON), and the
+printed markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from experiments import records
+
+
+def llm_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A parser with ``--data-dir`` and ``--out``; the script adds its own options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(
+        "--data-dir", default=None, help="a GGUF file or HF directory (default: SmolLM2-135M)"
+    )
+    parser.add_argument("--out", type=pathlib.Path, help="write the rows and the environment as JSON")
+    return parser
+
+
+def report_rows(rows: Sequence[dict[str, Any]], markdown: str, out: pathlib.Path | None) -> int:
+    """Print ``markdown``; with ``out``, write ``rows`` and the environment there. Returns 0."""
+    sys.stdout.write(markdown)
+    if out:
+        records.write_json(out, {"rows": list(rows), "environment": records.environment()})
+    return 0
