@@ -10,11 +10,13 @@
   :math:`q_{min} \\le v \\le q_{max}`; an element up to half a step beyond the representable range
   :math:`[S(q_{min} - Z), S(q_{max} - Z)]` rounds onto its edge and keeps its gradient. Float
   formats (fp8, fp4, MX, NVFP4): iff :math:`x / S` rounded onto the format's grid (continued past
-  :math:`f_{max}`) lies within :math:`\\pm f_{max}`. With dynamic scales (calibrated from
-  :math:`x`) no element of the calibrated range is masked by construction, whatever float32
-  rounding does to :math:`\\max|x| / S`, except where the grid itself clips: the full-range
-  symmetric grid (``narrow_range=False``) clips :math:`+\\max|x|` by design, MX's ``floor``
-  exponent saturates some block maxima, NVFP4's rounded fp8 block scale may.
+  :math:`f_{max}`) lies within :math:`\\pm f_{max}`. Plug-in formats: their ``unclipped``
+  (:class:`~qjax.numerics.CustomFormat`; by default :math:`x` within ``clip_range``). With
+  dynamic scales (calibrated from :math:`x`) no element of the calibrated range is masked by
+  construction, whatever float32 rounding does to :math:`\\max|x| / S` or to the zero point,
+  except where the grid itself clips: the full-range symmetric grid (``narrow_range=False``)
+  clips :math:`+\\max|x|` by design where its quotient, on the tie :math:`q_{max} + 1/2`, rounds
+  up; MX's ``floor`` exponent saturates some block maxima; NVFP4's rounded fp8 block scale may.
 * ``lsq`` (Esser et al. 2019): the step size :math:`s` is an input. With :math:`v = x / s`,
 
   .. math::

@@ -16,41 +16,44 @@ Integer formats follow the affine convention of the design notes:
     q = \\operatorname{clip}(\\operatorname{round}(r / S) + Z, q_{min}, q_{max}), \\qquad
     \\hat r = S (q - Z).
 
-Symmetric: :math:`Z = 0` and :math:`S = 2 \\max|r| / (q_{max} - q_{min})`, so that
-:math:`\\pm\\max|r|` lie half-way out to the grid's two ends. On the narrow signed range (the
-default) :math:`[-(2^{b-1}-1), 2^{b-1}-1]` that is :math:`S = \\max|r| / q_{max}` and both
-:math:`\\pm\\max|r|` are levels. On the full signed range (``narrow=False``, ``QuantSpec``'s
+Signed symmetric: :math:`Z = 0` and :math:`S = 2 \\max|r| / (q_{max} - q_{min})`. On the narrow
+range (the default) :math:`[-(2^{b-1}-1), 2^{b-1}-1]` that is :math:`S = \\max|r| / q_{max}`, and
+:math:`\\pm\\max|r|` are the end levels. On the full range (``narrow=False``; ``QuantSpec``'s
 ``narrow_range=False``) :math:`[-2^{b-1}, 2^{b-1}-1]`, all :math:`2^b` levels, it is
 :math:`S = \\max|r| / (2^{b-1} - 1/2)`, the grid of GPTQ's ``sym`` (written there as
 :math:`S = 2\\max|r| / (2^b - 1)` with zero point :math:`2^{b-1}` on unsigned codes), AQT and
-Qwix: :math:`-\\max|r| / S = -(2^{b-1} - 1/2)` rounds to the level :math:`-2^{b-1}`, and
-:math:`+\\max|r|` clips by design onto :math:`2^{b-1} - 1`, half a step below it (an error of
-:math:`S/2`, no more than rounding's). Unsigned symmetric: :math:`[0, 2^b - 1]`,
-:math:`S = \\max(r_{max}, 0) / q_{max}`, negative values clip to 0. Asymmetric: the full range,
-the range widened to include 0, :math:`S = (r_{max} - r_{min}) / (q_{max} - q_{min})` and an
-integer :math:`Z \\in [q_{min}, q_{max}]`, so 0.0 is exact.
+Qwix: the step is finer by :math:`(2^{b-1} - 1/2) / (2^{b-1} - 1)`, and :math:`\\pm\\max|r|` fall on
+the rounding ties :math:`\\pm(2^{b-1} - 1/2)` (up to float32 rounding of the quotient):
+:math:`-\\max|r|` becomes :math:`-2^{b-1}` or :math:`-(2^{b-1}-1)`, and :math:`+\\max|r|`, which
+no level reaches, becomes :math:`2^{b-1}-1`, rounded there or rounded (half to even) to
+:math:`2^{b-1}` and clipped by design; either way an error of :math:`S/2`. Unsigned symmetric:
+:math:`[0, 2^b - 1]`, :math:`S = \\max(r_{max}, 0) / q_{max}`, negative values clip to 0.
+Asymmetric: the full range, the range widened to include 0,
+:math:`S = (r_{max} - r_{min}) / (q_{max} - q_{min})` and an integer
+:math:`Z \\in [q_{min}, q_{max}]`, so 0.0 is exact.
 
 **Clipping.** ``unclipped(x, qp, rounding, noise)`` says where clipping leaves the rounded value
 of ``x`` unchanged, the mask of the clipped straight-through estimator: for integers
 :math:`q_{min} \\le \\operatorname{round}(r/S) + Z \\le q_{max}` (the rounding and noise of
-``encode``, before its clip); for float formats :math:`|\\operatorname{round}(r/S)| \\le f_{max}`
+``encode``, before its clip); for float formats :math:`|\\operatorname{round}(r/S)| \\le f_{max}`,
 with the rounding onto the format's grid continued past :math:`f_{max}` in its top binade's step.
-An element within half a step beyond the range is therefore unclipped: it rounds to the edge level
-whether or not the grid clips.
+An element within half a step beyond the range is therefore unclipped (it rounds onto the edge
+level), and an element of the range a scale was calibrated from is clipped only where the grid
+itself clips (the full range's :math:`+\\max|r|`, a saturating MX block maximum).
 
 Division is carried out as multiplication by a reciprocal rounded once to float32:
-:math:`r / S` is :math:`r \\cdot \\mathrm{fl}(1/S)` and :math:`\\max|r| / q_{max}` is
-:math:`\\max|r| \\cdot \\mathrm{fl}(1/q_{max})`. XLA rewrites divisions by broadcast or constant
-divisors into such products anyway; writing them out makes eager, jitted, simulated and stored
-paths agree bit for bit.
+:math:`r / S` is :math:`r \\cdot \\mathrm{fl}(1/S)` and the symmetric scale is
+:math:`\\max|r| \\cdot \\mathrm{fl}(2 / (q_{max} - q_{min}))` (:math:`\\mathrm{fl}(1/q_{max})`
+when narrow). XLA rewrites divisions by broadcast or constant divisors into such products anyway;
+writing them out makes eager, jitted, simulated and stored paths agree bit for bit.
 
-**Plug-ins.** A new format subclasses :class:`CustomFormat` (the four methods above, its storage
-bits and value dtype) and is registered under its name with :func:`register_format`;
-``QuantSpec(dtype=name)`` then accepts it. It takes part in the simulated paths (``fake_quant``,
-PTQ evaluation, QAT with ``ste`` / ``clipped_ste`` / plug-in estimators) and is stored as a
-``QArray`` (bit-packed below 8 bits); a served layer dequantizes it and contracts in float
-(weight-only: the integer and fp8 kernels take the built-in formats). The built-in formats are
-registered in the same registry, :data:`FORMATS`.
+**Plug-ins.** A new format subclasses :class:`CustomFormat` (``qparams``, ``encode``, ``decode``,
+``clip_range``, optionally ``unclipped``, its storage bits and value dtype) and is registered under
+its name with :func:`register_format`; ``QuantSpec(dtype=name)`` then accepts it. It takes part in
+the simulated paths (``fake_quant``, PTQ evaluation, QAT with ``ste`` / ``clipped_ste`` / plug-in
+estimators) and is stored as a ``QArray`` (bit-packed below 8 bits); a served layer dequantizes it
+and contracts in float (weight-only: the integer and fp8 kernels take the built-in formats). The
+built-in formats are registered in the same registry, :data:`FORMATS`.
 """
 
 from __future__ import annotations

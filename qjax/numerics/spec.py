@@ -85,7 +85,9 @@ class QuantSpec:
       narrow_range: symmetric signed integer formats only: ``True`` (default) = the narrow range
         :math:`[-(2^{b-1}-1), 2^{b-1}-1]` with :math:`S = \\max|r| / (2^{b-1}-1)`; ``False`` = all
         :math:`2^b` levels :math:`[-2^{b-1}, 2^{b-1}-1]` with :math:`S = \\max|r| / (2^{b-1} - 1/2)`
-        (GPTQ's ``sym``, AQT, Qwix; :math:`+\\max|r|` clips onto :math:`2^{b-1}-1` by design).
+        (GPTQ's ``sym``, AQT, Qwix; :math:`\\pm\\max|r|` fall on rounding ties, and
+        :math:`+\\max|r|`, which no level reaches, becomes :math:`2^{b-1}-1`, clipped by design
+        where it rounds up; see :mod:`qjax.numerics.formats`).
         ``False`` with an asymmetric, unsigned, float, MX, NVFP4, codebook or plug-in format is a
         ``SpecError`` (asymmetric grids already use the full range).
       rounding: ``nearest`` (half to even), ``stochastic`` (needs a key), ``floor``, ``ceil``, or
