@@ -20,6 +20,7 @@ Run: ``python -m experiments.scripts.demo_numerics [--out table.md] [--mx-values
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.resources
 import math
 import pathlib
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import qjax
@@ -142,17 +144,17 @@ def mx_samples(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {d: x.astype(np.float32).reshape(-1, 32) for d, x in zip(MX_DISTRIBUTIONS, draws, strict=True)}
 
 
+@functools.partial(jax.jit, static_argnames="spec")
+def _quantize_and_clipped_blocks(x: jax.Array, spec: qjax.QuantSpec) -> tuple[jax.Array, jax.Array]:
+    qp = qjax.calibrate(x, spec)
+    clipped = ~unclipped(x, spec, qp)
+    return qjax.quantize_dequantize(x, spec, qparams=qp), clipped.any(axis=-1)
+
+
 def mx_rule_row(x: np.ndarray, spec: qjax.QuantSpec) -> dict[str, float]:
     """SQNR (dB) of MX quantization of the ``(blocks, 32)`` values ``x`` and the fraction of blocks
     with an element that clipping changes (it rounds above the format's largest value)."""
-
-    @jax.jit
-    def run(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        qp = qjax.calibrate(x, spec)
-        clipped = ~unclipped(x, spec, qp)
-        return qjax.quantize_dequantize(x, spec, qparams=qp), clipped.any(axis=-1)
-
-    x_hat, clipped = run(x)
+    x_hat, clipped = _quantize_and_clipped_blocks(jnp.asarray(x), spec)
     x64 = x.astype(np.float64)
     err = np.sum((x64 - np.asarray(x_hat, np.float64)) ** 2)
     return {"sqnr_db": 10.0 * math.log10(np.sum(x64**2) / err), "clipped_blocks": float(np.mean(clipped))}

@@ -110,9 +110,8 @@ def test_beats_round_to_nearest(dtype, group, symmetric):
         _spec("int3", 64, False),
         _spec("uint4", 128, False),
         _spec("int4", 128, calibration="mse"),
-        _spec("int3", 64, narrow_range=False),
     ],
-    ids=["int4-pc", "int3-g64-asym", "uint4-g128", "int4-g128-mse", "int3-g64-full"],
+    ids=["int4-pc", "int3-g64-asym", "uint4-g128", "int4-g128-mse"],
 )
 def test_w_hat_lies_on_the_returned_grid(spec):
     x, w = _layer(3)
