@@ -4,8 +4,19 @@
 ``x.dtype``) with one of these gradients:
 
 * ``ste``: :math:`\\partial \\hat x / \\partial x = 1` (Bengio et al. 2013).
-* ``clipped_ste``: :math:`\\partial \\hat x / \\partial x = 1` where :math:`x` lies inside the
-  representable range :math:`[S(q_{min} - Z), S(q_{max} - Z)]`, else 0.
+* ``clipped_ste``: :math:`\\partial \\hat x / \\partial x = 1` where clipping did not change the
+  rounded code, else 0. Integer formats: with :math:`v = \\operatorname{round}(x / S) + Z` (the
+  rounding and noise of the forward pass, before its clip), the gradient passes iff
+  :math:`q_{min} \\le v \\le q_{max}`; an element up to half a step beyond the representable range
+  :math:`[S(q_{min} - Z), S(q_{max} - Z)]` rounds onto its edge and keeps its gradient. Float
+  formats (fp8, fp4, MX, NVFP4): iff :math:`x / S` rounded onto the format's grid (continued past
+  :math:`f_{max}`) lies within :math:`\\pm f_{max}`. Plug-in formats: their ``unclipped``
+  (:class:`~qjax.numerics.CustomFormat`; by default :math:`x` within ``clip_range``). With
+  dynamic scales (calibrated from :math:`x`) no element of the calibrated range is masked by
+  construction, whatever float32 rounding does to :math:`\\max|x| / S` or to the zero point,
+  except where the grid itself clips: the full-range symmetric grid (``narrow_range=False``)
+  clips :math:`+\\max|x|` by design where its quotient, on the tie :math:`q_{max} + 1/2`, rounds
+  up; MX's ``floor`` exponent saturates some block maxima; NVFP4's rounded fp8 block scale may.
 * ``lsq`` (Esser et al. 2019): the step size :math:`s` is an input. With :math:`v = x / s`,
 
   .. math::
@@ -19,7 +30,9 @@
   is 1 inside the range and 0 outside.
 * ``pact`` (Choi et al. 2018): the clipping value :math:`\\alpha` is an input;
   :math:`y = \\operatorname{clip}(x, 0, \\alpha)` (or :math:`[-\\alpha, \\alpha]` for a signed
-  format), quantized with :math:`S = \\alpha / q_{max}`;
+  format), quantized with the format's symmetric scale for :math:`[-\\alpha, \\alpha]`,
+  :math:`S = \\alpha / q_{max}` (:math:`\\alpha / (q_{max} + 1/2)` on the full signed range,
+  ``narrow_range=False``);
   :math:`\\partial \\hat x / \\partial \\alpha = 1` where :math:`x \\ge \\alpha` (:math:`-1` where
   :math:`x \\le -\\alpha` when signed), else 0; :math:`\\partial \\hat x / \\partial x = 1` strictly
   inside the clipping range, else 0.
@@ -70,11 +83,11 @@ from qjax.numerics.calibration import block_range, check_finite, check_float_inp
 from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat, QParams
 from qjax.numerics.quantize import (
     check_qparams,
-    clip_bounds,
     decode,
     encode,
     noise_for,
     quantize_dequantize,
+    unclipped,
 )
 from qjax.numerics.registry import Registry, parse_name
 from qjax.numerics.rounding import round_to_integer
@@ -430,9 +443,8 @@ def _clipped_ste(spec: QuantSpec, x: jax.Array, qp: QParams, noise: jax.Array | 
 
 
 def _clipped_ste_fwd(spec, x, qp, noise):  # type: ignore[no-untyped-def]
-    lo, hi = clip_bounds(x.shape, spec, qp)
-    x32 = x.astype(jnp.float32)
-    return _clipped_ste(spec, x, qp, noise), (x32 >= lo) & (x32 <= hi)
+    inside = unclipped(x.astype(jnp.float32), spec, qp, noise)
+    return _clipped_ste(spec, x, qp, noise), inside
 
 
 def _clipped_ste_bwd(spec, inside, g):  # type: ignore[no-untyped-def]
@@ -616,8 +628,8 @@ def codebook_weight(centroids: jax.Array, indices: jax.Array, spec: QuantSpec) -
 
 def _pact_parts(spec, x, clip):  # type: ignore[no-untyped-def]
     alpha = _grid_param(clip, x, spec)
-    qmin, qmax = spec.format.qrange(spec.symmetric)
-    qp = QParams(scale=jnp.maximum(alpha * float(np.float32(1.0 / qmax)), MIN_SCALE))
+    qmin, _ = spec.format.qrange(spec.symmetric)
+    qp = QParams(scale=spec.format.symmetric_scale(alpha))
     upper = tiling.per_element(alpha, x.shape, tiling.block_shape(x.shape, spec))
     lower = -upper if qmin < 0 else jnp.zeros_like(upper)
     return qp, x.astype(jnp.float32), lower, upper

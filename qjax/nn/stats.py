@@ -96,7 +96,7 @@ def _histogram_mse(stats: Stats, spec: QuantSpec) -> jax.Array:
     hist = stats["hist"]
     bins = hist.shape[0]
     centres = (jnp.arange(bins, dtype=jnp.float32) + 0.5) * (stats["hist_max"] / bins)
-    per_tensor = QuantSpec(dtype=spec.dtype, symmetric=spec.symmetric)
+    per_tensor = QuantSpec(dtype=spec.dtype, symmetric=spec.symmetric, narrow_range=spec.narrow_range)
     ratios = jnp.arange(spec.mse_grid, 0, -1, dtype=jnp.float32) / spec.mse_grid
 
     def error(ratio: jax.Array) -> jax.Array:

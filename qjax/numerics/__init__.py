@@ -12,6 +12,7 @@ from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum
 from qjax.numerics.formats import (
     FORMAT_NAMES,
     CustomFormat,
+    MXScaleRounding,
     QParams,
     format_names,
     parse_format,
@@ -37,6 +38,7 @@ __all__ = [
     "Calibration",
     "CustomFormat",
     "Granularity",
+    "MXScaleRounding",
     "PluginError",
     "QArray",
     "QParams",

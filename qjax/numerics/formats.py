@@ -16,30 +16,51 @@ Integer formats follow the affine convention of the design notes:
     q = \\operatorname{clip}(\\operatorname{round}(r / S) + Z, q_{min}, q_{max}), \\qquad
     \\hat r = S (q - Z).
 
-Symmetric: :math:`Z = 0`, the narrow signed range :math:`[-(2^{b-1}-1), 2^{b-1}-1]` and
-:math:`S = \\max|r| / q_{max}`. Asymmetric: the full range, the range widened to include 0,
+Signed symmetric: :math:`Z = 0` and :math:`S = 2 \\max|r| / (q_{max} - q_{min})`. On the narrow
+range (the default) :math:`[-(2^{b-1}-1), 2^{b-1}-1]` that is :math:`S = \\max|r| / q_{max}`, and
+:math:`\\pm\\max|r|` are the end levels. On the full range (``narrow=False``; ``QuantSpec``'s
+``narrow_range=False``) :math:`[-2^{b-1}, 2^{b-1}-1]`, all :math:`2^b` levels, it is
+:math:`S = \\max|r| / (2^{b-1} - 1/2)`, the grid of GPTQ's ``sym`` (written there as
+:math:`S = 2\\max|r| / (2^b - 1)` with zero point :math:`2^{b-1}` on unsigned codes), AQT and
+Qwix: the step is finer by :math:`(2^{b-1} - 1/2) / (2^{b-1} - 1)`, and :math:`\\pm\\max|r|` fall on
+the rounding ties :math:`\\pm(2^{b-1} - 1/2)` (up to float32 rounding of the quotient):
+:math:`-\\max|r|` becomes :math:`-2^{b-1}` or :math:`-(2^{b-1}-1)`, and :math:`+\\max|r|`, which
+no level reaches, becomes :math:`2^{b-1}-1`, rounded there or rounded (half to even) to
+:math:`2^{b-1}` and clipped by design; either way an error of :math:`S/2`. Unsigned symmetric:
+:math:`[0, 2^b - 1]`, :math:`S = \\max(r_{max}, 0) / q_{max}`, negative values clip to 0.
+Asymmetric: the full range, the range widened to include 0,
 :math:`S = (r_{max} - r_{min}) / (q_{max} - q_{min})` and an integer
 :math:`Z \\in [q_{min}, q_{max}]`, so 0.0 is exact.
 
-Division is carried out as multiplication by a reciprocal rounded once to float32:
-:math:`r / S` is :math:`r \\cdot \\mathrm{fl}(1/S)` and :math:`\\max|r| / q_{max}` is
-:math:`\\max|r| \\cdot \\mathrm{fl}(1/q_{max})`. XLA rewrites divisions by broadcast or constant
-divisors into such products anyway; writing them out makes eager, jitted, simulated and stored
-paths agree bit for bit.
+**Clipping.** ``unclipped(x, qp, rounding, noise)`` says where clipping leaves the rounded value
+of ``x`` unchanged, the mask of the clipped straight-through estimator: for integers
+:math:`q_{min} \\le \\operatorname{round}(r/S) + Z \\le q_{max}` (the rounding and noise of
+``encode``, before its clip); for float formats :math:`|\\operatorname{round}(r/S)| \\le f_{max}`,
+with the rounding onto the format's grid continued past :math:`f_{max}` in its top binade's step.
+An element within half a step beyond the range is therefore unclipped (it rounds onto the edge
+level), and an element of the range a scale was calibrated from is clipped only where the grid
+itself clips (the full range's :math:`+\\max|r|`, a saturating MX block maximum).
 
-**Plug-ins.** A new format subclasses :class:`CustomFormat` (the four methods above, its storage
-bits and value dtype) and is registered under its name with :func:`register_format`;
-``QuantSpec(dtype=name)`` then accepts it. It takes part in the simulated paths (``fake_quant``,
-PTQ evaluation, QAT with ``ste`` / ``clipped_ste`` / plug-in estimators) and is stored as a
-``QArray`` (bit-packed below 8 bits); a served layer dequantizes it and contracts in float
-(weight-only: the integer and fp8 kernels take the built-in formats). The built-in formats are
-registered in the same registry, :data:`FORMATS`.
+Division is carried out as multiplication by a reciprocal rounded once to float32:
+:math:`r / S` is :math:`r \\cdot \\mathrm{fl}(1/S)` and the symmetric scale is
+:math:`\\max|r| \\cdot \\mathrm{fl}(2 / (q_{max} - q_{min}))` (:math:`\\mathrm{fl}(1/q_{max})`
+when narrow). XLA rewrites divisions by broadcast or constant divisors into such products anyway;
+writing them out makes eager, jitted, simulated and stored paths agree bit for bit.
+
+**Plug-ins.** A new format subclasses :class:`CustomFormat` (``qparams``, ``encode``, ``decode``,
+``clip_range``, optionally ``unclipped``, its storage bits and value dtype) and is registered under
+its name with :func:`register_format`; ``QuantSpec(dtype=name)`` then accepts it. It takes part in
+the simulated paths (``fake_quant``, PTQ evaluation, QAT with ``ste`` / ``clipped_ste`` / plug-in
+estimators) and is stored as a ``QArray`` (bit-packed below 8 bits); a served layer dequantizes it
+and contracts in float (weight-only: the integer and fp8 kernels take the built-in formats). The
+built-in formats are registered in the same registry, :data:`FORMATS`.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import functools
 from typing import NamedTuple, Protocol
 
@@ -89,6 +110,8 @@ class Format(Protocol):
 
     def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]: ...
 
+    def unclipped(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array: ...
+
 
 def _inverse(c: float) -> float:
     """``1/c`` rounded once to float32: scales multiply by it, so eager and jitted code agree."""
@@ -103,10 +126,17 @@ def _container_bits(bits: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class IntFormat:
-    """A signed or unsigned integer of 2..8 bits."""
+    """A signed or unsigned integer of 2..8 bits.
+
+    ``narrow``: a symmetric signed grid takes the narrow range :math:`[-(2^{b-1}-1), 2^{b-1}-1]`
+    (``True``, the registered formats) or all :math:`2^b` levels :math:`[-2^{b-1}, 2^{b-1}-1]`
+    (``False``; see the module docstring). Asymmetric and unsigned grids always use the full range.
+    ``QuantSpec.format`` gives the variant its ``narrow_range`` asks for.
+    """
 
     bits: int
     signed: bool
+    narrow: bool = True
 
     @property
     def name(self) -> str:
@@ -121,18 +151,27 @@ class IntFormat:
         return jnp.dtype(jnp.int8 if self.signed else jnp.uint8)
 
     def qrange(self, symmetric: bool) -> tuple[int, int]:
-        """``(qmin, qmax)``: narrow signed range when symmetric, full range otherwise."""
+        """``(qmin, qmax)``: the narrow signed range when symmetric and ``narrow``, else the full range."""
         if not self.signed:
             return 0, 2**self.bits - 1
         qmax = 2 ** (self.bits - 1) - 1
-        return (-qmax if symmetric else -qmax - 1), qmax
+        return (-qmax if symmetric and self.narrow else -qmax - 1), qmax
+
+    def symmetric_scale(self, amax: jax.Array) -> jax.Array:
+        """The scale of the symmetric grid (:math:`Z = 0`) for the range :math:`[-a, a]`:
+        :math:`S = 2a / (q_{max} - q_{min})` when signed (:math:`a / q_{max}` narrow,
+        :math:`a / (q_{max} + 1/2)` full), :math:`a / q_{max}` when unsigned; at least
+        :data:`MIN_SCALE`."""
+        qmin, qmax = self.qrange(True)
+        half_levels = (qmax - qmin) / 2 if self.signed else qmax
+        return jnp.maximum(amax * _inverse(half_levels), MIN_SCALE)
 
     def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
         qmin, qmax = self.qrange(symmetric)
         if symmetric:
             # Unsigned symmetric means Z = 0 over [0, qmax]: negative values clip to 0.
             amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if self.signed else jnp.maximum(hi, 0.0)
-            return QParams(scale=jnp.maximum(amax * _inverse(qmax), MIN_SCALE))
+            return QParams(scale=self.symmetric_scale(amax))
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
         # Halves first: no overflow for ranges near 3e38, and exact products (no FMA ambiguity).
         scale = jnp.maximum((hi * 0.5 - lo * 0.5) * _inverse((qmax - qmin) / 2), MIN_SCALE)
@@ -143,12 +182,25 @@ class IntFormat:
     def _zero(self, qp: QParams) -> jax.Array:
         return jnp.zeros((), jnp.int32) if qp.zero_point is None else qp.zero_point.astype(jnp.int32)
 
-    def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
-        qmin, qmax = self.qrange(qp.zero_point is None and self.signed)
+    def _grid_range(self, qp: QParams) -> tuple[int, int]:
+        return self.qrange(qp.zero_point is None and self.signed)
+
+    def _rounded(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        """:math:`\\operatorname{round}(x/S) + Z` before the clip, as float32."""
         z = self._zero(qp).astype(jnp.float32)
+        return round_to_integer(x * (1.0 / qp.scale), rounding, noise) + z
+
+    def encode(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        qmin, qmax = self._grid_range(qp)
         # Clip while still float: a huge x / S must saturate, not overflow the int32 cast.
-        q = jnp.clip(round_to_integer(x * (1.0 / qp.scale), rounding, noise) + z, qmin, qmax)
-        return q.astype(jnp.int32)
+        return jnp.clip(self._rounded(x, qp, rounding, noise), qmin, qmax).astype(jnp.int32)
+
+    def unclipped(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        """:math:`q_{min} \\le \\operatorname{round}(x/S) + Z \\le q_{max}`: clipping leaves the
+        code unchanged."""
+        qmin, qmax = self._grid_range(qp)
+        v = self._rounded(x, qp, rounding, noise)
+        return (v >= qmin) & (v <= qmax)
 
     def decode(self, values: jax.Array, qp: QParams) -> jax.Array:
         r = (values.astype(jnp.int32) - self._zero(qp)).astype(jnp.float32) * qp.scale
@@ -156,7 +208,7 @@ class IntFormat:
         return jnp.clip(r, -FLOAT32_MAX, FLOAT32_MAX)
 
     def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
-        qmin, qmax = self.qrange(qp.zero_point is None and self.signed)
+        qmin, qmax = self._grid_range(qp)
         z = self._zero(qp).astype(jnp.float32)
         lo, hi = (qmin - z) * qp.scale, (qmax - z) * qp.scale
         return jnp.clip(lo, -FLOAT32_MAX, FLOAT32_MAX), jnp.clip(hi, -FLOAT32_MAX, FLOAT32_MAX)
@@ -194,11 +246,18 @@ class FloatFormat:
         """Exponent of the largest finite value (8 for e4m3fn, 15 for e5m2, 2 for e2m1fn)."""
         return int(np.floor(np.log2(self.max)))
 
+    def _round_unsaturated(self, y: jax.Array, rounding: str, noise: jax.Array | None) -> jax.Array:
+        """Float32 ``y`` rounded onto this format's grid, continued past the largest value."""
+        fi = jnp.finfo(self.dtype)
+        return round_to_float_grid(y, int(fi.nmant), int(fi.minexp), rounding, noise)
+
     def round(self, y: jax.Array, rounding: str, noise: jax.Array | None) -> jax.Array:
         """Round float32 ``y`` onto this format's grid, saturating at the largest value."""
-        fi = jnp.finfo(self.dtype)
-        y = round_to_float_grid(y, int(fi.nmant), int(fi.minexp), rounding, noise)
-        return jnp.clip(y, -self.max, self.max)
+        return jnp.clip(self._round_unsaturated(y, rounding, noise), -self.max, self.max)
+
+    def unsaturated(self, y: jax.Array, rounding: str, noise: jax.Array | None) -> jax.Array:
+        """Whether scaled ``y`` rounds within :math:`\\pm f_{max}` (saturation changes nothing)."""
+        return jnp.abs(self._round_unsaturated(y, rounding, noise)) <= self.max
 
     def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
@@ -213,14 +272,38 @@ class FloatFormat:
     def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
         return -self.max * qp.scale, self.max * qp.scale
 
+    def unclipped(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        return self.unsaturated(x * (1.0 / qp.scale), rounding, noise)
+
+
+class MXScaleRounding(enum.StrEnum):
+    """How an MX block's shared exponent is chosen (see :class:`BlockFloatFormat`)."""
+
+    FLOOR = "floor"  # the OCP MX rule: floor(log2 amax) - emax; the block maximum may saturate
+    CEIL = "ceil"  # ceil(log2(amax / fmax)): nothing saturates
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockFloatFormat:
     """MX (OCP Microscaling) and NVFP4 block formats: low-precision floats sharing a block scale.
 
     * MXFP8 / MXFP4: blocks of 32 e4m3fn / e2m1fn elements with a power-of-two (E8M0) scale
-      :math:`S = 2^{\\lfloor \\log_2 \\max|r| \\rfloor - e_{max}}`, where :math:`e_{max}` is the
-      exponent of the element format's largest value; elements saturate at :math:`\\pm f_{max}`.
+      :math:`S = 2^k`; elements saturate at :math:`\\pm f_{max}`. ``scale_rounding`` picks the
+      shared exponent :math:`k` (:class:`MXScaleRounding`):
+
+      .. math::
+
+          k_{floor} = \\lfloor \\log_2 \\max|r| \\rfloor - e_{max}, \\qquad
+          k_{ceil} = \\lceil \\log_2 (\\max|r| / f_{max}) \\rceil,
+
+      with :math:`e_{max} = \\lfloor \\log_2 f_{max} \\rfloor`. ``floor`` is the OCP MX rule: a
+      block's maximum scales to :math:`[2^{e_{max}}, 2^{e_{max}+1})`, above :math:`f_{max}` (and
+      saturates there) when its mantissa exceeds :math:`f_{max}`'s. ``ceil`` is the smallest
+      :math:`k` with :math:`\\max|r| / 2^k \\le f_{max}`: nothing saturates, at the price of one
+      binade of resolution in those blocks. With :math:`\\max|r| = f 2^e`,
+      :math:`f \\in [1/2, 1)` (exact ``frexp``): :math:`k_{floor} = e - 1 - e_{max}` and
+      :math:`k_{ceil} = k_{floor} + [f > f_{max} / 2^{e_{max}+1}]`. Both clip :math:`k` to
+      :math:`[-126, 127]`.
     * NVFP4: blocks of 16 e2m1fn elements with an e4m3fn block scale and a float32 tensor scale
       :math:`S_t = \\max|r| / (448 \\cdot 6)`, block scale :math:`\\mathrm{fp8}(\\max_b|r| / (6 S_t))`.
     """
@@ -229,6 +312,12 @@ class BlockFloatFormat:
     element: FloatFormat
     block_size: int
     scale_dtype_name: str  # "float8_e8m0fnu" or "float8_e4m3fn"
+    scale_rounding: MXScaleRounding = MXScaleRounding.FLOOR  # MX only
+
+    @property
+    def is_mx(self) -> bool:
+        """A power-of-two (E8M0) block scale: MXFP8, MXFP4."""
+        return self.scale_dtype_name == "float8_e8m0fnu"
 
     @property
     def container_bits(self) -> int:
@@ -244,10 +333,16 @@ class BlockFloatFormat:
 
     def qparams(self, lo: jax.Array, hi: jax.Array, symmetric: bool) -> QParams:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        if self.scale_dtype_name == "float8_e8m0fnu":
-            _, e = jnp.frexp(jnp.maximum(amax, MIN_SCALE))  # amax = f 2^e, f in [0.5, 1): exact
+        if self.is_mx:
+            f, e = jnp.frexp(jnp.maximum(amax, MIN_SCALE))  # amax = f 2^e, f in [0.5, 1): exact
+            exponent = e - 1 - self.element.emax
+            if self.scale_rounding == MXScaleRounding.CEIL:
+                # amax / 2^exponent = 2f 2^emax > fmax exactly when f > fmax / 2^(emax + 1)
+                exponent = jnp.where(
+                    f > self.element.max / 2.0 ** (self.element.emax + 1), exponent + 1, exponent
+                )
             # 2^-126 at least (E8M0 reaches 2^-127, a float32 subnormal that CPUs may flush to 0).
-            exponent = jnp.clip(e - 1 - self.element.emax, -126, 127)
+            exponent = jnp.clip(exponent, -126, 127)
             scale = jnp.ldexp(jnp.ones_like(amax), exponent)
             # a block holding NaN or Inf gets E8M0's NaN scale: the whole block decodes to NaN, as a
             # non-finite value makes its block's scale non-finite in every other format
@@ -273,6 +368,9 @@ class BlockFloatFormat:
     def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
         s = self._scale(qp)
         return -self.element.max * s, self.element.max * s
+
+    def unclipped(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        return self.element.unsaturated(x * (1.0 / self._scale(qp)), rounding, noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +429,13 @@ class CustomFormat(abc.ABC):
     @abc.abstractmethod
     def clip_range(self, qp: QParams) -> tuple[jax.Array, jax.Array]:
         """``(lo, hi)``: the smallest and largest representable real values of each block."""
+
+    def unclipped(self, x: jax.Array, qp: QParams, rounding: str, noise: jax.Array | None) -> jax.Array:
+        """Where clipping leaves the encoding of ``x`` unchanged (the clipped STE's mask); by
+        default :math:`lo \\le x \\le hi` with ``(lo, hi) = clip_range(qp)``. Override it to
+        count an element that rounds onto the range's edge as unclipped, as the built-ins do."""
+        lo, hi = self.clip_range(qp)
+        return (x >= lo) & (x <= hi)
 
 
 AffineFormat = IntFormat | FloatFormat | BlockFloatFormat | CustomFormat

@@ -8,6 +8,8 @@ estimators in :mod:`qjax.ste` wrap them for training.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -52,16 +54,30 @@ def _params(x32: jax.Array, spec: QuantSpec, block: tuple[int, ...], qparams: QP
     return spec.affine_format.qparams(lo, hi, spec.symmetric)
 
 
+def _per_element(
+    method: Callable[..., jax.Array], x32: jax.Array, spec: QuantSpec, qp: QParams, noise: jax.Array | None
+) -> jax.Array:
+    """``method(x, qp, rounding, noise)`` of the format, on the tiled ``x32``, untiled."""
+    block = tiling.block_shape(x32.shape, spec)
+    noise_t = None if noise is None else tiling.tile(noise, block)
+    out = method(tiling.tile(x32, block), tiled_qparams(qp, block), spec.rounding, noise_t)
+    return tiling.untile(out, x32.shape)
+
+
 def encode(x32: jax.Array, spec: QuantSpec, qp: QParams, noise: jax.Array | None = None) -> jax.Array:
     """Quantized values of float32 ``x32`` (same shape) given grid-shaped ``qp``.
 
     ``noise``: U[0, 1) draws of ``x32``'s shape for stochastic rounding (see ``noise_for``).
     """
-    block = tiling.block_shape(x32.shape, spec)
-    t = tiling.tile(x32, block)
-    noise_t = None if noise is None else tiling.tile(noise, block)
-    values = spec.affine_format.encode(t, tiled_qparams(qp, block), spec.rounding, noise_t)
-    return tiling.untile(values, x32.shape)
+    return _per_element(spec.affine_format.encode, x32, spec, qp, noise)
+
+
+def unclipped(x32: jax.Array, spec: QuantSpec, qp: QParams, noise: jax.Array | None = None) -> jax.Array:
+    """Where clipping leaves the encoding of float32 ``x32`` unchanged (bool, same shape): for
+    integer formats :math:`q_{min} \\le \\operatorname{round}(x/S) + Z \\le q_{max}` with the
+    rounding and ``noise`` of :func:`encode`, for float formats the rounded :math:`|x/S|` within
+    :math:`f_{max}` (see :mod:`qjax.numerics.formats`). The clipped STE's mask."""
+    return _per_element(spec.affine_format.unclipped, x32, spec, qp, noise)
 
 
 def decode(values: jax.Array, spec: QuantSpec, qp: QParams) -> jax.Array:

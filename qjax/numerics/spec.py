@@ -21,6 +21,7 @@ from qjax.numerics.formats import (
     CodebookFormat,
     FloatFormat,
     IntFormat,
+    MXScaleRounding,
     parse_format,
 )
 from qjax.numerics.registry import Registry, parse_name
@@ -80,7 +81,15 @@ class QuantSpec:
       axis: the channel axis or axes (``per_channel``), or the grouped axis (``per_group``).
       group_size: elements per group along ``axis`` (``per_group``; 32 for MX, 16 for NVFP4).
       block_shape: tile extents on the trailing axes (``per_block``), e.g. ``(128, 128)``.
-      symmetric: ``Z = 0`` with the narrow signed range; ``False`` = full range, integer ``Z``.
+      symmetric: ``Z = 0``; ``False`` = the full range with an integer ``Z`` (0.0 exact).
+      narrow_range: symmetric signed integer formats only: ``True`` (default) = the narrow range
+        :math:`[-(2^{b-1}-1), 2^{b-1}-1]` with :math:`S = \\max|r| / (2^{b-1}-1)`; ``False`` = all
+        :math:`2^b` levels :math:`[-2^{b-1}, 2^{b-1}-1]` with :math:`S = \\max|r| / (2^{b-1} - 1/2)`
+        (GPTQ's ``sym``, AQT, Qwix; :math:`\\pm\\max|r|` fall on rounding ties, and
+        :math:`+\\max|r|`, which no level reaches, becomes :math:`2^{b-1}-1`, clipped by design
+        where it rounds up; see :mod:`qjax.numerics.formats`).
+        ``False`` with an asymmetric, unsigned, float, MX, NVFP4, codebook or plug-in format is a
+        ``SpecError`` (asymmetric grids already use the full range).
       rounding: ``nearest`` (half to even), ``stochastic`` (needs a key), ``floor``, ``ceil``, or
         a registered plug-in (:func:`qjax.numerics.register_rounding`).
       calibration: how each block's range is chosen: ``minmax`` (absmax when symmetric),
@@ -90,6 +99,12 @@ class QuantSpec:
       percentile: the percentile used by ``calibration='percentile'``, in (50, 100].
       mse_grid: clipping ratios tried by ``calibration='mse'``: ``i / mse_grid``, i = 1..grid.
       kmeans_iters: Lloyd iterations for ``kmeans`` formats.
+      mx_scale_rounding: MX formats (``mxfp8``, ``mxfp4``) only: the shared exponent of a block,
+        ``floor`` (default, the OCP MX rule :math:`\\lfloor \\log_2 \\max|r| \\rfloor - e_{max}`:
+        the block maximum may saturate at :math:`f_{max}`) or ``ceil``
+        (:math:`\\lceil \\log_2(\\max|r| / f_{max}) \\rceil`: nothing saturates); see
+        :class:`~qjax.numerics.formats.BlockFloatFormat`. ``ceil`` with another format is a
+        ``SpecError``.
     """
 
     dtype: str = "int8"
@@ -103,6 +118,8 @@ class QuantSpec:
     percentile: float = 99.99
     mse_grid: int = 100
     kmeans_iters: int = 30
+    narrow_range: bool = True
+    mx_scale_rounding: MXScaleRounding | str = MXScaleRounding.FLOOR
 
     def __post_init__(self) -> None:
         fmt = parse_format(self.dtype)
@@ -110,11 +127,16 @@ class QuantSpec:
         set_("granularity", parse_enum(Granularity, self.granularity, "granularity"))
         set_("rounding", parse_name(ROUNDINGS, Rounding, self.rounding, "rounding"))
         set_("calibration", parse_name(CALIBRATIONS, Calibration, self.calibration, "calibration"))
+        set_("mx_scale_rounding", parse_enum(MXScaleRounding, self.mx_scale_rounding, "mx_scale_rounding"))
         set_("axis", _as_axes(self.axis, "axis"))
         if self.block_shape is not None:
             set_("block_shape", tuple(self.block_shape))
         if not isinstance(self.symmetric, bool):
             raise SpecTypeError(f"symmetric={self.symmetric!r} must be true or false", field="symmetric")
+        if not isinstance(self.narrow_range, bool):
+            raise SpecTypeError(
+                f"narrow_range={self.narrow_range!r} must be true or false", field="narrow_range"
+            )
         self._check_granularity(fmt)
         self._check_format(fmt)
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, int | float):
@@ -204,6 +226,7 @@ class QuantSpec:
             )
 
     def _check_format(self, fmt: AnyFormat) -> None:
+        self._check_grid_options(fmt)
         if isinstance(fmt, FloatFormat | BlockFloatFormat) and not self.symmetric:
             raise SpecError(
                 f"dtype={self.dtype!r} is a float format, symmetric by construction; "
@@ -224,10 +247,42 @@ class QuantSpec:
                     field="dtype",
                 )
 
+    def _check_grid_options(self, fmt: AnyFormat) -> None:
+        if not self.narrow_range:
+            if not (isinstance(fmt, IntFormat) and fmt.signed):
+                raise SpecError(
+                    f"narrow_range=False chooses the full symmetric range of a signed integer format "
+                    f"(int2..int8); dtype={self.dtype!r} has no such choice: remove narrow_range "
+                    "or use an intN dtype",
+                    field="narrow_range",
+                )
+            if not self.symmetric:
+                raise SpecError(
+                    f"narrow_range=False applies to symmetric grids; dtype={self.dtype!r} with "
+                    "symmetric=False already uses the full range [-2^(b-1), 2^(b-1)-1] with a zero "
+                    "point: remove narrow_range, or set symmetric=True",
+                    field="narrow_range",
+                )
+        if self.mx_scale_rounding != MXScaleRounding.FLOOR and not (
+            isinstance(fmt, BlockFloatFormat) and fmt.is_mx
+        ):
+            raise SpecError(
+                f"mx_scale_rounding={str(self.mx_scale_rounding)!r} chooses the shared power-of-two "
+                f"exponent of an MX block (dtype 'mxfp8' or 'mxfp4'); dtype={self.dtype!r} has none: "
+                "remove mx_scale_rounding",
+                field="mx_scale_rounding",
+            )
+
     @property
     def format(self) -> AnyFormat:
-        """The typed format behind ``dtype``."""
-        return parse_format(self.dtype)
+        """The typed format behind ``dtype``, with this spec's grid options: the full-range
+        :class:`IntFormat` for ``narrow_range=False``, an MX format with ``mx_scale_rounding``."""
+        fmt = parse_format(self.dtype)
+        if isinstance(fmt, IntFormat) and fmt.narrow != self.narrow_range:
+            return dataclasses.replace(fmt, narrow=self.narrow_range)
+        if isinstance(fmt, BlockFloatFormat) and fmt.is_mx and fmt.scale_rounding != self.mx_scale_rounding:
+            return dataclasses.replace(fmt, scale_rounding=MXScaleRounding(self.mx_scale_rounding))
+        return fmt
 
     @property
     def affine_format(self) -> AffineFormat:

@@ -37,6 +37,7 @@ from tests.nn.serving import (
 
 INT4_G32 = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32)
 INT4_G32_ASYM = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32, symmetric=False)
+INT4_G32_FULL = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32, narrow_range=False)
 UINT4_G64_ASYM = QuantSpec(dtype="uint4", granularity="per_group", axis=0, group_size=64, symmetric=False)
 INT4_CH = QuantSpec(dtype="int4", granularity="per_channel", axis=-1)
 WIDTHS = (128, 192, 128, 64, 40)  # N = 192, 128, 64, 40: some padded to the 128-wide blocks
@@ -100,8 +101,8 @@ def test_fp8_through_the_kernel(rng):
 
 @pytest.mark.parametrize(
     "weights",
-    [INT4_G32, INT4_G32_ASYM, UINT4_G64_ASYM, INT4_CH],
-    ids=["g32", "g32-asym", "u4-g64", "channel"],
+    [INT4_G32, INT4_G32_ASYM, UINT4_G64_ASYM, INT4_CH, INT4_G32_FULL],
+    ids=["g32", "g32-asym", "u4-g64", "channel", "g32-full_range"],
 )
 def test_w4a16_through_the_kernel(rng, weights):
     # per channel: one group of K; only K = 128 (layers 0 and 2) is a multiple of 128

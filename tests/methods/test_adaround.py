@@ -125,7 +125,23 @@ def test_hard_rounding_goes_up_where_h_reaches_one_half(rng):
     assert 0 < up.mean() < 1
 
 
-@pytest.mark.parametrize("spec", [W4_CH_MSE, W3_CH_MSE, QuantSpec(dtype="int4", symmetric=False)])
+W3_CH_FULL = QuantSpec(dtype="int3", granularity="per_channel", axis=-1, narrow_range=False)
+
+
+def test_full_range_grid_reaches_its_lowest_level(rng):
+    """narrow_range=False: -max|w| / S lies near -3.5, so rounding every weight down reaches the
+    level -4 of int3's full range in each column whose extreme is negative (the narrow range stops
+    at -3)."""
+    w = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+    grid = _grid(w, W3_CH_FULL)
+    assert (float(grid.qmin), float(grid.qmax)) == (-4.0, 3.0)
+    down = np.asarray(core.hard_values(jnp.full(w.shape, -10.0), grid))  # h(V) = 0 everywhere
+    negative_extreme = np.abs(np.min(w, axis=0)) > np.max(w, axis=0)
+    assert negative_extreme.any()
+    np.testing.assert_array_equal(down.min(axis=0)[negative_extreme], -4)
+
+
+@pytest.mark.parametrize("spec", [W4_CH_MSE, W3_CH_MSE, QuantSpec(dtype="int4", symmetric=False), W3_CH_FULL])
 def test_hard_weight_is_on_the_grid_and_requantizes_to_itself(rng, spec):
     w = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
     qp = qjax.calibrate(w, spec)

@@ -18,6 +18,9 @@ INT4_G128 = qjax.QuantSpec(dtype="int4", granularity="per_group", axis=0, group_
 INT3_G128 = qjax.QuantSpec(dtype="int3", granularity="per_group", axis=0, group_size=128)
 INT3_G64_ASYM = qjax.QuantSpec(dtype="int3", granularity="per_group", axis=0, group_size=64, symmetric=False)
 INT4_PC = qjax.QuantSpec(dtype="int4", granularity="per_channel", axis=-1)
+INT3_G128_FULL = qjax.QuantSpec(
+    dtype="int3", granularity="per_group", axis=0, group_size=128, narrow_range=False
+)
 
 
 def _data(seed: int, n: int = 512, outliers: int = 0, outs: tuple[int, ...] = (64, 32)):
@@ -86,7 +89,9 @@ def test_fold_scales_leaves_the_float_function_unchanged():
 
 
 @pytest.mark.parametrize(
-    "spec", [INT3_G128, INT3_G64_ASYM, INT4_PC], ids=["int3-g128", "int3-g64-asym", "int4-pc"]
+    "spec",
+    [INT3_G128, INT3_G64_ASYM, INT4_PC, INT3_G128_FULL],
+    ids=["int3-g128", "int3-g64-asym", "int4-pc", "int3-g128-full_range"],
 )
 def test_clip_search_never_worsens_a_block(spec):
     rng = np.random.default_rng(3)

@@ -39,19 +39,23 @@ def _out_err(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
 # -- float64 reference ---------------------------------------------------------------------------
 
 
-def _np_params(slab: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
+def _np_params(
+    slab: np.ndarray, bits: int, symmetric: bool, narrow: bool = True
+) -> tuple[np.ndarray, np.ndarray, int, int]:
     tiny = float(np.finfo(np.float32).tiny)
     if symmetric:
+        # narrow: [-qmax, qmax], S = amax / qmax; full (the reference's "sym": S = 2 amax / (2^b - 1)
+        # with zero point 2^(b-1) on unsigned codes): [-qmax - 1, qmax], S = amax / (qmax + 1/2)
         qmax = 2 ** (bits - 1) - 1
-        scale = np.maximum(np.abs(slab).max(axis=0) / qmax, tiny)
-        return scale, np.zeros_like(scale), -qmax, qmax
+        scale = np.maximum(np.abs(slab).max(axis=0) / (qmax if narrow else qmax + 0.5), tiny)
+        return scale, np.zeros_like(scale), -qmax if narrow else -qmax - 1, qmax
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     lo, hi = np.minimum(slab.min(axis=0), 0.0), np.maximum(slab.max(axis=0), 0.0)
     scale = np.maximum((hi - lo) / (qmax - qmin), tiny)
     return scale, np.clip(qmin - np.round(lo / scale), qmin, qmax), qmin, qmax
 
 
-def gptq_reference(w, x, bits, symmetric, group, damp=0.01):
+def gptq_reference(w, x, bits, symmetric, group, damp=0.01, narrow=True):
     """The paper's Algorithm 1 in float64, one row (input) at a time, without lazy batching."""
     w = np.asarray(w, np.float64).copy()
     x = np.asarray(x, np.float64)
@@ -62,10 +66,10 @@ def gptq_reference(w, x, bits, symmetric, group, damp=0.01):
     h += damp * np.mean(np.diag(h)) * np.eye(len(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper, H^-1 = U^T U
     q = np.zeros_like(w)
-    params = _np_params(w, bits, symmetric)
+    params = _np_params(w, bits, symmetric, narrow)
     for k in range(w.shape[0]):
         if group is not None and k % group == 0:
-            params = _np_params(w[k : k + group], bits, symmetric)
+            params = _np_params(w[k : k + group], bits, symmetric, narrow)
         scale, zero, qmin, qmax = params
         q[k] = (np.clip(np.round(w[k] / scale) + zero, qmin, qmax) - zero) * scale
         err = (w[k] - q[k]) / u[k, k]
@@ -122,17 +126,27 @@ def jax_shape(a) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize(
-    ("k", "bits", "symmetric", "group", "block"),
-    [(256, 4, True, None, 128), (200, 3, False, None, 64), (256, 3, True, 64, 128), (256, 4, False, 128, 32)],
-    ids=["pc-int4", "pc-int3a-padded", "g64-int3", "g128-int4a-block32"],
+    ("k", "bits", "symmetric", "group", "block", "narrow"),
+    [
+        (256, 4, True, None, 128, True),
+        (200, 3, False, None, 64, True),
+        (256, 3, True, 64, 128, True),
+        (256, 4, False, 128, 32, True),
+        (256, 4, True, None, 128, False),
+        (256, 3, True, 64, 128, False),
+    ],
+    ids=["pc-int4", "pc-int3a-padded", "g64-int3", "g128-int4a-block32", "pc-int4-full", "g64-int3-full"],
 )
-def test_matches_float64_reference(k, bits, symmetric, group, block):
+def test_matches_float64_reference(k, bits, symmetric, group, block, narrow):
     x, w = _layer(4, k=k)
-    ref = gptq_reference(w, x, bits, symmetric, group)
-    r = gptq_quantize(w, _spec(f"int{bits}", group, symmetric), x=x, block_size=block)
+    ref = gptq_reference(w, x, bits, symmetric, group, narrow=narrow)
+    spec = _spec(f"int{bits}", group, symmetric, narrow_range=narrow)
+    r = gptq_quantize(w, spec, x=x, block_size=block)
     w_hat = np.asarray(r.w_hat, np.float64)
     same = np.isclose(w_hat, ref, rtol=1e-4, atol=1e-7)
-    assert same.mean() > 0.995, same.mean()
+    # A group calibrated on the fly puts the full range's maximum on the tie q_max + 1/2, which
+    # float32 and float64 may round apart; the recursion then carries the difference down the column.
+    assert same.mean() > (0.995 if narrow or group is None else 0.97), same.mean()
     assert _out_err(x, w, w_hat) == pytest.approx(_out_err(x, w, ref), rel=0.01)
 
 

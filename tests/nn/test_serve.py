@@ -11,6 +11,7 @@ import re
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import qjax
@@ -44,6 +45,22 @@ def test_mlp_serve_equals_qat(weights, rng):
     _, served = parity_errors(MLP(nnx.Rngs(0)), rules_for(weights, INT8_ACTS), shifted(rng, 8, 32), batches)
     _, zero_point, _ = served.layers[3].dot_general.static.get_value()
     assert int(zero_point) != 0  # the asymmetric layer exercises the zero-point correction terms
+
+
+def test_full_range_weights_serve_equal_qat(rng):
+    """narrow_range=False: served kernels hold the level -2^(b-1) and serve what fake quantization
+    computes: int4 in groups of 16 (layers 0, 1), int8 per channel (layers 2, 3), int8 activations."""
+    w4 = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=16, narrow_range=False)
+    w8 = QuantSpec(dtype="int8", granularity="per_channel", axis=-1, narrow_range=False)
+    rules = [
+        Rule(path=f"layers/{i}", weights=w, activations=a, activation_scale=scale)
+        for i, (w, (a, scale)) in enumerate(zip([w4, w4, w8, w8], INT8_ACTS, strict=True))
+    ]
+    batches = [shifted(rng, 8, 32) for _ in range(2)]
+    _, served = parity_errors(MLP(nnx.Rngs(0)), rules, shifted(rng, 8, 32), batches)
+    for bits, layers in ((4, served.layers[:2]), (8, served.layers[2:])):
+        codes = np.concatenate([np.asarray(layer.kernel[...].values).ravel() for layer in layers])
+        assert codes.min() == -(2 ** (bits - 1)) and codes.max() == 2 ** (bits - 1) - 1
 
 
 @pytest.mark.parametrize(

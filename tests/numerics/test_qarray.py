@@ -241,6 +241,8 @@ def _values_cases():
     for b in _INT_BITS:
         yield QuantSpec(dtype=f"int{b}"), jnp.int8, -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
         yield QuantSpec(dtype=f"int{b}", symmetric=False), jnp.int8, -(2 ** (b - 1)), 2 ** (b - 1) - 1
+        if b in (3, 4, 8):
+            yield QuantSpec(dtype=f"int{b}", narrow_range=False), jnp.int8, -(2 ** (b - 1)), 2 ** (b - 1) - 1
         yield QuantSpec(dtype=f"uint{b}", **PC, symmetric=False), jnp.uint8, 0, 2**b - 1
     yield QuantSpec(dtype="float8_e4m3fn"), jnp.float8_e4m3fn, -448.0, 448.0
     yield QuantSpec(dtype="float8_e5m2"), jnp.float8_e5m2, -57344.0, 57344.0
@@ -255,7 +257,10 @@ def _values_cases():
 @pytest.mark.parametrize(
     ("spec", "dtype", "lo", "hi"),
     list(_values_cases()),
-    ids=[f"{c[0].dtype}-{'sym' if c[0].symmetric else 'asym'}" for c in _values_cases()],
+    ids=[
+        f"{c[0].dtype}-{('sym' if c[0].narrow_range else 'sym_full') if c[0].symmetric else 'asym'}"
+        for c in _values_cases()
+    ],
 )
 def test_values_dtype_shape_and_range(spec, dtype, lo, hi):
     q = _quantize(XV, spec)
@@ -264,10 +269,30 @@ def test_values_dtype_shape_and_range(spec, dtype, lo, hi):
     v = np.asarray(v.astype(jnp.float32))
     assert lo <= v.min() and v.max() <= hi
     if spec.dtype.startswith("float") or (spec.dtype.startswith("int") and spec.symmetric):
-        # Minmax maps the absolute maximum onto the largest value of the format.
-        assert np.abs(v).max() == hi
+        # Minmax maps the absolute maximum onto the largest value of the format (the full range:
+        # +-max|x| on +-(hi + 1/2), rounding onto hi, or to -(hi + 1) on the negative side).
+        assert np.abs(v).max() in ((hi,) if spec.narrow_range else (hi, hi + 1))
     if spec.dtype.startswith("kmeans"):
         assert len(np.unique(v)) == 2**spec.format.bits  # well-spread data uses every centroid
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # four, eight over three bytes, two per byte; int8
+def test_full_range_codes_round_trip_through_storage(bits):
+    """narrow_range=False stores the level -2^(b-1): it packs (below 8 bits, an odd last axis
+    padded), unpacks and dequantizes exactly, through jit as a pytree."""
+    spec = QuantSpec(dtype=f"int{bits}", narrow_range=False, **PC)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(qmin, qmax + 1, size=(16, 63))
+    codes[0], codes[1] = qmin, qmax
+    scale = np.exp2(rng.integers(-4, 4, size=(1, 63))).astype(np.float32)  # x / S exact
+    x = jnp.asarray(codes * scale, jnp.float32)
+    q = jax.jit(lambda x, s: qjax.quantize(x, spec, qparams=QParams(s)))(x, jnp.asarray(scale))
+    assert q.packed == (bits < 8) and q.data.dtype == (jnp.uint8 if bits < 8 else jnp.int8)
+    assert q.data.shape == (16, -(-63 * bits // 8))
+    np.testing.assert_array_equal(np.asarray(q.values), codes)
+    np.testing.assert_array_equal(np.asarray(_dequantize(q)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda q: q.values)(q)), codes)
 
 
 def _block_params(p: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,12 +1,12 @@
 """Quantization numerics against independent numpy references of the formulas.
 
 Integer formats are checked for every combination of bits (2..8), signedness, symmetric and
-asymmetric ranges, granularity, deterministic rounding and calibration against a float64
-reference:
+asymmetric ranges, the narrow and the full symmetric signed range (``narrow_range``), granularity,
+deterministic rounding and calibration against a float64 reference:
 
 .. math::
 
-    S = \\frac{\\max|r|}{q_{max}} \\ \\text{(symmetric)}, \\qquad
+    S = \\frac{2 \\max|r|}{q_{max} - q_{min}} \\ \\text{(symmetric signed)}, \\qquad
     S = \\frac{r_{max} - r_{min}}{q_{max} - q_{min}},\\
     Z = \\operatorname{clip}(\\operatorname{round}(q_{min} - r_{min}/S)) \\ \\text{(asymmetric)},
 
@@ -126,11 +126,12 @@ def test_to_blocks_groups_the_elements_of_each_block():
 # Float64 reference of the integer formats.
 
 
-def qrange(bits: int, signed: bool, symmetric: bool) -> tuple[int, int]:
+def qrange(bits: int, signed: bool, symmetric: bool, narrow: bool = True) -> tuple[int, int]:
+    """Narrow signed symmetric [-(2^(b-1) - 1), 2^(b-1) - 1]; otherwise all 2^b levels."""
     if not signed:
         return 0, 2**bits - 1
     qmax = 2 ** (bits - 1) - 1
-    return (-qmax if symmetric else -qmax - 1), qmax
+    return (-qmax if symmetric and narrow else -qmax - 1), qmax
 
 
 PERCENTILE_POSITION_RTOL = 2.5e-7  # jnp.percentile computes the position p/100 * (n - 1) in float32
@@ -164,7 +165,7 @@ def reference_range(x64: np.ndarray, case: dict) -> BlockRange:
     if case["calibration"] == "minmax":
         return BlockRange(flat.min(axis=-1), flat.max(axis=-1), SCALE_RTOL)
     lo, hi = percentile_range(flat, case["symmetric"], 0.0)
-    params = case["bits"], case["signed"], case["symmetric"]
+    params = case["bits"], case["signed"], case["symmetric"], case.get("narrow", True)
     outer = percentile_range(flat, case["symmetric"], PERCENTILE_POSITION_RTOL)
     inner = percentile_range(flat, case["symmetric"], -PERCENTILE_POSITION_RTOL)
     scale, _ = reference_scale(lo, hi, *params)
@@ -173,12 +174,13 @@ def reference_range(x64: np.ndarray, case: dict) -> BlockRange:
     return BlockRange(lo, hi, SCALE_RTOL + np.maximum(scale_width, lo_width))
 
 
-def reference_scale(lo, hi, bits: int, signed: bool, symmetric: bool):
-    """``(S, z)``: the float64 scale and the unrounded zero point ``qmin - lo/S`` (None if symmetric)."""
-    qmin, qmax = qrange(bits, signed, symmetric)
+def reference_scale(lo, hi, bits: int, signed: bool, symmetric: bool, narrow: bool = True):
+    """``(S, z)``: the float64 scale and the unrounded zero point ``qmin - lo/S`` (None if symmetric).
+    Symmetric: S = amax / qmax (narrow or unsigned), amax / (qmax + 1/2) (full signed range)."""
+    qmin, qmax = qrange(bits, signed, symmetric, narrow)
     if symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi)) if signed else np.maximum(hi, 0.0)
-        return np.maximum(amax / qmax, TINY), None
+        return np.maximum(amax / (qmax if narrow or not signed else qmax + 0.5), TINY), None
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     scale = np.maximum((hi - lo) / (qmax - qmin), TINY)
     return scale, qmin - lo / scale
@@ -222,10 +224,10 @@ def check_zero_point(zp_lib: np.ndarray, z_real: np.ndarray, lo, scale, rtol, qm
 def check_int_quantization(q: qjax.QArray, deq, x: np.ndarray, rng: BlockRange, case: dict):
     """Everything about an integer QArray, given the float64 per-block range."""
     bits, signed, symmetric, rounding = case["bits"], case["signed"], case["symmetric"], case["rounding"]
-    block = case["block"]
-    qmin, qmax = qrange(bits, signed, symmetric)
+    block, narrow = case["block"], case.get("narrow", True)
+    qmin, qmax = qrange(bits, signed, symmetric, narrow)
     grid = grid_of(x.shape, block)
-    scale, z_real = reference_scale(rng.lo, rng.hi, bits, signed, symmetric)
+    scale, z_real = reference_scale(rng.lo, rng.hi, bits, signed, symmetric, narrow)
     rtol = np.broadcast_to(rng.rtol, grid)
 
     scale_lib = np.asarray(q.scale)
@@ -280,6 +282,7 @@ def int_spec(case: dict, **extra) -> qjax.QuantSpec:
     return qjax.QuantSpec(
         dtype=f"{prefix}{case['bits']}",
         symmetric=case["symmetric"],
+        narrow_range=case.get("narrow", True),
         rounding=case["rounding"],
         **TILINGS[case["tiling"]].spec_kwargs,
         **extra,
@@ -304,13 +307,31 @@ INT_CASES = [
     )
     if bits in (2, 4, 8) or (rounding, calib) == ("nearest", "minmax")
 ]
+# The full symmetric signed range (narrow_range=False) at every width, and its rounding and
+# calibration modes at 4 bits.
+FULL_RANGE_TILINGS = ("per_tensor", "per_channel_last", "per_block_3d")
+INT_CASES += [
+    dict(
+        bits=bits,
+        signed=True,
+        symmetric=True,
+        narrow=False,
+        tiling=tiling,
+        rounding=rounding,
+        calibration=calib,
+    )
+    for bits, tiling, rounding, calib in itertools.product(
+        range(2, 9), FULL_RANGE_TILINGS, ROUNDINGS, ("minmax", "percentile")
+    )
+    if (rounding, calib) == ("nearest", "minmax") or (bits == 4 and tiling == "per_channel_last")
+]
 
 
 def case_id(case: dict) -> str:
     return "-".join(
         [
             f"{'int' if case['signed'] else 'uint'}{case['bits']}",
-            "sym" if case["symmetric"] else "asym",
+            ("sym" if case.get("narrow", True) else "sym_full") if case["symmetric"] else "asym",
             case["tiling"],
             case["rounding"],
             case["calibration"],
@@ -344,16 +365,18 @@ def test_integer_quantization_matches_float64_reference(case):
 # MSE calibration: the grid search, in numpy.
 
 
-def reference_mse_errors(x: np.ndarray, block, bits: int, signed: bool, symmetric: bool, grid: int):
+def reference_mse_errors(
+    x: np.ndarray, block, bits: int, signed: bool, symmetric: bool, grid: int, narrow: bool = True
+):
     """``(ratios, errors)``: the ratios (G - i)/G, i = 0..G-1, and each block's float64 squared error
     of nearest-rounding quantization over the range (c lo, c hi); errors are ``(G,) + grid``."""
-    qmin, qmax = qrange(bits, signed, symmetric)
+    qmin, qmax = qrange(bits, signed, symmetric, narrow)
     flat = to_blocks(x.astype(np.float64), block)
     lo, hi = flat.min(axis=-1), flat.max(axis=-1)
     ratios = (grid - np.arange(grid)) / grid
     errors = []
     for c in ratios:
-        scale, z_real = reference_scale(c * lo, c * hi, bits, signed, symmetric)
+        scale, z_real = reference_scale(c * lo, c * hi, bits, signed, symmetric, narrow)
         zp = np.zeros_like(scale) if z_real is None else np.clip(np.round(z_real), qmin, qmax)
         s, z = scale[..., None], zp[..., None]
         x_hat = (np.clip(np.round(flat / s) + z, qmin, qmax) - z) * s
@@ -370,6 +393,15 @@ MSE_CASES = [
     dict(bits=4, signed=False, symmetric=True, tiling="per_channel_two_axes", rounding="nearest", grid=17),
     dict(bits=3, signed=True, symmetric=False, tiling="per_group_3d", rounding="nearest", grid=50),
     dict(bits=5, signed=False, symmetric=False, tiling="per_block_2d", rounding="floor", grid=30),
+    dict(
+        bits=4,
+        signed=True,
+        symmetric=True,
+        narrow=False,
+        tiling="per_channel_last",
+        rounding="nearest",
+        grid=50,
+    ),
 ]
 
 
@@ -381,10 +413,11 @@ def test_mse_calibration_matches_numpy_grid_search(case, distribution):
     tiling = TILINGS[case["tiling"]]
     case = dict(case, block=tiling.block)
     bits, signed, symmetric, grid = case["bits"], case["signed"], case["symmetric"], case["grid"]
+    narrow = case.get("narrow", True)
     x = sample(distribution, tiling.shape)
     q, deq = quantize_eagerly(x, int_spec(case, calibration="mse", mse_grid=grid))
 
-    _, errors = reference_mse_errors(x, tiling.block, bits, signed, symmetric, grid)
+    _, errors = reference_mse_errors(x, tiling.block, bits, signed, symmetric, grid, narrow)
     best_steps = grid - np.argmin(errors, axis=0)  # first minimum: the larger ratio wins ties
     assert np.any(best_steps < grid), "the search should shrink some block's range for this data"
 
@@ -392,7 +425,7 @@ def test_mse_calibration_matches_numpy_grid_search(case, distribution):
     # ratio the library chose: it must lie on the grid and minimise the error up to float32 error.
     flat = to_blocks(x.astype(np.float64), tiling.block)
     lo, hi = flat.min(axis=-1), flat.max(axis=-1)
-    full_scale, _ = reference_scale(lo, hi, bits, signed, symmetric)
+    full_scale, _ = reference_scale(lo, hi, bits, signed, symmetric, narrow)
     steps = np.asarray(q.scale) / full_scale * grid
     chosen = np.round(steps)
     np.testing.assert_allclose(steps, chosen, rtol=0, atol=1e-3)
@@ -413,14 +446,15 @@ def test_mse_calibration_matches_numpy_grid_search(case, distribution):
 
 
 def float32_scale(x: np.ndarray, case: dict) -> np.ndarray:
-    """Minmax scale in float32: amax * fl(1/qmax), or (hi/2 - lo/2) * fl(2/L)."""
+    """Minmax scale in float32: amax * fl(2/(qmax - qmin)) (signed) or amax * fl(1/qmax)
+    (unsigned), or (hi/2 - lo/2) * fl(2/L)."""
     f32 = np.float32
-    qmin, qmax = qrange(case["bits"], case["signed"], case["symmetric"])
+    qmin, qmax = qrange(case["bits"], case["signed"], case["symmetric"], case.get("narrow", True))
     flat = to_blocks(x, case["block"])
     lo, hi = flat.min(axis=-1), flat.max(axis=-1)
     if case["symmetric"]:
         amax = np.maximum(np.abs(lo), np.abs(hi)) if case["signed"] else np.maximum(hi, f32(0))
-        return np.maximum(amax * f32(1 / qmax), f32(TINY))
+        return np.maximum(amax * f32(2 / (qmax - qmin) if case["signed"] else 1 / qmax), f32(TINY))
     lo, hi = np.minimum(lo, f32(0)), np.maximum(hi, f32(0))
     return np.maximum((hi * f32(0.5) - lo * f32(0.5)) * f32(2 / (qmax - qmin)), f32(TINY))
 
@@ -428,7 +462,7 @@ def float32_scale(x: np.ndarray, case: dict) -> np.ndarray:
 def float32_values(x: np.ndarray, scale: np.ndarray, case: dict):
     """``(values, zero_point)`` from a float32 ``scale``, computed in float32 numpy."""
     block, f32 = case["block"], np.float32
-    qmin, qmax = qrange(case["bits"], case["signed"], case["symmetric"])
+    qmin, qmax = qrange(case["bits"], case["signed"], case["symmetric"], case.get("narrow", True))
     if case["symmetric"]:
         zp = np.zeros(scale.shape, np.int32)
     else:
@@ -479,6 +513,8 @@ EXACT_CASES = [
     dict(bits=8, signed=False, symmetric=True, tiling="per_token_3d", rounding="nearest"),
     dict(bits=5, signed=True, symmetric=False, tiling="per_tensor", rounding="nearest"),
     dict(bits=2, signed=True, symmetric=True, tiling="per_group_axis1", rounding="floor"),
+    dict(bits=8, signed=True, symmetric=True, narrow=False, tiling="per_channel_last", rounding="nearest"),
+    dict(bits=3, signed=True, symmetric=True, narrow=False, tiling="per_block_3d", rounding="ceil"),
 ]
 
 
@@ -571,24 +607,40 @@ def mx_data(distribution: str, shape: tuple[int, ...]) -> np.ndarray:
     return sample(distribution, shape)
 
 
-def check_mx(x: np.ndarray, fmt: str, axis: int, block: tuple[int, ...]):
+def mx_exponent(amax: np.ndarray, emax: int, fmax: float, rounding: str) -> np.ndarray:
+    """The shared exponent k of S = 2^k, float64 and exact. ``floor``: floor(log2 amax) - emax (the
+    OCP rule). ``ceil``: ceil(log2(amax / fmax)), the smallest k with amax / 2^k <= fmax."""
+    _, e = np.frexp(amax)  # amax = m 2^e with m in [0.5, 1): floor(log2 amax) = e - 1, exactly
+    k = e - 1 - emax
+    if rounding == "ceil":
+        k = k + (amax > fmax * np.exp2(k))  # amax / 2^k lies in [2^emax, 2^(emax + 1)): one step at most
+    return np.clip(k, -127, 127)
+
+
+def check_mx(x: np.ndarray, fmt: str, axis: int, block: tuple[int, ...], rounding: str = "floor"):
     element, emax = MX_ELEMENTS[fmt]
-    spec = qjax.QuantSpec(dtype=fmt, granularity="per_group", axis=axis, group_size=32)
+    fmax = float(ml_dtypes.finfo(element).max)
+    spec = qjax.QuantSpec(
+        dtype=fmt, granularity="per_group", axis=axis, group_size=32, mx_scale_rounding=rounding
+    )
     values, scale, zp, deq = quantize_jit(jnp.asarray(x), spec)
     assert zp is None and values.dtype == element
 
     amax = np.abs(to_blocks(x, block)).max(axis=-1).astype(np.float64)
-    _, e = np.frexp(amax)  # amax = m 2^e with m in [0.5, 1): floor(log2 amax) = e - 1, exactly
-    expected_scale = np.exp2(np.clip(e - 1 - emax, -127, 127))
+    expected_scale = np.exp2(mx_exponent(amax, emax, fmax, rounding))
     scale = np.asarray(scale)
     assert scale.dtype == ml_dtypes.float8_e8m0fnu and scale.shape == grid_of(x.shape, block)
     np.testing.assert_array_equal(scale.astype(np.float64), expected_scale)
+    if rounding == "ceil":  # nothing saturates, and half the scale would saturate the maximum
+        assert np.all(amax / expected_scale <= fmax)
+        assert np.all((amax / expected_scale * 2 > fmax) | (amax == 0))
 
     scale_full = repeat_blocks(expected_scale.astype(np.float32), block)
     expected = saturating_cast(x / scale_full, element)
     got = np.asarray(values).astype(np.float32)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(np.asarray(deq), got * scale_full)
+    return amax / expected_scale > fmax  # the blocks whose maximum scales past fmax
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
@@ -599,18 +651,31 @@ def test_mx_scales_are_powers_of_two_and_values_saturated_casts(fmt, layout, dis
     check_mx(mx_data(distribution, shape), fmt, axis, block)
 
 
+@pytest.mark.parametrize("distribution", ["normal", "heavy_tailed", "positive"])  # uniform: |x| < 3
 @pytest.mark.parametrize("fmt", MX_ELEMENTS)
-def test_mx_scale_exponent_is_exact_next_to_powers_of_two(fmt):
-    # floor(log2 amax) for amax one ulp below, at, and one ulp above 2^k: float32 log2 rounds
-    # log2(2^k (1 - 2^-24)) up to k, but the exponent must stay k - 1.
+def test_mx_ceil_exponent_never_saturates(fmt, distribution):
     shape, axis, block = MX_LAYOUTS["2d_axis0"]
-    powers = np.exp2(np.arange(-16, 16, dtype=np.float32))  # 3 x 32 maxima: one per block
-    maxima = np.stack([np.nextafter(powers, np.float32(0)), powers, np.nextafter(powers, np.float32(np.inf))])
+    x = mx_data(distribution, shape)
+    assert not np.any(check_mx(x, fmt, axis, block, "ceil"))
+    saturated = check_mx(x, fmt, axis, block, "floor")
+    assert np.any(saturated)  # where the OCP rule saturates a block maximum, ceil moved it
+
+
+@pytest.mark.parametrize("rounding", ["floor", "ceil"])
+@pytest.mark.parametrize("fmt", MX_ELEMENTS)
+def test_mx_scale_exponent_is_exact_next_to_powers_of_two(fmt, rounding):
+    # floor(log2 amax) for amax one ulp below, at, and one ulp above 2^k: float32 log2 rounds
+    # log2(2^k (1 - 2^-24)) up to k, but the exponent must stay k - 1. ceil: amax = fmax 2^k exactly
+    # and one ulp either side of it.
+    shape, axis, block = MX_LAYOUTS["2d_axis0"]
+    fmax = np.float32(ml_dtypes.finfo(MX_ELEMENTS[fmt][0]).max)
+    edges = np.exp2(np.arange(-16, 16, dtype=np.float32)) * (fmax if rounding == "ceil" else np.float32(1))
+    maxima = np.stack([np.nextafter(edges, np.float32(0)), edges, np.nextafter(edges, np.float32(np.inf))])
     maxima = maxima.reshape(grid_of(shape, block))
     # |uniform / 4| <= 0.75, so every other element of a block stays below its maximum.
     x = sample("uniform", shape) / np.float32(4) * repeat_blocks(maxima, block)
     x[0, :], x[32, :] = maxima[0], -maxima[1]
-    check_mx(x, fmt, axis, block)
+    check_mx(x, fmt, axis, block, rounding)
 
 
 NVFP4_LAYOUTS = {

@@ -260,6 +260,17 @@ def ternary():
     numerics.formats.FORMATS.unregister("ternary")
 
 
+def test_a_registered_format_masks_the_clipped_ste_outside_its_clip_range(ternary):
+    """``CustomFormat.unclipped`` defaults to ``lo <= x <= hi`` of ``clip_range``."""
+    spec = QuantSpec(dtype="ternary", granularity="per_channel", axis=-1)
+    x = jax.random.normal(jax.random.key(2), (6, 4), jnp.float32)
+    qp = QParams(scale=jnp.full((1, 4), 0.5, jnp.float32))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(qjax.fake_quant(x, spec, "clipped_ste", qparams=qp))))(x)
+    inside = np.abs(np.asarray(x)) <= 0.5
+    assert np.any(inside) and np.any(~inside)
+    np.testing.assert_array_equal(np.asarray(grad), inside.astype(np.float32))
+
+
 def test_a_registered_format_quantizes_and_stores_by_name(ternary):
     spec = QuantSpec(dtype="ternary", granularity="per_channel", axis=-1)
     x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float32)

@@ -256,6 +256,71 @@ def test_kmeans_restrictions():
         qjax.calibrate(X, QuantSpec(dtype="kmeans3"))
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(dtype="uint4"), r"narrow_range=False chooses the full symmetric range of a signed integer"),
+        (dict(dtype="float8_e4m3fn"), r"dtype='float8_e4m3fn' has no such choice: remove narrow_range"),
+        (dict(dtype="mxfp4", granularity="per_group", axis=-1), r"dtype='mxfp4' has no such choice"),
+        (dict(dtype="kmeans3"), r"dtype='kmeans3' has no such choice"),
+        (
+            dict(dtype="int4", symmetric=False),
+            r"narrow_range=False applies to symmetric grids; dtype='int4' with symmetric=False already "
+            r"uses the full range \[-2\^\(b-1\), 2\^\(b-1\)-1\] with a zero point: remove narrow_range",
+        ),
+    ],
+    ids=["unsigned", "float", "mx", "kmeans", "asymmetric"],
+)
+def test_full_range_needs_a_symmetric_signed_integer_format(fields, message):
+    with pytest.raises(qjax.SpecError, match=message) as e:
+        QuantSpec(narrow_range=False, **fields)
+    assert e.value.field == "narrow_range"
+    QuantSpec(narrow_range=True, **fields)  # the default is accepted everywhere
+
+
+def test_narrow_range_must_be_a_bool():
+    with pytest.raises(qjax.SpecTypeError, match="narrow_range=0 must be true or false") as e:
+        QuantSpec(narrow_range=0)
+    assert e.value.field == "narrow_range"
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_full_range_reaches_the_format(bits):
+    """``spec.format`` knows its range, so every path through the format agrees on it."""
+    narrow, full = QuantSpec(dtype=f"int{bits}"), QuantSpec(dtype=f"int{bits}", narrow_range=False)
+    qmax = 2 ** (bits - 1) - 1
+    assert narrow.format.qrange(True) == (-qmax, qmax)
+    assert full.format.qrange(True) == (-qmax - 1, qmax)
+    assert full.format.qrange(False) == narrow.format.qrange(False) == (-qmax - 1, qmax)
+    assert full.format.name == f"int{bits}" and full.bits == bits
+    lo, hi = full.format.clip_range(QParams(scale=jnp.float32(0.5)))
+    assert (float(lo), float(hi)) == (-(qmax + 1) * 0.5, qmax * 0.5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(dtype="int8"), dict(dtype="nvfp4", granularity="per_group", axis=-1), dict(dtype="float8_e4m3fn")],
+    ids=["int8", "nvfp4", "fp8"],
+)
+def test_mx_scale_rounding_only_for_mx_formats(fields):
+    with pytest.raises(
+        qjax.SpecError,
+        match=rf"mx_scale_rounding='ceil' chooses the shared power-of-two exponent of an MX block "
+        rf"\(dtype 'mxfp8' or 'mxfp4'\); dtype='{fields['dtype']}' has none: remove mx_scale_rounding",
+    ) as e:
+        QuantSpec(mx_scale_rounding="ceil", **fields)
+    assert e.value.field == "mx_scale_rounding"
+
+
+def test_mx_scale_rounding_values():
+    spec = QuantSpec(dtype="mxfp8", granularity="per_group", axis=-1, mx_scale_rounding="ceil")
+    assert spec.mx_scale_rounding is qjax.MXScaleRounding.CEIL
+    assert spec.format.scale_rounding is qjax.MXScaleRounding.CEIL
+    assert QuantSpec(dtype="mxfp4", granularity="per_group", axis=-1).format.scale_rounding == "floor"
+    with pytest.raises(qjax.SpecError, match=r"mx_scale_rounding='round' is not one of \['floor', 'ceil'\]"):
+        QuantSpec(dtype="mxfp8", granularity="per_group", axis=-1, mx_scale_rounding="round")
+
+
 # --- stochastic rounding -----------------------------------------------------------------------
 
 
@@ -416,17 +481,21 @@ def test_from_dict_needs_a_mapping():
         QuantSpec(dtype="mxfp4", granularity="per_group", axis=-1),
         QuantSpec(dtype="nvfp4", granularity="per_group", axis=0),
         QuantSpec(dtype="kmeans3", granularity="per_channel", axis=1, kmeans_iters=5),
+        QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32, narrow_range=False),
+        QuantSpec(dtype="mxfp8", granularity="per_group", axis=-1, mx_scale_rounding="ceil"),
     ],
-    ids=lambda s: f"{s.dtype}-{s.granularity}",
+    ids=lambda s: f"{s.dtype}-{s.granularity}-{s.narrow_range}-{s.mx_scale_rounding}",
 )
 def test_dict_round_trip(spec):
     d = spec.to_dict()
     assert QuantSpec.from_dict(d) == spec
+    assert QuantSpec.from_dict(d).format == spec.format
     assert hash(QuantSpec.from_dict(d)) == hash(spec)
     # Plain values only, as a YAML or JSON config file holds them.
     for value in d.values():
         assert value is None or type(value) in (str, int, float, bool, list), (value, type(value))
     assert type(d["granularity"]) is str and type(d["rounding"]) is str and type(d["calibration"]) is str
+    assert type(d["mx_scale_rounding"]) is str and type(d["narrow_range"]) is bool
 
 
 def test_from_dict_turns_strings_and_lists_into_typed_values():

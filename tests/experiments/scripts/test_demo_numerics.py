@@ -1,12 +1,15 @@
 """The quickstart demo: real weights load, and its error table computes what it claims."""
 
+import itertools
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import qjax
 from experiments.scripts import demo_numerics
+from tests.numerics.test_reference import MX_ELEMENTS, mx_exponent
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +49,27 @@ def test_every_row_is_a_valid_spec():
 def test_markdown_has_one_line_per_row():
     results = [{"quantizer": "x", "sqnr_db": 1.0, "bits_per_weight": 4.0, "max_abs_error": 0.5}]
     assert demo_numerics.to_markdown(results).count("\n") == 2
+
+
+def test_mx_rule_table_matches_float64_reference():
+    """SQNR and clipped blocks of both MX exponent rules against numpy: S = 2^k (exact), values
+    cast with ml_dtypes; a block clips when an element rounds above fmax (rounding y / 2 onto the
+    same grid one binade lower, where it is representable, and doubling is exact)."""
+    samples = demo_numerics.mx_samples(32 * 64)
+    rows = demo_numerics.mx_rule_table(samples)
+    assert [(r["data"], r["format"], r["rule"]) for r in rows] == list(
+        itertools.product(demo_numerics.MX_DISTRIBUTIONS, demo_numerics.MX_FORMATS, demo_numerics.MX_RULES)
+    )
+    for row in rows:
+        element, emax = MX_ELEMENTS[row["format"]]
+        fmax = float(ml_dtypes.finfo(element).max)
+        x = samples[row["data"]].astype(np.float64)
+        scale = np.exp2(mx_exponent(np.abs(x).max(axis=-1, keepdims=True), emax, fmax, row["rule"]))
+        y = x / scale
+        x_hat = np.clip(y, -fmax, fmax).astype(element).astype(np.float64) * scale
+        sqnr = 10 * math.log10(np.sum(x**2) / np.sum((x - x_hat) ** 2))
+        assert row["sqnr_db"] == pytest.approx(sqnr, abs=1e-4)
+        rounded = 2 * (y / 2).astype(element).astype(np.float64)
+        clipped = np.mean(np.any(np.abs(rounded) > fmax, axis=-1))
+        assert row["clipped_blocks"] == clipped
+        assert (clipped == 0) == (row["rule"] == "ceil")

@@ -126,3 +126,18 @@ def test_spec_problems_are_reported_under_the_field_the_error_names(tmp_path):
 def test_a_valid_config_has_a_plan_and_no_problems():
     plan, problems = validation.make_plan(ExperimentConfig())
     assert problems == [] and [r.path for r in plan.rules] == [".*"] and plan.default_rule.is_exclusion
+
+
+def test_grid_options_of_a_config_reach_the_plan_or_name_their_field():
+    weights = {"dtype": "int4", "granularity": "per_channel", "axis": -1, "narrow_range": False}
+    mx = {"dtype": "mxfp8", "granularity": "per_group", "axis": -1, "mx_scale_rounding": "ceil"}
+    cfg = config.from_dict({"method": {"name": "ptq"}, "quant": {"weights": weights, "activations": mx}})
+    plan, problems = validation.make_plan(cfg)
+    assert problems == [] and plan is not None
+    assert plan.default_rule.weights == qjax.QuantSpec(**weights)
+    assert plan.default_rule.weights.format.qrange(True) == (-8, 7)
+    assert plan.default_rule.activations.mx_scale_rounding is qjax.MXScaleRounding.CEIL
+    bad = {"dtype": "uint4", "narrow_range": False}
+    cfg = config.from_dict({"method": {"name": "ptq"}, "quant": {"weights": bad, "activations": None}})
+    _, problems = validation.make_plan(cfg)
+    assert [p for p, _ in problems] == ["quant.weights.narrow_range"]
