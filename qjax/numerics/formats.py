@@ -297,8 +297,9 @@ class BlockFloatFormat:
           k_{ceil} = \\lceil \\log_2 (\\max|r| / f_{max}) \\rceil,
 
       with :math:`e_{max} = \\lfloor \\log_2 f_{max} \\rfloor`. ``floor`` is the OCP MX rule: a
-      block's maximum scales to :math:`[2^{e_{max}}, 2^{e_{max}+1})`, above :math:`f_{max}` (and
-      saturates there) when its mantissa exceeds :math:`f_{max}`'s. ``ceil`` is the smallest
+      block's maximum scales to :math:`[2^{e_{max}}, 2^{e_{max}+1})`, above :math:`f_{max}` when
+      its mantissa exceeds :math:`f_{max}`'s, and saturates at :math:`f_{max}` when it rounds
+      above it. ``ceil`` is the smallest
       :math:`k` with :math:`\\max|r| / 2^k \\le f_{max}`: nothing saturates, at the price of one
       binade of resolution in those blocks. With :math:`\\max|r| = f 2^e`,
       :math:`f \\in [1/2, 1)` (exact ``frexp``): :math:`k_{floor} = e - 1 - e_{max}` and
