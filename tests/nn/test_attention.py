@@ -245,6 +245,7 @@ def test_fp8_attention_serves_fp8_contractions():
         (dict(activations={"dtype": "int8"}, activation_scale="static"), "activation_scale", "dynamic"),
         (dict(activations={"dtype": "int8"}, activation_estimator="lsq"), "activation_estimator", "ste"),
         (dict(activations={"dtype": "mxfp8", "granularity": "per_group", "axis": -1}), "activations", "fp8"),
+        (dict(activations={"dtype": "int8", "rounding": "stochastic"}), "activations", "'nearest'"),
     ],
 )
 def test_attention_rule_errors(fields, field, match):
