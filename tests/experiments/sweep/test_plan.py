@@ -9,6 +9,7 @@ import qjax
 from experiments.sweep import config, run, validation
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig, LearnedRounding, Method, Optimizer, Plot, Schedule
+from tests import ROOT
 
 QUANT = """
 method: {name: ptq}
@@ -181,3 +182,23 @@ def test_quant_attention_on_a_model_without_attention_is_refused(tmp_path):
     cells = load(tmp_path, ATTENTION).cells()
     (problem,) = run.check_layers(cells)
     assert "quant.attention: model 'mlp' of task 'digits' has no attention layer" in problem
+
+
+def test_the_smoothquant_paper_rows_quantize_weights_per_tensor_and_the_attention_matmuls():
+    cells = config.load(ROOT / "configs" / "llm" / "smoothquant_paper.yaml").cells()
+    kinds = {"paper": 0, "lenient": 0}
+    for cell in cells:
+        label = cell.axes["variant"]
+        kind = label.rsplit(" ", 1)[-1]
+        kinds[kind] += 1
+        linears, attention = cell.plan.default_rule, cell.plan.attention_rules
+        assert cell.config.method.smoothquant_alpha in (0.5, 0.85)
+        if kind == "lenient":
+            assert attention == () and linears.weights.granularity == "per_channel", label
+            continue
+        (att,) = attention
+        assert linears.weights == qjax.QuantSpec(dtype="int8", granularity="per_tensor"), label
+        assert att.activations.granularity == linears.activations.granularity, label  # O1 / O2, O3
+        assert ("O1" in label) == (att.activations.granularity == "per_token"), label
+        assert ("O3" in label) == (linears.activation_scale == "static"), label
+    assert kinds == {"paper": 9, "lenient": 6}
