@@ -8,6 +8,7 @@ rules match them by path:
 
     embed                                   nnx.Embed (vocab, dim)
     layers/{i}/attn_norm                    RMSNorm
+    layers/{i}/attn                         Attention (attention_fn: QK^T and PV, kind='attention')
     layers/{i}/attn/{q,k,v,o}_proj          nnx.Linear
     layers/{i}/mlp_norm                     RMSNorm
     layers/{i}/mlp/{gate,up,down}_proj      nnx.Linear
