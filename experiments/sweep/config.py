@@ -37,7 +37,7 @@ floats, so ``learning_rate: 1`` and ``1.0`` hash alike. ``output_dir``, ``report
 it runs on or what it logs while training does not change what a cell computes (on a mesh, up to
 float rounding: ``experiments.sweep.placement``). ``plugins`` is hashed when it is not empty (the
 modules decide what a plug-in name computes); an empty list leaves the hash of a config as it was
-before the key existed.
+before the key existed. Likewise ``quant.attention`` is hashed when it is set, not when null.
 
 **Plug-ins.** The modules of the top-level ``plugins:`` list are imported (:func:`import_plugins`)
 before any cell is validated, so the names they register (estimators, formats, rounding schemes,
@@ -290,10 +290,12 @@ def dump_yaml(config: ExperimentConfig) -> str:
 
 def config_hash(config: ExperimentConfig) -> str:
     """SHA-256 hex of the canonical JSON of ``to_dict(config)`` without :data:`HASH_EXCLUDED`
-    (and without ``plugins`` when it is empty)."""
+    (and without ``plugins`` when it is empty, ``quant.attention`` when it is null)."""
     d = {k: v for k, v in to_dict(config).items() if k not in HASH_EXCLUDED}
     if not d.get("plugins"):
         d.pop("plugins", None)
+    if d.get("quant", {}).get("attention") is None:
+        d.get("quant", {}).pop("attention", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

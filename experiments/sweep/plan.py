@@ -18,8 +18,9 @@ class Plan:
 
     Attributes:
       rules: the ``qjax.nn.Rule`` of each ``quant.overrides`` entry, in order (``keep_float``: an
-        exclusion; ``null`` fields inherit from ``quant``), then the catch-all rule ``'.*'`` with
-        ``quant.weights`` and ``quant.activations``. Built for every method (``float`` ignores them).
+        exclusion; ``null`` fields inherit from ``quant``), then the ``kind='attention'`` rule of
+        ``quant.attention`` when it is set, then the catch-all rule ``'.*'`` with ``quant.weights``
+        and ``quant.activations``. Built for every method (``float`` ignores them).
       adaround: the AdaRound settings (``method.adaround_*``) when ``method.rounding`` is
         ``adaround``, else ``None``.
     """
@@ -31,3 +32,8 @@ class Plan:
     def default_rule(self) -> qjax.nn.Rule:
         """The catch-all rule (the template of mixed precision's per-layer widths)."""
         return self.rules[-1]
+
+    @property
+    def attention_rules(self) -> tuple[qjax.nn.Rule, ...]:
+        """The rules of ``kind='attention'`` (``quant.attention``)."""
+        return tuple(r for r in self.rules if r.kind == qjax.nn.RuleKind.ATTENTION)

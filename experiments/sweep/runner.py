@@ -57,10 +57,18 @@ def load_task(cfg: ExperimentConfig) -> Task:
 
 def quantize(cfg: ExperimentConfig, model: nnx.Module, rules: Sequence[qjax.nn.Rule]) -> nnx.Module:
     """``qjax.nn.quantize_model`` with ``rules`` (the plan's, or mixed precision's); unused-rule
-    warnings go to the log."""
+    warnings go to the log. A rule of ``kind='attention'`` (``quant.attention``) that reaches no
+    attention layer is refused: the model has none."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", qjax.nn.UnusedRuleWarning)
         qmodel = qjax.nn.quantize_model(model, rules, seed=cfg.quant.rounding_seed or 0)
+    attention = [r for r in rules if r.kind == qjax.nn.RuleKind.ATTENTION and not r.is_exclusion]
+    if attention and not qjax.nn.attention_ops(qmodel):
+        raise ValueError(
+            f"quant.attention: model {cfg.task.model!r} of task {cfg.task.name!r} has no attention layer "
+            "(an nnx.MultiHeadAttention or a module with an attention_fn: qjax.nn.attention); remove "
+            "quant.attention for it"
+        )
     for w in caught:
         if "path='.*'" not in str(w.message):  # the catch-all rule may legitimately match nothing
             logger.warning("%s", w.message)
@@ -209,7 +217,7 @@ def mixed_precision_rules(
     allocation = mixed_precision.allocate_bits(table, m.bit_budget or 0.0)
     logger.info("mixed precision: %s (average %.3f bits)", allocation.bits, allocation.average_bits)
     info = {"allocation": dict(allocation.bits), "average_bits": allocation.average_bits, "scan": table}
-    return mixed_precision.rules(allocation, template), info
+    return [*plan.attention_rules, *mixed_precision.rules(allocation, template)], info
 
 
 def apply_method(

@@ -243,6 +243,15 @@ class QuantConfig:
     Attributes:
       weights: :class:`qjax.QuantSpec` fields for every layer's kernel (``null``: float kernels).
       activations: :class:`qjax.QuantSpec` fields for every layer's input (``null``: weight-only).
+      attention: :class:`qjax.QuantSpec` fields for the operands of the attention contractions
+        :math:`QK^T` and :math:`PV` (:math:`q`, :math:`k`, :math:`P`, :math:`v`) of every attention
+        layer: ``nnx.MultiHeadAttention`` and any module with an ``attention_fn``, such as the llm
+        task's Llama (:mod:`qjax.nn.attention`). An integer or fp8 ``dtype``, ``granularity``
+        ``per_tensor`` (the default) or ``per_token``; scales are dynamic whatever
+        ``activation_scale`` says; the estimator is ``activation_estimator`` when that is ``ste``
+        or ``clipped_ste``, else ``ste``. One ``qjax.nn.Rule(path='.*', kind='attention')``;
+        ``null``: float attention. A model without attention layers refuses it. E.g.
+        ``attention: {dtype: int8, granularity: per_token}``.
       weight_estimator: ``ste``, ``clipped_ste`` or ``lsq``.
       activation_estimator: ``ste``, ``clipped_ste``, ``lsq`` or ``pact``.
       activation_scale: ``dynamic`` or ``static`` (from calibration).
@@ -253,6 +262,7 @@ class QuantConfig:
 
     weights: dict[str, Any] | None = None
     activations: dict[str, Any] | None = None
+    attention: dict[str, Any] | None = None
     weight_estimator: str = "ste"
     activation_estimator: str = "ste"
     activation_scale: str = "dynamic"

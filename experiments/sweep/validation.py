@@ -8,8 +8,9 @@ with a suggestion; a comma-separated string stands for a tuple of strings: ``row
 a bad field keeps its default so that one pass finds every problem.
 :func:`make_plan` then finds the impossible values of a typed config (sizes and counts below their
 minimum, unknown names with a suggestion, ``quant`` specs that ``qjax.QuantSpec.from_dict`` or
-``qjax.nn.Rule`` refuse, under the dotted path of the field their error names, stochastic rounding
-without ``quant.rounding_seed``, PTQ/QAT without anything to quantize) and, for a valid config,
+``qjax.nn.Rule`` refuse, under the dotted path of the field their error names (``quant.attention``
+included), stochastic rounding without ``quant.rounding_seed``, PTQ/QAT without anything to
+quantize) and, for a valid config,
 builds its :class:`~experiments.sweep.plan.Plan`: each spec and rule once.
 
 Problems are ``(dotted path, message)`` pairs; :mod:`experiments.sweep.config` gathers them over a sweep.
@@ -493,8 +494,8 @@ def _quant_specs(out: Problems, q: QuantConfig, method: Method) -> tuple[Specs, 
     _one_of(out, "quant.observer", q.observer, OBSERVERS)
     ok_w, weights = _parse_spec(out, "quant.weights", q.weights, q.rounding_seed)
     ok_a, acts = _parse_spec(out, "quant.activations", q.activations, q.rounding_seed)
-    if method.quantizes and q.weights is None and q.activations is None:
-        needs = "needs quant.weights or quant.activations; e.g. weights: {dtype: int8}"
+    if method.quantizes and q.weights is None and q.activations is None and q.attention is None:
+        needs = "needs quant.weights, quant.activations or quant.attention; e.g. weights: {dtype: int8}"
         out.append(("quant", f"method.name={str(method)!r} {needs}"))
     defaults = (weights, acts) if ok_w and ok_a else None
     overrides = [_override(out, f"quant.overrides[{i}]", q, o, defaults) for i, o in enumerate(q.overrides)]
@@ -564,6 +565,24 @@ def _rules(out: Problems, q: QuantConfig, specs: tuple[Specs, list[Specs | None]
     return rules
 
 
+ATTENTION_ESTIMATORS = (qjax.Estimator.STE, qjax.Estimator.CLIPPED_STE)
+
+
+def _attention_rule(out: Problems, q: QuantConfig) -> qjax.nn.Rule | None:
+    """The ``kind='attention'`` rule of ``quant.attention`` (``None`` when it is null or refused:
+    the refusal goes to ``out`` under ``quant.attention``, or ``quant.attention.<field>`` when the
+    spec's error names its field)."""
+    ok, spec = _parse_spec(out, "quant.attention", q.attention, q.rounding_seed)
+    if not ok or spec is None:
+        return None
+    estimator = q.activation_estimator if q.activation_estimator in ATTENTION_ESTIMATORS else "ste"
+    try:
+        return qjax.nn.Rule(path=".*", kind="attention", activations=spec, activation_estimator=estimator)
+    except (ValueError, TypeError) as e:
+        out.append(("quant.attention", str(e).replace("Rule '.*': ", "")))
+        return None
+
+
 def _adaround(out: Problems, cfg: ExperimentConfig) -> qjax.methods.AdaRoundConfig | None:
     m = cfg.method
     if m.rounding != LearnedRounding.ADAROUND:
@@ -593,6 +612,9 @@ def make_plan(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> tuple[Pl
     _check_tracking(out, cfg)
     specs = _quant_specs(out, cfg.quant, cfg.method.name)
     rules = [] if specs is None else _rules(out, cfg.quant, specs)
+    attention = _attention_rule(out, cfg.quant)
+    if attention is not None and rules:  # before the catch-all layer rule, the plan's default_rule
+        rules.insert(len(rules) - 1, attention)
     adaround = _adaround(out, cfg) if not out else None
     return (None, out) if out else (Plan(rules=tuple(rules), adaround=adaround), out)
 

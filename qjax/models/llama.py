@@ -8,6 +8,7 @@ rules match them by path:
 
     embed                                   nnx.Embed (vocab, dim)
     layers/{i}/attn_norm                    RMSNorm
+    layers/{i}/attn                         Attention (attention_fn: QK^T and PV, kind='attention')
     layers/{i}/attn/{q,k,v,o}_proj          nnx.Linear
     layers/{i}/mlp_norm                     RMSNorm
     layers/{i}/mlp/{gate,up,down}_proj      nnx.Linear
@@ -40,7 +41,7 @@ Layer-wise calibration runs one block at a time:
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.nnx as nnx
@@ -48,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.nn.attention import grouped_query_attention
 from qjax.numerics import QuantSpec, quantize_dequantize
 from qjax.numerics.fields import SpecError
 from qjax.numerics.formats import FloatFormat, IntFormat, parse_format
@@ -274,12 +276,20 @@ class Attention(nnx.Module):
     multiplied by :math:`H_{d_h} / \\sqrt{d_h}` (orthogonal: the scores are unchanged). With
     ``kv_cache`` set (:func:`set_kv_cache`), the keys (as just described) and :math:`V` are read as
     the quantized cache would return them (:class:`KVCacheQuant`).
+
+    The two contractions are ``attention_fn`` (qjax's attention protocol,
+    :mod:`qjax.nn.attention`), called as ``attention_fn(q, k, v, is_causal=True,
+    deterministic=True)`` with ``q`` ``(B, T, H, d_h)`` and ``k``, ``v`` ``(B, T, H_kv, d_h)``
+    (the rotary embedding and the cache simulation applied, the key / value heads not repeated).
+    It is :func:`qjax.nn.grouped_query_attention` by default; a rule of ``kind='attention'``
+    (:func:`qjax.nn.quantize_model`) replaces it by a :class:`qjax.nn.QuantizedAttention`.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         c = config
         self.config = c
         self.kv_cache: KVCacheQuant | None = None
+        self.attention_fn: Callable[..., jax.Array] = grouped_query_attention
         self.q_proj = _linear(c.dim, c.n_heads * c.head_dim, dtype, rngs)
         self.k_proj = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
         self.v_proj = _linear(c.dim, c.n_kv_heads * c.head_dim, dtype, rngs)
@@ -296,13 +306,7 @@ class Attention(nnx.Module):
             q, k = hadamard_transform(q), hadamard_transform(k)
         if self.kv_cache is not None:
             k, v = self.kv_cache.apply(k), self.kv_cache.apply(v)
-        q = q.reshape(b, t, c.n_kv_heads, c.kv_groups, c.head_dim)  # head h = kv * G + g
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-        scores = scores / np.float32(math.sqrt(c.head_dim))
-        causal = jnp.tril(jnp.ones((1, 1, 1, t, t), jnp.bool_))
-        scores = jnp.where(causal, scores, np.float32(-jnp.inf))
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v)  # (B, T, H_kv, G, d_h)
+        out = self.attention_fn(q, k, v, is_causal=True, deterministic=True)  # (B, T, H, d_h)
         return self.o_proj(out.reshape(b, t, c.n_heads * c.head_dim))
 
 

@@ -1,6 +1,6 @@
 """Flax NNX integration: rule-based model quantization, QAT / calibrate / serve modes."""
 
-from qjax.nn.attention import QuantizedAttention
+from qjax.nn.attention import REPLACEABLE_ATTENTION, QuantizedAttention, grouped_query_attention
 from qjax.nn.diagnostics import (
     HookCall,
     channel_outliers,
@@ -18,7 +18,15 @@ from qjax.nn.fold import (
     fold_batchnorm_params,
     mean_output_error,
 )
-from qjax.nn.hooks import LayerHook, OpKind, attention_layers, join_path, layer_hook, wrapped_contractions
+from qjax.nn.hooks import (
+    LayerHook,
+    OpKind,
+    attention_layers,
+    is_attention_layer,
+    join_path,
+    layer_hook,
+    wrapped_contractions,
+)
 from qjax.nn.linen import FakeQuantDotGeneral
 from qjax.nn.model import (
     QuantizedWeight,
@@ -44,6 +52,7 @@ from qjax.nn.stats import QuantStats, StaticQParams
 
 __all__ = [
     "MODES",
+    "REPLACEABLE_ATTENTION",
     "ActivationScale",
     "CodebookIndices",
     "CorrectionInputs",
@@ -75,6 +84,8 @@ __all__ = [
     "fold_batchnorm",
     "fold_batchnorm_params",
     "format_table",
+    "grouped_query_attention",
+    "is_attention_layer",
     "join_path",
     "kurtosis",
     "layer_diagnostics",

@@ -4,8 +4,10 @@
 an injectable attribute (``dot_general``, ``conv_general_dilated``, ``einsum_op``); ``nnx.Embed`` has
 no contraction and ``nnx.ConvTranspose`` calls ``lax.conv_transpose`` itself: both are reached
 through their ``promote_dtype`` hook, which receives the layer's operands. The attention
-contractions of ``nnx.MultiHeadAttention`` (:math:`QK^T` and :math:`PV`) are reached through its
-``attention_fn`` (:func:`attention_layers`); its four projections are ``LinearGeneral`` layers.
+contractions (:math:`QK^T` and :math:`PV`) of ``nnx.MultiHeadAttention``, and of any module that
+declares an ``attention_fn`` with the signature of ``flax.nnx.dot_product_attention`` (the
+attention protocol, :mod:`qjax.nn.attention`), are reached through that ``attention_fn``
+(:func:`attention_layers`); the projections are ordinary Linear / LinearGeneral layers.
 qjax installs its ops (and its recorders, for diagnostics and AdaRound) there, so the layer objects
 and their variable paths stay Flax's own.
 
@@ -33,7 +35,7 @@ class OpKind(enum.StrEnum):
     EINSUM = "einsum"  # nnx.Einsum: einsum(equation, x, kernel)
     EMBED = "embed"  # nnx.Embed: a table lookup (weight-only: its input is integer ids)
     CONV_TRANSPOSE = "conv_transpose"  # nnx.ConvTranspose: promote_dtype((x, kernel, bias)), then lax
-    ATTENTION = "attention"  # nnx.MultiHeadAttention: attention_fn(q, k, v, ...): QK^T and PV
+    ATTENTION = "attention"  # an attention layer's attention_fn(q, k, v, ...): QK^T and PV
 
 
 class LayerHook(NamedTuple):
@@ -87,14 +89,16 @@ def quantizable_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
 ATTENTION_HOOK = LayerHook("attention_fn", "", OpKind.ATTENTION)
 
 
-def attention_layers(model: nnx.Module) -> list[tuple[str, nnx.MultiHeadAttention]]:
-    """``(path, layer)`` for every ``nnx.MultiHeadAttention`` in the model, in graph order: the
-    layers whose attention contractions a rule of ``kind='attention'`` quantizes."""
-    return [
-        (join_path(parts), node)
-        for parts, node in nnx.iter_graph(model)
-        if isinstance(node, nnx.MultiHeadAttention)
-    ]
+def is_attention_layer(node: object) -> bool:
+    """Whether ``node`` is an attention layer: an NNX module with an ``attention_fn`` attribute
+    (the attention protocol of :mod:`qjax.nn.attention`; ``nnx.MultiHeadAttention`` has one)."""
+    return isinstance(node, nnx.Module) and ATTENTION_HOOK.hook in vars(node)
+
+
+def attention_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """``(path, layer)`` for every attention layer of the model (:func:`is_attention_layer`), in
+    graph order: the layers whose attention contractions a rule of ``kind='attention'`` quantizes."""
+    return [(join_path(parts), node) for parts, node in nnx.iter_graph(model) if is_attention_layer(node)]
 
 
 Wrap = Callable[[str, Callable[..., Any], int], Callable[..., Any]]

@@ -9,8 +9,9 @@
 The model's own layer objects are kept: each matched ``nnx.Linear``, ``nnx.LinearGeneral``,
 ``nnx.Conv`` or ``nnx.Einsum`` gets a :class:`~qjax.nn.ops.QuantizedOp` as its contraction hook, each
 ``nnx.ConvTranspose`` one as its ``promote_dtype`` hook, each ``nnx.Embed`` a
-:class:`~qjax.nn.ops.QuantizedEmbedding` as its ``promote_dtype`` hook, and each
-``nnx.MultiHeadAttention`` matched by a rule of ``kind='attention'`` a
+:class:`~qjax.nn.ops.QuantizedEmbedding` as its ``promote_dtype`` hook, and each attention layer
+(``nnx.MultiHeadAttention``, or any module with an ``attention_fn``: the attention protocol of
+:mod:`qjax.nn.attention`) matched by a rule of ``kind='attention'`` a
 :class:`~qjax.nn.attention.QuantizedAttention` as its ``attention_fn``. Converting replaces a kernel
 ``nnx.Param`` by a :class:`QuantizedWeight` variable holding a packed ``QArray``.
 """
@@ -31,7 +32,15 @@ import numpy as np
 
 from qjax.kernels.dispatch import Prepared, check_kernel_path, prepare_w4a16
 from qjax.nn.attention import QuantizedAttention, check_attention_layer
-from qjax.nn.hooks import HOOKS, OpKind, attention_layers, layer_hook, quantizable_layers
+from qjax.nn.hooks import (
+    ATTENTION_HOOK,
+    HOOKS,
+    OpKind,
+    attention_layers,
+    is_attention_layer,
+    layer_hook,
+    quantizable_layers,
+)
 from qjax.nn.ops import (
     MODES,
     KernelLayout,
@@ -73,12 +82,9 @@ def quantized_ops(model: nnx.Module) -> list[tuple[str, nnx.Module, QuantizedOp 
 
 
 def attention_ops(model: nnx.Module) -> list[tuple[str, nnx.Module, QuantizedAttention]]:
-    """``(path, layer, op)`` of every ``MultiHeadAttention`` whose contractions are quantized."""
-    return [
-        (path, layer, layer.attention_fn)
-        for path, layer in attention_layers(model)
-        if isinstance(layer.attention_fn, QuantizedAttention)
-    ]
+    """``(path, layer, op)`` of every attention layer whose contractions are quantized."""
+    found = [(path, layer, getattr(layer, ATTENTION_HOOK.hook)) for path, layer in attention_layers(model)]
+    return [(path, layer, fn) for path, layer, fn in found if isinstance(fn, QuantizedAttention)]
 
 
 def _as_rules(rules: Iterable[Rule | Mapping[str, Any]]) -> list[Rule]:
@@ -106,7 +112,8 @@ def quantize_model(
     """A quantized copy of ``model`` (``model`` is left unchanged).
 
     Args:
-      model: any NNX module; its Linear, Conv, Einsum and Embed layers are candidates.
+      model: any NNX module; its Linear, Conv, Einsum and Embed layers are candidates, and its
+        attention layers for rules of ``kind='attention'``.
       rules: :class:`Rule` list; the first rule whose ``path`` matches a layer applies.
       mode: ``qat`` (fake quantization, trainable), ``calibrate`` (collect activation statistics)
         or ``convert`` (stored integer weights, ready to serve; static activation scales need a
@@ -170,7 +177,7 @@ def quantize_model(
             )
             continue
         check_attention_layer(path, layer)
-        layer.attention_fn = nnx.data(QuantizedAttention(path, match[1], layer_mode))
+        setattr(layer, ATTENTION_HOOK.hook, nnx.data(QuantizedAttention(path, match[1], layer_mode)))
     for i, rule in enumerate(rules):
         if i not in used:
             warnings.warn(
@@ -209,11 +216,11 @@ def float_modules(model: nnx.Module, why: Mapping[str, str] | None = None) -> li
             if not isinstance(op, QuantizedOp | QuantizedEmbedding):
                 out.append((path, kind, why.get(path, "not quantized")))
             continue
-        if isinstance(node, nnx.MultiHeadAttention):
-            if not isinstance(node.attention_fn, QuantizedAttention):
-                label = f"{path} (QK^T, PV)"
-                out.append((label, kind, why.get(label, "attention contractions not quantized")))
-            continue
+        if is_attention_layer(node) and not isinstance(
+            getattr(node, ATTENTION_HOOK.hook), QuantizedAttention
+        ):
+            label = f"{path} (QK^T, PV)"
+            out.append((label, kind, why.get(label, "attention contractions not quantized")))
         own = [name for name, v in vars(node).items() if isinstance(v, nnx.Param)]
         if not own:
             continue
@@ -222,7 +229,7 @@ def float_modules(model: nnx.Module, why: Mapping[str, str] | None = None) -> li
         else:
             reason = (
                 f"holds its own parameters ({', '.join(own)}) outside the layers qjax hooks (Linear, "
-                "LinearGeneral, Conv, ConvTranspose, Einsum, Embed, MultiHeadAttention): a matmul "
+                "LinearGeneral, Conv, ConvTranspose, Einsum, Embed, attention_fn): a matmul "
                 "that uses them stays float; build it from those layers to quantize it"
             )
         out.append((path, kind, reason))

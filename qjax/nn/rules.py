@@ -18,6 +18,7 @@ from qjax.kernels.dispatch import KERNEL_PATHS, KernelPath
 from qjax.nn.integer_qat import Residuals
 from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
 from qjax.numerics.formats import CodebookFormat, FloatFormat, IntFormat
+from qjax.numerics.rounding import needs_key
 from qjax.numerics.spec import Granularity, QuantSpec
 from qjax.ste import Estimator, parse_estimator
 
@@ -31,7 +32,7 @@ class RuleKind(enum.StrEnum):
     """What a rule's ``path`` selects."""
 
     LAYER = "layer"  # Linear, LinearGeneral, Conv, ConvTranspose, Einsum and Embed layers
-    ATTENTION = "attention"  # the QK^T and PV contractions of MultiHeadAttention layers
+    ATTENTION = "attention"  # the QK^T and PV contractions of attention layers (an attention_fn)
 
 
 class Observer(enum.StrEnum):
@@ -53,9 +54,10 @@ class Rule:
       path: regular expression for the layer paths this rule covers (full match).
       kind: ``layer`` (the rule covers Linear, LinearGeneral, Conv, ConvTranspose, Einsum and
         Embed layers) or ``attention`` (the :math:`QK^T` and :math:`PV` contractions of the
-        ``nnx.MultiHeadAttention`` layers it matches, quantized with ``activations``, dynamic
-        scales, ``ste`` or ``clipped_ste``; see :mod:`qjax.nn.attention`). The kinds never match
-        each other's layers.
+        attention layers it matches: ``nnx.MultiHeadAttention`` and any module with an
+        ``attention_fn``, such as :class:`qjax.models.llama.Attention`; quantized with
+        ``activations``, dynamic scales, nearest rounding, ``ste`` or ``clipped_ste``; see
+        :mod:`qjax.nn.attention`). The kinds never match each other's layers.
       weights: the spec of the layer's kernel (``None``: kernel stays float).
       activations: the spec of the layer's input (``None``: weight-only).
       weight_estimator: gradient of the weight quantizer in QAT (``ste``, ``clipped_ste``,
@@ -211,6 +213,12 @@ class Rule:
             raise SpecError(
                 f"Rule {self.path!r}: attention operands take granularity 'per_tensor' or 'per_token'; "
                 f"got {str(acts.granularity)!r}",
+                field="activations",
+            )
+        if needs_key(acts.rounding):
+            raise SpecError(
+                f"Rule {self.path!r}: attention operands are rounded without random numbers; got "
+                f"rounding={str(acts.rounding)!r}: use 'nearest'",
                 field="activations",
             )
         if self.activation_scale != ActivationScale.DYNAMIC:

@@ -205,7 +205,7 @@ def test_stochastic_rounding_with_a_seed_is_valid(tmp_path):
 
 def test_ptq_and_qat_need_something_to_quantize(tmp_path):
     err = problems(tmp_path, "sweep: {method.name: [float, ptq, qat]}")
-    needs = "needs quant.weights or quant.activations; e.g. weights: {dtype: int8}"
+    needs = "needs quant.weights, quant.activations or quant.attention; e.g. weights: {dtype: int8}"
     assert [str(p) for p in err.problems] == [
         f"method.name=ptq: quant: method.name='ptq' {needs}",
         f"method.name=qat: quant: method.name='qat' {needs}",
@@ -461,6 +461,8 @@ def canonical_sha256(cfg):
     del d["output_dir"], d["report"], d["mesh"], d["resources"], d["tracking"]
     if not d["plugins"]:
         del d["plugins"]  # hashed only when listed, so hashes from before the key stay
+    if d["quant"]["attention"] is None:
+        del d["quant"]["attention"]  # likewise: hashed only when set
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

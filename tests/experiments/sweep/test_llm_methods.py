@@ -24,6 +24,7 @@ INT8_CH = QuantSpec(dtype="int8", granularity="per_channel", axis=-1)
 INT3_CH = QuantSpec(dtype="int3", granularity="per_channel", axis=-1)
 INT4_G32 = QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32)
 BLOCK_LINEARS = r"layers/.*"
+ATTN8 = qjax.nn.Rule(path=".*", kind="attention", activations=QuantSpec(dtype="int8"))
 
 
 def _model(seed=0):
@@ -160,6 +161,7 @@ def test_apply_llm_method_dispatch():
     for method, rules in [
         (dict(name="llm_int8"), []),
         (dict(smoothquant_alpha=0.5), _rules(INT8_CH, QuantSpec(dtype="int8", granularity="per_token"))),
+        (dict(smoothquant_alpha=0.5), [*_rules(QuantSpec(dtype="int8"), QuantSpec(dtype="int8")), ATTN8]),
         (dict(awq=True, awq_grid=3), _rules(INT4_G32)),
         (dict(gptq=True), _rules(INT4_G32)),
     ]:
@@ -182,6 +184,8 @@ def test_apply_llm_method_dispatch():
         )
         assert np.isfinite(np.asarray(_logits(out, calib[0]))).all()
         assert ("layers" in info) == (m.awq or m.gptq)
+        attention = len(qjax.nn.attention_ops(out))
+        assert attention == (TINY.n_layers if ATTN8 in rules else 0)  # SmoothQuant O2 with int8 BMMs
     assert jax.tree.all(
         jax.tree.map(lambda a, b: bool(jnp.all(a == b)), nnx.state(model), nnx.state(_model()))
     )

@@ -9,6 +9,7 @@ import qjax
 from experiments.sweep import config, run, validation
 from experiments.sweep.plan import Plan
 from experiments.sweep.schema import ExperimentConfig, LearnedRounding, Method, Optimizer, Plot, Schedule
+from tests import ROOT
 
 QUANT = """
 method: {name: ptq}
@@ -141,3 +142,78 @@ def test_grid_options_of_a_config_reach_the_plan_or_name_their_field():
     cfg = config.from_dict({"method": {"name": "ptq"}, "quant": {"weights": bad, "activations": None}})
     _, problems = validation.make_plan(cfg)
     assert [p for p, _ in problems] == ["quant.weights.narrow_range"]
+
+
+ATTENTION = """
+method: {name: ptq}
+task: {name: digits, model: mlp}
+quant:
+  weights: {dtype: int8, granularity: per_tensor}
+  activations: {dtype: int8, granularity: per_token}
+  attention: {dtype: int8, granularity: per_token}
+  activation_estimator: lsq
+  overrides: [{path: fc1, keep_float: true}]
+"""
+
+
+def test_quant_attention_is_one_attention_rule_before_the_catch_all(tmp_path):
+    (cell,) = load(tmp_path, ATTENTION).cells()
+    rules = cell.plan.rules
+    assert [(r.path, r.kind) for r in rules] == [("fc1", "layer"), (".*", "attention"), (".*", "layer")]
+    assert cell.plan.attention_rules == (rules[1],) and cell.plan.default_rule is rules[-1]
+    # lsq holds state the attention operands have none of: they take the plain straight-through
+    assert rules[1] == qjax.nn.Rule(
+        path=".*", kind="attention", activations=qjax.QuantSpec(dtype="int8", granularity="per_token")
+    )
+    cfg = cell.config
+    assert config.from_dict(yaml.safe_load(config.dump_yaml(cfg))) == cfg
+    without = load(tmp_path, ATTENTION.replace("  attention: {dtype: int8, granularity: per_token}\n", ""))
+    assert without.cells()[0].plan.attention_rules == () and without.cells()[0].hash != cell.hash
+    only = load(tmp_path, "method: {name: ptq}\nquant: {attention: {dtype: int8}}").cells()
+    assert [r.kind for r in only[0].plan.rules] == ["attention", "layer"]  # attention alone is a PTQ
+
+
+@pytest.mark.parametrize(
+    ("attention", "path", "match"),
+    [
+        ({"dtype": "int8", "granularity": "per_channel", "axis": -1}, "quant.attention", "per_token"),
+        (
+            {"dtype": "int8", "granulrity": "per_token"},
+            "quant.attention.granulrity",
+            "did you mean 'granularity'",
+        ),
+        ({"dtype": "nvfp4", "granularity": "per_group", "axis": -1}, "quant.attention", "integer or fp8"),
+        ({"dtype": "int8", "rounding": "stochastic"}, "quant.attention.rounding", "rounding_seed"),
+    ],
+)
+def test_quant_attention_problems_name_the_field(attention, path, match):
+    cfg = config.from_dict({"method": {"name": "ptq"}, "quant": {"attention": attention}})
+    plan, problems = validation.make_plan(cfg)
+    assert plan is None and [p for p, _ in problems] == [path], problems
+    assert match in problems[0][1]
+
+
+def test_quant_attention_on_a_model_without_attention_is_refused(tmp_path):
+    cells = load(tmp_path, ATTENTION).cells()
+    (problem,) = run.check_layers(cells)
+    assert "quant.attention: model 'mlp' of task 'digits' has no attention layer" in problem
+
+
+def test_the_smoothquant_paper_rows_quantize_weights_per_tensor_and_the_attention_matmuls():
+    cells = config.load(ROOT / "configs" / "llm" / "smoothquant_paper.yaml").cells()
+    kinds = {"paper": 0, "lenient": 0}
+    for cell in cells:
+        label = cell.axes["variant"]
+        kind = label.rsplit(" ", 1)[-1]
+        kinds[kind] += 1
+        linears, attention = cell.plan.default_rule, cell.plan.attention_rules
+        assert cell.config.method.smoothquant_alpha in (0.5, 0.85)
+        if kind == "lenient":
+            assert attention == () and linears.weights.granularity == "per_channel", label
+            continue
+        (att,) = attention
+        assert linears.weights == qjax.QuantSpec(dtype="int8", granularity="per_tensor"), label
+        assert att.activations.granularity == linears.activations.granularity, label  # O1 / O2, O3
+        assert ("O1" in label) == (att.activations.granularity == "per_token"), label
+        assert ("O3" in label) == (linears.activation_scale == "static"), label
+    assert kinds == {"paper": 9, "lenient": 6}
