@@ -168,10 +168,12 @@ class MethodConfig:
       smoothquant_pairs: also smooth the input of ``down_proj`` (factors folded into the output
         columns of ``up_proj``): the activations with the largest outliers in Llama models.
       awq: AWQ (``llm``): activation-aware scale search (``awq_grid`` points of alpha in [0, 1)) and
-        clipping search per layer group, scales folded into the preceding norm or linear.
+        clipping search per layer group, scales folded into the preceding norm or linear; with
+        ``name: qat``, where QAT starts (``keep_ptq_grid``).
       gptq: GPTQ (``llm``): block by block, each linear's weights quantized column by column with
         the inverse-Hessian error feedback (``gptq_damp``, ``gptq_act_order``,
-        ``gptq_block_size``) on inputs from the already quantized earlier layers.
+        ``gptq_block_size``) on inputs from the already quantized earlier layers; with
+        ``name: qat``, where QAT starts (``keep_ptq_grid``).
       llm_int8_threshold: with ``name: llm_int8``: LLM.int8() (vector-wise int8 with input
         features whose magnitude reaches the threshold in float).
       distill: ``qat`` (``llm``) by knowledge distillation: the loss is the per-token
