@@ -20,12 +20,14 @@ model a cell evaluates:
 
 and otherwise round-to-nearest with the config's rules (the cell's
 :attr:`experiments.sweep.plan.Plan.rules`); AWQ and GPTQ pin their weights into the quantized model.
+With ``method.name: qat`` the model returned is where QAT starts (:func:`start_qat`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.nnx as nnx
@@ -38,7 +40,9 @@ from qjax import methods
 from qjax.methods.awq import awq_blocks
 from qjax.methods.gptq import gptq_blocks
 from qjax.methods.sequential import Block, capture_inputs, pin_weights
+from qjax.nn.model import quantizable_layers
 from qjax.nn.rules import first_match
+from qjax.numerics import QParams
 
 logger = logging.getLogger("experiments.sweep.llm_methods")
 
@@ -174,9 +178,38 @@ def apply_llm_method(
             )
         report["layers"] = rows
     quantized = quantize(model, list(rules))
-    if pinned:
+    if pinned and m.name == Method.QAT:
+        start_qat(quantized, pinned, float_latent=not m.gptq, keep_grid=m.keep_ptq_grid)
+    elif pinned:
         pin_weights(quantized, pinned)
     return quantized
+
+
+def start_qat(
+    model: nnx.Module,
+    pinned: Mapping[str, tuple[jax.Array, QParams]],
+    *,
+    float_latent: bool,
+    keep_grid: bool,
+) -> nnx.Module:
+    """Where QAT starts from a PTQ method's ``pinned[path] = (w_hat, qparams)`` (in place):
+
+    * ``keep_grid``: each weight quantizer keeps the method's grid ``qparams`` (fixed with the
+      ``ste`` / ``clipped_ste`` estimators, the initial step sizes of ``lsq``); the latent weights
+      are the model's float kernels where ``float_latent`` (AWQ: :math:`Q_{qparams}(W) = \\hat W`,
+      so the model computes AWQ's, and the distance of each weight to its rounding threshold is
+      kept), else ``w_hat`` (GPTQ: its weights are not the rounding of the float ones);
+    * otherwise the latent weights are ``w_hat`` and the quantizers recompute their grid from them
+      at every step (with a symmetric format the first grid is the method's wherever a block's
+      largest :math:`|\\hat w|` is at its grid's end, as after AWQ's clipping search).
+    """
+    layers = {path: typing.cast(nnx.Linear, layer) for path, layer in quantizable_layers(model)}
+    if keep_grid:
+        start = {p: (layers[p].kernel[...] if float_latent else w, qp) for p, (w, qp) in pinned.items()}
+        return pin_weights(model, start)
+    for path, (w_hat, _) in pinned.items():
+        layers[path].kernel.set_value(w_hat)
+    return model
 
 
 def outlier_table(model: Any, calib: Sequence[jax.Array], threshold: float = 6.0) -> list[dict[str, Any]]:
@@ -202,4 +235,5 @@ __all__ = [
     "outlier_table",
     "rotate",
     "smooth_llama",
+    "start_qat",
 ]

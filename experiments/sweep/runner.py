@@ -36,6 +36,7 @@ from experiments.sweep import claims, energy, hosts, llm_methods, tracking
 from experiments.sweep import config as config_lib
 from experiments.sweep.placement import Placement, devices_of
 from experiments.sweep.plan import Plan
+from experiments.sweep.qat import fine_tune, monitor, quantization_aware
 from experiments.sweep.schema import ExperimentConfig, Method
 from experiments.sweep.train_loop import make_schedule, make_tx, total_steps, train
 from experiments.tasks import batchnorm_pairs, get_task
@@ -92,17 +93,6 @@ def float_metrics_path(cfg: ExperimentConfig, sweep_dir: pathlib.Path) -> pathli
     that uses it copies them (:class:`experiments.sweep.tracking.Tracker`)."""
     directory = float_model_dir(cfg, sweep_dir)
     return directory.with_name(directory.name + ".metrics.jsonl")
-
-
-def monitor(
-    cfg: ExperimentConfig, phase: str, schedule: Any, observer: tracking.TrainObserver | None
-) -> tracking.Monitor | None:
-    """How a training phase reports to ``observer`` (``None``: it does not)."""
-    if observer is None:
-        return None
-    return tracking.Monitor(
-        phase=phase, observer=observer, learning_rate=schedule, log_every=cfg.tracking.log_every
-    )
 
 
 def float_model(
@@ -228,10 +218,13 @@ def apply_method(
     cell_dir: pathlib.Path,
     observer: tracking.TrainObserver | None,
     placement: Placement | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> nnx.Module:
-    """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably; finetune: the
-    float model trained as QAT would be, without quantizers (QAT's control for the extra training).
-    The quantized model (its quantizer state included) is placed as ``placement`` says."""
+    """PTQ: quantize, calibrate (and bias-correct); QAT: then fine-tune, resumably (from the
+    model of the LLM method where one is set; with ``eval.before_qat`` the PTQ model's metrics go to
+    ``metrics`` as ``ptq_<name>``); finetune: the float model trained as QAT would be, without
+    quantizers (QAT's control for the extra training). The quantized model (its quantizer state
+    included) is placed as ``placement`` says."""
     m = cfg.method
     place = placement or Placement()
     if m.name == Method.FINETUNE:
@@ -245,7 +238,7 @@ def apply_method(
         records.write_json(cell_dir / "llm_method.json", info)
         if m.name != Method.LLM_INT8:
             qjax.nn.calibrate(qmodel, calib)
-        return qmodel
+        return quantization_aware(cfg, task, qmodel, base, cell_dir, observer, place, metrics)
     rules: Sequence[qjax.nn.Rule] = plan.rules
     if m.bit_budget is not None:
         rules, info = mixed_precision_rules(cfg, plan, task, base, calib)
@@ -258,39 +251,7 @@ def apply_method(
         records.write_json(cell_dir / "adaround.json", [dataclasses.asdict(r) for r in layers])
     if m.bias_correction:
         qmodel = qjax.nn.bias_correction(qmodel, base, calib)
-    if m.name == Method.QAT:
-        fine_tune(cfg, task, qmodel, cell_dir, observer, place)
-    return qmodel
-
-
-def fine_tune(
-    cfg: ExperimentConfig,
-    task: Task,
-    model: nnx.Module,
-    cell_dir: pathlib.Path,
-    observer: tracking.TrainObserver | None,
-    placement: Placement | None = None,
-) -> nnx.Module:
-    """Train ``model`` in place for ``method.epochs`` (or ``method.steps``), resumably; its
-    metrics go to ``observer`` as the phase ``method.name`` (``qat`` or ``finetune``)."""
-    m = cfg.method
-    steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
-    tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
-    schedule = make_schedule(m.learning_rate, m.schedule, steps)
-    train(
-        task,
-        model,
-        tx,
-        steps=steps,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.seed + 1,
-        checkpoint_dir=cell_dir / "ckpt",
-        checkpoint_every=cfg.train.checkpoint_every,
-        keep=cfg.train.keep_checkpoints,
-        placement=placement,
-        monitor=monitor(cfg, str(m.name), schedule, observer),
-    )
-    return model
+    return quantization_aware(cfg, task, qmodel, base, cell_dir, observer, place, metrics)
 
 
 @contextlib.contextmanager
@@ -361,11 +322,13 @@ def run_cell(
         task = load_task(cfg)
         model = float_model(cfg, task, sweep_dir, observers, placement)
         base = model
+        before: dict[str, float] = {}
         if cfg.method.name != Method.FLOAT:
             base = prepare_base(cfg, task, model)
-            model = apply_method(cfg, cell.plan, task, base, cell_dir, observers, placement)
+            model = apply_method(cfg, cell.plan, task, base, cell_dir, observers, placement, before)
         model.eval()
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit, placement.take)
+        metrics.update(before)
         held_by = devices_of(nnx.state(model))
         for node in (base, model):  # several processes: each reads the values from here on
             placement.replicate_across_processes(node)

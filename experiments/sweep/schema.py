@@ -104,7 +104,8 @@ class TaskConfig:
       model_args: keyword arguments of the model constructor (e.g. ``{hidden: 256}``).
       train_limit: use only the first N training examples (0 = all), for quick runs.
       data_args: options of the task's data; ``llm``: ``window`` (512 tokens), ``eval_windows``
-        (16, from the start of the text), ``calibration_windows`` (64, from its end).
+        (16, from the start of the text), ``calibration_windows`` (64, from its end: the training
+        split, which calibration and QAT draw from; at most the windows after the evaluation's).
     """
 
     name: str = "digits"
@@ -155,7 +156,9 @@ class MethodConfig:
         (fine-tune the float model exactly as ``qat`` would, without quantizers: QAT's control
         for the extra training it gets).
       epochs, steps, learning_rate, schedule, optimizer: the QAT (or ``finetune``) run (like
-        :class:`TrainConfig`; ``steps`` > 0 overrides ``epochs``).
+        :class:`TrainConfig`; ``steps`` > 0 overrides ``epochs``), in batches of
+        ``train.batch_size`` examples, checkpointed every ``train.checkpoint_every`` steps: a
+        pretrained task (``llm``) uses these ``train`` settings for QAT and ignores the others.
       fold_batchnorm: fold batch norms into the preceding conv/linear before quantizing.
       bias_correction: PTQ bias correction on the calibration batches.
       rounding: ``null`` (each weight spec's own rounding) or ``adaround`` (AdaRound, Nagel et al.
@@ -173,10 +176,12 @@ class MethodConfig:
       smoothquant_pairs: also smooth the input of ``down_proj`` (factors folded into the output
         columns of ``up_proj``): the activations with the largest outliers in Llama models.
       awq: AWQ (``llm``): activation-aware scale search (``awq_grid`` points of alpha in [0, 1)) and
-        clipping search per layer group, scales folded into the preceding norm or linear.
+        clipping search per layer group, scales folded into the preceding norm or linear; with
+        ``name: qat``, where QAT starts (``keep_ptq_grid``).
       gptq: GPTQ (``llm``): block by block, each linear's weights quantized column by column with
         the inverse-Hessian error feedback (``gptq_damp``, ``gptq_act_order``,
-        ``gptq_block_size``) on inputs from the already quantized earlier layers.
+        ``gptq_block_size``) on inputs from the already quantized earlier layers; with
+        ``name: qat``, where QAT starts (``keep_ptq_grid``).
       llm_int8_threshold: with ``name: llm_int8``: LLM.int8() (vector-wise int8 with input
         features whose magnitude reaches the threshold in float).
       rotation: ``null`` or ``hadamard`` (``llm``, ``ptq``): the float model is rotated first
@@ -188,6 +193,24 @@ class MethodConfig:
         ``hidden_dim`` (its quantizer sees the rotated input).
       rotation_qk: also rotate queries and keys per head after the rotary embedding (and values
         through ``v_proj`` / ``o_proj``), for a quantized KV cache.
+      distill: ``qat`` (``llm``) by knowledge distillation: the loss is the per-token
+        :math:`T^2\\,\\mathrm{KL}(p_{teacher} \\| p_{student})` of the next-token distributions at
+        temperature :math:`T` = ``distill_temperature``, the teacher being the float model (run
+        beside the student at every step, never trained), mixed with the cross-entropy on the
+        text by ``distill_weight`` (:func:`qjax.training.distillation_loss`); ``false``: the
+        task's loss (cross-entropy).
+      distill_temperature: :math:`T` of ``distill`` (1: the distributions as they are).
+      distill_weight: :math:`\\lambda` of ``distill``: ``lambda * KD + (1 - lambda) * CE``
+        (1: pure distillation).
+      keep_ptq_grid: QAT from ``awq`` or ``gptq``: ``true`` starts from the method's weight grid
+        (its scales and clipping): fixed with the ``ste``/``clipped_ste`` weight estimators, the
+        initial LSQ step sizes with ``lsq``; the latent weights are AWQ's scaled float kernels
+        (their fake quantization is AWQ's model) or GPTQ's quantized weights. ``false``: the
+        latent weights are the method's quantized weights and their grid is recomputed from them
+        at every step (dynamic scales; ``ste``/``clipped_ste`` only).
+      freeze: regexes of parameter paths (``re.search`` on ``layers/0/mlp/up_proj/kernel``) that
+        ``qat`` and ``finetune`` keep fixed, e.g. ``[embed]``: a tied float embedding, which then
+        needs no gradient and no optimizer state.
     """
 
     name: Method = Method.FLOAT
@@ -218,6 +241,11 @@ class MethodConfig:
     rotation_seed: int = 0
     rotation_online_down: bool = True
     rotation_qk: bool = False
+    distill: bool = False
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0
+    keep_ptq_grid: bool = True
+    freeze: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -295,6 +323,8 @@ class EvalConfig:
       export: save the converted model with orbax (packed integer weights and scales), reload it
         into a fresh model and evaluate that too (``export_*`` metrics, ``export_bytes`` on disk).
       diagnostics: record per-layer diagnostics (weight and output SQNR, activation statistics).
+      before_qat: a ``qat`` cell also evaluates its model before the fine-tuning (the PTQ model
+        QAT starts from) and records those metrics as ``ptq_<metric>``.
       kernels: what the converted model (``serve``, ``export``) runs its matmuls on: ``auto``
         (Pallas kernels on GPU/TPU, XLA's integer path on CPU), ``pallas``, ``xla``, ``reference``
         (each kernel's pure-jnp reference: for debugging a kernel inside a model) or ``mosaic_gpu``
@@ -307,6 +337,7 @@ class EvalConfig:
     serve: bool = False
     export: bool = False
     diagnostics: bool = True
+    before_qat: bool = False
     kernels: str = "auto"
 
 

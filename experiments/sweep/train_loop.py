@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import logging
 import pathlib
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.nnx as nnx
@@ -74,6 +76,51 @@ def make_tx(
     raise ValueError(f"optimizer={optimizer!r} is not one of adam, adamw, sgd")
 
 
+def distill_loss(
+    task: Task, *, temperature: float, kd_weight: float
+) -> Callable[[nnx.Module, Any], jax.Array]:
+    """``loss(student, (batch, teacher))``: :func:`qjax.training.distillation_loss` of the
+    student's and the teacher's :attr:`~experiments.tasks.base.Task.predictions` on ``batch``
+    (the teacher runs in the same step and gets no gradient)."""
+    predictions = task.predictions
+    if predictions is None:
+        raise ValueError(
+            f"task {task.name!r} gives no predictions to distil (Task.predictions); set method.distill: false"
+        )
+
+    def loss(student: nnx.Module, inputs: tuple[Any, nnx.Module]) -> jax.Array:
+        batch, teacher = inputs
+        logits, targets = predictions(student, batch)
+        teacher_logits, _ = predictions(teacher, batch)
+        return training.distillation_loss(
+            logits, teacher_logits, targets, temperature=temperature, kd_weight=kd_weight
+        )
+
+    return loss
+
+
+def trainable(model: nnx.Module, freeze: Sequence[str]) -> Any:
+    """The ``nnx.Param`` filter of the variables a run trains: those whose path (``/``-joined,
+    e.g. ``embed/embedding``) matches none of the ``freeze`` regexes (``re.search``); each regex
+    must match some parameter of ``model``."""
+    if not freeze:
+        return nnx.Param
+    paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    for pattern in freeze:
+        if not any(re.search(pattern, p) for p in paths):
+            raise ValueError(
+                f"method.freeze: {pattern!r} matches no parameter; the parameters are "
+                f"{', '.join(paths[:6])}, ... (e.g. 'embed' for the embedding)"
+            )
+    compiled = [re.compile(p) for p in freeze]
+
+    def frozen(path: tuple[Any, ...], _: Any) -> bool:
+        joined = "/".join(map(str, path))
+        return any(r.search(joined) for r in compiled)
+
+    return nnx.All(nnx.Param, nnx.Not(frozen))
+
+
 def train(
     task: Task,
     model: nnx.Module,
@@ -88,6 +135,9 @@ def train(
     placement: Placement | None = None,
     max_loss_ratio: float = 1e4,
     monitor: tracking.Monitor | None = None,
+    loss: Callable[[nnx.Module, Any], jax.Array] | None = None,
+    teacher: nnx.Module | None = None,
+    wrt: Any = nnx.Param,
 ) -> nnx.Module:
     """Train ``model`` in place for ``steps`` steps, resuming from ``checkpoint_dir`` if it holds a
     checkpoint; the final step is always checkpointed. With a ``placement`` on a mesh, the model
@@ -95,16 +145,21 @@ def train(
     A non-finite loss, or one over ``max_loss_ratio`` times the first (:class:`qjax.training.
     LossWatch`), raises :class:`qjax.training.TrainingDiverged` before the next checkpoint.
 
+    ``loss(model, batch)`` (default ``task.loss``) is minimised over the ``wrt`` variables (an nnx
+    filter: :func:`trainable`); with a ``teacher`` it is called as ``loss(model, (batch, teacher))``
+    (:func:`distill_loss`) and the teacher is never changed.
+
     A ``monitor``'s observer is told where the run starts, every step, and the metrics of every
     logged step (:mod:`experiments.sweep.tracking`); only logged steps read values from the device."""
     place = placement or Placement()
     place.model(model)
-    optimizer = place.optimizer(training.make_optimizer(model, tx), model)
+    optimizer = place.optimizer(training.make_optimizer(model, tx, wrt=wrt), model)
     logs = monitor is not None and monitor.log_every > 0
     with training.TrainingCheckpointer(checkpoint_dir, save_every=checkpoint_every, keep=keep) as ckpt:
         restored = ckpt.restore(model, optimizer)
         shardings = None if place.mesh is None else training.state_shardings(model, optimizer)
-        train_step = training.make_train_step(task.loss, shardings=shardings, return_grad_norm=logs)
+        objective = task.loss if loss is None else loss
+        train_step = training.make_train_step(objective, shardings=shardings, return_grad_norm=logs)
         start = training.DataPosition()
         if restored is not None and restored.data is not None:
             start = training.DataPosition.from_dict(restored.data)
@@ -117,7 +172,8 @@ def train(
         watch = training.LossWatch(max_loss_ratio)
         stream = training.batch_indices(len(task.train), batch_size, seed=seed, start=start)
         for position, idx in itertools.islice(stream, max(steps - start.step, 0)):
-            out = train_step(model, optimizer, place.take(task.train, idx))
+            batch = place.take(task.train, idx)
+            out = train_step(model, optimizer, batch if teacher is None else (batch, teacher))
             loss, grad_norm = out if logs else (out, None)
             watch.update(position.step, loss)
             if monitor is not None:

@@ -10,7 +10,7 @@ a bad field keeps its default so that one pass finds every problem.
 minimum, unknown names with a suggestion, ``quant`` specs that ``qjax.QuantSpec.from_dict`` or
 ``qjax.nn.Rule`` refuse, under the dotted path of the field their error names (``quant.attention``
 included), stochastic rounding without ``quant.rounding_seed``, PTQ/QAT without anything to
-quantize) and, for a valid config,
+quantize, distillation outside QAT on the llm task) and, for a valid config,
 builds its :class:`~experiments.sweep.plan.Plan`: each spec and rule once.
 
 Problems are ``(dotted path, message)`` pairs; :mod:`experiments.sweep.config` gathers them over a sweep.
@@ -367,6 +367,7 @@ def _check_mesh(out: Problems, cfg: ExperimentConfig) -> None:
             ("method.gptq", m.gptq),
             ("method.rotation", m.rotation is not None),
             ("method.name: llm_int8", m.name == Method.LLM_INT8),
+            ("method.distill", m.distill),
         )
         if on
     ]
@@ -377,7 +378,7 @@ def _check_mesh(out: Problems, cfg: ExperimentConfig) -> None:
 
 
 def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
-    """AdaRound and mixed-precision switches of ``method``."""
+    """AdaRound, mixed-precision, LLM and distillation switches of ``method``."""
     m = cfg.method
     if m.rounding == LearnedRounding.ADAROUND and cfg.quant.weights is None and m.name.quantizes:
         out.append(("method.rounding", "AdaRound rounds weights: set quant.weights"))
@@ -392,6 +393,7 @@ def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
         if cfg.quant.weights is None:
             out.append(("method.bit_budget", "mixed precision allocates weight widths: set quant.weights"))
     _check_llm_methods(out, cfg)
+    _check_distill(out, cfg)
     if not m.candidate_bits or any(not 2 <= b <= 8 for b in m.candidate_bits):
         out.append(
             ("method.candidate_bits", f"{list(m.candidate_bits)} must be widths in 2..8, e.g. [2, 3, 4, 8]")
@@ -417,8 +419,14 @@ def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
             out.append(
                 (key, f"runs on the llm task's models (task.name is {cfg.task.name!r}); set task.name: llm")
             )
-        elif key != "method.name" and m.name != Method.PTQ:
-            out.append((key, f"is a post-training method: set method.name: ptq (it is {str(m.name)!r})"))
+        elif key != "method.name" and m.name not in (Method.PTQ, Method.QAT):
+            out.append(
+                (
+                    key,
+                    "is a post-training method (or the start of QAT): set method.name: ptq or qat "
+                    f"(it is {str(m.name)!r})",
+                )
+            )
     _at_least(out, "method.rotation_seed", m.rotation_seed, 0)
     if m.rotation is None and m.rotation_qk:
         out.append(("method.rotation_qk", "rotates with method.rotation: set it to hadamard"))
@@ -442,6 +450,78 @@ def _check_llm_methods(out: Problems, cfg: ExperimentConfig) -> None:
         out.append(("method.gptq_damp", f"{m.gptq_damp} must be > 0, e.g. 0.01"))
     if m.llm_int8_threshold < 0:
         out.append(("method.llm_int8_threshold", f"{m.llm_int8_threshold} must be >= 0, e.g. 6.0"))
+    _check_qat_from_ptq(out, cfg)
+
+
+def _check_distill(out: Problems, cfg: ExperimentConfig) -> None:
+    """Distillation trains a quantized student of the llm task against its float model."""
+    m = cfg.method
+    if m.distill:
+        if cfg.task.name != "llm":
+            out.append(
+                (
+                    "method.distill",
+                    f"distils the llm task's next-token distributions (task.name is {cfg.task.name!r}); "
+                    "set task.name: llm, or method.distill: false",
+                )
+            )
+        if m.name != Method.QAT:
+            out.append(
+                (
+                    "method.distill",
+                    "trains the quantized model against the float one: set method.name: qat "
+                    f"(it is {str(m.name)!r}), or method.distill: false",
+                )
+            )
+    if not m.distill_temperature > 0:
+        out.append(("method.distill_temperature", f"{m.distill_temperature} must be > 0, e.g. 1.0"))
+    if not 0.0 <= m.distill_weight <= 1.0:
+        out.append(
+            (
+                "method.distill_weight",
+                f"{m.distill_weight} must be in [0, 1] (1: pure distillation), e.g. 1.0",
+            )
+        )
+    for key, value in (("distill_temperature", m.distill_temperature), ("distill_weight", m.distill_weight)):
+        if not m.distill and value != 1.0:
+            out.append((f"method.{key}", "only distillation uses it: set method.distill: true"))
+
+
+def _check_qat_from_ptq(out: Problems, cfg: ExperimentConfig) -> None:
+    """``keep_ptq_grid: false`` needs QAT from AWQ or GPTQ with calibrated (not learned) scales;
+    ``freeze`` needs a training method."""
+    m, q = cfg.method, cfg.quant
+    if not m.keep_ptq_grid:
+        if m.name != Method.QAT or not (m.awq or m.gptq):
+            out.append(
+                (
+                    "method.keep_ptq_grid",
+                    "only QAT from a PTQ method uses it: set method.name: qat with method.awq or "
+                    "method.gptq, or remove it",
+                )
+            )
+        estimators = [q.weight_estimator, *(o.weight_estimator for o in q.overrides)]
+        if qjax.Estimator.LSQ in estimators:
+            out.append(
+                (
+                    "method.keep_ptq_grid",
+                    "false recomputes the scales from the weights, but weight_estimator 'lsq' learns "
+                    "them: set keep_ptq_grid: true (LSQ starts from the PTQ grid) or weight_estimator: ste",
+                )
+            )
+    if m.freeze and m.name not in (Method.QAT, Method.FINETUNE):
+        out.append(
+            ("method.freeze", f"only qat and finetune train parameters (method.name is {str(m.name)!r})")
+        )
+    for i, pattern in enumerate(m.freeze):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            out.append(
+                (f"method.freeze[{i}]", f"{pattern!r} is not a regular expression ({e}); e.g. 'embed'")
+            )
+    if cfg.eval.before_qat and m.name != Method.QAT:
+        out.append(("eval.before_qat", f"only a qat cell uses it (method.name is {str(m.name)!r})"))
 
 
 def override_specs(

@@ -66,6 +66,10 @@ class Task:
       diagnostic_examples: test examples the per-layer diagnostics of a record run on.
       diagnostic_length: if > 0, the diagnostics see only the first ``diagnostic_length`` positions
         of each example's second axis (tokens of a long sequence).
+      predictions: ``predictions(model, batch) -> (logits, targets)``: the logits ``(..., C)`` of
+        every prediction the loss scores and their integer targets ``(...)`` (a language model:
+        ``(B, L-1, V)`` next-token logits); what distillation matches against a teacher.
+        ``None``: the task cannot be distilled.
     """
 
     name: str
@@ -80,6 +84,7 @@ class Task:
     pretrained: bool = False
     diagnostic_examples: int = 256
     diagnostic_length: int = 0
+    predictions: Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array]] | None = None
 
     def make_model(self, model: str, model_args: dict[str, Any], seed: int) -> nnx.Module:
         if model not in self.models:

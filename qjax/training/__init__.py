@@ -1,5 +1,6 @@
 """Training utilities for any NNX model, quantized or not: an optax train step, orbax checkpoints
-that resume exactly, and data-parallel / FSDP sharding that covers quantizer state and QArrays."""
+that resume exactly, data-parallel / FSDP sharding that covers quantizer state and QArrays, and
+knowledge-distillation losses on logits."""
 
 from qjax.training.checkpoint import (
     CheckpointDamaged,
@@ -8,6 +9,7 @@ from qjax.training.checkpoint import (
     default_sharding,
 )
 from qjax.training.data import DataPosition, batch_indices, epoch_order
+from qjax.training.distill import distillation_loss, token_cross_entropy, token_kl
 from qjax.training.sharding import (
     follow_spec,
     fsdp_spec,
@@ -33,6 +35,7 @@ __all__ = [
     "TrainingDiverged",
     "batch_indices",
     "default_sharding",
+    "distillation_loss",
     "epoch_order",
     "follow_spec",
     "fsdp_spec",
@@ -49,4 +52,6 @@ __all__ = [
     "shard_model",
     "shard_optimizer",
     "state_shardings",
+    "token_cross_entropy",
+    "token_kl",
 ]
