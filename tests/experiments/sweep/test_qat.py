@@ -4,6 +4,7 @@ the frozen embedding stay as they were, training sees training windows only), wh
 from a PTQ method's weights and grid, and the errors of bad settings."""
 
 import dataclasses
+import functools
 import json
 
 import flax.nnx as nnx
@@ -26,6 +27,7 @@ from tests.models.test_llama import GGUF_CONFIG, random_model, write_gguf
 TIED = dataclasses.replace(GGUF_CONFIG, tie_embeddings=True)
 WINDOW, EVAL_WINDOWS, TRAIN_WINDOWS = 32, 4, 8
 INT4_G32 = qjax.QuantSpec(dtype="int4", granularity="per_group", axis=0, group_size=32)
+INT4_G32_ASYM = dataclasses.replace(INT4_G32, symmetric=False)
 
 
 @pytest.fixture(scope="module")
@@ -139,33 +141,39 @@ def test_training_windows_are_disjoint_from_the_evaluation_windows(checkpoint):
         llm.make_task(str(checkpoint), window=WINDOW, eval_windows=EVAL_WINDOWS, calibration_windows=most + 1)
 
 
-@jax.jit
-def _clipped(w):
-    lo, hi = block_range(w, INT4_G32, (32, 1))
-    qp = INT4_G32.affine_format.qparams(0.7 * lo, 0.7 * hi, True)
-    return qjax.quantize_dequantize(w, INT4_G32, qparams=qp), qp
+@functools.partial(jax.jit, static_argnums=1)
+def _clipped(w, spec):
+    lo, hi = block_range(w, spec, (32, 1))
+    qp = spec.affine_format.qparams(0.7 * lo, 0.7 * hi, spec.symmetric)
+    return qjax.quantize_dequantize(w, spec, qparams=qp), qp
 
 
-def _clipped_pins(model):
+def _clipped_pins(model, spec):
     """A PTQ method's result as AWQ's clipping leaves it: per layer, a grid shrunk to 0.7 of the
     kernel's range and the kernel quantized on it."""
     return {
-        p: _clipped(layer.kernel[...]) for p, layer in quantizable_layers(model) if p.startswith("layers/")
+        p: _clipped(layer.kernel[...], spec)
+        for p, layer in quantizable_layers(model)
+        if p.startswith("layers/")
     }
 
 
 _fake_quant = jax.jit(qjax.fake_quant, static_argnums=(1, 2))  # one compile per kernel shape
 
 
-@pytest.mark.parametrize("estimator", ["ste", "lsq"])
-def test_start_qat_keeps_the_ptq_model(estimator):
+@pytest.mark.parametrize(
+    "estimator, spec",
+    [("ste", INT4_G32), ("lsq", INT4_G32), ("ste", INT4_G32_ASYM)],
+    ids=["ste", "lsq", "ste-asym"],
+)
+def test_start_qat_keeps_the_ptq_model(estimator, spec):
     """From a clipped grid: with the float kernels as latent weights (AWQ) or the quantized ones
     (GPTQ), and with dynamic scales from the quantized weights, every layer's weight as the forward
     pass quantizes it is the PTQ method's (so the model computes the PTQ model); the float latent
     weights keep their clipped tails, and LSQ's step sizes start from the grid."""
     model = Llama(TINY, rngs=nnx.Rngs(0))
-    rules = [qjax.nn.Rule(path="layers/.*", weights=INT4_G32, weight_estimator=estimator)]
-    pins = _clipped_pins(model)
+    rules = [qjax.nn.Rule(path="layers/.*", weights=spec, weight_estimator=estimator)]
+    pins = _clipped_pins(model, spec)
     starts = [dict(float_latent=True, keep_grid=True), dict(float_latent=False, keep_grid=True)]
     if estimator == "ste":
         starts.append(dict(float_latent=True, keep_grid=False))
@@ -176,7 +184,7 @@ def test_start_qat_keeps_the_ptq_model(estimator):
             w_hat, qp = pins[path]
             kernel = layer.kernel[...]
             learned = None if op.weight_scale is None else op.weight_scale[...]
-            effective = _fake_quant(kernel, INT4_G32, estimator, qparams=op.weight_qparams(), scale=learned)
+            effective = _fake_quant(kernel, spec, estimator, qparams=op.weight_qparams(), scale=learned)
             np.testing.assert_allclose(effective, w_hat, rtol=1e-6, atol=1e-7)
             latent = floats[path].kernel[...] if how["float_latent"] and how["keep_grid"] else w_hat
             np.testing.assert_array_equal(kernel, latent)
