@@ -7,13 +7,16 @@ One table per sweep directory, one row per cell (``variant`` axis) in the order 
 one), the stored bits per weight of the blocks' linears, the cell's wall time (model loading, the
 method, calibration, evaluation), the model's stored size (``model.size_bytes``: packed integer
 kernels with their scales, float parameters at 4 bytes) and, for cells run with ``eval.export``,
-the size on disk of the orbax export and the perplexity of the model reloaded from it.
+the size on disk of the orbax export and the perplexity of the model reloaded from it. A sweep
+whose cells record ``ptq_perplexity`` (QAT with ``eval.before_qat``) gets one more column: the
+perplexity of the PTQ model the cell's QAT started from.
 
 Bits per weight: :math:`8 \\sum_l \\mathrm{bytes}_l / \\sum_l n_l` over the linears of the blocks
 (paths ``layers/...``; scales and zero points included), with :math:`n_l` the float cell's
 ``bytes / 4`` of the same layer. The float embedding and an untied float LM head are not counted
 (their size is in the stored size). ``--plot`` draws perplexity against these bits for every row
-of every sweep (log scale), one marker and colour per method family.
+of every sweep (log scale), one marker and colour per method family (:func:`family`, from the
+cell's ``method`` config).
 """
 
 from __future__ import annotations
@@ -29,17 +32,6 @@ import yaml
 from experiments.sweep.pivot import ReportError, load_results
 
 Record = Mapping[str, Any]
-# method families of the plot: the first variant-name prefix that matches
-FAMILIES = (
-    ("float", "float"),
-    ("QAT", "QAT"),
-    ("GPTQ", "GPTQ"),
-    ("AWQ", "AWQ"),
-    ("LLM.int8", "LLM.int8()"),
-    ("SmoothQuant", "SmoothQuant"),
-    ("rot", "rotation"),
-    ("", "RTN"),
-)
 
 
 def ordered(records: Sequence[Record], order: Sequence[str] = ()) -> dict[str, Record]:
@@ -73,30 +65,51 @@ def linear_bits(record: Record, float_rec: Record) -> float:
 def llm_table(by_variant: Mapping[str, Record], float_rec: Record) -> str:
     """The markdown table of one sweep (see the module docstring)."""
     base = float_rec["metrics"]["perplexity"]
+    start = any("ptq_perplexity" in (r.get("metrics") or {}) for r in by_variant.values())
     lines = [
         "| variant | perplexity | vs float | bits / weight | cell time (s) | stored size (MB) "
-        "| export on disk (MB) / reloaded ppl |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| export on disk (MB) / reloaded ppl |" + (" QAT from (PTQ ppl) |" if start else ""),
+        "|---|---:|---:|---:|---:|---:|---|" + ("---:|" if start else ""),
     ]
     for name, r in by_variant.items():
         if r.get("status") != "ok":
             error = str(r.get("error") or "").splitlines()[0][:100]
-            lines.append(f"| {name} | failed: {error} | | | | | |")
+            lines.append(f"| {name} | failed: {error} | | | | | |" + (" |" if start else ""))
             continue
         m, ppl = r["metrics"], r["metrics"]["perplexity"]
         export = (
             f"{m['export_bytes'] / 1e6:.1f} / {m['export_perplexity']:.3f}" if "export_bytes" in m else ""
         )
+        ptq = f" {m['ptq_perplexity']:.3f} |" if "ptq_perplexity" in m else " |"
         lines.append(
             f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.1f}% | {linear_bits(r, float_rec):.2f} | "
             f"{r['protocol']['wall_time_s']:.0f} | {r['model']['size_bytes'] / 1e6:.1f} | {export} |"
+            + (ptq if start else "")
         )
     return "\n".join(lines) + "\n"
 
 
-def family(variant: str) -> str:
-    """The plot's method family of a variant name (:data:`FAMILIES`)."""
-    return next(label for prefix, label in FAMILIES if variant.startswith(prefix))
+def family(record: Record) -> str:
+    """The plot's method family of a cell, from its ``method`` config: float, QAT, GPTQ, AWQ,
+    LLM.int8(), SmoothQuant or RTN, with "+ rotation" where the model was rotated first."""
+    m = (record.get("config") or {}).get("method") or {}
+    name = m.get("name", "ptq")
+    if name == "float":
+        return "float"
+    base = (
+        "QAT"
+        if name == "qat"
+        else "GPTQ"
+        if m.get("gptq")
+        else "AWQ"
+        if m.get("awq")
+        else "LLM.int8()"
+        if name == "llm_int8"
+        else "SmoothQuant"
+        if m.get("smoothquant_alpha") is not None
+        else "RTN"
+    )
+    return base + (" + rotation" if m.get("rotation") else "")
 
 
 def plot_bits(sweeps: Sequence[Mapping[str, Record]], float_rec: Record, path: pathlib.Path) -> None:
@@ -109,7 +122,7 @@ def plot_bits(sweeps: Sequence[Mapping[str, Record]], float_rec: Record, path: p
         for name, r in by_variant.items():
             if r.get("status") == "ok":
                 bits = linear_bits(r, float_rec)
-                points.setdefault(family(name), []).append((bits, r["metrics"]["perplexity"], name))
+                points.setdefault(family(r), []).append((bits, r["metrics"]["perplexity"], name))
     fig = Figure(figsize=(10, 6.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

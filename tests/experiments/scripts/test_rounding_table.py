@@ -90,7 +90,15 @@ def test_llm_table(tmp_path, capsys):
         {"cell": "c", "status": "failed", "axes": {"variant": "W2"}, "error": "ValueError: boom\ntrace"},
     ]
     path = _write(tmp_path / "t", recs)
-    other = _write(tmp_path / "u", [{**recs[1], "axes": {"variant": "GPTQ W4"}}])
+    gptq = {**recs[1], "axes": {"variant": "GPTQ W4"}, "config": {"method": {"name": "ptq", "gptq": True}}}
+    qat = {
+        **recs[1],
+        "cell": "d",
+        "axes": {"variant": "QAT W4"},
+        "metrics": {"perplexity": 11.0, "ptq_perplexity": 12.5},
+        "config": {"method": {"name": "qat", "awq": True}},
+    }
+    other = _write(tmp_path / "u", [gptq, qat])
     png = tmp_path / "bits.png"
     assert llm_table.main([str(path), str(other), "--plot", str(png)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -98,10 +106,12 @@ def test_llm_table(tmp_path, capsys):
     # (500 + 532) bytes over 2000 weights = 4.128 bits; the float lm_head is not a block linear
     assert lines[6] == "| W4 | 12.500 | +25.0% | 4.13 | 7 | 1.0 | 1.5 / 12.500 |"
     assert lines[7].startswith("| W2 | failed: ValueError: boom")
-    assert (
-        lines[-1] == "| GPTQ W4 | 12.500 | +25.0% | 4.13 | 7 | 1.0 | 1.5 / 12.500 |"
-    )  # against the first float
-    assert png.stat().st_size > 10_000 and llm_table.family("GPTQ W4") == "GPTQ"
-    assert llm_table.family("W3 g64 asym") == "RTN"
+    # against the first float; a sweep with QAT cells shows where each QAT started
+    assert lines[-2] == "| GPTQ W4 | 12.500 | +25.0% | 4.13 | 7 | 1.0 | 1.5 / 12.500 | |"
+    assert lines[-1] == "| QAT W4 | 11.000 | +10.0% | 4.13 | 7 | 1.0 |  | 12.500 |"
+    assert png.stat().st_size > 10_000
+    assert [llm_table.family(r) for r in (gptq, qat, recs[1])] == ["GPTQ", "QAT", "RTN"]
+    rotated = {"config": {"method": {"name": "ptq", "gptq": True, "rotation": "hadamard"}}}
+    assert llm_table.family(rotated) == "GPTQ + rotation"
     with pytest.raises(ReportError, match="no finished 'float' cell"):
         llm_table.float_record([llm_table.ordered(recs[1:])])
