@@ -20,7 +20,9 @@ from hypothesis import given, settings
 
 import qjax
 from qjax import QParams, QuantSpec
-from qjax.numerics.quantize import clip_bounds
+from qjax.numerics import tiling
+from qjax.numerics.calibration import block_range
+from qjax.numerics.quantize import clip_bounds, clipped_by_nearest
 from tests.test_ste import (
     FP8_CHANNEL,
     INT4,
@@ -193,6 +195,26 @@ def test_dynamic_scales_mask_nothing(spec, float_rule_failures):
     masked = np.sum(gx != 1, axis=(1, 2))
     assert np.all(masked == 0), f"{np.sum(masked > 0)} of {TENSORS} tensors have masked elements"
     assert np.sum(np.any(~float_inside, axis=(1, 2))) >= float_rule_failures
+
+
+@pytest.mark.parametrize("spec", [INT8, INT8_ASYM, INT4_ASYM_CHANNEL], ids=["int8", "int8-asym", "int4-asym"])
+def test_clipping_statistics_count_in_the_integer_domain(spec):
+    """``clipped_by_nearest`` (what the layer diagnostics and ``weight_clip_fraction`` count): with
+    scales calibrated from x nothing is clipped, although the float bounds exclude some extremes;
+    on a grid shrunk to 0.7 of the range, exactly the elements whose float64 code leaves the grid."""
+    xb = random_tensors(3)[:40]
+    count = jax.jit(jax.vmap(lambda x: jnp.sum(clipped_by_nearest(x, spec, qjax.calibrate(x, spec)))))
+    assert int(jnp.sum(count(xb))) == 0
+    qmin, qmax = qrange(int(spec.dtype[3:]), True, spec.symmetric, spec.narrow_range)
+    block = tiling.block_shape(SHAPE, spec)
+    for x in xb[:8]:
+        lo, hi = block_range(jnp.asarray(x), spec, block)
+        shrunk = spec.affine_format.qparams(0.7 * lo, 0.7 * hi, spec.symmetric)
+        zero = 0 if shrunk.zero_point is None else np.asarray(shrunk.zero_point)
+        inside, either = int_unclipped_ref(x, np.asarray(shrunk.scale), qmin, qmax, zero)
+        got = np.asarray(clipped_by_nearest(jnp.asarray(x), spec, shrunk))
+        assert np.any(got)
+        np.testing.assert_array_equal(got[~either], ~inside[~either])
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ one row (:func:`experiments.sweep.train_loop.train` computes it):
   optimizer's count before the update);
 * ``quantizer/<layer path>/<name>`` (quantized models, :func:`quantizer_statistics`): the learned
   ``weight_scale`` (LSQ), ``act_scale`` / ``act_offset`` (LSQ, LSQ+) and ``act_clip`` (PACT), each
-  the mean over its blocks, and ``weight_clip_fraction``: the fraction of kernel elements outside
-  the range the weight quantizer represents at that step (its learned, pinned or calibrated
-  parameters), i.e. the elements it clips.
+  the mean over its blocks, and ``weight_clip_fraction``: the fraction of kernel elements the
+  weight quantizer clips at that step (rounded code outside the grid, with its learned, pinned or
+  calibrated parameters).
 
 Values are read from the device on logged steps only (one ``jax.device_get`` of a few scalars), so
 the steps in between run without a host sync.
@@ -61,7 +61,7 @@ import qjax
 from experiments import records
 from experiments.sweep.schema import TrackingConfig
 from qjax.numerics.formats import CodebookFormat, QParams
-from qjax.numerics.quantize import clip_bounds
+from qjax.numerics.quantize import clipped_by_nearest
 
 logger = logging.getLogger("qjax.experiments")
 
@@ -149,11 +149,10 @@ class Monitor:
 
 
 def weight_clip_fraction(layer: nnx.Module, op: Any) -> jax.Array | None:
-    """The fraction of ``layer``'s kernel elements outside the range its weight quantizer
-    represents (``qjax.numerics.quantize.clip_bounds`` of its learned LSQ scale, its pinned
-    parameters, or its parameters calibrated from the kernel as the forward pass does); ``None``
-    for float kernels, codebooks and converted layers. A relative tolerance of 1e-6 keeps the
-    calibrated extremes (``max |w| = q_max s`` up to rounding) inside."""
+    """The fraction of ``layer``'s kernel elements that its weight quantizer clips
+    (``qjax.numerics.quantize.clipped_by_nearest``: the rounded code outside the grid, with its
+    learned LSQ scale, its pinned parameters, or its parameters calibrated from the kernel as the
+    forward pass does); ``None`` for float kernels, codebooks and converted layers."""
     spec = op.rule.weights
     if spec is None or getattr(op, "centroids", None) is not None or isinstance(spec.format, CodebookFormat):
         return None
@@ -164,9 +163,7 @@ def weight_clip_fraction(layer: nnx.Module, op: Any) -> jax.Array | None:
     scale = getattr(op, "weight_scale", None)
     pinned = op.weight_qparams() if isinstance(op, qjax.nn.QuantizedOp) else None
     qp = QParams(scale[...]) if scale is not None else pinned or qjax.calibrate(x, spec)
-    lo, hi = clip_bounds(x.shape, spec, qp)
-    tol = 1e-6 * jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    return jnp.mean(((x < lo - tol) | (x > hi + tol)).astype(jnp.float32))
+    return jnp.mean(clipped_by_nearest(x, spec, qp).astype(jnp.float32))
 
 
 def quantizer_statistics(model: nnx.Module) -> dict[str, jax.Array]:

@@ -56,7 +56,7 @@ from qjax.nn.model import quantized_ops
 from qjax.nn.ops import Mode, QuantizedEmbedding, QuantizedOp, quantize_kernel
 from qjax.numerics import QArray, calibrate, dequantize
 from qjax.numerics.formats import CodebookFormat
-from qjax.numerics.quantize import clip_bounds
+from qjax.numerics.quantize import clipped_by_nearest
 from qjax.numerics.spec import QuantSpec
 
 OUTLIER_FACTOR = 6.0
@@ -105,10 +105,9 @@ def _f64(x: Any) -> np.ndarray:
 
 
 def _outside(x: jax.Array, spec: QuantSpec, qparams: Any) -> tuple[int, int]:
-    """``(elements of x outside their block's representable range, elements)``."""
-    lo, hi = clip_bounds(tuple(x.shape), spec, qparams)
-    xs = x.astype(jnp.float32)
-    return int(jnp.sum((xs < lo) | (xs > hi))), int(x.size)
+    """``(elements of x that round-to-nearest clips, elements)``, in the integer domain
+    (:func:`qjax.numerics.quantize.clipped_by_nearest`)."""
+    return int(jnp.sum(clipped_by_nearest(x.astype(jnp.float32), spec, qparams))), int(x.size)
 
 
 # -- recording the contraction hooks --------------------------------------------------------------

@@ -8,6 +8,7 @@ estimators in :mod:`qjax.ste` wrap them for training.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -17,7 +18,7 @@ from qjax.numerics import kmeans, tiling
 from qjax.numerics.calibration import block_range, check_finite, check_float_input, tiled_qparams
 from qjax.numerics.formats import CodebookFormat, QParams
 from qjax.numerics.qarray import QArray, pack_values
-from qjax.numerics.rounding import uniform_noise
+from qjax.numerics.rounding import Rounding, uniform_noise
 from qjax.numerics.spec import QuantSpec
 
 
@@ -78,6 +79,13 @@ def unclipped(x32: jax.Array, spec: QuantSpec, qp: QParams, noise: jax.Array | N
     rounding and ``noise`` of :func:`encode`, for float formats the rounded :math:`|x/S|` within
     :math:`f_{max}` (see :mod:`qjax.numerics.formats`). The clipped STE's mask."""
     return _per_element(spec.affine_format.unclipped, x32, spec, qp, noise)
+
+
+def clipped_by_nearest(x32: jax.Array, spec: QuantSpec, qp: QParams) -> jax.Array:
+    """Where round-to-nearest encoding of float32 ``x32`` clips (bool, same shape): the complement
+    of :func:`unclipped` with ``nearest`` rounding, decided in the integer domain (an element at
+    :math:`q_{max} S` one ulp above the float bound is not clipped). What clipping statistics count."""
+    return ~unclipped(x32, dataclasses.replace(spec, rounding=Rounding.NEAREST), qp)
 
 
 def decode(values: jax.Array, spec: QuantSpec, qp: QParams) -> jax.Array:

@@ -55,10 +55,11 @@ def _f64(a) -> np.ndarray:
 
 
 def _symmetric(x: np.ndarray, amax: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(Q(x), |x| > qmax * S)`` for symmetric quantization with S = amax / qmax (broadcast)."""
+    """``(Q(x), |round(x / S)| > qmax)`` for symmetric quantization with S = amax / qmax
+    (broadcast): the elements whose code clipping changes."""
     qmax = 2 ** (bits - 1) - 1
     s = amax / qmax
-    return np.clip(np.round(x / s), -qmax, qmax) * s, np.abs(x) > qmax * s
+    return np.clip(np.round(x / s), -qmax, qmax) * s, np.abs(np.round(x / s)) > qmax
 
 
 def _sqnr(ref: np.ndarray, approx: np.ndarray) -> float:
