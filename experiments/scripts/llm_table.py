@@ -15,7 +15,7 @@ Bits per weight: :math:`8 \\sum_l \\mathrm{bytes}_l / \\sum_l n_l` over the line
 (paths ``layers/...``; scales and zero points included), with :math:`n_l` the float cell's
 ``bytes / 4`` of the same layer. The float embedding and an untied float LM head are not counted
 (their size is in the stored size). ``--plot`` draws perplexity against these bits for every row
-of every sweep (log scale), one marker and colour per method family (:func:`family`, from the
+of every sweep (both axes log scale), one marker and colour per method family (:func:`family`, from the
 cell's ``method`` config).
 """
 
@@ -135,7 +135,9 @@ def plot_bits(sweeps: Sequence[Mapping[str, Record]], float_rec: Record, path: p
             ax.annotate(name, (x, y), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
     ax.axhline(float_rec["metrics"]["perplexity"], color="grey", linewidth=0.8, linestyle="--")
     ax.set_yscale("log")
-    ax.set_xlabel("stored bits per weight of the block linears (scales included)")
+    ax.set_xscale("log", base=2)  # spreads the 3-8 bit rows; float and LLM.int8() sit at 32
+    ax.set_xticks([3, 4, 5, 6, 8, 16, 32], ["3", "4", "5", "6", "8", "16", "32"])
+    ax.set_xlabel("stored bits per weight of the block linears (scales included; log scale)")
     ax.set_ylabel("perplexity (log scale; dashed: float)")
     ax.set_title("SmolLM2-135M: perplexity against stored bits per weight")
     ax.grid(True, which="both", linewidth=0.3)
