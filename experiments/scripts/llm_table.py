@@ -96,19 +96,14 @@ def family(record: Record) -> str:
     name = m.get("name", "ptq")
     if name == "float":
         return "float"
-    base = (
-        "QAT"
-        if name == "qat"
-        else "GPTQ"
-        if m.get("gptq")
-        else "AWQ"
-        if m.get("awq")
-        else "LLM.int8()"
-        if name == "llm_int8"
-        else "SmoothQuant"
-        if m.get("smoothquant_alpha") is not None
-        else "RTN"
+    families = (
+        ("QAT", name == "qat"),
+        ("GPTQ", m.get("gptq")),
+        ("AWQ", m.get("awq")),
+        ("LLM.int8()", name == "llm_int8"),
+        ("SmoothQuant", m.get("smoothquant_alpha") is not None),
     )
+    base = next((label for label, chosen in families if chosen), "RTN")
     return base + (" + rotation" if m.get("rotation") else "")
 
 
