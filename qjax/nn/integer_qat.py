@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from qjax.kernels.xla import DimensionNumbers, Operand, contract, int8_operand, to_output
+from qjax.nn.quantized_backward import GradientSpec, dot_backward, history_cotangent, low_precision_operand
 from qjax.numerics import QParams, QuantSpec, tiling
 from qjax.numerics.calibration import block_range
-from qjax.numerics.formats import IntFormat
+from qjax.numerics.formats import FloatFormat, IntFormat
 from qjax.numerics.quantize import encode, noise_for, unclipped
 from qjax.ste import Estimator, estimator_impl
 
@@ -45,17 +46,22 @@ class Residuals(enum.StrEnum):
 STATELESS = (Estimator.STE, Estimator.CLIPPED_STE)
 
 
+def _fp8(spec: QuantSpec) -> bool:
+    fmt = spec.format
+    return isinstance(fmt, FloatFormat) and fmt.container_bits == 8
+
+
 def supports_integer_forward(
     weights: QuantSpec | None, activations: QuantSpec | None, estimators: tuple[str, str]
 ) -> bool:
-    """Both operands integer (any width up to 8 bits) and both estimators stateless (``ste``,
+    """Both operands integer (any width up to 8 bits) or both fp8 (``float8_e4m3fn`` /
+    ``float8_e5m2``, contracted fp8 x fp8 -> f32), and both estimators stateless (``ste``,
     ``clipped_ste``, or a plug-in registered with ``integer_forward=True``, replayed as ``ste``)."""
-    return (
-        weights is not None
-        and activations is not None
-        and isinstance(weights.format, IntFormat)
-        and isinstance(activations.format, IntFormat)
-        and all(estimator_impl(e).integer_forward for e in estimators)
+    if weights is None or activations is None:
+        return False
+    ints = isinstance(weights.format, IntFormat) and isinstance(activations.format, IntFormat)
+    return (ints or (_fp8(weights) and _fp8(activations))) and all(
+        estimator_impl(e).integer_forward for e in estimators
     )
 
 
@@ -80,20 +86,32 @@ def integer_forward_dot(
     weight_qparams: QParams | None = None,
     keys: tuple[jax.Array | None, jax.Array | None] = (None, None),
     residuals: Residuals | str = Residuals.QUANTIZED,
+    gradients: GradientSpec | None = None,
+    gradient_key: jax.Array | None = None,
+    gradient_history: jax.Array | None = None,
 ) -> jax.Array:
-    """``dot_general(Q(x), Q(w))`` evaluated in int8, differentiated as the simulated path."""
+    """``dot_general(Q(x), Q(w))`` evaluated in int8 (or fp8), differentiated as the simulated
+    path; with ``gradients``, the backward contractions quantized
+    (:mod:`qjax.nn.quantized_backward`; ``gradient_key`` for stochastic rounding,
+    ``gradient_history`` for delayed scaling)."""
     if residuals not in (Residuals.QUANTIZED, Residuals.ORIGINAL):
         raise ValueError(f"residuals={residuals!r} must be 'quantized' or 'original'")
-    sides = ((activations, activation_estimator), (weights, weight_estimator), Residuals(residuals))
+    sides = (
+        (activations, activation_estimator),
+        (weights, weight_estimator),
+        Residuals(residuals),
+        gradients,
+    )
     qp_x = _qparams(jax.lax.stop_gradient(x), activations, activation_qparams)
     qp_w = _qparams(jax.lax.stop_gradient(w), weights, weight_qparams)
     noise = (noise_for(keys[0], x.shape, activations), noise_for(keys[1], w.shape, weights))
-    return _integer_dot(dimension_numbers, sides, x, w, qp_x, qp_w, noise)
+    return _integer_dot(dimension_numbers, sides, x, w, qp_x, qp_w, noise, gradient_key, gradient_history)
 
 
 def _operand(x: jax.Array, spec: QuantSpec, qp: QParams, noise: jax.Array | None) -> Operand:
     fmt = spec.format
-    assert isinstance(fmt, IntFormat)
+    if not isinstance(fmt, IntFormat):  # fp8
+        return low_precision_operand(x.astype(jnp.float32), spec, qp, noise)
     values = encode(x.astype(jnp.float32), spec, qp, noise)
     return int8_operand(values, qp.zero_point, qp.scale, fmt.signed)
 
@@ -111,8 +129,8 @@ def _dequantize(op: Operand) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _integer_dot(dn: DimensionNumbers, sides: Any, x, w, qp_x, qp_w, noise):  # type: ignore[no-untyped-def]
-    (spec_x, _), (spec_w, _), _ = sides
+def _integer_dot(dn: DimensionNumbers, sides: Any, x, w, qp_x, qp_w, noise, g_key, g_history):  # type: ignore[no-untyped-def]
+    (spec_x, _), (spec_w, _), _, _ = sides
     out = contract(_operand(x, spec_x, qp_x, noise[0]), _operand(w, spec_w, qp_w, noise[1]), dn)
     return out.astype(jnp.result_type(x))
 
@@ -125,14 +143,14 @@ def _mask(
     return unclipped(x.astype(jnp.float32), spec, qp, noise)
 
 
-def _integer_dot_fwd(dn, sides, x, w, qp_x, qp_w, noise):  # type: ignore[no-untyped-def]
-    (spec_x, est_x), (spec_w, est_w), residuals = sides
+def _integer_dot_fwd(dn, sides, x, w, qp_x, qp_w, noise, g_key, g_history):  # type: ignore[no-untyped-def]
+    (spec_x, est_x), (spec_w, est_w), residuals, _ = sides
     x_op, w_op = _operand(x, spec_x, qp_x, noise[0]), _operand(w, spec_w, qp_w, noise[1])
     out = contract(x_op, w_op, dn).astype(jnp.result_type(x))
     masks = (_mask(x, spec_x, est_x, qp_x, noise[0]), _mask(w, spec_w, est_w, qp_w, noise[1]))
     dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
     operands = (x_op, w_op) if residuals == Residuals.QUANTIZED else (x, w)
-    return out, (*operands, masks, dtypes)
+    return out, (*operands, masks, dtypes, g_key, g_history)
 
 
 def _shifted(op: Operand, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
@@ -146,8 +164,13 @@ def _shifted(op: Operand, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.A
 
 
 def _integer_dot_bwd(dn, sides, res, g):  # type: ignore[no-untyped-def]
-    x_op, w_op, masks, dtypes = res
+    x_op, w_op, masks, dtypes, g_key, g_history = res
     (lc, rc), _ = dn
+    gradients = sides[3]
+    if gradients is not None:  # quantized backward contractions, of the residuals' real values
+        real = lambda op: op.astype(jnp.float32) if sides[2] == Residuals.ORIGINAL else _dequantize(op)
+        grads = dot_backward(g, real(x_op), real(w_op), dn, gradients, g_key, g_history)
+        return (*_masked(grads, masks, dtypes), None, None, None, None, history_cotangent(g, g_history))
     if sides[2] == Residuals.ORIGINAL:
         (x_val, x_scale), (w_val, w_scale) = (
             (x_op.astype(jnp.float32), None),
@@ -167,11 +190,14 @@ def _integer_dot_bwd(dn, sides, res, g):  # type: ignore[no-untyped-def]
 
     g_x = jax.vjp(lambda a: jax.lax.dot_general(a, w_val, dn), x_val)[1](scaled(w_scale, "rhs"))[0]
     g_w = jax.vjp(lambda b: jax.lax.dot_general(x_val, b, dn), w_val)[1](scaled(x_scale, "lhs"))[0]
-    grads = tuple(
+    return (*_masked((g_x, g_w), masks, dtypes), None, None, None, None, None)
+
+
+def _masked(grads: Any, masks: Any, dtypes: Any) -> tuple[jax.Array, ...]:
+    return tuple(
         (gr if m is None else jnp.where(m, gr, 0.0)).astype(d.dtype)
-        for gr, m, d in zip((g_x, g_w), masks, dtypes, strict=True)
+        for gr, m, d in zip(grads, masks, dtypes, strict=True)
     )
-    return (*grads, None, None, None)
 
 
 _integer_dot.defvjp(_integer_dot_fwd, _integer_dot_bwd)
