@@ -47,7 +47,8 @@ from qjax.nn.model import (
     summary,
 )
 from qjax.nn.ops import MODES, CodebookIndices, KernelLayout, Mode, QuantizedEmbedding, QuantizedOp
-from qjax.nn.rules import ActivationScale, Observer, Rule, RuleKind
+from qjax.nn.quantized_backward import AmaxHistory, GradientAmaxHistory, GradientSpec
+from qjax.nn.rules import TRAINING_RECIPES, ActivationScale, Observer, Rule, RuleKind, training_recipe
 from qjax.nn.stats import QuantStats, StaticQParams
 
 __all__ = [
@@ -70,6 +71,11 @@ __all__ = [
     "QuantizedOp",
     "QuantizedWeight",
     "Rule",
+    "TRAINING_RECIPES",
+    "AmaxHistory",
+    "GradientAmaxHistory",
+    "GradientSpec",
+    "training_recipe",
     "RuleKind",
     "StaticQParams",
     "UnusedRuleWarning",

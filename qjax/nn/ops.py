@@ -34,6 +34,15 @@ from flax.nnx.nn.dtypes import promote_dtype
 from qjax import kernels
 from qjax.nn.hooks import OpKind
 from qjax.nn.integer_qat import integer_forward_dot, supports_integer_forward
+from qjax.nn.quantized_backward import (
+    AmaxHistory,
+    GradientAmaxHistory,
+    amax_of,
+    delayed_qparams,
+    pushed,
+    quantized_backward_conv,
+    quantized_backward_dot,
+)
 from qjax.nn.rules import ActivationScale, Rule
 from qjax.nn.stats import QuantStats, StaticQParams, init_stats, update_stats
 from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize, quantize_dequantize
@@ -148,6 +157,23 @@ class QuantizedOp(nnx.Module):
         self.static = StaticQParams(None)
         self.weight_static = StaticQParams(None)  # fixed kernel parameters (e.g. AdaRound's grid)
         stochastic = any(s is not None and needs_key(s.rounding) for s in (w, a))
+        grads = rule.gradients
+        if grads is not None:
+            stochastic = stochastic or needs_key(grads.rounding)
+            if self.kind == OpKind.CONV_TRANSPOSE:
+                raise ValueError(
+                    f"layer {path!r}: a ConvTranspose layer keeps a float backward pass; exclude it "
+                    "from the rule with gradients (a rule of its own without them)"
+                )
+        h = rule.amax_history
+        self.amax_history = (
+            AmaxHistory(
+                {name: jnp.zeros((h,), jnp.float32) for name, s in (("input", a), ("kernel", w)) if s}
+            )
+            if h
+            else None
+        )
+        self.gradient_history = GradientAmaxHistory(jnp.zeros((h,), jnp.float32)) if h and grads else None
         # an estimator that draws noise (a plug-in registered with needs_key) gets a key stream in
         # training and key=None after model.eval(), which sets deterministic (as for nnx.Dropout)
         estimators = ((w, rule.weight_estimator), (a, rule.activation_estimator))
@@ -178,7 +204,12 @@ class QuantizedOp(nnx.Module):
         if self.mode == Mode.QAT:
             if self.kind != OpKind.CONV and self._integer_forward():
                 return self._checked(lambda: self._qat_integer(args, lhs, rhs, rest, acts), "integer forward")
-            return float_op(self._fake_input(lhs, acts), self._fake_kernel(rhs))
+            x, w = self._fake_input(lhs, acts), self._fake_kernel(rhs)
+            if self.rule.gradients is not None:
+                return self._checked(
+                    lambda: self._contract_quantized_backward(args, x, w, rest, kwargs), "backward"
+                )
+            return float_op(x, w)
         if self.mode != Mode.SERVE:
             raise ValueError(f"layer {self.path!r}: unknown mode {str(self.mode)!r}; use one of {MODES}")
         return self._serve(lhs, rhs, args, rest, kwargs, float_op, acts)
@@ -253,12 +284,47 @@ class QuantizedOp(nnx.Module):
             weights=rule.weights,
             activation_estimator=rule.activation_estimator,
             weight_estimator=rule.weight_estimator,
-            activation_qparams=self._static_qparams(),
-            weight_qparams=self.weight_qparams(),
+            activation_qparams=self._delayed("input", lhs, acts) or self._static_qparams(),
+            weight_qparams=self._delayed("kernel", rhs, rule.weights) or self.weight_qparams(),
             keys=(self._key(), self._key()),
             residuals=rule.ste_residuals,
+            gradients=rule.gradients,
+            gradient_key=self._gradient_key(),
+            gradient_history=self._gradient_history(),
         )
         return y if perm is None else jnp.transpose(y, perm)
+
+    def _delayed(self, name: str, x: jax.Array, spec: QuantSpec | None) -> QParams | None:
+        """Delayed scaling: the per-tensor parameters of the input or kernel from their amax
+        history, which then takes this call's maximum (``None`` without a history)."""
+        if self.amax_history is None or spec is None:
+            return None
+        histories = dict(self.amax_history.get_value())
+        amax = amax_of(jax.lax.stop_gradient(x))
+        qp = delayed_qparams(histories[name], amax, spec)
+        histories[name] = pushed(histories[name], amax)
+        self.amax_history.set_value(histories)
+        return qp
+
+    def _gradient_key(self) -> jax.Array | None:
+        grads = self.rule.gradients
+        return self._key() if grads is not None and needs_key(grads.rounding) else None
+
+    def _gradient_history(self) -> jax.Array | None:
+        return None if self.gradient_history is None else self.gradient_history[...]
+
+    def _contract_quantized_backward(self, args, x, w, rest, kwargs):  # type: ignore[no-untyped-def]
+        """The float contraction of the fake-quantized operands with the rule's quantized backward
+        pass (:mod:`qjax.nn.quantized_backward`)."""
+        spec = self.rule.gradients
+        key, history = self._gradient_key(), self._gradient_history()
+        if self.kind == OpKind.CONV:
+            conv = lambda a, b: jax.lax.conv_general_dilated(a, b, *rest, **kwargs)
+            return quantized_backward_conv(conv, spec, x, w, key, history)
+        if self.kind == OpKind.EINSUM:
+            dn, perm = einsum_dimension_numbers(args[0], x.ndim, w.ndim)
+            return jnp.transpose(quantized_backward_dot(dn, spec, x, w, key, history), perm)
+        return quantized_backward_dot(rest[0], spec, x, w, key, history)
 
     def _key(self) -> jax.Array | None:
         return None if self.rngs is None else self.rngs.quantize()
@@ -278,7 +344,7 @@ class QuantizedOp(nnx.Module):
             centroids, indices = self.centroids[...], self.indices[...]
             return self._checked(lambda: codebook_weight(centroids, indices, spec).astype(w.dtype), "kernel")
         scale = None if self.weight_scale is None else self.weight_scale[...]
-        qparams = self.weight_qparams()
+        qparams = self._delayed("kernel", w, spec) or self.weight_qparams()
         return self._checked(
             lambda: fake_quant(
                 w,
@@ -322,7 +388,8 @@ class QuantizedOp(nnx.Module):
             if est == Estimator.PACT:
                 assert self.act_clip is not None
                 return fake_quant(x, spec, est, key=self._key(), clip=self.act_clip[...])
-            return fake_quant(x, spec, est, key=self._estimator_key(est), qparams=self._static_qparams())
+            qparams = self._delayed("input", x, spec) or self._static_qparams()
+            return fake_quant(x, spec, est, key=self._estimator_key(est), qparams=qparams)
 
         return self._checked(run, "input")
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from qjax.kernels.dispatch import KERNEL_PATHS, KernelPath
 from qjax.nn.integer_qat import Residuals
-from qjax.numerics.fields import SpecError, SpecTypeError, parse_enum, reject_unknown_fields
+from qjax.nn.quantized_backward import GradientGranularity, GradientSpec
+from qjax.numerics.fields import SpecError, SpecTypeError, did_you_mean, parse_enum, reject_unknown_fields
 from qjax.numerics.formats import CodebookFormat, FloatFormat, IntFormat
 from qjax.numerics.rounding import needs_key
 from qjax.numerics.spec import Granularity, QuantSpec
@@ -80,6 +81,17 @@ class Rule:
       ste_residuals: with ``integer_forward``, what the backward pass contracts the cotangent
         with: ``quantized`` (``Q(x)``, ``Q(w)``: the exact gradient of the simulated network) or
         ``original`` (the float ``x``, ``w``: cheaper, Qwix's default for forward-only QAT).
+      gradients: ``None`` (the backward pass in float), or a
+        :class:`~qjax.nn.quantized_backward.GradientSpec` (or its mapping): in QAT, the backward
+        contractions dL/dx and dL/dW of the layer run on quantized operands (int8 or fp8, with
+        nearest or stochastic rounding of the incoming gradient; Linear, LinearGeneral, Einsum
+        and Conv layers; an Embed table is a gather and keeps a float gradient).
+      amax_history: ``0``: current scaling (each tensor's own range); :math:`H > 0`: delayed
+        scaling (Transformer Engine): the per-tensor scales of the input, the kernel and the
+        incoming gradient from the largest absolute value of the last :math:`H` steps (the
+        current one at the first step). Needs per-tensor specs, dynamic activation scales and
+        ``ste`` / ``clipped_ste``; the gradient's history is updated by
+        :func:`qjax.training.make_train_step`.
       kernels: what a served (converted) Linear or Einsum layer runs its contraction on: ``auto``
         (Pallas kernels on GPU and TPU, the XLA integer path on CPU), ``pallas`` (on CPU: the Pallas
         interpreter), ``xla``, ``reference`` (the kernels' pure-jnp references, for debugging) or
@@ -100,6 +112,8 @@ class Rule:
     histogram_bins: int = 2048
     integer_forward: bool = True
     ste_residuals: Residuals | str = Residuals.QUANTIZED
+    gradients: GradientSpec | None = None
+    amax_history: int = 0
     kernels: KernelPath | str = KernelPath.AUTO
 
     def __post_init__(self) -> None:
@@ -122,6 +136,13 @@ class Rule:
                 raise SpecTypeError(
                     f"Rule {name}={value!r} must be a qjax.QuantSpec, a mapping or None", field=name
                 )
+        if isinstance(self.gradients, Mapping):
+            set_("gradients", GradientSpec.from_dict(self.gradients))
+        elif self.gradients is not None and not isinstance(self.gradients, GradientSpec):
+            raise SpecTypeError(
+                f"Rule gradients={self.gradients!r} must be a qjax.nn.GradientSpec, a mapping or None",
+                field="gradients",
+            )
         set_("weight_estimator", parse_estimator(self.weight_estimator, "weight_estimator"))
         set_("activation_estimator", parse_estimator(self.activation_estimator, "activation_estimator"))
         set_("activation_scale", parse_enum(ActivationScale, self.activation_scale, "activation_scale"))
@@ -130,6 +151,7 @@ class Rule:
         if self.kind == RuleKind.ATTENTION:
             self._check_attention()
         self._check_estimators()
+        self._check_training()
         if self.activation_scale == ActivationScale.STATIC and self.activations is not None:
             g = self.activations.granularity
             if g != Granularity.PER_TENSOR:
@@ -193,6 +215,60 @@ class Rule:
                 field="activation_estimator",
             )
 
+    def _check_training(self) -> None:
+        """``gradients`` and ``amax_history``."""
+        if self.gradients is not None and self.is_exclusion:
+            raise SpecError(
+                f"Rule {self.path!r}: gradients quantize the backward pass of quantized layers; the "
+                "rule has neither weights nor activations: add them (e.g. weights={'dtype': "
+                "'float8_e4m3fn'}) or use a preset (qjax.nn.training_recipe)",
+                field="gradients",
+            )
+        if self.gradients is not None and self.kind == RuleKind.ATTENTION:
+            raise SpecError(
+                f"Rule {self.path!r}: the attention contractions keep a float backward pass; put "
+                "gradients on the layer rules (kind='layer')",
+                field="gradients",
+            )
+        h = self.amax_history
+        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+            raise SpecError(
+                f"Rule {self.path!r}: amax_history={h!r} must be an integer >= 0 (0: current scaling; "
+                "e.g. 16: delayed scaling over the last 16 steps)",
+                field="amax_history",
+            )
+        if h == 0:
+            return
+        fix = "per-tensor scales (granularity 'per_tensor') for delayed scaling, or amax_history=0"
+        for name in ("weights", "activations"):
+            spec = getattr(self, name)
+            if spec is not None and spec.granularity != Granularity.PER_TENSOR:
+                raise SpecError(
+                    f"Rule {self.path!r}: amax_history={h} needs {fix}; {name} have granularity "
+                    f"{str(spec.granularity)!r}",
+                    field="amax_history",
+                )
+        grads = self.gradients
+        if grads is not None and grads.granularity != GradientGranularity.PER_TENSOR:
+            raise SpecError(
+                f"Rule {self.path!r}: amax_history={h} needs {fix}; gradients have granularity "
+                f"{str(grads.granularity)!r}",
+                field="amax_history",
+            )
+        if self.activation_scale != ActivationScale.DYNAMIC:
+            raise SpecError(
+                f"Rule {self.path!r}: amax_history={h} replaces the activation scale; remove "
+                "activation_scale='static'",
+                field="amax_history",
+            )
+        for name in ("weight_estimator", "activation_estimator"):
+            if getattr(self, name) not in (Estimator.STE, Estimator.CLIPPED_STE):
+                raise SpecError(
+                    f"Rule {self.path!r}: amax_history={h} sets the scales; {name}="
+                    f"{str(getattr(self, name))!r} learns them: use 'ste' or 'clipped_ste'",
+                    field="amax_history",
+                )
+
     def _check_attention(self) -> None:
         fix = "e.g. Rule(path='.*attn', kind='attention', activations={'dtype': 'int8'})"
         if self.weights is not None:
@@ -255,3 +331,61 @@ def first_match(rules: Sequence[Rule], path: str, kind: RuleKind = RuleKind.LAYE
         if rule.kind == kind and rule.matches(path):
             return i, rule
     return None
+
+
+# name -> the Rule fields of a low-precision training recipe (``block`` is the tile of the
+# block-wise recipe)
+def _recipes(block: int, history: int) -> dict[str, dict[str, Any]]:
+    e4m3, e5m2 = "float8_e4m3fn", "float8_e5m2"
+    per_tensor_fp8 = dict(
+        weights=QuantSpec(dtype=e4m3),
+        activations=QuantSpec(dtype=e4m3),
+        gradients=GradientSpec(dtype=e5m2, residual_dtype=e4m3),
+    )
+    return {
+        # Transformer Engine: e4m3 forward, e5m2 gradients, per-tensor scales
+        "fp8_current": per_tensor_fp8,
+        "fp8_delayed": {**per_tensor_fp8, "amax_history": history},
+        # DeepSeek-V3: e4m3 everywhere, 1 x block activation / gradient tiles, block x block weights
+        "fp8_blockwise": dict(
+            weights=QuantSpec(dtype=e4m3, granularity="per_block", block_shape=(block, block)),
+            activations=QuantSpec(dtype=e4m3, granularity="per_group", axis=-1, group_size=block),
+            gradients=GradientSpec(dtype=e4m3, granularity="per_block", block_size=block),
+        ),
+        # int8 in all three contractions: per-channel weights, per-token inputs, per-row gradients
+        "int8": dict(
+            weights=QuantSpec(dtype="int8", granularity="per_channel", axis=-1),
+            activations=QuantSpec(dtype="int8", granularity="per_token"),
+            gradients=GradientSpec(dtype="int8", granularity="per_channel"),
+        ),
+        "int8_stochastic": dict(
+            weights=QuantSpec(dtype="int8", granularity="per_channel", axis=-1),
+            activations=QuantSpec(dtype="int8", granularity="per_token"),
+            gradients=GradientSpec(dtype="int8", granularity="per_channel", rounding="stochastic"),
+        ),
+    }
+
+
+TRAINING_RECIPES: tuple[str, ...] = tuple(_recipes(128, 16))
+
+
+def training_recipe(name: str, path: str = ".*", *, block_size: int = 128, amax_history: int = 16) -> Rule:
+    """A :class:`Rule` quantizing all three contractions of the layers matching ``path`` by a
+    named recipe:
+
+    * ``fp8_current``: e4m3 input and kernel, e5m2 incoming gradient (the saved operands e4m3 in
+      the backward contractions), per-tensor current scaling (Transformer Engine);
+    * ``fp8_delayed``: the same with delayed scaling over ``amax_history`` steps;
+    * ``fp8_blockwise``: e4m3 everywhere, inputs and gradients in 1 x ``block_size`` tiles along
+      the contraction, kernels in ``block_size`` x ``block_size`` blocks (DeepSeek-V3);
+    * ``int8``, ``int8_stochastic``: int8 per-output-channel kernels, per-token inputs, the
+      gradient per row of each backward contraction, rounded to nearest or stochastically.
+    """
+    recipes = _recipes(block_size, amax_history)
+    if name not in recipes:
+        raise SpecError(
+            f"training recipe {name!r} is unknown{did_you_mean(name, list(recipes))}. Known: "
+            f"{', '.join(recipes)}",
+            field="recipe",
+        )
+    return Rule(path=path, **recipes[name])

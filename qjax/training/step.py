@@ -8,7 +8,10 @@ by the optimizer's ``wrt`` filter (``nnx.Param``: weights, biases, LSQ scales, P
 
 Variables outside the filter (``qjax.nn.QuantStats``, ``StaticQParams``, batch statistics, RNG
 counters) get no gradient and are never touched by optax; mutations the forward pass makes to them
-(an RNG stream advancing, a statistic updating) are kept, as everywhere in NNX.
+(an RNG stream advancing, a statistic updating) are kept, as everywhere in NNX. The amax histories
+of delayed gradient scaling (``qjax.nn.GradientAmaxHistory``) are differentiated too, and
+overwritten by their gradient: the backward pass returns each updated history as its cotangent
+(:mod:`qjax.nn.quantized_backward`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import optax
+
+from qjax.nn import GradientAmaxHistory
 
 
 def make_optimizer(model: nnx.Module, tx: Any, *, wrt: Any = nnx.Param) -> nnx.Optimizer:
@@ -56,12 +61,15 @@ def make_train_step(
 
     Returns ``loss`` (or ``(loss, aux)``); with ``return_grad_norm``, ``(that, grad_norm)``.
     Gradients are taken with respect to the optimizer's ``wrt`` filter, so they match what the
-    optimizer updates.
+    optimizer updates (and the gradient amax histories, which are overwritten, not optimized).
     """
 
     def train_step(model: Any, optimizer: nnx.Optimizer, batch: Any) -> Any:
-        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=has_aux)
-        out, grads = grad_fn(model, batch)
+        wrt = nnx.Any(optimizer.wrt, GradientAmaxHistory)
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
+        out, all_grads = grad_fn(model, batch)
+        histories, grads = nnx.split_state(all_grads, GradientAmaxHistory, ...)
+        nnx.update(model, histories)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
             optimizer.update(model, grads)
         if shardings is not None:
