@@ -1,9 +1,9 @@
 """Quantized backward contractions against a float64 numpy reference of their math, stochastic
 rounding's unbiasedness, and the spec's errors."""
 
-import ml_dtypes
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -193,7 +193,7 @@ def test_delayed_scaling_uses_the_history_and_returns_it_updated():
     def loss(x, w, h):
         return jnp.sum(quantized_backward_dot(LINEAR_DN, spec, x, w, None, h) * jnp.array([[1.0, 8.0]]))
 
-    dx, dw, dh = jax.grad(loss, argnums=(0, 1, 2))(x, w, history)
+    dx, _, dh = jax.grad(loss, argnums=(0, 1, 2))(x, w, history)
     np.testing.assert_allclose(dh, [8.0, 0.0, 4.0])  # new amax first, oldest dropped
     # g = [1, 8] per row, S = 4/127: 1 -> round(31.75) = 32 steps, 8 saturates at 127 S = 4;
     # Q(w) = w (ones)
@@ -201,7 +201,7 @@ def test_delayed_scaling_uses_the_history_and_returns_it_updated():
 
 
 def test_spec_errors_name_the_field():
-    with pytest.raises(SpecError, match="unsigned|signed integers or fp8") as e:
+    with pytest.raises(SpecError, match="signed integers or fp8") as e:
         GradientSpec(dtype="uint8")
     assert e.value.field == "dtype"
     with pytest.raises(SpecError, match="signed integers or fp8"):
@@ -215,5 +215,5 @@ def test_spec_errors_name_the_field():
         GradientSpec(contractions=["input", "input"])
     with pytest.raises(SpecError, match="granularity"):
         GradientSpec(granularity="per_group")
-    with pytest.raises(SpecError, match="did you mean|unknown"):
+    with pytest.raises(SpecError, match="dtyp"):
         GradientSpec.from_dict({"dtyp": "int8"})

@@ -68,7 +68,7 @@ def test_forward_values_are_those_without_gradient_quantization(fields):
     np.testing.assert_array_equal(plain(x), quant(x))
     w = jax.random.normal(jax.random.key(1), plain(x).shape)
     kernels = lambda m: [v for p, v in nnx.to_flat_state(grads_of(m, x, w)) if p[-1] == "kernel"]
-    differ = [not np.array_equal(a[...], b[...]) for a, b in zip(kernels(plain), kernels(quant))]
+    differ = [not np.array_equal(a[...], b[...]) for a, b in zip(kernels(plain), kernels(quant), strict=True)]
     assert len(differ) == 3 and all(differ), differ
 
 
@@ -103,8 +103,8 @@ def test_stochastic_gradient_rounding_draws_from_the_layer_stream():
     a1, a2 = leaves(step(first)), leaves(step(first))
     second = qjax.nn.quantize_model(MLP(nnx.Rngs(0)), [rule])
     b1 = leaves(step(second))
-    assert any(not np.array_equal(u, v) for u, v in zip(a1, a2))
-    for u, v in zip(a1, b1):
+    assert any(not np.array_equal(u, v) for u, v in zip(a1, a2, strict=True))
+    for u, v in zip(a1, b1, strict=True):
         np.testing.assert_array_equal(u, v)
 
 
