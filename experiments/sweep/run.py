@@ -42,7 +42,7 @@ from rich.text import Text
 
 from experiments import records
 from experiments.sweep import config as config_lib
-from experiments.sweep import hosts, parallel, report, runner
+from experiments.sweep import hosts, parallel, report, runner, validation
 from experiments.sweep.schema import ExperimentConfig, Method
 
 logger = logging.getLogger("qjax.experiments")
@@ -105,10 +105,11 @@ def check_layers(cells: Sequence[config_lib.Cell]) -> list[str]:
 def print_grid(spec: config_lib.SweepSpec, cells: Sequence[config_lib.Cell], console: Console) -> None:
     console.print(f"sweep {spec.base.name!r}: {len(cells)} cells -> {sweep_dir_of(spec)}")
     for cell in cells:
-        q = cell.config.quant
+        q = validation.with_recipe([], cell.config.quant)
         w = (q.weights or {}).get("dtype", "float")
         a = (q.activations or {}).get("dtype", "float")
-        console.print(f"  {cell.slug}  {cell.label}  [method={cell.config.method.name} W={w} A={a}]")
+        g = f" G={q.gradients['dtype']}" if q.gradients else ""
+        console.print(f"  {cell.slug}  {cell.label}  [method={cell.config.method.name} W={w} A={a}{g}]")
 
 
 def sweep_dir_of(spec: config_lib.SweepSpec) -> pathlib.Path:

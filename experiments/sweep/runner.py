@@ -301,6 +301,28 @@ def cell_tracker(cell: config_lib.Cell, sweep_dir: pathlib.Path) -> tracking.Tra
     )
 
 
+def gradient_sqnr(
+    cfg: ExperimentConfig, plan: Plan, task: Task, model: nnx.Module, placement: Placement
+) -> dict[str, float]:
+    """QAT with quantized backward passes: each such layer's kernel-gradient SQNR against a float
+    backward pass (:func:`qjax.nn.gradient_sqnr`) on the first training batch, after training
+    (``{}`` for other cells)."""
+    if cfg.method.name != Method.QAT or not any(r.gradients for r in plan.rules):
+        return {}
+    batch = placement.take(task.train, np.arange(min(cfg.train.batch_size, len(task.train))))
+    return qjax.nn.gradient_sqnr(model, task.loss, batch)
+
+
+def initial_model(cfg: ExperimentConfig, task: Task, placement: Placement) -> nnx.Module:
+    """The untrained model of ``cfg`` (``method.from_scratch``), placed."""
+    if task.pretrained:
+        raise ValueError(
+            f"method.from_scratch: the {task.name!r} task's model comes trained; set "
+            "method.from_scratch: false"
+        )
+    return placement.model(task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed))
+
+
 def run_cell(
     cell: config_lib.Cell,
     sweep_dir: pathlib.Path,
@@ -320,12 +342,19 @@ def run_cell(
         )
         placement = Placement.of(cfg.mesh.data, cfg.mesh.fsdp)
         task = load_task(cfg)
-        model = float_model(cfg, task, sweep_dir, observers, placement)
+        model = (
+            initial_model(cfg, task, placement)
+            if cfg.method.from_scratch
+            else float_model(cfg, task, sweep_dir, observers, placement)
+        )
         base = model
         before: dict[str, float] = {}
         if cfg.method.name != Method.FLOAT:
             base = prepare_base(cfg, task, model)
             model = apply_method(cfg, cell.plan, task, base, cell_dir, observers, placement, before)
+        gradients = gradient_sqnr(cfg, cell.plan, task, model, placement)
+        if gradients:
+            before["grad_sqnr_db"] = float(np.mean(list(gradients.values())))
         model.eval()
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit, placement.take)
         metrics.update(before)
@@ -366,6 +395,7 @@ def run_cell(
         "metrics": metrics,
         "model": model_info,
         "layers": layers,
+        "gradient_sqnr_db": gradients,
         "protocol": {
             **env,
             "device": held_by,

@@ -208,6 +208,11 @@ class MethodConfig:
         (their fake quantization is AWQ's model) or GPTQ's quantized weights. ``false``: the
         latent weights are the method's quantized weights and their grid is recomputed from them
         at every step (dynamic scales; ``ste``/``clipped_ste`` only).
+      from_scratch: ``qat`` and ``finetune`` train the model from its initialization (``seed``)
+        instead of from the trained float model: the ``train`` section is not run, and the
+        method's run (``epochs`` / ``steps``, ``learning_rate``, ...) is the whole training (a
+        quantized-training study: ``finetune`` is then the float baseline with the same run).
+        Not for a pretrained task.
       freeze: regexes of parameter paths (``re.search`` on ``layers/0/mlp/up_proj/kernel``) that
         ``qat`` and ``finetune`` keep fixed, e.g. ``[embed]``: a tied float embedding, which then
         needs no gradient and no optimizer state.
@@ -245,6 +250,7 @@ class MethodConfig:
     distill_temperature: float = 1.0
     distill_weight: float = 1.0
     keep_ptq_grid: bool = True
+    from_scratch: bool = False
     freeze: tuple[str, ...] = ()
 
 
@@ -260,6 +266,7 @@ class LayerOverride:
     keep_float: bool = False
     weights: dict[str, Any] | None = None
     activations: dict[str, Any] | None = None
+    gradients: dict[str, Any] | None = None
     weight_estimator: str | None = None
     activation_estimator: str | None = None
 
@@ -285,6 +292,18 @@ class QuantConfig:
       activation_scale: ``dynamic`` or ``static`` (from calibration).
       observer: ``minmax``, ``moving_average`` or ``histogram`` (static scales).
       rounding_seed: key of stochastic rounding (required when a spec has ``rounding: stochastic``).
+      gradients: :class:`qjax.nn.GradientSpec` fields: in QAT, the backward contractions dL/dx and
+        dL/dW of every quantized layer on quantized operands (``null``: a float backward pass),
+        e.g. ``{dtype: float8_e5m2, residual_dtype: float8_e4m3fn}`` or ``{dtype: int8,
+        granularity: per_channel, rounding: stochastic}`` (stochastic rounding draws from each
+        layer's own key stream, seeded by ``seed``).
+      amax_history: ``0``: current scaling; ``H > 0``: delayed scaling of the per-tensor input,
+        kernel and gradient scales over the last ``H`` steps (Transformer Engine).
+      recipe: a named training recipe (:func:`qjax.nn.training_recipe`: ``fp8_current``,
+        ``fp8_delayed``, ``fp8_blockwise``, ``int8``, ``int8_stochastic``): it fills
+        ``weights``, ``activations`` and ``gradients`` (the fields given here win, key by key) and
+        ``amax_history`` (when 0).
+      recipe_block_size: the tile of ``fp8_blockwise`` (1 x B inputs and gradients, B x B kernels).
       overrides: per-layer rules, tried in order before the defaults above.
     """
 
@@ -296,6 +315,10 @@ class QuantConfig:
     activation_scale: str = "dynamic"
     observer: str = "minmax"
     rounding_seed: int | None = None
+    gradients: dict[str, Any] | None = None
+    amax_history: int = 0
+    recipe: str | None = None
+    recipe_block_size: int = 128
     overrides: tuple[LayerOverride, ...] = ()
 
 

@@ -394,6 +394,14 @@ def _check_method_extras(out: Problems, cfg: ExperimentConfig) -> None:
             out.append(("method.bit_budget", "mixed precision allocates weight widths: set quant.weights"))
     _check_llm_methods(out, cfg)
     _check_distill(out, cfg)
+    if m.from_scratch and m.name not in (Method.QAT, Method.FINETUNE):
+        out.append(
+            (
+                "method.from_scratch",
+                f"trains the model from its initialization in the method's run: set method.name: qat "
+                f"or finetune (it is {str(m.name)!r}), or method.from_scratch: false",
+            )
+        )
     if not m.candidate_bits or any(not 2 <= b <= 8 for b in m.candidate_bits):
         out.append(
             ("method.candidate_bits", f"{list(m.candidate_bits)} must be widths in 2..8, e.g. [2, 3, 4, 8]")
@@ -593,7 +601,9 @@ def _override(
         out.append(
             (f"{p}.path", f"{o.path!r} is not a regular expression ({e}); e.g. 'conv1' or 'blocks/.*'")
         )
-    if o.keep_float and (o.weights or o.activations or o.weight_estimator or o.activation_estimator):
+    if o.keep_float and (
+        o.weights or o.activations or o.gradients or o.weight_estimator or o.activation_estimator
+    ):
         out.append((p, "keep_float: true keeps the layers in float; remove its other fields"))
     if o.weight_estimator is not None:
         _one_of(out, f"{p}.weight_estimator", o.weight_estimator, weight_estimators())
@@ -619,14 +629,22 @@ def _rules(out: Problems, q: QuantConfig, specs: tuple[Specs, list[Specs | None]
     refusal (e.g. static activation scales need per-tensor activations) goes to ``out``."""
     defaults, overrides = specs
     entries = [
-        (f"quant.overrides[{i}]", o.path, s, o.weight_estimator, o.activation_estimator)
+        (f"quant.overrides[{i}]", o.path, s, o.weight_estimator, o.activation_estimator, o.gradients)
         for i, (o, s) in enumerate(zip(q.overrides, overrides, strict=True))
     ]
-    entries.append(("quant", ".*", defaults, None, None))
+    entries.append(("quant", ".*", defaults, None, None, None))
     rules = []
-    for where, path, s, west, aest in entries:
+    for where, path, s, west, aest, grads in entries:
         if s is None:  # keep_float: an exclusion
             rules.append(qjax.nn.Rule(path=path))
+            continue
+        grads_field = f"{where}.gradients" if grads else "quant.gradients"
+        try:
+            gradients = grads or q.gradients
+            gradients = None if gradients is None else qjax.nn.GradientSpec.from_dict(gradients)
+        except (ValueError, TypeError) as e:
+            field = getattr(e, "field", None)
+            out.append((f"{grads_field}.{field}" if field else grads_field, str(e)))
             continue
         try:
             rule = qjax.nn.Rule(
@@ -637,9 +655,12 @@ def _rules(out: Problems, q: QuantConfig, specs: tuple[Specs, list[Specs | None]
                 activation_estimator=aest or q.activation_estimator,
                 activation_scale=q.activation_scale,
                 observer=q.observer,
+                gradients=gradients,
+                amax_history=q.amax_history,
             )
         except (ValueError, TypeError) as e:
-            out.append((where, str(e)))
+            field = getattr(e, "field", None)
+            out.append((f"{where}.amax_history" if field == "amax_history" else where, str(e)))
         else:
             rules.append(rule)
     return rules
@@ -682,10 +703,35 @@ def _check_tracking(out: Problems, cfg: ExperimentConfig) -> None:
     out += tracking.missing_packages(cfg.tracking)
 
 
+def with_recipe(out: Problems, q: QuantConfig) -> QuantConfig:
+    """``quant`` with its ``recipe`` filled in (:func:`qjax.nn.training_recipe_fields`): the
+    recipe's weights, activations and gradients under the fields the config gives, key by key,
+    and its ``amax_history`` where the config leaves 0. An unknown recipe goes to ``out``."""
+    if q.recipe is None:
+        return q
+    _at_least(out, "quant.recipe_block_size", q.recipe_block_size, 1, "e.g. 128")
+    try:
+        fields = qjax.nn.training_recipe_fields(
+            q.recipe, block_size=max(q.recipe_block_size, 1), amax_history=q.amax_history or 16
+        )
+    except qjax.SpecError as e:
+        out.append(("quant.recipe", str(e)))
+        return q
+    merged = lambda name: {**fields[name], **(getattr(q, name) or {})}
+    return dataclasses.replace(
+        q,
+        weights=merged("weights"),
+        activations=merged("activations"),
+        gradients=merged("gradients"),
+        amax_history=q.amax_history or fields["amax_history"],
+    )
+
+
 def make_plan(cfg: ExperimentConfig, axis_names: Sequence[str] = ()) -> tuple[Plan | None, Problems]:
     """The :class:`Plan` of one typed config and its value problems as ``(dotted path, message)``
     pairs; the plan is ``None`` when there is a problem."""
     out: Problems = []
+    cfg = dataclasses.replace(cfg, quant=with_recipe(out, cfg.quant))
     _check_identity(out, cfg)
     _check_task(out, cfg)
     _check_sections(out, cfg, axis_names)

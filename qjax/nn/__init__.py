@@ -5,6 +5,7 @@ from qjax.nn.diagnostics import (
     HookCall,
     channel_outliers,
     format_table,
+    gradient_sqnr,
     kurtosis,
     layer_diagnostics,
     record_hook_calls,
@@ -48,7 +49,15 @@ from qjax.nn.model import (
 )
 from qjax.nn.ops import MODES, CodebookIndices, KernelLayout, Mode, QuantizedEmbedding, QuantizedOp
 from qjax.nn.quantized_backward import AmaxHistory, GradientAmaxHistory, GradientSpec
-from qjax.nn.rules import TRAINING_RECIPES, ActivationScale, Observer, Rule, RuleKind, training_recipe
+from qjax.nn.rules import (
+    TRAINING_RECIPES,
+    ActivationScale,
+    Observer,
+    Rule,
+    RuleKind,
+    training_recipe,
+    training_recipe_fields,
+)
 from qjax.nn.stats import QuantStats, StaticQParams
 
 __all__ = [
@@ -89,6 +98,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_batchnorm_params",
     "format_table",
+    "gradient_sqnr",
     "grouped_query_attention",
     "is_attention_layer",
     "join_path",
@@ -108,5 +118,6 @@ __all__ = [
     "sqnr_db",
     "summary",
     "training_recipe",
+    "training_recipe_fields",
     "wrapped_contractions",
 ]

@@ -363,11 +363,37 @@ def format_table(
     return "\n".join(lines)
 
 
+def gradient_sqnr(model: nnx.Module, loss_fn: Callable[[Any, Any], Any], batch: Any) -> dict[str, float]:
+    r"""The SQNR (dB, :func:`sqnr_db`) of each kernel gradient :math:`\partial L/\partial W` of
+    the layers whose rule quantizes the backward pass (``Rule.gradients``), against the gradient
+    of the same network with a float backward pass (same forward quantization, same batch):
+    the error that quantizing the backward contractions alone adds. Runs on copies: ``model``'s
+    state (key streams, amax histories) is unchanged. Layer path -> dB."""
+    ops = {path: op for path, _, op in quantized_ops(model) if getattr(op.rule, "gradients", None)}
+    if not ops:
+        return {}
+    grad = nnx.jit(nnx.grad(loss_fn))
+    quantized = grad(nnx.clone(model), batch)
+    reference_model = nnx.clone(model)
+    for path, _, op in quantized_ops(reference_model):
+        if path in ops:
+            op.rule = dataclasses.replace(op.rule, gradients=None)
+    reference = grad(reference_model, batch)
+    flat_q, flat_r = dict(nnx.to_flat_state(quantized)), dict(nnx.to_flat_state(reference))
+    out = {}
+    for path in ops:
+        key = (*(int(p) if p.isdigit() else p for p in path.split("/")), "kernel")
+        if key in flat_q:
+            out[path] = sqnr_db(flat_r[key][...], flat_q[key][...])
+    return out
+
+
 __all__ = [
     "OUTLIER_FACTOR",
     "HookCall",
     "channel_outliers",
     "format_table",
+    "gradient_sqnr",
     "kurtosis",
     "layer_diagnostics",
     "record_hook_calls",

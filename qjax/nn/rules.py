@@ -333,40 +333,43 @@ def first_match(rules: Sequence[Rule], path: str, kind: RuleKind = RuleKind.LAYE
     return None
 
 
-# name -> the Rule fields of a low-precision training recipe (``block`` is the tile of the
-# block-wise recipe)
-def _recipes(block: int, history: int) -> dict[str, dict[str, Any]]:
+def training_recipe_fields(name: str, *, block_size: int = 128, amax_history: int = 16) -> dict[str, Any]:
+    """The :class:`Rule` fields of the training recipe ``name`` as plain mappings (``weights``,
+    ``activations``, ``gradients``, ``amax_history``); see :func:`training_recipe`."""
     e4m3, e5m2 = "float8_e4m3fn", "float8_e5m2"
-    per_tensor_fp8 = dict(
-        weights=QuantSpec(dtype=e4m3),
-        activations=QuantSpec(dtype=e4m3),
-        gradients=GradientSpec(dtype=e5m2, residual_dtype=e4m3),
-    )
-    return {
-        # Transformer Engine: e4m3 forward, e5m2 gradients, per-tensor scales
-        "fp8_current": per_tensor_fp8,
-        "fp8_delayed": {**per_tensor_fp8, "amax_history": history},
-        # DeepSeek-V3: e4m3 everywhere, 1 x block activation / gradient tiles, block x block weights
-        "fp8_blockwise": dict(
-            weights=QuantSpec(dtype=e4m3, granularity="per_block", block_shape=(block, block)),
-            activations=QuantSpec(dtype=e4m3, granularity="per_group", axis=-1, group_size=block),
-            gradients=GradientSpec(dtype=e4m3, granularity="per_block", block_size=block),
-        ),
-        # int8 in all three contractions: per-channel weights, per-token inputs, per-row gradients
-        "int8": dict(
-            weights=QuantSpec(dtype="int8", granularity="per_channel", axis=-1),
-            activations=QuantSpec(dtype="int8", granularity="per_token"),
-            gradients=GradientSpec(dtype="int8", granularity="per_channel"),
-        ),
-        "int8_stochastic": dict(
-            weights=QuantSpec(dtype="int8", granularity="per_channel", axis=-1),
-            activations=QuantSpec(dtype="int8", granularity="per_token"),
-            gradients=GradientSpec(dtype="int8", granularity="per_channel", rounding="stochastic"),
-        ),
+    per_tensor_fp8 = {
+        "weights": {"dtype": e4m3},
+        "activations": {"dtype": e4m3},
+        "gradients": {"dtype": e5m2, "residual_dtype": e4m3},
     }
+    int8 = {
+        "weights": {"dtype": "int8", "granularity": "per_channel", "axis": -1},
+        "activations": {"dtype": "int8", "granularity": "per_token"},
+    }
+    recipes: dict[str, dict[str, Any]] = {
+        "fp8_current": per_tensor_fp8,
+        "fp8_delayed": {**per_tensor_fp8, "amax_history": amax_history},
+        "fp8_blockwise": {
+            "weights": {"dtype": e4m3, "granularity": "per_block", "block_shape": (block_size, block_size)},
+            "activations": {"dtype": e4m3, "granularity": "per_group", "axis": -1, "group_size": block_size},
+            "gradients": {"dtype": e4m3, "granularity": "per_block", "block_size": block_size},
+        },
+        "int8": {**int8, "gradients": {"dtype": "int8", "granularity": "per_channel"}},
+        "int8_stochastic": {
+            **int8,
+            "gradients": {"dtype": "int8", "granularity": "per_channel", "rounding": "stochastic"},
+        },
+    }
+    if name not in recipes:
+        raise SpecError(
+            f"training recipe {name!r} is unknown (known: {', '.join(recipes)})"
+            f"{did_you_mean(name, list(recipes))}",
+            field="recipe",
+        )
+    return {"amax_history": 0, **recipes[name]}
 
 
-TRAINING_RECIPES: tuple[str, ...] = tuple(_recipes(128, 16))
+TRAINING_RECIPES: tuple[str, ...] = ("fp8_current", "fp8_delayed", "fp8_blockwise", "int8", "int8_stochastic")
 
 
 def training_recipe(name: str, path: str = ".*", *, block_size: int = 128, amax_history: int = 16) -> Rule:
@@ -381,11 +384,5 @@ def training_recipe(name: str, path: str = ".*", *, block_size: int = 128, amax_
     * ``int8``, ``int8_stochastic``: int8 per-output-channel kernels, per-token inputs, the
       gradient per row of each backward contraction, rounded to nearest or stochastically.
     """
-    recipes = _recipes(block_size, amax_history)
-    if name not in recipes:
-        raise SpecError(
-            f"training recipe {name!r} is unknown{did_you_mean(name, list(recipes))}. Known: "
-            f"{', '.join(recipes)}",
-            field="recipe",
-        )
-    return Rule(path=path, **recipes[name])
+    fields = training_recipe_fields(name, block_size=block_size, amax_history=amax_history)
+    return Rule(path=path, **fields)

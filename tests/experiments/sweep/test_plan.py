@@ -217,3 +217,78 @@ def test_the_smoothquant_paper_rows_quantize_weights_per_tensor_and_the_attentio
         assert ("O1" in label) == (att.activations.granularity == "per_token"), label
         assert ("O3" in label) == (linears.activation_scale == "static"), label
     assert kinds == {"paper": 9, "lenient": 6}
+
+
+def test_quant_gradients_and_amax_history_reach_every_quantizing_rule():
+    cfg = config.from_dict(
+        {
+            "method": {"name": "qat"},
+            "quant": {
+                "weights": {"dtype": "float8_e4m3fn"},
+                "activations": {"dtype": "float8_e4m3fn"},
+                "gradients": {"dtype": "float8_e5m2", "rounding": "stochastic"},
+                "amax_history": 8,
+                "rounding_seed": 0,
+                "overrides": [
+                    {"path": "fc1", "keep_float": True},
+                    {"path": "head", "gradients": {"dtype": "int8"}},
+                ],
+            },
+        }
+    )
+    plan, problems = validation.make_plan(cfg)
+    assert problems == []
+    fc1, head, default = plan.rules
+    assert fc1.is_exclusion and fc1.gradients is None
+    assert head.gradients == qjax.nn.GradientSpec(dtype="int8")
+    assert default.gradients == qjax.nn.GradientSpec(dtype="float8_e5m2", rounding="stochastic")
+    assert head.amax_history == default.amax_history == 8
+
+
+@pytest.mark.parametrize("recipe", qjax.nn.TRAINING_RECIPES)
+def test_a_recipe_gives_the_rule_of_qjax_training_recipe(recipe):
+    cfg = config.from_dict({"method": {"name": "qat"}, "quant": {"recipe": recipe, "recipe_block_size": 32}})
+    plan, problems = validation.make_plan(cfg)
+    assert problems == []
+    expected = qjax.nn.training_recipe(recipe, block_size=32)
+    (rule,) = plan.rules
+    for field in ("weights", "activations", "gradients", "amax_history"):
+        assert getattr(rule, field) == getattr(expected, field), field
+
+
+def test_the_config_fields_win_over_the_recipe_key_by_key():
+    cfg = config.from_dict(
+        {
+            "method": {"name": "qat"},
+            "quant": {"recipe": "fp8_current", "gradients": {"rounding": "stochastic"}, "rounding_seed": 0},
+        }
+    )
+    plan, _ = validation.make_plan(cfg)
+    (rule,) = plan.rules
+    assert rule.gradients == qjax.nn.GradientSpec(
+        dtype="float8_e5m2", residual_dtype="float8_e4m3fn", rounding="stochastic"
+    )
+    assert rule.weights == qjax.QuantSpec(dtype="float8_e4m3fn") and rule.amax_history == 0
+
+
+@pytest.mark.parametrize(
+    "quant,method,path,match",
+    [
+        ({"recipe": "fp8_delay"}, {}, "quant.recipe", "did you mean 'fp8_delayed'"),
+        ({"weights": {"dtype": "int8"}, "gradients": {"dtype": "uint8"}}, {}, "quant.gradients.dtype", "signed"),
+        (
+            {"weights": {"dtype": "int8", "granularity": "per_channel", "axis": -1}, "amax_history": 4},
+            {},
+            "quant.amax_history",
+            "per-tensor",
+        ),
+        ({"weights": {"dtype": "int8"}}, {"name": "ptq", "from_scratch": True}, "method.from_scratch", "qat"),
+    ],
+)
+def test_training_problems_name_the_field(quant, method, path, match):
+    cfg = config.from_dict({"method": {"name": "qat", **method}, "quant": quant})
+    plan, problems = validation.make_plan(cfg)
+    assert plan is None
+    assert problems[0][0] == path, problems
+    assert match in problems[0][1]
+    assert len(problems) == 1 or path == "quant.recipe"  # an unknown recipe also leaves quant empty

@@ -260,3 +260,21 @@ def test_export_saves_and_reloads_the_converted_model(tmp_path):
         assert m["export_loss"] == pytest.approx(m["serve_loss"], rel=1e-6)
         assert 0 < m["export_bytes"] < 100 * r["model"]["size_bytes"]
         assert (sweep_dir / r["run_dir"] / "export").is_dir()
+
+
+def test_quantized_training_from_scratch_records_the_gradient_sqnr(tmp_path):
+    """``method.from_scratch``: QAT trains the initial model (no float model is trained); a cell
+    whose rules quantize the backward pass records each layer's kernel-gradient SQNR."""
+    cfg = tmp_path / "qt.yaml"
+    cfg.write_text(
+        f"base: {SMOKE}\nname: qt\nmethod: {{name: qat, from_scratch: true, steps: 60, learning_rate: 0.003}}\n"
+        "quant: {activation_scale: dynamic, gradients: {dtype: int8, granularity: per_channel}}\n"
+        "eval: {serve: false}\nsweep: {method.name: [qat]}\n"
+    )
+    sweep_dir = run.run_sweep(config_lib.load(cfg, [f"output_dir={tmp_path}"]))
+    (rec,) = ok_records(sweep_dir).values()
+    assert not (tmp_path / "float-models").exists()
+    sqnr = rec["gradient_sqnr_db"]
+    assert set(sqnr) == {"fc1", "fc2", "head"} and all(10 < v < 100 for v in sqnr.values()), sqnr
+    assert rec["metrics"]["grad_sqnr_db"] == pytest.approx(np.mean(list(sqnr.values())))
+    assert rec["metrics"]["accuracy"] > 0.5  # 60 steps from scratch on digits
