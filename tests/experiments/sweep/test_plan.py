@@ -275,7 +275,12 @@ def test_the_config_fields_win_over_the_recipe_key_by_key():
     "quant,method,path,match",
     [
         ({"recipe": "fp8_delay"}, {}, "quant.recipe", "did you mean 'fp8_delayed'"),
-        ({"weights": {"dtype": "int8"}, "gradients": {"dtype": "uint8"}}, {}, "quant.gradients.dtype", "signed"),
+        (
+            {"weights": {"dtype": "int8"}, "gradients": {"dtype": "uint8"}},
+            {},
+            "quant.gradients.dtype",
+            "signed",
+        ),
         (
             {"weights": {"dtype": "int8", "granularity": "per_channel", "axis": -1}, "amax_history": 4},
             {},

@@ -267,7 +267,8 @@ def test_quantized_training_from_scratch_records_the_gradient_sqnr(tmp_path):
     whose rules quantize the backward pass records each layer's kernel-gradient SQNR."""
     cfg = tmp_path / "qt.yaml"
     cfg.write_text(
-        f"base: {SMOKE}\nname: qt\nmethod: {{name: qat, from_scratch: true, steps: 60, learning_rate: 0.003}}\n"
+        f"base: {SMOKE}\nname: qt\n"
+        "method: {name: qat, from_scratch: true, steps: 60, learning_rate: 0.003}\n"
         "quant: {activation_scale: dynamic, gradients: {dtype: int8, granularity: per_channel}}\n"
         "eval: {serve: false}\nsweep: {method.name: [qat]}\n"
     )
