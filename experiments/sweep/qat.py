@@ -65,20 +65,36 @@ def fine_tune(
     placement: Placement | None = None,
     teacher: nnx.Module | None = None,
 ) -> nnx.Module:
-    """Train ``model`` in place for ``method.epochs`` (or ``method.steps``), resumably, on the
+    """Train ``model`` in place for ``method.epochs`` (or ``method.steps``; with
+    ``method.from_scratch``, as the ``train`` section trains the float model), resumably, on the
     task's loss or, with a ``teacher``, by distillation (:func:`~experiments.sweep.train_loop.
     distill_loss`), the parameters matching ``method.freeze`` fixed; its metrics go to
     ``observer`` as the phase ``method.name`` (``qat`` or ``finetune``)."""
     m = cfg.method
-    steps = total_steps(m.epochs, m.steps, len(task.train), cfg.train.batch_size)
+    # from scratch: the run of the float model (train), so that float and quantized training match
+    run = cfg.train if m.from_scratch else m
+    steps = total_steps(run.epochs, run.steps, len(task.train), cfg.train.batch_size)
+    where = "train" if m.from_scratch else "method"
     if steps < 1:
         raise ValueError(
-            f"method.epochs={m.epochs} over {len(task.train)} training examples in batches of "
-            f"train.batch_size={cfg.train.batch_size} is 0 steps; set method.steps, or a "
+            f"{where}.epochs={run.epochs} over {len(task.train)} training examples in batches of "
+            f"train.batch_size={cfg.train.batch_size} is 0 steps; set {where}.steps, or a "
             f"train.batch_size <= {len(task.train)}"
         )
-    tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
-    schedule = make_schedule(m.learning_rate, m.schedule, steps)
+    if m.from_scratch:
+        t = cfg.train
+        tx = make_tx(
+            t.optimizer,
+            t.learning_rate,
+            t.schedule,
+            steps,
+            warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay,
+        )
+        schedule = make_schedule(t.learning_rate, t.schedule, steps, warmup_steps=t.warmup_steps)
+    else:
+        tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
+        schedule = make_schedule(m.learning_rate, m.schedule, steps)
     loss = None
     if teacher is not None:
         teacher.eval()
@@ -89,7 +105,7 @@ def fine_tune(
         tx,
         steps=steps,
         batch_size=cfg.train.batch_size,
-        seed=cfg.seed + 1,
+        seed=cfg.seed if m.from_scratch else cfg.seed + 1,  # from scratch: the float model's batches
         checkpoint_dir=cell_dir / "ckpt",
         checkpoint_every=cfg.train.checkpoint_every,
         keep=cfg.train.keep_checkpoints,

@@ -209,10 +209,10 @@ class MethodConfig:
         latent weights are the method's quantized weights and their grid is recomputed from them
         at every step (dynamic scales; ``ste``/``clipped_ste`` only).
       from_scratch: ``qat`` and ``finetune`` train the model from its initialization (``seed``)
-        instead of from the trained float model: the ``train`` section is not run, and the
-        method's run (``epochs`` / ``steps``, ``learning_rate``, ...) is the whole training (a
-        quantized-training study: ``finetune`` is then the float baseline with the same run).
-        Not for a pretrained task.
+        as the ``train`` section trains the float model (its steps or epochs, optimizer, learning
+        rate, schedule, warmup, weight decay, batches), instead of fine-tuning the trained float
+        model; the method's own run fields are not used. A quantized-training study: ``finetune``
+        is then the float run itself. Not for a pretrained task.
       freeze: regexes of parameter paths (``re.search`` on ``layers/0/mlp/up_proj/kernel``) that
         ``qat`` and ``finetune`` keep fixed, e.g. ``[embed]``: a tied float embedding, which then
         needs no gradient and no optimizer state.

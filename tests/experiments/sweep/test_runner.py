@@ -263,12 +263,13 @@ def test_export_saves_and_reloads_the_converted_model(tmp_path):
 
 
 def test_quantized_training_from_scratch_records_the_gradient_sqnr(tmp_path):
-    """``method.from_scratch``: QAT trains the initial model (no float model is trained); a cell
-    whose rules quantize the backward pass records each layer's kernel-gradient SQNR."""
+    """``method.from_scratch``: QAT trains the initial model as ``train`` says (no float model is
+    trained); a cell whose rules quantize the backward pass records each layer's kernel-gradient
+    SQNR."""
     cfg = tmp_path / "qt.yaml"
     cfg.write_text(
         f"base: {SMOKE}\nname: qt\n"
-        "method: {name: qat, from_scratch: true, steps: 60, learning_rate: 0.003}\n"
+        "method: {name: qat, from_scratch: true}\n"
         "quant: {activation_scale: dynamic, gradients: {dtype: int8, granularity: per_channel}}\n"
         "eval: {serve: false}\nsweep: {method.name: [qat]}\n"
     )
@@ -278,4 +279,19 @@ def test_quantized_training_from_scratch_records_the_gradient_sqnr(tmp_path):
     sqnr = rec["gradient_sqnr_db"]
     assert set(sqnr) == {"fc1", "fc2", "head"} and all(10 < v < 100 for v in sqnr.values()), sqnr
     assert rec["metrics"]["grad_sqnr_db"] == pytest.approx(np.mean(list(sqnr.values())))
-    assert rec["metrics"]["accuracy"] > 0.5  # 60 steps from scratch on digits
+    assert rec["metrics"]["accuracy"] > 0.5  # the train section's 2 epochs, from scratch, on digits
+
+
+def test_finetune_from_scratch_is_the_float_training(tmp_path):
+    """The float baseline of a quantized-training study: ``finetune`` from scratch runs the train
+    section on the initial model, so it scores as the trained float model."""
+    cfg = tmp_path / "fs.yaml"
+    cfg.write_text(
+        f"base: {SMOKE}\nname: fs\neval: {{serve: false}}\n"
+        "sweep: {method.name: null, variant: {float: {method.name: float}, "
+        "scratch: {method.name: finetune, method.from_scratch: true}}}\n"
+    )
+    recs = ok_records(run.run_sweep(config_lib.load(cfg, [f"output_dir={tmp_path}"])))
+    trained, scratch = recs["variant=float"]["metrics"], recs["variant=scratch"]["metrics"]
+    assert scratch["accuracy"] == trained["accuracy"]
+    assert scratch["loss"] == pytest.approx(trained["loss"], rel=1e-5)
