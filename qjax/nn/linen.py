@@ -97,6 +97,13 @@ def _check_rules(rules: Iterable[Rule | Mapping[str, Any]]) -> list[Rule]:
                 "cannot hold; use activation_scale='dynamic', or the NNX path (qjax.nn.calibrate)",
                 field="activation_scale",
             )
+        if rule.gradients is not None or rule.amax_history:
+            raise SpecError(
+                f"Rule {rule.path!r}: quantized backward passes and delayed scaling need layer state "
+                "Linen layers do not hold; remove gradients and amax_history, or use the NNX path "
+                "(qjax.nn.quantize_model)",
+                field="gradients" if rule.gradients is not None else "amax_history",
+            )
         if any(s is not None and s.rounding == Rounding.STOCHASTIC for s in (rule.weights, rule.activations)):
             raise SpecError(
                 f"Rule {rule.path!r}: stochastic rounding needs a key stream, which Linen layers do not "

@@ -100,6 +100,8 @@ def test_linen_cnn_with_dense_general_over_three_axes():
         (dict(activations=A8, activation_estimator="pact"), "activation_estimator"),
         (dict(activations={"dtype": "int8"}, activation_scale="static"), "activation_scale"),
         (dict(weights={"dtype": "int8", "rounding": "stochastic"}), "weights"),
+        (dict(weights=W8, gradients={"dtype": "int8"}), "gradients"),
+        (dict(weights={"dtype": "float8_e4m3fn"}, amax_history=4), "amax_history"),
     ],
 )
 def test_linen_refuses_stateful_rules(fields, field):

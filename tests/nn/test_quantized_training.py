@@ -218,3 +218,16 @@ def test_conv_transpose_with_gradients_is_refused_at_quantize_model():
     rule = Rule(path=".*", gradients=GradientSpec(dtype="int8"), **FP8)
     with pytest.raises(ValueError, match="ConvTranspose layer keeps a float backward pass"):
         qjax.nn.quantize_model(Up(nnx.Rngs(0)), [rule])
+
+
+def test_original_residuals_quantize_the_float_operands_in_the_backward_pass():
+    """``ste_residuals='original'`` on the integer forward: the backward contractions quantize the
+    float x and W (not Q(x), Q(W))."""
+    spec = GradientSpec(dtype="int8", granularity="per_channel")
+    rule = Rule(path=".*", gradients=spec, ste_residuals="original", **INT8)
+    model = qjax.nn.quantize_model(nnx.Linear(16, 8, rngs=nnx.Rngs(1)), [rule])
+    x = jax.random.normal(jax.random.key(10), (6, 16))
+    weights = jax.random.normal(jax.random.key(11), (6, 8))
+    grads = grads_of(model, x, weights)
+    _, dw = dot_backward(weights, x, model.kernel[...], (((1,), (0,)), ((), ())), spec, None)
+    np.testing.assert_allclose(grads["kernel"][...], dw, rtol=1e-5, atol=1e-6)
