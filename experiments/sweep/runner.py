@@ -320,7 +320,9 @@ def initial_model(cfg: ExperimentConfig, task: Task, placement: Placement) -> nn
             f"method.from_scratch: the {task.name!r} task's model comes trained; set "
             "method.from_scratch: false"
         )
-    return placement.model(task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed))
+    model = task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
+    model.eval()  # as a trained float model is: calibration leaves batch-norm statistics alone
+    return placement.model(model)
 
 
 def run_cell(
