@@ -640,8 +640,8 @@ def _rules(out: Problems, q: QuantConfig, specs: tuple[Specs, list[Specs | None]
             continue
         grads_field = f"{where}.gradients" if grads else "quant.gradients"
         try:
-            gradients = grads or q.gradients
-            gradients = None if gradients is None else qjax.nn.GradientSpec.from_dict(gradients)
+            fields = grads or q.gradients
+            gradients = None if fields is None else qjax.nn.GradientSpec.from_dict(fields)
         except (ValueError, TypeError) as e:
             field = getattr(e, "field", None)
             out.append((f"{grads_field}.{field}" if field else grads_field, str(e)))
