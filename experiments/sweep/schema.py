@@ -293,7 +293,8 @@ class QuantConfig:
       observer: ``minmax``, ``moving_average`` or ``histogram`` (static scales).
       rounding_seed: key of stochastic rounding (required when a spec has ``rounding: stochastic``).
       gradients: :class:`qjax.nn.GradientSpec` fields: in QAT, the backward contractions dL/dx and
-        dL/dW of every quantized layer on quantized operands (``null``: a float backward pass),
+        dL/dW of every quantized layer (and of the attention contractions of ``attention``) on
+        quantized operands (``null``: a float backward pass),
         e.g. ``{dtype: float8_e5m2, residual_dtype: float8_e4m3fn}`` or ``{dtype: int8,
         granularity: per_channel, rounding: stochastic}`` (stochastic rounding draws from each
         layer's own key stream, seeded by ``seed``).

@@ -678,7 +678,13 @@ def _attention_rule(out: Problems, q: QuantConfig) -> qjax.nn.Rule | None:
         return None
     estimator = q.activation_estimator if q.activation_estimator in ATTENTION_ESTIMATORS else "ste"
     try:
-        return qjax.nn.Rule(path=".*", kind="attention", activations=spec, activation_estimator=estimator)
+        gradients = None if q.gradients is None else qjax.nn.GradientSpec.from_dict(q.gradients)
+    except (ValueError, TypeError):
+        return None  # reported under quant.gradients by the layer rules
+    try:
+        return qjax.nn.Rule(
+            path=".*", kind="attention", activations=spec, activation_estimator=estimator, gradients=gradients
+        )
     except (ValueError, TypeError) as e:
         out.append(("quant.attention", str(e).replace("Rule '.*': ", "")))
         return None

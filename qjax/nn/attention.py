@@ -35,7 +35,9 @@ dynamically (each call's range), with one scale per tensor (``per_tensor``: over
 (a scale must be constant along the contracted axis for the integer contraction to factor it out,
 so :math:`v`'s "tokens" are its channels). Grouping changes no scale: a key / value head repeated
 over its :math:`G` query heads would have the same range. In ``qat`` the operands are
-fake-quantized and contracted in float; in ``serve`` both contractions run on the stored
+fake-quantized and contracted in float (with the rule's ``gradients``, both backward contractions
+of each on quantized operands, :mod:`qjax.nn.quantized_backward`, keys and values tiled like the
+other operand under ``per_block``); in ``serve`` both contractions run on the stored
 low-precision operands (int8 x int8 -> int32, or fp8 x fp8 -> f32,
 :func:`qjax.kernels.xla.quantized_dot_general`); ``calibrate`` computes in float, as
 :func:`grouped_query_attention` does in float32.
@@ -56,9 +58,11 @@ from flax.nnx.nn.dtypes import promote_dtype
 from qjax.kernels import xla
 from qjax.nn.hooks import ATTENTION_HOOK
 from qjax.nn.ops import Mode
+from qjax.nn.quantized_backward import quantized_backward_dot
 from qjax.nn.rules import Rule
 from qjax.numerics import QuantSpec, quantize
 from qjax.numerics.fields import parse_enum
+from qjax.numerics.rounding import needs_key
 from qjax.numerics.spec import Granularity
 from qjax.ste import fake_quant
 
@@ -177,10 +181,13 @@ class QuantizedAttention(nnx.Module):
       mode: :class:`~qjax.nn.Mode` ``qat``, ``calibrate`` or ``serve``.
     """
 
-    def __init__(self, path: str, rule: Rule, mode: Mode | str):
+    def __init__(self, path: str, rule: Rule, mode: Mode | str, seed: int = 0):
         self.path = path
         self.rule = rule
         self.mode = parse_enum(Mode, mode, "mode")
+        grads = rule.gradients
+        # stochastic rounding of the gradients draws from the layer's own stream
+        self.rngs = nnx.Rngs(quantize=seed) if grads is not None and needs_key(grads.rounding) else None
 
     def __call__(
         self, query: jax.Array, key: jax.Array, value: jax.Array, *args: Any, **kwargs: Any
@@ -201,7 +208,12 @@ class QuantizedAttention(nnx.Module):
         spec = _operand_spec(spec)
         if self.mode == Mode.QAT:
             est = self.rule.activation_estimator
-            return jax.lax.dot_general(fake_quant(lhs, spec, est), fake_quant(rhs, spec, est), dn)
+            lhs, rhs = fake_quant(lhs, spec, est), fake_quant(rhs, spec, est)
+            grads = self.rule.gradients
+            if grads is None:
+                return jax.lax.dot_general(lhs, rhs, dn)
+            key = self.rngs.quantize() if self.rngs is not None else None
+            return quantized_backward_dot(dn, grads, False, lhs, rhs, key, None)
         if self.mode != Mode.SERVE:
             raise ValueError(f"layer {self.path!r}: unknown mode {str(self.mode)!r}")
         return xla.quantized_dot_general(quantize(lhs, spec), quantize(rhs, spec), dn)

@@ -177,7 +177,9 @@ def quantize_model(
             )
             continue
         check_attention_layer(path, layer)
-        setattr(layer, ATTENTION_HOOK.hook, nnx.data(QuantizedAttention(path, match[1], layer_mode)))
+        setattr(
+            layer, ATTENTION_HOOK.hook, nnx.data(QuantizedAttention(path, match[1], layer_mode, seed=seed))
+        )
     for i, rule in enumerate(rules):
         if i not in used:
             warnings.warn(

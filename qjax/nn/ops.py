@@ -323,8 +323,8 @@ class QuantizedOp(nnx.Module):
             return quantized_backward_conv(conv, spec, x, w, key, history)
         if self.kind == OpKind.EINSUM:
             dn, perm = einsum_dimension_numbers(args[0], x.ndim, w.ndim)
-            return jnp.transpose(quantized_backward_dot(dn, spec, x, w, key, history), perm)
-        return quantized_backward_dot(rest[0], spec, x, w, key, history)
+            return jnp.transpose(quantized_backward_dot(dn, spec, True, x, w, key, history), perm)
+        return quantized_backward_dot(rest[0], spec, True, x, w, key, history)
 
     def _key(self) -> jax.Array | None:
         return None if self.rngs is None else self.rngs.quantize()

@@ -303,10 +303,13 @@ def dot_backward(
     spec: GradientSpec,
     key: jax.Array | None,
     history: jax.Array | None = None,
+    rhs_kernel: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """``(dL/da, dL/db)`` of ``y = dot_general(a, b, dn)`` from ``g = dL/dy``, float32, each
     selected contraction on quantized operands (module docstring), the others in float;
-    ``history``: the gradient's amax history (delayed scaling) or ``None`` (current scaling)."""
+    ``history``: the gradient's amax history (delayed scaling) or ``None`` (current scaling);
+    ``rhs_kernel``: ``b`` is a kernel (``per_block``: blocks; else, as attention's keys and
+    values, 1 x ``block_size`` tiles like ``a``)."""
     grad_qparams = _grad_qparams(spec, g, history)
     (lc, rc), (lb, rb) = dn
     lc, rc, lb, rb = (
@@ -329,7 +332,7 @@ def dot_backward(
             _canonical(b32, rb, rc, rf),
             spec,
             grad_side="lhs",
-            kernel_side="rhs",
+            kernel_side="rhs" if rhs_kernel else None,
             key=keys[0],
             grad_qparams=grad_qparams,
         )
@@ -425,20 +428,21 @@ def history_cotangent(g: jax.Array, history: jax.Array | None) -> jax.Array | No
     return None if history is None else pushed(history, amax_of(g))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def quantized_backward_dot(dn: DimensionNumbers, spec: GradientSpec, a, b, key, history):  # type: ignore[no-untyped-def]
-    """``dot_general(a, b, dn)`` whose backward contractions are quantized by ``spec``;
-    ``history``: the gradient's amax history (delayed scaling) or ``None`` (current)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def quantized_backward_dot(dn: DimensionNumbers, spec: GradientSpec, rhs_kernel: bool, a, b, key, history):  # type: ignore[no-untyped-def]
+    """``dot_general(a, b, dn)`` whose backward contractions are quantized by ``spec``
+    (``rhs_kernel``: see :func:`dot_backward`); ``history``: the gradient's amax history (delayed
+    scaling) or ``None`` (current)."""
     return jax.lax.dot_general(a, b, dn)
 
 
-def _qbd_fwd(dn, spec, a, b, key, history):  # type: ignore[no-untyped-def]
+def _qbd_fwd(dn, spec, rhs_kernel, a, b, key, history):  # type: ignore[no-untyped-def]
     return jax.lax.dot_general(a, b, dn), (a, b, key, history)
 
 
-def _qbd_bwd(dn, spec, res, g):  # type: ignore[no-untyped-def]
+def _qbd_bwd(dn, spec, rhs_kernel, res, g):  # type: ignore[no-untyped-def]
     a, b, key, history = res
-    da, db = dot_backward(g, a, b, dn, spec, key, history)
+    da, db = dot_backward(g, a, b, dn, spec, key, history, rhs_kernel)
     return da.astype(a.dtype), db.astype(b.dtype), None, history_cotangent(g, history)
 
 

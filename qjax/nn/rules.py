@@ -85,7 +85,8 @@ class Rule:
         :class:`~qjax.nn.quantized_backward.GradientSpec` (or its mapping): in QAT, the backward
         contractions dL/dx and dL/dW of the layer run on quantized operands (int8 or fp8, with
         nearest or stochastic rounding of the incoming gradient; Linear, LinearGeneral, Einsum
-        and Conv layers; an Embed table is a gather and keeps a float gradient).
+        and Conv layers, and with ``kind='attention'`` the :math:`QK^T` and :math:`PV`
+        contractions; an Embed table is a gather and keeps a float gradient).
       amax_history: ``0``: current scaling (each tensor's own range); :math:`H > 0`: delayed
         scaling (Transformer Engine): the per-tensor scales of the input, the kernel and the
         incoming gradient from the largest absolute value of the last :math:`H` steps (the
@@ -224,13 +225,13 @@ class Rule:
                 "'float8_e4m3fn'}) or use a preset (qjax.nn.training_recipe)",
                 field="gradients",
             )
-        if self.gradients is not None and self.kind == RuleKind.ATTENTION:
-            raise SpecError(
-                f"Rule {self.path!r}: the attention contractions keep a float backward pass; put "
-                "gradients on the layer rules (kind='layer')",
-                field="gradients",
-            )
         h = self.amax_history
+        if h and self.kind == RuleKind.ATTENTION:
+            raise SpecError(
+                f"Rule {self.path!r}: attention scales are current (each call's range); remove "
+                "amax_history from the kind='attention' rule",
+                field="amax_history",
+            )
         if isinstance(h, bool) or not isinstance(h, int) or h < 0:
             raise SpecError(
                 f"Rule {self.path!r}: amax_history={h!r} must be an integer >= 0 (0: current scaling; "

@@ -146,9 +146,9 @@ def test_custom_vjp_forward_is_the_float_contraction_and_grads_are_quantized():
     k = jax.random.split(jax.random.key(4), 2)
     x, w = jax.random.normal(k[0], (8, 16)), jax.random.normal(k[1], (16, 4))
     spec = GradientSpec(dtype="int8", granularity="per_channel")
-    f = lambda x, w: jnp.sum(jnp.sin(quantized_backward_dot(LINEAR_DN, spec, x, w, None, None)))
+    f = lambda x, w: jnp.sum(jnp.sin(quantized_backward_dot(LINEAR_DN, spec, True, x, w, None, None)))
     np.testing.assert_allclose(
-        quantized_backward_dot(LINEAR_DN, spec, x, w, None, None), x @ w, rtol=1e-6, atol=1e-6
+        quantized_backward_dot(LINEAR_DN, spec, True, x, w, None, None), x @ w, rtol=1e-6, atol=1e-6
     )
     dx, dw = jax.grad(f, argnums=(0, 1))(x, w)
     g = jnp.cos(x @ w)
@@ -197,7 +197,7 @@ def test_delayed_scaling_uses_the_history_and_returns_it_updated():
     history = jnp.array([0.0, 4.0, 2.0])  # the largest: 4, so S_g = 4 / 127
 
     def loss(x, w, h):
-        return jnp.sum(quantized_backward_dot(LINEAR_DN, spec, x, w, None, h) * jnp.array([[1.0, 8.0]]))
+        return jnp.sum(quantized_backward_dot(LINEAR_DN, spec, True, x, w, None, h) * jnp.array([[1.0, 8.0]]))
 
     dx, _, dh = jax.grad(loss, argnums=(0, 1, 2))(x, w, history)
     np.testing.assert_allclose(dh, [8.0, 0.0, 4.0])  # new amax first, oldest dropped

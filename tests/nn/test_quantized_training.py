@@ -199,8 +199,9 @@ def test_rule_errors_name_the_field():
     with pytest.raises(SpecError, match="neither weights nor activations") as e:
         Rule(path=".*", gradients={"dtype": "int8"})
     assert e.value.field == "gradients"
-    with pytest.raises(SpecError, match="attention"):
-        Rule(path=".*", kind="attention", activations={"dtype": "int8"}, gradients={"dtype": "int8"})
+    with pytest.raises(SpecError, match="attention scales are current") as e:
+        Rule(path=".*", kind="attention", activations={"dtype": "int8"}, amax_history=4)
+    assert e.value.field == "amax_history"
     with pytest.raises(SpecError, match="did you mean 'fp8_delayed'"):
         training_recipe("fp8_delay")
     with pytest.raises(SpecError, match="dtyp"):
@@ -231,3 +232,36 @@ def test_original_residuals_quantize_the_float_operands_in_the_backward_pass():
     grads = grads_of(model, x, weights)
     _, dw = dot_backward(weights, x, model.kernel[...], (((1,), (0,)), ((), ())), spec, None)
     np.testing.assert_allclose(grads["kernel"][...], dw, rtol=1e-5, atol=1e-6)
+
+
+class Attention(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(2, 8, qkv_features=8, decode=False, rngs=rngs)
+
+    def __call__(self, x):
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_attention_contractions_take_quantized_backward_passes(rounding):
+    """QK^T and PV: the forward as without gradients, the gradients of the projections through
+    the quantized backward contractions (int8 dots in the lowered program, close to float)."""
+    acts = {"dtype": "int8", "granularity": "per_token"}
+    plain_rule = Rule(path=".*", kind="attention", activations=acts)
+    grads = GradientSpec(dtype="int8", granularity="per_channel", rounding=rounding)
+    rule = Rule(path=".*", kind="attention", activations=acts, gradients=grads)
+    plain = qjax.nn.quantize_model(Attention(nnx.Rngs(0)), [plain_rule])
+    quant = qjax.nn.quantize_model(Attention(nnx.Rngs(0)), [rule])
+    x = jax.random.normal(jax.random.key(12), (2, 6, 8))
+    np.testing.assert_array_equal(plain(x), quant(x))
+    w = jax.random.normal(jax.random.key(13), (2, 6, 8))
+    gp = nnx.to_flat_state(grads_of(plain, x, w))
+    gq = dict(nnx.to_flat_state(grads_of(quant, x, w)))
+    query = [(p, v) for p, v in gp if p[-2:] == ("query", "kernel")]
+    assert query
+    for path, ref in query:
+        got = gq[path][...]
+        assert not np.array_equal(got, ref[...])
+        assert qjax.nn.sqnr_db(ref[...], got) > 15.0
+    types = dot_operand_types(quant, x)
+    assert types.count(("i8", "i8")) >= 4, types  # 2 backward contractions of each of QK^T and PV
