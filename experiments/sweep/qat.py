@@ -13,7 +13,15 @@ import flax.nnx as nnx
 from experiments.sweep import tracking
 from experiments.sweep.placement import Placement
 from experiments.sweep.schema import ExperimentConfig, Method
-from experiments.sweep.train_loop import distill_loss, make_schedule, make_tx, total_steps, train, trainable
+from experiments.sweep.train_loop import (
+    distill_loss,
+    make_schedule,
+    make_tx,
+    total_steps,
+    train,
+    train_section_tx,
+    trainable,
+)
 from experiments.tasks.base import Task, evaluate
 
 logger = logging.getLogger("qjax.experiments")
@@ -82,16 +90,7 @@ def fine_tune(
             f"train.batch_size <= {len(task.train)}"
         )
     if m.from_scratch:
-        t = cfg.train
-        tx = make_tx(
-            t.optimizer,
-            t.learning_rate,
-            t.schedule,
-            steps,
-            warmup_steps=t.warmup_steps,
-            weight_decay=t.weight_decay,
-        )
-        schedule = make_schedule(t.learning_rate, t.schedule, steps, warmup_steps=t.warmup_steps)
+        tx, schedule = train_section_tx(cfg.train, steps)
     else:
         tx = make_tx(m.optimizer, m.learning_rate, m.schedule, steps)
         schedule = make_schedule(m.learning_rate, m.schedule, steps)

@@ -38,7 +38,7 @@ from experiments.sweep.placement import Placement, devices_of
 from experiments.sweep.plan import Plan
 from experiments.sweep.qat import fine_tune, monitor, quantization_aware
 from experiments.sweep.schema import ExperimentConfig, Method
-from experiments.sweep.train_loop import make_schedule, make_tx, total_steps, train
+from experiments.sweep.train_loop import total_steps, train, train_section_tx
 from experiments.tasks import batchnorm_pairs, get_task
 from experiments.tasks.base import Task, evaluate
 from qjax import methods
@@ -111,17 +111,9 @@ def float_model(
     t = cfg.train
     model = task.make_model(cfg.task.model, dict(cfg.task.model_args), cfg.seed)
     steps = total_steps(t.epochs, t.steps, len(task.train), t.batch_size)
-    tx = make_tx(
-        t.optimizer,
-        t.learning_rate,
-        t.schedule,
-        steps,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-    )
+    tx, schedule = train_section_tx(t, steps)
     checkpoint_dir = float_model_dir(cfg, sweep_dir)
     history = tracking.History(float_metrics_path(cfg, sweep_dir)) if cfg.tracking.log_every else None
-    schedule = make_schedule(t.learning_rate, t.schedule, steps, warmup_steps=t.warmup_steps)
     observers = tracking.Observers(history, observer)
     # one process trains it; the others wait here, then restore its final checkpoint
     with claims.exclusive(checkpoint_dir.with_name(checkpoint_dir.name + ".lock"), "the float model"):

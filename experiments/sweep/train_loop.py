@@ -25,7 +25,7 @@ import optax
 import qjax
 from experiments.sweep import tracking
 from experiments.sweep.placement import Placement
-from experiments.sweep.schema import Optimizer, Schedule
+from experiments.sweep.schema import Optimizer, Schedule, TrainConfig
 from experiments.tasks.base import Task
 from qjax import training
 
@@ -51,6 +51,20 @@ def make_schedule(
             0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1)
         )
     raise ValueError(f"schedule={schedule!r} is not one of constant, cosine, warmup_cosine")
+
+
+def train_section_tx(t: TrainConfig, steps: int) -> tuple[Any, Any]:
+    """The optax transformation and learning-rate schedule of a ``train`` section over ``steps``
+    (warmup and weight decay included): the float model's run, and a run from scratch."""
+    tx = make_tx(
+        t.optimizer,
+        t.learning_rate,
+        t.schedule,
+        steps,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+    )
+    return tx, make_schedule(t.learning_rate, t.schedule, steps, warmup_steps=t.warmup_steps)
 
 
 def make_tx(
