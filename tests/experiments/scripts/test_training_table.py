@@ -39,3 +39,24 @@ def test_records_without_variant_are_refused():
     bad["axes"] = {"seed": 0}
     with pytest.raises(ReportError, match="no 'variant' axis"):
         training_table.table([bad])
+
+
+def test_loss_curves_are_read_per_cell_and_plotted(tmp_path):
+    import json
+
+    records = []
+    for variant, offset in (("float", 0.0), ("full", 0.5)):
+        for seed in (0, 1):
+            r = record(variant, seed, 0.9)
+            r["run_dir"] = f"cells/{variant}{seed}"
+            (tmp_path / r["run_dir"]).mkdir(parents=True)
+            rows = [{"phase": "qat", "step": t, "loss": 1.0 / t + offset + seed} for t in (10, 20, 30)]
+            (tmp_path / r["run_dir"] / "metrics.jsonl").write_text(
+                "".join(json.dumps(x) + "\n" for x in rows)
+            )
+            records.append(r)
+    curves = training_table.loss_curves(tmp_path, records)
+    assert curves["full"][1] == {10: 1.6, 20: 1.55, 30: pytest.approx(1.5 + 1 / 30)}
+    out = tmp_path / "curves.png"
+    training_table.plot_curves(curves, out, smooth=2)
+    assert out.stat().st_size > 1000 and not list(tmp_path.glob("*.tmp.png"))
