@@ -46,7 +46,16 @@ from qjax.nn.model import (
     set_mode,
     summary,
 )
-from qjax.nn.ops import MODES, CodebookIndices, KernelLayout, Mode, QuantizedEmbedding, QuantizedOp
+from qjax.nn.ops import (
+    MODES,
+    CodebookIndices,
+    FrozenQuantizedOp,
+    KernelLayout,
+    Mode,
+    QuantizedContraction,
+    QuantizedEmbedding,
+    QuantizedOp,
+)
 from qjax.nn.rules import ActivationScale, Observer, Rule, RuleKind
 from qjax.nn.stats import QuantStats, StaticQParams
 
@@ -58,6 +67,7 @@ __all__ = [
     "CorrectionInputs",
     "FakeQuantDotGeneral",
     "FoldedBatchNorm",
+    "FrozenQuantizedOp",
     "HookCall",
     "KernelLayout",
     "LayerHook",
@@ -66,6 +76,7 @@ __all__ = [
     "OpKind",
     "QuantStats",
     "QuantizedAttention",
+    "QuantizedContraction",
     "QuantizedEmbedding",
     "QuantizedOp",
     "QuantizedWeight",
