@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.nn import OpKind, QuantStats, layer_hook, quantizable_layers, quantized_ops
-from qjax.nn.ops import QuantizedEmbedding, QuantizedOp, quantize_kernel
+from qjax.nn.ops import QuantizedContraction, QuantizedEmbedding, quantize_kernel
 from qjax.numerics import QArray
 from qjax.numerics.formats import BlockFloatFormat, FloatFormat, IntFormat
 
@@ -99,7 +99,7 @@ def _leaf_bytes(value: Any) -> int:
     return int(sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(value)))
 
 
-def _would_store(op: QuantizedOp | QuantizedEmbedding, kernel: jax.Array) -> Any:
+def _would_store(op: QuantizedContraction | QuantizedEmbedding, kernel: jax.Array) -> Any:
     """The abstract ``QArray`` (shapes and dtypes only) that converting ``op``'s layer would store."""
     return jax.eval_shape(lambda k: quantize_kernel(op, k), kernel)
 
@@ -268,7 +268,7 @@ def record_contractions(
     work.eval()
     for _, layer, op in quantized_ops(work):
         hook = layer_hook(layer)
-        if hook.kind not in FLOAT_OPS or not isinstance(op, QuantizedOp):
+        if hook.kind not in FLOAT_OPS or not isinstance(op, QuantizedContraction):
             continue
         setattr(layer, hook.hook, nnx.static(FLOAT_OPS[hook.kind]))
         kernel = layer.kernel.get_value()  # type: ignore[attr-defined]
@@ -290,7 +290,7 @@ def record_contractions(
 # -- energy ----------------------------------------------------------------------------------------
 
 
-def mac_energy(op: QuantizedOp | None, operand_itemsize: int) -> tuple[str, float]:
+def mac_energy(op: QuantizedContraction | None, operand_itemsize: int) -> tuple[str, float]:
     """``(arithmetic, pJ per MAC)`` of a layer (see the module docstring).
 
     ``op`` is the layer's quantized op (``None`` for a float layer); ``operand_itemsize`` the bytes
@@ -355,7 +355,7 @@ def forward_energy(
         total = sum(call.macs for call in calls[path])
         macs: float = total // n if total % n == 0 else total / n
         itemsize = calls[path][0].lhs_itemsize if calls[path] else 4
-        arithmetic, pj = mac_energy(op if isinstance(op, QuantizedOp) else None, itemsize)
+        arithmetic, pj = mac_energy(op if isinstance(op, QuantizedContraction) else None, itemsize)
         nbytes = sum(p["bytes"] for p in storage["params"] if p["path"].startswith(path + "/"))
         layers.append(
             {

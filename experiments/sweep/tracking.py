@@ -161,7 +161,7 @@ def weight_clip_fraction(layer: nnx.Module, op: Any) -> jax.Array | None:
         return None
     x = jnp.asarray(kernel, jnp.float32)
     scale = getattr(op, "weight_scale", None)
-    pinned = op.weight_qparams() if isinstance(op, qjax.nn.QuantizedOp) else None
+    pinned = op.weight_qparams() if isinstance(op, qjax.nn.QuantizedContraction) else None
     qp = QParams(scale[...]) if scale is not None else pinned or qjax.calibrate(x, spec)
     return jnp.mean(clipped_by_nearest(x, spec, qp).astype(jnp.float32))
 

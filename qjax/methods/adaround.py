@@ -66,7 +66,7 @@ from qjax.methods.adaround_core import (
 from qjax.nn.diagnostics import HookCall, check_quantized, layer_output, working_copy
 from qjax.nn.hooks import layer_hook, quantizable_layers, wrapped_contractions
 from qjax.nn.model import pin_weight_qparams, quantized_ops
-from qjax.nn.ops import QuantizedOp
+from qjax.nn.ops import QuantizedContraction
 from qjax.numerics import QParams, QuantSpec, calibrate, quantize_dequantize, tiling
 from qjax.numerics.formats import MIN_SCALE, IntFormat
 from qjax.numerics.rounding import Rounding
@@ -182,7 +182,7 @@ def _selected_layers(model: nnx.Module, paths: str) -> list[str]:
         raise ValueError(f"paths={paths!r} is not a valid regular expression ({e})") from None
     out = []
     for path, _, op in quantized_ops(model):
-        if not isinstance(op, QuantizedOp) or op.rule.weights is None or not pattern.fullmatch(path):
+        if not isinstance(op, QuantizedContraction) or op.rule.weights is None or not pattern.fullmatch(path):
             continue  # Embed tables and activation-only rules have nothing to round
         spec = op.rule.weights
         if not isinstance(spec.format, IntFormat):
@@ -220,7 +220,7 @@ def _adaround_layer(
     layer = dict(quantizable_layers(work.qmodel))[path]
     float_layer = dict(quantizable_layers(work.float_model))[path]
     op = getattr(layer, layer_hook(layer).hook)
-    assert isinstance(op, QuantizedOp) and op.rule.weights is not None
+    assert isinstance(op, QuantizedContraction) and op.rule.weights is not None
     spec = op.rule.weights
     kernel = _kernel(path, layer)
     key = jax.random.fold_in(jax.random.key(config.seed), index)
@@ -345,7 +345,7 @@ def _check_calls(path: str, kernel: jax.Array, fcalls: list[HookCall], qcalls: l
 
 def _layer_input(op: Any, x: jax.Array, key: jax.Array) -> jax.Array:
     """The input as the layer's own input quantizer (if ``op`` is one) passes it to the contraction."""
-    spec = op.rule.activations if isinstance(op, QuantizedOp) else None
+    spec = op.rule.activations if isinstance(op, QuantizedContraction) else None
     if spec is None:
         return x
     return quantize_dequantize(x, spec, key=key, qparams=op.input_qparams())
@@ -367,7 +367,7 @@ def _layer_apply(layer: nnx.Module, call: HookCall, f: Activation | None) -> Cal
     return apply
 
 
-def _weight_qparams(op: QuantizedOp, kernel: jax.Array, spec: QuantSpec) -> QParams:
+def _weight_qparams(op: QuantizedContraction, kernel: jax.Array, spec: QuantSpec) -> QParams:
     """The grid of the kernel: pinned parameters, an LSQ step size, or the spec's calibration."""
     pinned = op.weight_qparams()
     if pinned is not None:

@@ -45,7 +45,7 @@ from jax.typing import ArrayLike
 
 from qjax.kernels.xla import quantized_dot_general
 from qjax.nn.model import quantizable_layers
-from qjax.nn.ops import QuantizedOp
+from qjax.nn.ops import QuantizedContraction
 from qjax.numerics import QuantSpec, quantize
 from qjax.numerics.calibration import check_finite, check_float_input
 
@@ -178,7 +178,7 @@ def apply_llm_int8(model: nnx.Module, path_regex: str = ".*", threshold: float =
         paths = ", ".join(p for p, _ in linears) or "none"
         raise ValueError(f"path_regex={path_regex!r} matches no nnx.Linear layer; Linear paths: {paths}")
     for path, layer in chosen:
-        if isinstance(layer.dot_general, QuantizedOp):
+        if isinstance(layer.dot_general, QuantizedContraction):
             raise ValueError(
                 f"layer {path!r} is already quantized by qjax.nn.quantize_model; apply LLM.int8() to "
                 "the float model (or exclude the layer with path_regex)"

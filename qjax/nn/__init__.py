@@ -47,7 +47,16 @@ from qjax.nn.model import (
     set_mode,
     summary,
 )
-from qjax.nn.ops import MODES, CodebookIndices, KernelLayout, Mode, QuantizedEmbedding, QuantizedOp
+from qjax.nn.ops import (
+    MODES,
+    CodebookIndices,
+    FrozenQuantizedOp,
+    KernelLayout,
+    Mode,
+    QuantizedContraction,
+    QuantizedEmbedding,
+    QuantizedOp,
+)
 from qjax.nn.quantized_backward import AmaxHistory, GradientAmaxHistory, GradientSpec
 from qjax.nn.rules import (
     TRAINING_RECIPES,
@@ -70,6 +79,7 @@ __all__ = [
     "CorrectionInputs",
     "FakeQuantDotGeneral",
     "FoldedBatchNorm",
+    "FrozenQuantizedOp",
     "GradientAmaxHistory",
     "GradientSpec",
     "HookCall",
@@ -80,6 +90,7 @@ __all__ = [
     "OpKind",
     "QuantStats",
     "QuantizedAttention",
+    "QuantizedContraction",
     "QuantizedEmbedding",
     "QuantizedOp",
     "QuantizedWeight",

@@ -53,7 +53,7 @@ import numpy as np
 
 from qjax.nn.hooks import layer_hook, quantizable_layers, wrapped_contractions
 from qjax.nn.model import quantized_ops
-from qjax.nn.ops import Mode, QuantizedEmbedding, QuantizedOp, quantize_kernel
+from qjax.nn.ops import Mode, QuantizedContraction, QuantizedEmbedding, quantize_kernel, update_op
 from qjax.numerics import QArray, calibrate, dequantize
 from qjax.numerics.formats import CodebookFormat
 from qjax.numerics.quantize import clipped_by_nearest
@@ -260,7 +260,7 @@ def layer_diagnostics(
     check_quantized(qmodel)
     qwork, fwork = working_copy(qmodel), working_copy(float_model)
     ops = quantized_ops(qwork)
-    contractions = [p for p, _, op in ops if isinstance(op, QuantizedOp)]
+    contractions = [p for p, _, op in ops if isinstance(op, QuantizedContraction)]
     pairs = paired_calls(qwork, fwork, batch, forward, contractions)
     float_layers = dict(quantizable_layers(fwork))
     rows = []
@@ -282,7 +282,7 @@ def layer_diagnostics(
 
 
 def _weight_stats(
-    op: QuantizedOp | QuantizedEmbedding, qlayer: nnx.Module, flayer: nnx.Module
+    op: QuantizedContraction | QuantizedEmbedding, qlayer: nnx.Module, flayer: nnx.Module
 ) -> dict[str, float | None]:
     spec = op.rule.weights
     if spec is None:
@@ -299,14 +299,14 @@ def _weight_stats(
 
 
 def _call_stats(
-    op: QuantizedOp | QuantizedEmbedding,
+    op: QuantizedContraction | QuantizedEmbedding,
     qlayer: nnx.Module,
     flayer: nnx.Module,
     pairs: list[tuple[HookCall, HookCall]],
     outlier_factor: float,
 ) -> dict[str, float | None]:
     keys = ("output_sqnr_db", "act_clip_ratio", "act_max_over_median", "act_outlier_channels", "act_kurtosis")
-    if not isinstance(op, QuantizedOp) or not pairs:
+    if not isinstance(op, QuantizedContraction) or not pairs:
         return dict.fromkeys(keys)
     signal = noise = 0.0
     outside = total = 0
@@ -329,7 +329,7 @@ def _call_stats(
     }
 
 
-def _activation_clipping(op: QuantizedOp, x: jax.Array) -> tuple[int, int] | None:
+def _activation_clipping(op: QuantizedContraction, x: jax.Array) -> tuple[int, int] | None:
     """Elements of the input ``x`` outside the activation quantizer's range: its static, LSQ or PACT
     parameters, else the dynamic range it computes from ``x``."""
     spec = op.rule.activations
@@ -375,9 +375,9 @@ def gradient_sqnr(model: nnx.Module, loss_fn: Callable[[Any, Any], Any], batch: 
     grad = nnx.jit(nnx.grad(loss_fn))
     quantized = grad(nnx.clone(model), batch)
     reference_model = nnx.clone(model)
-    for path, _, op in quantized_ops(reference_model):
-        if path in ops:
-            op.rule = dataclasses.replace(op.rule, gradients=None)
+    for path, layer, op in quantized_ops(reference_model):
+        if path in ops and isinstance(op, QuantizedContraction):
+            update_op(layer, op, rule=dataclasses.replace(op.rule, gradients=None))
     reference = grad(reference_model, batch)
     flat_q, flat_r = dict(nnx.to_flat_state(quantized)), dict(nnx.to_flat_state(reference))
     out = {}

@@ -49,7 +49,7 @@ from qjax.nn.diagnostics import (
 )
 from qjax.nn.hooks import OpKind, join_path
 from qjax.nn.model import quantized_ops
-from qjax.nn.ops import QuantizedOp
+from qjax.nn.ops import QuantizedContraction
 
 logger = logging.getLogger("qjax")
 
@@ -166,7 +166,7 @@ def _find(nodes: dict[str, tuple[Any, nnx.Module]], path: str, types: tuple[type
 
 def _check_foldable(layer_path: str, layer: Any, bn_path: str, bn: nnx.BatchNorm) -> None:
     hook = getattr(layer, "conv_general_dilated" if isinstance(layer, nnx.Conv) else "dot_general", None)
-    if isinstance(hook, QuantizedOp):
+    if isinstance(hook, QuantizedContraction):
         raise ValueError(
             f"layer {layer_path!r} is already quantized; fold batch norms into the float model before "
             "qjax.nn.quantize_model, so that the folded kernel is what gets quantized"
@@ -257,8 +257,8 @@ def bias_correction(
         raise ValueError("bias_correction got no batches; pass an iterable of at least one input batch")
     corrected = nnx.clone(qmodel)
     ops = quantized_ops(corrected)
-    paths = [p for p, _, op in ops if isinstance(op, QuantizedOp) and op.kind != OpKind.EINSUM]
-    skipped = [p for p, _, op in ops if isinstance(op, QuantizedOp) and op.kind == OpKind.EINSUM]
+    paths = [p for p, _, op in ops if isinstance(op, QuantizedContraction) and op.kind != OpKind.EINSUM]
+    skipped = [p for p, _, op in ops if isinstance(op, QuantizedContraction) and op.kind == OpKind.EINSUM]
     if skipped:
         logger.info("bias correction leaves Einsum layers as they are: %s", ", ".join(skipped))
     layers = {p: layer for p, layer, _ in ops}

@@ -125,7 +125,7 @@ def wrapped_contractions(
         yield
     finally:
         for layer, name, own in reversed(installed):
-            setattr(layer, name, nnx.data(own) if isinstance(own, nnx.Module) else own)
+            setattr(layer, name, nnx.data(own) if isinstance(own, nnx.Module) else nnx.static(own))
 
 
 def default_contraction(kind: OpKind) -> Callable[..., Any]:

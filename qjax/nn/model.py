@@ -7,7 +7,9 @@
     qmodel = qjax.nn.quantize_model(model, rules, mode="qat")   # model itself is left unchanged
 
 The model's own layer objects are kept: each matched ``nnx.Linear``, ``nnx.LinearGeneral``,
-``nnx.Conv`` or ``nnx.Einsum`` gets a :class:`~qjax.nn.ops.QuantizedOp` as its contraction hook, each
+``nnx.Conv`` or ``nnx.Einsum`` gets a :class:`~qjax.nn.ops.QuantizedContraction` as its contraction
+hook (a :class:`~qjax.nn.ops.QuantizedOp` module where it holds quantizer state, else a
+:class:`~qjax.nn.ops.FrozenQuantizedOp` static value), each
 ``nnx.ConvTranspose`` one as its ``promote_dtype`` hook, each ``nnx.Embed`` a
 :class:`~qjax.nn.ops.QuantizedEmbedding` as its ``promote_dtype`` hook, and each attention layer
 (``nnx.MultiHeadAttention``, or any module with an ``attention_fn``: the attention protocol of
@@ -45,13 +47,18 @@ from qjax.nn.ops import (
     MODES,
     KernelLayout,
     Mode,
+    QuantizedContraction,
     QuantizedEmbedding,
     QuantizedOp,
+    drop_state,
+    install_op,
     promote_keeping_quantized,
     quantize_kernels,
+    stateful_op,
+    update_op,
 )
 from qjax.nn.rules import ActivationScale, Rule, RuleKind, first_match
-from qjax.nn.stats import lsq_scale_from_stats, static_qparams, static_range
+from qjax.nn.stats import StaticQParams, lsq_scale_from_stats, static_qparams, static_range
 from qjax.numerics import QArray, QParams, tiling
 from qjax.numerics.formats import MIN_SCALE, CodebookFormat, IntFormat
 from qjax.numerics.rounding import Rounding
@@ -71,12 +78,14 @@ class UnusedRuleWarning(UserWarning):
     """A rule matched no layer (often a typo in its path)."""
 
 
-def quantized_ops(model: nnx.Module) -> list[tuple[str, nnx.Module, QuantizedOp | QuantizedEmbedding]]:
+def quantized_ops(
+    model: nnx.Module,
+) -> list[tuple[str, nnx.Module, QuantizedContraction | QuantizedEmbedding]]:
     """``(path, layer, op)`` of every quantized layer."""
     out = []
     for path, layer in quantizable_layers(model):
         op = getattr(layer, layer_hook(layer).hook)
-        if isinstance(op, QuantizedOp | QuantizedEmbedding):
+        if isinstance(op, QuantizedContraction | QuantizedEmbedding):
             out.append((path, layer, op))
     return out
 
@@ -163,10 +172,9 @@ def quantize_model(
             if rule.activations is not None:  # an Embed's input is integer ids: weights only
                 logger.info("layer %s is an Embed: activations of rule %r not applied", path, rule.path)
                 rule = dataclasses.replace(rule, activations=None, activation_scale=ActivationScale.DYNAMIC)
-            op: nnx.Module = QuantizedEmbedding(path, rule, kernel, layer_mode)
+            setattr(layer, hook.hook, nnx.data(QuantizedEmbedding(path, rule, kernel, layer_mode)))
         else:
-            op = QuantizedOp(hook.kind, path, rule, kernel, layer_mode, seed=seed)
-        setattr(layer, hook.hook, nnx.data(op))
+            install_op(layer, QuantizedOp(hook.kind, path, rule, kernel, layer_mode, seed=seed))
     for path, layer in attention_layers(qmodel):
         match = first_match(rules, path, RuleKind.ATTENTION)
         if match is not None:
@@ -215,7 +223,7 @@ def float_modules(model: nnx.Module, why: Mapping[str, str] | None = None) -> li
         kind = type(node).__name__
         if isinstance(node, tuple(HOOKS)):
             op = getattr(node, layer_hook(node).hook)
-            if not isinstance(op, QuantizedOp | QuantizedEmbedding):
+            if not isinstance(op, QuantizedContraction | QuantizedEmbedding):
                 out.append((path, kind, why.get(path, "not quantized")))
             continue
         if is_attention_layer(node) and not isinstance(
@@ -243,7 +251,7 @@ def pin_weight_qparams(layer: nnx.Module, w_hat: jax.Array, qp: QParams) -> None
     grid ``qp`` (rounding to nearest): a method that chose both (AdaRound, GPTQ, AWQ) installs its
     result so that ``qat``, ``serve`` and :func:`convert` all use exactly those codes."""
     op = getattr(layer, layer_hook(layer).hook, None)
-    if not isinstance(op, QuantizedOp) or op.rule.weights is None:
+    if not isinstance(op, QuantizedContraction) or op.rule.weights is None:
         raise ValueError(
             f"{type(layer).__name__} has no weight quantizer to pin: quantize the model with a rule "
             "that sets weights (qjax.nn.quantize_model) first"
@@ -252,8 +260,11 @@ def pin_weight_qparams(layer: nnx.Module, w_hat: jax.Array, qp: QParams) -> None
     nearest = dataclasses.replace(op.rule.weights, rounding=Rounding.NEAREST)
     if op.weight_scale is not None:  # an LSQ rule: its step size is the grid's scale already
         op.weight_scale.set_value(qp.scale.astype(op.weight_scale[...].dtype))
-    else:
+    elif op.weight_static is not None:
         op.weight_static.set_value(tuple(qp))
+    else:
+        op = stateful_op(layer, op)
+        op.weight_static = StaticQParams(tuple(qp))
     op.rule = dataclasses.replace(op.rule, weights=nearest)
 
 
@@ -262,8 +273,12 @@ def set_kernels(model: M, kernels: str) -> M:
     ``auto``, ``pallas``, ``xla``, ``reference`` or ``mosaic_gpu`` (see :class:`Rule`). The rule is
     static, so a jitted forward retraces for the new path."""
     check_kernel_path(kernels)
-    for _, _, op in quantized_ops(model):
-        op.rule = dataclasses.replace(op.rule, kernels=kernels)
+    for _, layer, op in quantized_ops(model):
+        rule = dataclasses.replace(op.rule, kernels=kernels)
+        if isinstance(op, QuantizedContraction):
+            update_op(layer, op, rule=rule)
+        else:
+            op.rule = rule
     return model
 
 
@@ -280,22 +295,25 @@ def set_mode(model: M, mode: Mode | str) -> M:
         raise ValueError(f"mode={mode!r} cannot be set in place: use 'qat' or 'calibrate'{hint}")
     mode = Mode(mode)
     ops: list[tuple[str, nnx.Module, Any]] = [*quantized_ops(model), *attention_ops(model)]
-    for path, _layer, op in ops:
+    for path, layer, op in ops:
         if op.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is converted (mode 'serve'); quantize the float model again")
-        if isinstance(op, QuantizedOp) and op.mode == Mode.CALIBRATE and mode == Mode.QAT:
+        if isinstance(op, QuantizedContraction) and op.mode == Mode.CALIBRATE and mode == Mode.QAT:
             _finish_calibration(op)
-        op.mode = mode
+        if isinstance(op, QuantizedContraction):
+            update_op(layer, op, mode=mode)
+        else:
+            op.mode = mode
     return model
 
 
-def _finish_calibration(op: QuantizedOp) -> None:
+def _finish_calibration(op: QuantizedContraction) -> None:
     if op.stats is None or int(op.stats.get_value()["count"]) == 0:
         return
     rule, stats = op.rule, op.stats.get_value()
     spec = rule.activations
     assert spec is not None
-    if rule.activation_scale == ActivationScale.STATIC:
+    if op.static is not None:  # static activation scales
         op.static.set_value(tuple(static_qparams(stats, rule.observer, spec)))
     fmt = spec.format
     if op.act_offset is not None and op.act_scale is not None and isinstance(fmt, IntFormat):
@@ -402,14 +420,14 @@ def convert(model: M) -> M:
         if att.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is already converted")
         att.mode = Mode.SERVE
-    stored: list[tuple[nnx.Module, str, QuantizedOp | QuantizedEmbedding, jax.Array]] = []
+    stored: list[tuple[nnx.Module, str, QuantizedContraction | QuantizedEmbedding, jax.Array]] = []
     for path, layer, op in ops:
         if op.mode == Mode.SERVE:
             raise ValueError(f"layer {path!r} is already converted")
-        if isinstance(op, QuantizedOp) and op.mode == Mode.CALIBRATE:
-            _finish_calibration(op)
-        if isinstance(op, QuantizedOp):
-            op.mode = Mode.QAT
+        if isinstance(op, QuantizedContraction):
+            if op.mode == Mode.CALIBRATE:
+                _finish_calibration(op)
+            op = update_op(layer, op, mode=Mode.QAT)
             op.input_qparams()  # fails here, naming the layer, if static scales were never calibrated
         hook_name, kernel_name, kind = layer_hook(layer)
         if op.rule.weights is not None:
@@ -427,16 +445,18 @@ def convert(model: M) -> M:
             stored.append((layer, kernel_name, op, kernel))
             if hook_name != "promote_dtype":  # Embed and ConvTranspose: the op is promote_dtype itself
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
-        op.mode = Mode.SERVE
+        if isinstance(op, QuantizedContraction):
+            update_op(layer, op, mode=Mode.SERVE)
+        else:
+            op.mode = Mode.SERVE
     qarrays = quantize_kernels([(op, kernel) for _, _, op, kernel in stored])
     for (layer, kernel_name, op, _), q in zip(stored, qarrays, strict=True):
         setattr(layer, kernel_name, QuantizedWeight(q))
-        if op.centroids is not None:  # stored in the QArray now: do not keep a second copy
-            op.centroids, op.indices = None, None
-    for _, _, op in ops:
+        drop_state(op, "centroids", "indices")  # stored in the QArray now: no second copy
+    for _, layer, op in quantized_ops(served):
         if isinstance(op, QuantizedOp):  # calibration-only state: the QArray and static scales hold it
-            op.stats = None
-            op.weight_static.set_value(None)
+            drop_state(op, "stats", "weight_static")
+            install_op(layer, op)  # frozen if nothing is left
     return served
 
 
@@ -474,7 +494,7 @@ def abstract_converted(
         for _, _, op in quantized_ops(qmodel):
             rule = op.rule
             if isinstance(op, QuantizedOp) and rule.activation_scale == ActivationScale.STATIC:
-                assert op.stats is not None and rule.activations is not None
+                assert op.stats is not None and op.static is not None and rule.activations is not None
                 placeholder = static_qparams(op.stats.get_value(), rule.observer, rule.activations)
                 op.static.set_value(tuple(placeholder))
         return convert(qmodel)
@@ -508,7 +528,7 @@ def prepare_kernels(model: nnx.Module, *, w8_layout: str = "kn") -> list[str]:
                 f"layer {path!r} is in mode {str(op.mode)!r}: prepare_kernels takes a converted model "
                 "(served = qjax.nn.convert(model))"
             )
-        if not isinstance(op, QuantizedOp) or op.kind != OpKind.DOT_GENERAL:
+        if not isinstance(op, QuantizedContraction) or op.kind != OpKind.DOT_GENERAL:
             continue
         weight = getattr(layer, layer_hook(layer).kernel)[...]
         if not isinstance(weight, QArray):
@@ -519,7 +539,7 @@ def prepare_kernels(model: nnx.Module, *, w8_layout: str = "kn") -> list[str]:
 
             layout = prepare_nk(weight)
         if layout is not None:
-            op.prepared = KernelLayout(layout)
+            stateful_op(layer, op).prepared = KernelLayout(layout)
             prepared.append(path)
     return prepared
 
@@ -566,7 +586,7 @@ def summary(model: nnx.Module) -> list[dict[str, Any]]:
             if isinstance(kernel, QArray):
                 row["weight_bytes"] = kernel.nbytes
                 row["compression_ratio"] = kernel.compression_ratio()
-            if isinstance(op, QuantizedOp) and op.prepared is not None:
+            if isinstance(op, QuantizedContraction) and op.prepared is not None:
                 leaves = jax.tree_util.tree_leaves(op.prepared.get_value())
                 row["kernel_layout_bytes"] = sum(int(leaf.nbytes) for leaf in leaves)
         rows.append(row)

@@ -1,11 +1,13 @@
 """The quantized contraction a layer calls through its own hook.
 
 ``nnx.Linear.dot_general``, ``nnx.Conv.conv_general_dilated`` and ``nnx.Einsum.einsum_op`` are
-injectable; :class:`QuantizedOp` is an ``nnx.Module`` installed there, so the layer object, its
-code and its variable paths stay Flax's own. The op owns the quantizer state: learned LSQ scales,
-LSQ+ offsets, PACT clips and k-means centroids (``nnx.Param``), fixed k-means cluster indices
-(:class:`CodebookIndices`), calibration statistics (:class:`~qjax.nn.stats.QuantStats`) and static
-activation parameters. Its ``mode`` decides what a call does:
+injectable; a :class:`QuantizedContraction` is installed there, so the layer object, its code and
+its variable paths stay Flax's own. The op owns the quantizer state its rule uses: learned LSQ
+scales, LSQ+ offsets, PACT clips and k-means centroids (``nnx.Param``), fixed k-means cluster
+indices (:class:`CodebookIndices`), calibration statistics (:class:`~qjax.nn.stats.QuantStats`)
+and static activation parameters; an op with state is a :class:`QuantizedOp` (an ``nnx.Module``),
+one without (dynamic scales, a stateless estimator) a :class:`FrozenQuantizedOp`, a static value
+that adds no node to the module graph. Its ``mode`` decides what a call does:
 
 * ``qat``: fake-quantize input and kernel with the rule's estimators, contract in float (with
   ``weight_estimator='kmeans_finetune'`` the kernel is ``centroids[indices]``, and the layer's
@@ -24,6 +26,7 @@ import dataclasses
 import enum
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.nnx as nnx
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 from flax.nnx.nn.dtypes import promote_dtype
 
 from qjax import kernels
-from qjax.nn.hooks import OpKind
+from qjax.nn.hooks import OpKind, layer_hook
 from qjax.nn.integer_qat import integer_forward_dot, supports_integer_forward
 from qjax.nn.quantized_backward import (
     AmaxHistory,
@@ -44,7 +47,7 @@ from qjax.nn.quantized_backward import (
     quantized_backward_dot,
 )
 from qjax.nn.rules import ActivationScale, Rule
-from qjax.nn.stats import QuantStats, StaticQParams, init_stats, update_stats
+from qjax.nn.stats import QuantStats, StaticQParams, init_stats, needs_statistics, update_stats
 from qjax.numerics import QArray, QParams, QuantSpec, dequantize, quantize, quantize_dequantize
 from qjax.numerics.calibration import check_finite
 from qjax.numerics.fields import parse_enum
@@ -108,8 +111,12 @@ class KernelLayout(nnx.Variable):
     :class:`~qjax.kernels.w4a16.PackedW4`), made once by :func:`qjax.nn.prepare_kernels`."""
 
 
-class QuantizedOp(nnx.Module):
-    """A layer's quantized contraction (see the module docstring).
+class QuantizedContraction:
+    """A layer's quantized contraction (see the module docstring): what its hook computes, from
+    the fields below and the quantizer state it holds. It takes one of two forms:
+    :class:`QuantizedOp`, an ``nnx.Module`` holding quantizer state, and
+    :class:`FrozenQuantizedOp`, an immutable value for a layer that holds none;
+    :func:`install_op` picks the form.
 
     Attributes:
       kind: :class:`~qjax.nn.hooks.OpKind` ``dot_general``, ``conv``, ``einsum`` or
@@ -119,69 +126,33 @@ class QuantizedOp(nnx.Module):
       mode: :class:`Mode` ``qat``, ``calibrate`` or ``serve``.
       prepared: ``None``, or in ``serve`` mode the weight in its kernel's layout
         (:func:`qjax.nn.prepare_kernels`).
+
+    The quantizer state is held only where the rule uses it: calibration statistics (``stats``)
+    for static activation scales and for learned activation quantizers (LSQ, LSQ+, PACT), which
+    calibration initialises (:func:`~qjax.nn.stats.needs_statistics`); ``static`` for static
+    activation scales; ``weight_static`` once a method pins the weight grid
+    (:func:`qjax.nn.model.pin_weight_qparams`); ``rngs`` for stochastic rounding and noisy
+    estimators; ``prepared`` once :func:`qjax.nn.prepare_kernels` stores a kernel layout. Absent
+    state reads as ``None`` (these class attributes) and is no node of the module graph.
     """
 
-    def __init__(
-        self,
-        kind: OpKind | str,
-        path: str,
-        rule: Rule,
-        kernel: jax.Array | None,
-        mode: Mode | str,
-        seed: int = 0,
-    ):
-        self.kind = parse_enum(OpKind, kind, "kind")
-        self.path = path
-        self.rule = rule
-        self.mode = parse_enum(Mode, mode, "mode")
-        w, a = rule.weights, rule.activations
-        lsq = rule.weight_estimator == Estimator.LSQ
-        if (
-            kernel is None
-            and w is not None
-            and rule.weight_estimator in (Estimator.LSQ, Estimator.KMEANS_FINETUNE)
-        ):
-            raise ValueError(
-                f"layer {path!r}: a {rule.weight_estimator} weight quantizer is built from the kernel"
-            )
-        self.weight_scale = (
-            nnx.Param(lsq_init_scale(kernel, w)) if lsq and w is not None and kernel is not None else None
-        )
-        self.centroids, self.indices = _codebook_state(rule, kernel, path)
-        self.stats = QuantStats(init_stats(rule.histogram_bins)) if a is not None else None
-        lsq_plus = _learns(rule, Estimator.LSQ_PLUS)
-        learns_scale = _learns(rule, Estimator.LSQ) or lsq_plus
-        self.act_scale = nnx.Param(jnp.ones((), jnp.float32)) if learns_scale else None
-        self.act_offset = nnx.Param(jnp.zeros((), jnp.float32)) if lsq_plus else None
-        self.act_clip = nnx.Param(jnp.full((), 6.0, jnp.float32)) if _learns(rule, Estimator.PACT) else None
-        self.static = StaticQParams(None)
-        self.weight_static = StaticQParams(None)  # fixed kernel parameters (e.g. AdaRound's grid)
-        stochastic = any(s is not None and needs_key(s.rounding) for s in (w, a))
-        grads = rule.gradients
-        if grads is not None:
-            stochastic = stochastic or needs_key(grads.rounding)
-            if self.kind == OpKind.CONV_TRANSPOSE:
-                raise ValueError(
-                    f"layer {path!r}: a ConvTranspose layer keeps a float backward pass; exclude it "
-                    "from the rule with gradients (a rule of its own without them)"
-                )
-        h = rule.amax_history
-        self.amax_history = (
-            AmaxHistory(
-                {name: jnp.zeros((h,), jnp.float32) for name, s in (("input", a), ("kernel", w)) if s}
-            )
-            if h
-            else None
-        )
-        self.gradient_history = GradientAmaxHistory(jnp.zeros((h,), jnp.float32)) if h and grads else None
-        # an estimator that draws noise (a plug-in registered with needs_key) gets a key stream in
-        # training and key=None after model.eval(), which sets deterministic (as for nnx.Dropout)
-        estimators = ((w, rule.weight_estimator), (a, rule.activation_estimator))
-        keyed = any(s is not None and estimator_impl(e).needs_key for s, e in estimators)
-        if keyed:
-            self.deterministic = False
-        self.rngs = nnx.Rngs(quantize=seed) if stochastic or keyed else None
-        self.prepared: KernelLayout | None = nnx.data(None)  # data: a KernelLayout once prepared
+    kind: OpKind
+    path: str
+    rule: Rule
+    mode: Mode
+    weight_scale: nnx.Param | None = None
+    centroids: nnx.Param | None = None
+    indices: CodebookIndices | None = None
+    stats: QuantStats | None = None
+    act_scale: nnx.Param | None = None
+    act_offset: nnx.Param | None = None
+    act_clip: nnx.Param | None = None
+    static: StaticQParams | None = None
+    weight_static: StaticQParams | None = None
+    rngs: nnx.Rngs | None = None
+    amax_history: AmaxHistory | None = None
+    gradient_history: GradientAmaxHistory | None = None
+    prepared: KernelLayout | None = None
 
     # -- the hook ---------------------------------------------------------------------------------
 
@@ -359,7 +330,7 @@ class QuantizedOp(nnx.Module):
 
     def weight_qparams(self) -> QParams | None:
         """Fixed kernel parameters (set by e.g. AdaRound), or ``None``: calibrated from the kernel."""
-        value = self.weight_static.get_value()
+        value = None if self.weight_static is None else self.weight_static.get_value()
         return None if value is None else QParams(*value)
 
     def _fake_input(self, x: jax.Array, spec: QuantSpec | None) -> jax.Array:
@@ -396,7 +367,7 @@ class QuantizedOp(nnx.Module):
     def _static_qparams(self) -> QParams | None:
         if self.rule.activation_scale != ActivationScale.STATIC:
             return None
-        if self.static.get_value() is None:
+        if self.static is None or self.static.get_value() is None:
             raise ValueError(
                 f"layer {self.path!r} uses static activation scales but has no calibration: run "
                 "qjax.nn.calibrate(model, batches) (or mode 'calibrate' on a few batches) first"
@@ -455,6 +426,147 @@ class QuantizedOp(nnx.Module):
         dn, perm = einsum_dimension_numbers(args[0], lhs.ndim, rhs.data.ndim)
         y = kernels.serve_dot_general(x, rhs, dn, out_dtype=out_dtype, path=self.rule.kernels)
         return jnp.transpose(y, perm)
+
+
+class QuantizedOp(QuantizedContraction, nnx.Module):
+    """A :class:`QuantizedContraction` as an ``nnx.Module``: the form that holds quantizer state
+    (its variables are nodes of the model's graph, trained, calibrated and checkpointed with it)."""
+
+    def __init__(
+        self,
+        kind: OpKind | str,
+        path: str,
+        rule: Rule,
+        kernel: jax.Array | None,
+        mode: Mode | str,
+        seed: int = 0,
+    ):
+        self.kind = parse_enum(OpKind, kind, "kind")
+        self.path = path
+        self.rule = rule
+        self.mode = parse_enum(Mode, mode, "mode")
+        w, a = rule.weights, rule.activations
+        lsq = rule.weight_estimator == Estimator.LSQ
+        if (
+            kernel is None
+            and w is not None
+            and rule.weight_estimator in (Estimator.LSQ, Estimator.KMEANS_FINETUNE)
+        ):
+            raise ValueError(
+                f"layer {path!r}: a {rule.weight_estimator} weight quantizer is built from the kernel"
+            )
+        if lsq and w is not None and kernel is not None:
+            self.weight_scale = nnx.Param(lsq_init_scale(kernel, w))
+        centroids, indices = _codebook_state(rule, kernel, path)
+        if centroids is not None:
+            self.centroids, self.indices = centroids, indices
+        lsq_plus = _learns(rule, Estimator.LSQ_PLUS)
+        if needs_statistics(rule):
+            self.stats = QuantStats(init_stats(rule.histogram_bins))
+        if _learns(rule, Estimator.LSQ) or lsq_plus:
+            self.act_scale = nnx.Param(jnp.ones((), jnp.float32))
+        if lsq_plus:
+            self.act_offset = nnx.Param(jnp.zeros((), jnp.float32))
+        if _learns(rule, Estimator.PACT):
+            self.act_clip = nnx.Param(jnp.full((), 6.0, jnp.float32))
+        if rule.activation_scale == ActivationScale.STATIC:
+            self.static = StaticQParams(None)  # set by calibration
+        stochastic = any(s is not None and needs_key(s.rounding) for s in (w, a))
+        grads = rule.gradients
+        if grads is not None:
+            stochastic = stochastic or needs_key(grads.rounding)
+            if self.kind == OpKind.CONV_TRANSPOSE:
+                raise ValueError(
+                    f"layer {path!r}: a ConvTranspose layer keeps a float backward pass; exclude it "
+                    "from the rule with gradients (a rule of its own without them)"
+                )
+        h = rule.amax_history
+        if h:  # delayed scaling
+            names = [name for name, s in (("input", a), ("kernel", w)) if s is not None]
+            self.amax_history = AmaxHistory({name: jnp.zeros((h,), jnp.float32) for name in names})
+            if grads is not None:
+                self.gradient_history = GradientAmaxHistory(jnp.zeros((h,), jnp.float32))
+        # an estimator that draws noise (a plug-in registered with needs_key) gets a key stream in
+        # training and key=None after model.eval(), which sets deterministic (as for nnx.Dropout)
+        estimators = ((w, rule.weight_estimator), (a, rule.activation_estimator))
+        keyed = any(s is not None and estimator_impl(e).needs_key for s, e in estimators)
+        if keyed:
+            self.deterministic = False
+        if stochastic or keyed:
+            self.rngs = nnx.Rngs(quantize=seed)
+
+    def holds_state(self) -> bool:
+        """Whether the op holds any variable, key stream or training flag (else
+        :meth:`frozen` gives its immutable form)."""
+        return "deterministic" in vars(self) or any(
+            isinstance(v, nnx.Variable | nnx.Pytree) for v in vars(self).values()
+        )
+
+    def frozen(self) -> FrozenQuantizedOp:
+        """The same contraction as a :class:`FrozenQuantizedOp` (the op must hold no state)."""
+        if self.holds_state():
+            raise ValueError(f"layer {self.path!r}: its op holds quantizer state, which a frozen op cannot")
+        return FrozenQuantizedOp(self.kind, self.path, self.rule, self.mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenQuantizedOp(QuantizedContraction):
+    """A :class:`QuantizedContraction` that holds no state (dynamic scales, a stateless estimator),
+    as an immutable value: installed as a static attribute of its layer (:func:`install_op`), it is
+    no node of the module graph, so ``nnx.jit`` and ``nnx.split`` do not walk it on every call, as
+    they walk each module. Its fields are compared and hashed like any static value, so a new mode
+    or rule is a new value (:func:`update_op`), and a compiled function retraces for it."""
+
+    kind: OpKind
+    path: str
+    rule: Rule
+    mode: Mode
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", parse_enum(OpKind, self.kind, "kind"))
+        object.__setattr__(self, "mode", parse_enum(Mode, self.mode, "mode"))
+
+
+def install_op(layer: nnx.Module, op: QuantizedContraction) -> QuantizedContraction:
+    """Set ``op`` as the hook of ``layer`` (:func:`~qjax.nn.hooks.layer_hook`) and return what was
+    set: a :class:`QuantizedOp` that holds state as a data attribute (a graph node), one that holds
+    none as its :class:`FrozenQuantizedOp`, a static attribute."""
+    if isinstance(op, QuantizedOp) and not op.holds_state():
+        op = op.frozen()
+    value = nnx.static(op) if isinstance(op, FrozenQuantizedOp) else nnx.data(op)
+    setattr(layer, layer_hook(layer).hook, value)
+    return op
+
+
+def update_op(layer: nnx.Module, op: QuantizedContraction, **changes: Any) -> QuantizedContraction:
+    """The op of ``layer`` with ``changes`` to its fields (``mode``, ``rule``): set in place on a
+    :class:`QuantizedOp`; a :class:`FrozenQuantizedOp` is replaced by a new one, installed in
+    ``layer``. Returns the layer's op."""
+    if isinstance(op, QuantizedOp):
+        for name, value in changes.items():
+            setattr(op, name, value)
+        return op
+    assert isinstance(op, FrozenQuantizedOp)
+    return install_op(layer, dataclasses.replace(op, **changes))
+
+
+def stateful_op(layer: nnx.Module, op: QuantizedContraction) -> QuantizedOp:
+    """The op of ``layer`` as a :class:`QuantizedOp`, ready to take state (a pinned weight grid, a
+    kernel layout): a :class:`FrozenQuantizedOp` is replaced by the equal ``QuantizedOp``."""
+    if isinstance(op, QuantizedOp):
+        return op
+    module = QuantizedOp(op.kind, op.path, op.rule, None, op.mode)
+    setattr(layer, layer_hook(layer).hook, nnx.data(module))
+    return module
+
+
+def drop_state(op: QuantizedContraction | QuantizedEmbedding, *names: str) -> None:
+    """Remove the optional state variables ``names`` of a :class:`QuantizedOp` or
+    :class:`QuantizedEmbedding` (those it holds): each then reads as ``None`` again and leaves the
+    module graph, where a variable set to ``None`` would stay a node."""
+    for name in names:
+        if name in vars(op):
+            delattr(op, name)
 
 
 def _learns(rule: Rule, est: Estimator) -> bool:
@@ -521,17 +633,24 @@ def promote_keeping_quantized_varargs(*args: Any, dtype: Any = None, inexact: bo
 class QuantizedEmbedding(nnx.Module):
     """``nnx.Embed``'s ``promote_dtype`` hook: fake-quantizes (qat) or dequantizes (serve) the table.
 
-    The table is the last operand in both ``Embed.__call__`` and ``Embed.attend``.
+    The table is the last operand in both ``Embed.__call__`` and ``Embed.attend``. As in
+    :class:`QuantizedOp`, the quantizer state is held only where the rule uses it.
     """
+
+    weight_scale: nnx.Param | None = None
+    centroids: nnx.Param | None = None
+    indices: CodebookIndices | None = None
 
     def __init__(self, path: str, rule: Rule, table: jax.Array, mode: Mode | str):
         self.path = path
         self.rule = rule
         self.mode = parse_enum(Mode, mode, "mode")
         spec = rule.weights
-        lsq = rule.weight_estimator == Estimator.LSQ
-        self.weight_scale = nnx.Param(lsq_init_scale(table, spec)) if lsq and spec is not None else None
-        self.centroids, self.indices = _codebook_state(rule, table, path)
+        if rule.weight_estimator == Estimator.LSQ and spec is not None:
+            self.weight_scale = nnx.Param(lsq_init_scale(table, spec))
+        centroids, indices = _codebook_state(rule, table, path)
+        if centroids is not None:
+            self.centroids, self.indices = centroids, indices
 
     def __call__(self, args: Any, /, *, dtype: Any = None, inexact: bool = True) -> Any:
         *rest, table = args
@@ -552,12 +671,14 @@ class QuantizedEmbedding(nnx.Module):
         return promote_dtype((*rest, table), dtype=dtype, inexact=inexact)
 
 
-def quantize_kernel(op: QuantizedOp | QuantizedEmbedding, kernel: jax.Array) -> QArray:
+def quantize_kernel(op: QuantizedContraction | QuantizedEmbedding, kernel: jax.Array) -> QArray:
     """The stored kernel of a converted layer (with its learned LSQ scale or fine-tuned codebook)."""
     return quantize_kernels([(op, kernel)])[0]
 
 
-def quantize_kernels(layers: list[tuple[QuantizedOp | QuantizedEmbedding, jax.Array]]) -> list[QArray]:
+def quantize_kernels(
+    layers: Sequence[tuple[QuantizedContraction | QuantizedEmbedding, jax.Array]],
+) -> list[QArray]:
     """:func:`quantize_kernel` of every ``(op, kernel)`` pair, the quantizers of all the layers
     compiled as one program (one compilation per model, not one per layer shape)."""
     out: list[QArray | None] = [None] * len(layers)
@@ -571,7 +692,7 @@ def quantize_kernels(layers: list[tuple[QuantizedOp | QuantizedEmbedding, jax.Ar
         if op.weight_scale is not None:
             qparams: QParams | None = QParams(op.weight_scale[...])
         else:
-            qparams = op.weight_qparams() if isinstance(op, QuantizedOp) else None
+            qparams = op.weight_qparams() if isinstance(op, QuantizedContraction) else None
         if qparams is None:
             check_finite(kernel, "kernel")  # a no-op inside the compiled quantizer: check before
         todo.append((i, kernel, qparams))

@@ -19,9 +19,13 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from qjax.nn.rules import Observer
+from qjax.nn.rules import ActivationScale, Observer, Rule
 from qjax.numerics import QParams, QuantSpec, quantize_dequantize
 from qjax.numerics.spec import Calibration
+from qjax.ste import Estimator
+
+# activation estimators whose learned parameters calibration initialises from the statistics
+_INITIALISED_FROM_STATS = (Estimator.LSQ, Estimator.LSQ_PLUS, Estimator.PACT)
 
 
 class QuantStats(nnx.Variable):
@@ -33,6 +37,19 @@ class StaticQParams(nnx.Variable):
 
 
 Stats = dict[str, jax.Array]
+
+
+def needs_statistics(rule: Rule) -> bool:
+    """Whether calibration statistics of a layer's input are read: for static activation scales,
+    and to initialise learned activation quantizers (LSQ and LSQ+ step sizes and offsets, PACT
+    clips). A layer with dynamic scales and a stateless estimator (STE, clipped STE) reads none,
+    so it keeps none and calibration leaves it as it is."""
+    if rule.activations is None:
+        return False
+    return (
+        rule.activation_scale == ActivationScale.STATIC
+        or rule.activation_estimator in _INITIALISED_FROM_STATS
+    )
 
 
 def init_stats(bins: int) -> Stats:

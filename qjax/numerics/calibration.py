@@ -87,16 +87,24 @@ def _percentile_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> 
 
 def _tiled_minmax(t: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     """Min-max (absmax) of each block of the tiled ``t``."""
-    inner = tiling.inner_axes(t.ndim // 2)
+    return _minmax(t, spec, tiling.inner_axes(t.ndim // 2), keepdims=False)
+
+
+def _minmax(
+    x: jax.Array, spec: QuantSpec, axes: tuple[int, ...], *, keepdims: bool
+) -> tuple[jax.Array, jax.Array]:
     fmt = spec.format
     if spec.symmetric and not (isinstance(fmt, IntFormat) and not fmt.signed):
         # Signed symmetric and float formats use only max|x|: one reduction instead of two.
-        amax = jnp.max(jnp.abs(t), axis=inner)
+        amax = jnp.max(jnp.abs(x), axis=axes, keepdims=keepdims)
         return -amax, amax
-    return jnp.min(t, axis=inner), jnp.max(t, axis=inner)
+    return jnp.min(x, axis=axes, keepdims=keepdims), jnp.max(x, axis=axes, keepdims=keepdims)
 
 
 def _minmax_range(x: jax.Array, spec: QuantSpec, block: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    axes = tiling.spanned_axes(x.shape, block)
+    if axes is not None:  # the same extremes, reduced in place
+        return _minmax(x, spec, axes, keepdims=True)
     return _tiled_minmax(tiling.tile(x, block), spec)
 
 

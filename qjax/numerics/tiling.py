@@ -171,6 +171,16 @@ def expand(params: jax.Array, block: tuple[int, ...]) -> jax.Array:
     return params.reshape(tiled)
 
 
+def spanned_axes(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes a block spans whole, when along every other axis it holds one element (per-tensor,
+    per-channel and per-token blocks), else ``None``. A reduction over these axes with
+    ``keepdims=True`` is then the per-block reduction, grid-shaped, without :func:`tile`'s
+    ``2 * ndim``-axis view (which XLA on CPU copies before reducing)."""
+    if any(b not in (1, n) for n, b in zip(shape, block, strict=True)):
+        return None
+    return tuple(i for i, (n, b) in enumerate(zip(shape, block, strict=True)) if b == n and n > 1)
+
+
 def inner_axes(ndim: int) -> tuple[int, ...]:
     """The axes of a tiled tensor that run inside one block."""
     return tuple(range(1, 2 * ndim, 2))

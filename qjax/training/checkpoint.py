@@ -3,8 +3,9 @@
 A checkpoint of step :math:`t` holds up to four items:
 
 * ``model``: every variable of ``nnx.state(model)``: parameters, learned quantizer parameters
-  (LSQ scales, PACT clips), calibration statistics (``QuantStats``), static activation parameters
-  (``StaticQParams``), RNG keys and counters, and the packed ``QArray`` kernels of a converted model
+  (LSQ scales, PACT clips), calibration statistics (``QuantStats``) and static activation
+  parameters (``StaticQParams``) of the layers whose rules keep them, RNG keys and counters, and
+  the packed ``QArray`` kernels of a converted model
   (their integer data, scales and zero points; the static ``QuantSpec`` and logical length come from
   the model restored into, so a converted model restores into ``convert(quantize_model(...))`` of a
   fresh float model, abstract or concrete);

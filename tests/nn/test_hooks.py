@@ -84,7 +84,9 @@ def test_ops_hold_their_kind_and_mode_as_enums():
     m = Mixed(nnx.Rngs(0))
     rules = [qjax.nn.Rule(path=".*", weights=qjax.QuantSpec(dtype="int8"))]
     q = qjax.nn.quantize_model(m, rules, mode=Mode.CALIBRATE)
-    kinds = {p: op.kind for p, _, op in qjax.nn.quantized_ops(q) if isinstance(op, qjax.nn.QuantizedOp)}
+    kinds = {
+        p: op.kind for p, _, op in qjax.nn.quantized_ops(q) if isinstance(op, qjax.nn.QuantizedContraction)
+    }
     assert kinds == {"blocks/0": OpKind.DOT_GENERAL, "blocks/1": OpKind.EINSUM, "conv": OpKind.CONV}
     assert {op.mode for _, _, op in qjax.nn.quantized_ops(q)} == {Mode.CALIBRATE}
     qjax.nn.set_mode(q, "qat")

@@ -6,6 +6,7 @@ quantizer itself is tested against numpy in ``test_reference.py``). Serving is i
 ``test_nn_serve.py``.
 """
 
+import dataclasses
 import logging
 import math
 
@@ -18,8 +19,18 @@ import optax
 import pytest
 
 import qjax
-from qjax import QuantSpec
-from qjax.nn import QuantizedEmbedding, QuantizedOp, QuantStats, Rule, StaticQParams, UnusedRuleWarning
+from qjax import QParams, QuantSpec
+from qjax.nn import (
+    FrozenQuantizedOp,
+    QuantizedContraction,
+    QuantizedEmbedding,
+    QuantizedOp,
+    QuantStats,
+    Rule,
+    StaticQParams,
+    UnusedRuleWarning,
+)
+from qjax.nn.ops import update_op
 
 fq = jax.jit(qjax.quantize_dequantize, static_argnums=1)  # (x, spec) -> Q(x), one compile per shape
 
@@ -129,8 +140,8 @@ def test_path_is_a_full_match_and_unused_rules_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="qjax"), unused:
         q = qjax.nn.quantize_model(lm, rules)
     assert [path for path, _, _ in qjax.nn.quantized_ops(q)] == ["blocks/1/attn/query"]
-    assert isinstance(q.blocks[1].attn.query.einsum_op, QuantizedOp)
-    assert not isinstance(q.blocks[0].attn.query.einsum_op, QuantizedOp)
+    assert isinstance(q.blocks[1].attn.query.einsum_op, QuantizedContraction)
+    assert not isinstance(q.blocks[0].attn.query.einsum_op, QuantizedContraction)
     (message,) = [r.getMessage() for r in caplog.records if "left in float" in r.getMessage()]
     left = {line.split(" (")[0].strip(): line.split(": ", 1)[1] for line in message.splitlines()[1:]}
     float_paths = {"embed", "head", "blocks/0/attn/query", "blocks/0/attn/out", "blocks/1/attn/out"}
@@ -290,7 +301,7 @@ def test_qat_einsum_matches_einsum_of_fake_quantized_operands(rng):
 
 def test_calibrate_mode_returns_float_output_and_collects_stats(rng):
     mlp = MLP(nnx.Rngs(0))
-    rule = Rule(path=".*", weights=W8_CH, activations=A8_TENSOR, histogram_bins=16)
+    rule = Rule(path=".*", weights=W8_CH, activations=A8_TENSOR, activation_scale="static", histogram_bins=16)
     q = qjax.nn.quantize_model(mlp, [rule], mode="calibrate")
     batches = [normal(rng, 4, 32, scale=s) for s in (3.0, 1.0, 0.5)]  # the first holds the max |x|
     for x in batches:
@@ -319,6 +330,96 @@ def test_quantizer_state_is_not_a_param():
     ]
     assert nnx.to_flat_state(nnx.state(q, QuantStats))
     assert nnx.to_flat_state(nnx.state(q, StaticQParams))
+
+
+def _variable_paths(model):
+    return {"/".join(map(str, path)): type(v).__name__ for path, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.mark.parametrize("estimator", ["ste", "clipped_ste"])
+def test_dynamic_scale_layers_hold_no_quantizer_state(rng, estimator):
+    """Dynamic scales and a stateless estimator read no calibration statistics: the quantized
+    model holds exactly the float model's variables and its module graph no node more (the ops
+    are frozen values, static attributes of their layers)."""
+    mlp = MLP(nnx.Rngs(0))
+    rule = Rule(path=".*", weights=W8_CH, activations=A8_TOKEN, activation_estimator=estimator)
+    q = qjax.nn.quantize_model(mlp, [rule])
+    assert _variable_paths(q) == _variable_paths(mlp)
+    assert len(nnx.graphdef(q).nodes) == len(nnx.graphdef(mlp).nodes)
+    assert not jax.tree.leaves(nnx.state(q, QuantStats)) and not jax.tree.leaves(nnx.state(q, StaticQParams))
+    for _, _, op in qjax.nn.quantized_ops(q):
+        assert isinstance(op, FrozenQuantizedOp)
+        assert op.stats is None and op.static is None and op.weight_static is None and op.rngs is None
+    x = normal(rng, 4, 32)
+    before = np.asarray(apply(q, x))
+    assert qjax.nn.calibrate(q, [x, 2 * x]) is q  # a no-op: nothing to calibrate
+    assert _variable_paths(q) == _variable_paths(mlp)
+    np.testing.assert_array_equal(apply(q, x), before)
+    served = qjax.nn.convert(q)
+    assert all(isinstance(op, FrozenQuantizedOp) for _, _, op in qjax.nn.quantized_ops(served))
+    np.testing.assert_allclose(apply(served, x), before, rtol=0.05, atol=0.05)
+
+
+def test_frozen_ops_change_by_replacement_and_a_jitted_forward_follows(rng):
+    mlp = MLP(nnx.Rngs(0))
+    q = qjax.nn.quantize_model(mlp, [Rule(path=".*", weights=W4_CH, activations=A8_TOKEN)])
+    op = q.layers[0].dot_general
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        op.mode = "calibrate"
+    forward = nnx.jit(apply)
+    x = normal(rng, 4, 32)
+    qat = np.asarray(forward(q, x))
+    qjax.nn.set_mode(q, "calibrate")  # a new op value: the jitted forward retraces
+    assert q.layers[0].dot_general.mode == "calibrate" and op.mode == "qat"
+    np.testing.assert_allclose(forward(q, x), apply(mlp, x), rtol=1e-6, atol=1e-6)
+    qjax.nn.set_mode(q, "qat")
+    np.testing.assert_array_equal(forward(q, x), qat)
+    qjax.nn.set_kernels(q, "reference")
+    assert all(op.rule.kernels == "reference" for _, _, op in qjax.nn.quantized_ops(q))
+
+
+def test_pinning_a_frozen_op_makes_it_a_module_with_the_grid(rng):
+    q = qjax.nn.quantize_model(MLP(nnx.Rngs(0)), [Rule(path=".*", weights=W8_CH)])
+    layer = q.layers[0]
+    kernel = layer.kernel[...]
+    scale = jnp.max(jnp.abs(kernel), axis=0, keepdims=True) / 127.0
+    qjax.nn.pin_weight_qparams(layer, kernel, QParams(scale))
+    assert isinstance(layer.dot_general, QuantizedOp)
+    assert isinstance(q.layers[1].dot_general, FrozenQuantizedOp)
+    np.testing.assert_array_equal(layer.dot_general.weight_static.get_value()[0], scale)
+    assert "layers/0/dot_general/weight_static" in _variable_paths(q)
+    served = qjax.nn.convert(q)  # the pinned grid is stored in the QArray; nothing is left to hold
+    assert isinstance(served.layers[0].dot_general, FrozenQuantizedOp)
+    np.testing.assert_allclose(served.layers[0].kernel[...].scale, scale, rtol=1e-6)
+
+
+def test_static_scale_layers_hold_statistics_and_calibrate(rng):
+    rule = Rule(path=".*", weights=W8_CH, activations=A8_TENSOR, activation_scale="static", histogram_bins=16)
+    q = qjax.nn.quantize_model(MLP(nnx.Rngs(0)), [rule])
+    paths = _variable_paths(q)
+    for i in (0, 1):
+        assert paths[f"layers/{i}/dot_general/stats"] == "QuantStats"
+        assert paths[f"layers/{i}/dot_general/static"] == "StaticQParams"
+        assert f"layers/{i}/dot_general/weight_static" not in paths
+    x = normal(rng, 4, 32)
+    qjax.nn.calibrate(q, [x])
+    stats = q.layers[0].dot_general.stats.get_value()
+    assert int(stats["count"]) == x.size
+    scale = float(q.layers[0].dot_general.static.get_value()[0])
+    assert scale == pytest.approx(float(np.abs(np.asarray(x)).max()) / 127, rel=1e-6)
+    served = qjax.nn.convert(q)
+    assert all(op.stats is None and op.weight_static is None for _, _, op in qjax.nn.quantized_ops(served))
+    assert float(served.layers[0].dot_general.static.get_value()[0]) == scale
+
+
+@pytest.mark.parametrize(
+    ("estimator", "acts"),
+    [("lsq", A8_TENSOR), ("pact", A8_TENSOR), ("lsq_plus", QuantSpec(dtype="uint8", symmetric=False))],
+)
+def test_learned_activation_quantizers_hold_statistics_for_their_initialisation(estimator, acts):
+    rule = Rule(path=".*", weights=W8_CH, activations=acts, activation_estimator=estimator)
+    q = qjax.nn.quantize_model(MLP(nnx.Rngs(0)), [rule])
+    assert all(op.stats is not None and op.static is None for _, _, op in qjax.nn.quantized_ops(q))
 
 
 def _ema(values, decay):
@@ -478,7 +579,7 @@ def test_serving_before_convert_is_refused(rng):
     q = qjax.nn.quantize_model(mlp, [Rule(path=".*", weights=W8_CH, activations=A8_TOKEN)])
     with pytest.raises(ValueError, match=r"mode='serve' cannot be set in place.*qjax\.nn\.convert"):
         qjax.nn.set_mode(q, "serve")
-    q.layers[0].dot_general.mode = "serve"  # forced past set_mode
+    update_op(q.layers[0], q.layers[0].dot_general, mode="serve")  # forced past set_mode
     with pytest.raises(ValueError, match=r"layer 'layers/0' is in mode 'serve' but its kernel is float"):
         q(normal(rng, 2, 32))
     qe = qjax.nn.quantize_model(lm, [Rule(path="embed", weights=W8_CH), Rule(path=".*")])
