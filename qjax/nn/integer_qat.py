@@ -153,12 +153,17 @@ def _integer_dot_fwd(dn, sides, x, w, qp_x, qp_w, noise, g_key, g_history):  # t
     return out, (*operands, masks, dtypes, g_key, g_history)
 
 
-def _shifted(op: Operand, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
-    """``(values, scale)`` when the scale is constant along ``contracted`` and ``Z = 0``: the
-    scale then moves onto the cotangent and the int8 values enter the dot as they are; else the
-    dequantized operand and ``None``."""
+def _rebuilt(
+    op: Operand, contracted: tuple[int, ...], cotangent_size: int
+) -> tuple[jax.Array, jax.Array | None]:
+    """``Q(op)`` for the backward contraction, as ``(values, scale)``: where the scale is constant
+    along ``contracted`` and ``Z = 0`` it may move onto the cotangent instead
+    (:math:`g \\cdot (v s)^\\top = (g s) \\cdot v^\\top`); it goes to the smaller of the two, so
+    the elementwise pass runs over fewer elements. ``scale`` is ``None`` when the values are
+    already dequantized."""
     scale = op.scale
-    if op.zero_point is None and (scale.ndim == 0 or all(scale.shape[a] == 1 for a in contracted)):
+    movable = op.zero_point is None and (scale.ndim == 0 or all(scale.shape[a] == 1 for a in contracted))
+    if movable and op.values.size > cotangent_size:
         return op.values.astype(jnp.float32), scale
     return _dequantize(op), None
 
@@ -177,8 +182,8 @@ def _integer_dot_bwd(dn, sides, res, g):  # type: ignore[no-untyped-def]
             (w_op.astype(jnp.float32), None),
         )
     else:
-        x_val, x_scale = _shifted(x_op, lc)
-        w_val, w_scale = _shifted(w_op, rc)
+        x_val, x_scale = _rebuilt(x_op, lc, g.size)
+        w_val, w_scale = _rebuilt(w_op, rc, g.size)
     shapes = (x_val.shape, w_val.shape)
     g = g.astype(jnp.float32)
 

@@ -25,6 +25,17 @@ class Linear(nnx.Module):
         return self.layer(x)
 
 
+class Narrow(nnx.Module):
+    """More input than output features: the backward pass moves the input's scale onto the
+    cotangent, the smaller operand (a wide layer dequantizes the input instead)."""
+
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(32, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
 class Einsum(nnx.Module):
     def __init__(self, rngs):
         self.layer = nnx.Einsum("bd,dnh->bnh", (32, 4, 8), rngs=rngs)
@@ -72,11 +83,12 @@ def loss(model, x):
     return jnp.sum(jnp.square(model(x)))
 
 
-@pytest.mark.parametrize("net", [Linear, Einsum], ids=["linear", "einsum"])
+@pytest.mark.parametrize("batch", [16, 64])  # 64: the cotangent outgrows the kernel
+@pytest.mark.parametrize("net", [Linear, Narrow, Einsum], ids=["linear", "narrow", "einsum"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_integer_forward_matches_simulated_values_and_gradients(case, net):
+def test_integer_forward_matches_simulated_values_and_gradients(case, net, batch):
     integer, simulated = pair(case, net)
-    x = jax.random.normal(jax.random.key(1), (16, 32)) + 0.3
+    x = jax.random.normal(jax.random.key(1), (batch, 32)) + 0.3
     value_and_grad = nnx.jit(nnx.value_and_grad(loss))
     v_int, g_int = value_and_grad(integer, x)
     v_sim, g_sim = value_and_grad(simulated, x)
