@@ -16,7 +16,11 @@ is int8 weights with one scale per output channel and int8 activations with one 
 example (per token for the block), straight-through estimator; W4A8 the same with int4 weights
 (``QtRule(weight_qtype="int4", act_qtype="int8")``; Qwix's weights are channelwise and its
 activations per row by default), for every model but the CNN (Qwix 0.1.8 fails on int4
-convolution kernels). qjax runs twice: with its default STE backward through the
+convolution kernels); W8A8G8 is W8A8 fully quantized: both backward contractions also run on int8
+gradients, one scale per row outside each contraction (qjax: ``Rule(gradients=GradientSpec(
+dtype="int8", granularity="per_channel"))``; Qwix: ``QtRule(bwd_qtype="int8")``, channelwise by
+default), not for the CNN either (qjax's convolution backward is simulated in float). qjax runs
+twice: with its default STE backward through the
 quantized operands (the exact gradient of the simulated network) and with
 ``ste_residuals="original"``, the float operands in the backward pass, which is what Qwix's
 ``QtProvider`` does for forward-only quantization: the latter is the like-for-like comparison.
@@ -63,7 +67,8 @@ from experiments.tasks.tiny_lm import Block
 Step = Callable[[jax.Array, jax.Array], Any]
 
 STEPS = ("nnx.jit", "jax.jit")
-SCHEMES = {"W8A8": 8, "W4A8": 4}  # weight bits; activations are int8 in both
+SCHEMES = {"W8A8": 8, "W4A8": 4, "W8A8G8": 8}  # weight bits; activations are int8 in all
+FULL = ("W8A8G8",)  # fully quantized: the two backward contractions on int8 gradients too
 
 
 class BlockClassifier(nnx.Module):
@@ -143,6 +148,7 @@ def qjax_model(
     *,
     weight_bits: int = 8,
     layers: str = ".*",
+    full: bool = False,
 ) -> nnx.Module:
     act = (
         qjax.QuantSpec(dtype="int8", granularity="per_token")
@@ -150,16 +156,22 @@ def qjax_model(
         else qjax.QuantSpec(dtype="int8", granularity="per_channel", axis=per_example_axis)
     )
     weights = qjax.QuantSpec(dtype=f"int{weight_bits}", granularity="per_channel", axis=-1)
-    rule = qjax.nn.Rule(path=layers, weights=weights, activations=act, ste_residuals=residuals)
+    gradients = qjax.nn.GradientSpec(dtype="int8", granularity="per_channel") if full else None
+    rule = qjax.nn.Rule(
+        path=layers, weights=weights, activations=act, ste_residuals=residuals, gradients=gradients
+    )
     return qjax.nn.quantize_model(model, [rule])
 
 
-def qwix_model(model: nnx.Module, x: jax.Array, *, weight_bits: int = 8, layers: str = ".*") -> nnx.Module:
+def qwix_model(
+    model: nnx.Module, x: jax.Array, *, weight_bits: int = 8, layers: str = ".*", full: bool = False
+) -> nnx.Module:
     try:
         import qwix
     except ModuleNotFoundError:
         raise SystemExit("Qwix is not installed: pip install qwix==0.1.8") from None
-    rules = [qwix.QtRule(module_path=layers, weight_qtype=f"int{weight_bits}", act_qtype="int8")]
+    bwd = {"bwd_qtype": "int8"} if full else {}
+    rules = [qwix.QtRule(module_path=layers, weight_qtype=f"int{weight_bits}", act_qtype="int8", **bwd)]
     return qwix.quantize_model(nnx.clone(model), qwix.QtProvider(rules), x)
 
 
@@ -185,11 +197,12 @@ def case_steps(case: Case, how: str, x: jax.Array) -> dict[str, Step]:
     steps = {"float": make_step(nnx.clone(model), how)}
     axis, layers = case.per_example_axis, case.layers
     for scheme in case.schemes:
-        bits = SCHEMES[scheme]
+        bits, full = SCHEMES[scheme], scheme in FULL
         for name, residuals in (("qjax", "quantized"), ("qjax_original", "original")):
-            qmodel = qjax_model(model, axis, residuals, weight_bits=bits, layers=layers)
+            qmodel = qjax_model(model, axis, residuals, weight_bits=bits, layers=layers, full=full)
             steps[f"{scheme}/{name}"] = make_step(qmodel, how)
-        steps[f"{scheme}/qwix"] = make_step(qwix_model(model, x, weight_bits=bits, layers=layers), how)
+        qwix = qwix_model(model, x, weight_bits=bits, layers=layers, full=full)
+        steps[f"{scheme}/qwix"] = make_step(qwix, how)
     return steps
 
 

@@ -33,10 +33,14 @@ def test_make_step_names_the_ways():
 def test_rows_divide_medians_of_the_same_run():
     case = {c.key: c for c in bench.CASES}["mlp_small"]
     t = {"float": 0.002}
-    for i, scheme in enumerate(("W8A8", "W4A8")):
+    for i, scheme in enumerate(("W8A8", "W4A8", "W8A8G8")):
         t |= {f"{scheme}/qjax": 0.003 + i, f"{scheme}/qjax_original": 0.0025, f"{scheme}/qwix": 0.001}
     rows = bench.rows_of(case, "jax.jit", t)
-    assert [(r["step"], r["scheme"]) for r in rows] == [("jax.jit", "W8A8"), ("jax.jit", "W4A8")]
+    assert [(r["step"], r["scheme"]) for r in rows] == [
+        ("jax.jit", "W8A8"),
+        ("jax.jit", "W4A8"),
+        ("jax.jit", "W8A8G8"),
+    ]
     assert rows[0]["float_ms"] == pytest.approx(2.0) and rows[1]["qjax_ms"] == pytest.approx(1003.0)
     assert rows[0]["qjax_over_float"] == pytest.approx(1.5)
     assert rows[0]["qjax_original_over_float"] == pytest.approx(1.25)
@@ -55,12 +59,12 @@ def test_a_tiny_run_writes_the_table_and_the_json(tmp_path, monkeypatch, capsys)
     assert bench.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("1 rounds of 5 steps")
-    assert len(lines) == 1 + 2 + 4  # the header line, the table's two header rows, 2 steps x 2 schemes
+    assert len(lines) == 1 + 2 + 6  # the header line, the table's two header rows, 2 steps x 3 schemes
     payload = json.loads(out.read_text())
     assert payload["rounds"] == 1
     rows = payload["results"]
     assert [(r["step"], r["scheme"]) for r in rows] == [
-        (how, scheme) for how in ("nnx.jit", "jax.jit") for scheme in ("W8A8", "W4A8")
+        (how, scheme) for how in ("nnx.jit", "jax.jit") for scheme in ("W8A8", "W4A8", "W8A8G8")
     ]
     for r in rows:
         assert r["qjax_over_float"] == pytest.approx(r["qjax_ms"] / r["float_ms"])
