@@ -1,4 +1,4 @@
-"""The tables of the quantized-training study (reference study 9) from its sweeps' records.
+"""The tables of the quantized-training study (Reference study 8) from its sweeps' records.
 
 ``python -m experiments.scripts.training_table RUNS/study_quantized_training [--metric accuracy]
 [--plot curves.png]``
@@ -36,7 +36,7 @@ def by_variant(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, d
             continue
         axes = r["axes"]
         if "variant" not in axes:
-            raise ReportError(f"record {r['cell']!r} has no 'variant' axis: not a study 9 sweep")
+            raise ReportError(f"record {r['cell']!r} has no 'variant' axis: not a study 8 sweep")
         metric_value(r, metric)  # names a missing metric clearly
         out.setdefault(str(axes["variant"]), {})[int(r["config"]["seed"])] = r
     return out

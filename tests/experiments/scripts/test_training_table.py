@@ -1,4 +1,4 @@
-"""The study 9 table from records: means, paired differences and gradient SQNR columns."""
+"""The study 8 table from records: means, paired differences and gradient SQNR columns."""
 
 import pytest
 
