@@ -1,4 +1,4 @@
-"""The tables of the quantized-training study (Reference study 8) from its sweeps' records.
+"""The tables of the quantized-training study (reference study 8) from its sweeps' records.
 
 ``python -m experiments.scripts.training_table RUNS/study_quantized_training [--metric accuracy]
 [--plot curves.png]``
