@@ -181,7 +181,9 @@ class AmaxHistory(nnx.Variable):
 class GradientAmaxHistory(nnx.Variable):
     """Delayed scaling: the last :math:`H` absolute maxima of a layer's incoming gradient, newest
     first. The backward pass returns the updated history as this variable's gradient; a train
-    step overwrites the variable with it (never an optimizer update)."""
+    step overwrites the variable with it (never an optimizer update). A layer called more than once
+    in a step (shared weights) would get the sum of its calls' histories: delayed scaling assumes
+    one call per step."""
 
 
 # -- delayed scaling --------------------------------------------------------------------------------
