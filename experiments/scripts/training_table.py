@@ -75,11 +75,8 @@ def table(records: Sequence[Mapping[str, Any]], metric: str = "accuracy", digits
         diff = "-" if name == FLOAT or not paired else _mean_std(paired, digits)
         sqnr = []
         for layer in layers:
-            got = [
-                r["gradient_sqnr_db"][layer]
-                for r in seeds.values()
-                if layer in (r.get("gradient_sqnr_db") or {})
-            ]
+            recorded = [(r.get("gradient_sqnr_db") or {}).get(layer) for r in seeds.values()]
+            got = [v for v in recorded if v is not None]  # None: not finite (an exact gradient)
             sqnr.append(f"{np.mean(got):.1f}" if got else "-")
         lines.append("| " + " | ".join([name, _mean_std(values, digits), diff, *sqnr]) + " |")
     return "\n".join(lines)

@@ -295,14 +295,16 @@ def cell_tracker(cell: config_lib.Cell, sweep_dir: pathlib.Path) -> tracking.Tra
 
 def gradient_sqnr(
     cfg: ExperimentConfig, plan: Plan, task: Task, model: nnx.Module, placement: Placement
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """QAT with quantized backward passes: each such layer's kernel-gradient SQNR against a float
     backward pass (:func:`qjax.nn.gradient_sqnr`) on the first training batch, after training
-    (``{}`` for other cells)."""
+    (``{}`` for other cells). ``None`` where it is not finite (an exact gradient: ``inf``; a
+    zero reference: ``-inf``), so that the record stays JSON and its mean is over finite layers."""
     if cfg.method.name != Method.QAT or not any(r.gradients for r in plan.rules):
         return {}
     batch = placement.take(task.train, np.arange(min(cfg.train.batch_size, len(task.train))))
-    return qjax.nn.gradient_sqnr(model, task.loss, batch)
+    sqnr = qjax.nn.gradient_sqnr(model, task.loss, batch)
+    return {k: (v if math.isfinite(v) else None) for k, v in sqnr.items()}
 
 
 def initial_model(cfg: ExperimentConfig, task: Task, placement: Placement) -> nnx.Module:
@@ -347,8 +349,9 @@ def run_cell(
             base = prepare_base(cfg, task, model)
             model = apply_method(cfg, cell.plan, task, base, cell_dir, observers, placement, before)
         gradients = gradient_sqnr(cfg, cell.plan, task, model, placement)
-        if gradients:
-            before["grad_sqnr_db"] = float(np.mean(list(gradients.values())))
+        finite = [v for v in gradients.values() if v is not None]
+        if finite:
+            before["grad_sqnr_db"] = float(np.mean(finite))
         model.eval()
         metrics = evaluate(task, model, cfg.eval.batch_size, cfg.eval.limit, placement.take)
         metrics.update(before)

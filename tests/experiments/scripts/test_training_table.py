@@ -25,13 +25,15 @@ def test_table_pairs_by_seed_and_averages_the_layers():
         record("full", 0, 0.85, {"fc": 20.0}),
         record("full", 1, 0.77, {"fc": 30.0}),
         record("full", 2, 0.10, {"fc": 99.0}, status="error"),
+        record("other", 0, 0.90, {"fc": None}),
     ]
     lines = training_table.table(records, digits=2).splitlines()
     assert lines[0] == "| variant | accuracy (mean ± std) | vs float, paired by seed | fc dB |"
     assert lines[2] == "| float | 0.85 ± 0.07 | - | - |"
     # differences -0.05 and -0.03 paired by seed: mean -0.04, std 0.014
     assert lines[3] == "| full | 0.81 ± 0.06 | -0.04 ± 0.01 | 25.0 |"
-    assert training_table.wall_times(records) == {"float": 15.0, "full": 15.0}
+    assert lines[4] == "| other | 0.90 (n=1) | 0.00 (n=1) | - |"  # a non-finite SQNR is recorded as None
+    assert training_table.wall_times(records) == {"float": 15.0, "full": 15.0, "other": 10.0}
 
 
 def test_records_without_variant_are_refused():

@@ -295,3 +295,20 @@ def test_finetune_from_scratch_is_the_float_training(tmp_path):
     trained, scratch = recs["variant=float"]["metrics"], recs["variant=scratch"]["metrics"]
     assert scratch["accuracy"] == trained["accuracy"]
     assert scratch["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+
+
+def test_a_non_finite_gradient_sqnr_is_recorded_as_none_not_as_a_failure(tmp_path, monkeypatch):
+    """An exact quantized gradient has SQNR inf: the cell stays ok, the record stays JSON and the
+    mean is over the finite layers."""
+    import qjax
+
+    monkeypatch.setattr(qjax.nn, "gradient_sqnr", lambda *a: {"fc1": math.inf, "fc2": 20.0, "head": 30.0})
+    cfg = tmp_path / "qt.yaml"
+    cfg.write_text(
+        f"base: {SMOKE}\nname: qt\nmethod: {{name: qat, from_scratch: true}}\n"
+        "quant: {activation_scale: dynamic, gradients: {dtype: int8}}\n"
+        "eval: {serve: false}\nsweep: {method.name: [qat]}\n"
+    )
+    (rec,) = ok_records(run.run_sweep(config_lib.load(cfg, [f"output_dir={tmp_path}"]))).values()
+    assert rec["gradient_sqnr_db"] == {"fc1": None, "fc2": 20.0, "head": 30.0}
+    assert rec["metrics"]["grad_sqnr_db"] == 25.0
