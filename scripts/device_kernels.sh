@@ -32,15 +32,8 @@
 # tune.log, profile.json, profile.log, goals.md, goals.json, goals.log. Run from the
 # repository root:
 #   bash scripts/device_kernels.sh
-set -uo pipefail
-out="${OUT:-runs/device_kernels}"
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py="${PYTHON:-python3}"
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  "$py" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1
-} | tee "$out/device.txt"
+out_default=runs/device_kernels
+source "$(dirname "$0")/device_env.sh"
 timeout 120 "$py" -m experiments.kernels.check --time-budget-s 100 --out "$out/check.json" 2>&1 |
   tee "$out/check.log"
 timeout 160 "$py" -m experiments.kernels.bench --shapes 7b.qkv,7b.down,70b.gate_up,70b.down \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The kernel tests under jax 0.11.2, the version of the GPU machines the kernels are timed on (jax
-# 0.11 needs Python >= 3.12; the main suite runs jax 0.10.2 on Python 3.11). Makes .venv-jax011
+# 0.11 needs Python >= 3.12; the main suite runs jax 0.10.2 on Python 3.11), and the quantized
+# training step that scripts/device_training.sh times (its CPU smoke run and its cuda lowering). Makes .venv-jax011
 # from the first Python 3.12 found (on PATH or under pyenv); says so and exits 0 if there is none.
 # --setup-only: make the environment and stop. JAX011_WORKERS: pytest workers (default 2; CI runs
 # one beside the main suite).
@@ -35,4 +36,5 @@ if [ "${1:-}" = "--setup-only" ]; then
 fi
 k=tests/experiments/kernels
 .venv-jax011/bin/python -m pytest -q -n "${JAX011_WORKERS:-2}" -p no:cacheprovider tests/kernels --ignore=tests/kernels/test_dispatch.py \
-  $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py "$@"
+  $k/test_timing.py $k/test_profile_w4a16.py $k/test_check.py \
+  tests/experiments/scripts/test_bench_train_step_device.py "$@"

@@ -185,13 +185,17 @@ def _integer_dot_bwd(dn, sides, res, g):  # type: ignore[no-untyped-def]
         x_val, x_scale = _rebuilt(x_op, lc, g.size)
         w_val, w_scale = _rebuilt(w_op, rc, g.size)
     shapes = (x_val.shape, w_val.shape)
+    # the two contractions run in the float layer's compute type (bf16 for a bf16 layer, as its
+    # float backward would; f32 for f32), the scales applied in f32 before the cast
+    compute = jnp.result_type(*dtypes, g)
+    x_val, w_val = x_val.astype(compute), w_val.astype(compute)
     g = g.astype(jnp.float32)
 
     def scaled(scale: jax.Array | None, side: str) -> jax.Array:
         if scale is None:
-            return g
+            return g.astype(compute)
         grid = scale if scale.ndim else scale.reshape((1,) * len(shapes[side == "rhs"]))
-        return g * to_output(grid, side, *shapes, dn)
+        return (g * to_output(grid, side, *shapes, dn)).astype(compute)
 
     g_x = jax.vjp(lambda a: jax.lax.dot_general(a, w_val, dn), x_val)[1](scaled(w_scale, "rhs"))[0]
     g_w = jax.vjp(lambda b: jax.lax.dot_general(x_val, b, dn), w_val)[1](scaled(x_scale, "lhs"))[0]

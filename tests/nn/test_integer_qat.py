@@ -146,3 +146,43 @@ def test_original_residuals_backward_uses_the_float_operands():
 def test_bad_ste_residuals_is_named():
     with pytest.raises(ValueError, match="ste_residuals='float' must be 'quantized' or 'original'"):
         Rule(path=".*", ste_residuals="float")
+
+
+BACKWARD_DOT = re.compile(r"stablehlo\.dot_general .*: \(tensor<([0-9x]+)x(\w+)>, tensor<([0-9x]+)x(\w+)>\)")
+
+
+@pytest.mark.parametrize("residuals", ["quantized", "original"])
+def test_bf16_layer_runs_its_backward_contractions_in_bf16(residuals):
+    """A bf16 layer's dL/dx and dL/dW contract in bf16, as its float backward would (the scale
+    outer products, with a contraction of size 1, aside), and agree with the f32 layer's gradient
+    of the same quantized forward to bf16 precision: dx = g Q(w)^T, dw = Q(x)^T g."""
+    rule = Rule(
+        path="layer",
+        weights=qjax.QuantSpec(dtype="int8", granularity="per_channel", axis=-1),
+        activations=qjax.QuantSpec(dtype="int8", granularity="per_token"),
+        ste_residuals=residuals,
+    )
+    x = jax.random.normal(jax.random.key(1), (16, 32))
+    g = jax.random.normal(jax.random.key(2), (16, 48))
+    grads, texts = {}, {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = Linear(nnx.Rngs(0))
+        nnx.update(model, jax.tree.map(lambda a, d=dtype: a.astype(d), nnx.state(model, nnx.Param)))
+        q = qjax.nn.quantize_model(model, [rule])
+        graphdef, params, rest = nnx.split(q, nnx.Param, ...)
+        f = lambda p, x, gd=graphdef, r=rest: jnp.sum(
+            nnx.merge(gd, p, r, copy=True)(x).astype(jnp.float32) * g
+        )
+        grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+        xd = x.astype(dtype)
+        texts[dtype] = grad.trace(params, xd).lower().as_text()
+        p, dx = grad(params, xd)
+        grads[dtype] = (np.asarray(dx, np.float64), np.asarray(p["layer"]["kernel"][...], np.float64))
+    contractions = [
+        (m.group(2), m.group(4))
+        for m in BACKWARD_DOT.finditer(texts[jnp.bfloat16])
+        if m.group(2) != "i8" and not m.group(1).endswith("x1")
+    ]
+    assert contractions and set(contractions) == {("bf16", "bf16")}, contractions
+    for b16, f32 in zip(grads[jnp.bfloat16], grads[jnp.float32], strict=True):
+        assert np.max(np.abs(b16 - f32)) <= 2e-2 * np.max(np.abs(f32))
