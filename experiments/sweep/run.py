@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -109,7 +110,8 @@ def print_grid(spec: config_lib.SweepSpec, cells: Sequence[config_lib.Cell], con
         w = (q.weights or {}).get("dtype", "float")
         a = (q.activations or {}).get("dtype", "float")
         g = f" G={q.gradients['dtype']}" if q.gradients else ""
-        console.print(f"  {cell.slug}  {cell.label}  [method={cell.config.method.name} W={w} A={a}{g}]")
+        line = f"  {cell.slug}  {cell.label}  [method={cell.config.method.name} W={w} A={a}{g}]"
+        console.print(escape(line))
 
 
 def sweep_dir_of(spec: config_lib.SweepSpec) -> pathlib.Path:
@@ -338,9 +340,10 @@ def report_outcome(cell: config_lib.Cell, outcome: runner.Outcome, console: Cons
     """One console line for a cell that failed or that another process settled."""
     record = outcome.record or {}
     if outcome.status == "settled":
-        console.print(f"{cell.label}: {record.get('status')} in another process")
+        console.print(escape(f"{cell.label}: {record.get('status')} in another process"))
     elif record.get("status") == "failed":
-        console.print(f"[red]failed[/red] {cell.label}: {record.get('error')}")
+        detail = escape(f"{cell.label}: {record.get('error')}")
+        console.print(f"[red]failed[/red] {detail}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,6 +176,7 @@ def test_dry_run_prints_the_grid_and_runs_nothing(tmp_path, capsys):
     assert run.main([str(SMOKE), f"output_dir={tmp_path}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 cells" in out and "method.name=ptq" in out and "method.name=qat" in out
+    assert "[method=ptq W=int4 A=int8]" in out  # brackets printed, not taken for rich markup
     assert not any(tmp_path.iterdir())
 
 
