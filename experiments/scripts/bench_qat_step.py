@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.nnx as nnx
@@ -175,20 +176,26 @@ def qwix_model(
     return qwix.quantize_model(nnx.clone(model), qwix.QtProvider(rules), x)
 
 
-def time_variants(steps: dict[str, Step], x: jax.Array, y: jax.Array, rounds: int) -> dict[str, float]:
-    """Median seconds per step of each variant, timed in interleaved rounds of 5 steps."""
+def time_variants(
+    steps: Mapping[str, Step], x: jax.Array, y: jax.Array, rounds: int, deadline: float = math.inf
+) -> tuple[dict[str, float], int]:
+    """Median seconds per step of each variant, timed in interleaved rounds of 5 steps, and the
+    number of rounds run: ``rounds``, or fewer once ``time.perf_counter()`` passes ``deadline``
+    (at least 3)."""
     for fn in steps.values():  # compile + warm up
         for _ in range(3):
             jax.block_until_ready(fn(x, y))
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
+    done = 0
+    while done < rounds and (done < 3 or time.perf_counter() < deadline):
         for name, fn in steps.items():
             start = time.perf_counter()
             for _ in range(5):
                 out = fn(x, y)
             jax.block_until_ready(out)
             samples[name].append((time.perf_counter() - start) / 5)
-    return {name: statistics.median(s) for name, s in samples.items()}
+        done += 1
+    return {name: statistics.median(s) for name, s in samples.items()}, done
 
 
 def case_steps(case: Case, how: str, x: jax.Array) -> dict[str, Step]:
@@ -235,7 +242,8 @@ def run(
         x = jax.random.normal(key, case.x_shape)
         y = jax.random.randint(key, case.x_shape[:1], 0, 10)
         for how in steps:
-            results += rows_of(case, how, time_variants(case_steps(case, how, x), x, y, rounds))
+            medians, _ = time_variants(case_steps(case, how, x), x, y, rounds)
+            results += rows_of(case, how, medians)
     return results
 
 

@@ -37,7 +37,6 @@ import argparse
 import collections
 import pathlib
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +50,7 @@ import optax
 
 import qjax
 from experiments import records
+from experiments.scripts.bench_qat_step import time_variants
 from experiments.tasks.tiny_lm import Block
 
 CLASSES = 256
@@ -144,8 +144,8 @@ class Step:
         # of it (the compiled program's GEMM custom calls)
         self.contractions = {"dots": dict(sorted(dots.items())), "gemms": dict(sorted(gemms.items()))}
 
-    def __call__(self, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        loss, self.state = self.compiled(self.graphdef, self.state, batch)
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        loss, self.state = self.compiled(self.graphdef, self.state, (x, y))
         return loss
 
 
@@ -159,28 +159,6 @@ def make_steps(
         variant = nnx.clone(model) if rule is None else qjax.nn.quantize_model(model, [rule()])
         steps[name] = Step(variant, batch)
     return steps
-
-
-def time_steps(
-    steps: dict[str, Step], batch: tuple[jax.Array, jax.Array], rounds: int, deadline: float
-) -> tuple[dict[str, float], int]:
-    """Median seconds per step of each variant over interleaved rounds of 5 steps, and the number
-    of rounds run (fewer than ``rounds`` once ``time.perf_counter()`` passes ``deadline``; at
-    least 3)."""
-    for fn in steps.values():  # warm up
-        for _ in range(2):
-            jax.block_until_ready(fn(batch))
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    done = 0
-    while done < rounds and (done < 3 or time.perf_counter() < deadline):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            for _ in range(5):
-                out = fn(batch)
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - start) / 5)
-        done += 1
-    return {name: statistics.median(s) for name, s in samples.items()}, done
 
 
 def run(
@@ -206,7 +184,7 @@ def run(
     )
     steps = make_steps(d, heads, layers, variants, data)
     contractions = {name: step.contractions for name, step in steps.items()}
-    medians, done = time_steps(steps, data, rounds, deadline)
+    medians, done = time_variants(steps, *data, rounds, deadline)
     tokens_per_step = batch * tokens
     rows = [
         {

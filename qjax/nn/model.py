@@ -274,11 +274,7 @@ def set_kernels(model: M, kernels: str) -> M:
     static, so a jitted forward retraces for the new path."""
     check_kernel_path(kernels)
     for _, layer, op in quantized_ops(model):
-        rule = dataclasses.replace(op.rule, kernels=kernels)
-        if isinstance(op, QuantizedContraction):
-            update_op(layer, op, rule=rule)
-        else:
-            op.rule = rule
+        update_op(layer, op, rule=dataclasses.replace(op.rule, kernels=kernels))
     return model
 
 
@@ -300,10 +296,7 @@ def set_mode(model: M, mode: Mode | str) -> M:
             raise ValueError(f"layer {path!r} is converted (mode 'serve'); quantize the float model again")
         if isinstance(op, QuantizedContraction) and op.mode == Mode.CALIBRATE and mode == Mode.QAT:
             _finish_calibration(op)
-        if isinstance(op, QuantizedContraction):
-            update_op(layer, op, mode=mode)
-        else:
-            op.mode = mode
+        update_op(layer, op, mode=mode)
     return model
 
 
@@ -445,10 +438,7 @@ def convert(model: M) -> M:
             stored.append((layer, kernel_name, op, kernel))
             if hook_name != "promote_dtype":  # Embed and ConvTranspose: the op is promote_dtype itself
                 layer.promote_dtype = promote_keeping_quantized  # type: ignore[attr-defined]
-        if isinstance(op, QuantizedContraction):
-            update_op(layer, op, mode=Mode.SERVE)
-        else:
-            op.mode = Mode.SERVE
+        update_op(layer, op, mode=Mode.SERVE)
     qarrays = quantize_kernels([(op, kernel) for _, _, op, kernel in stored])
     for (layer, kernel_name, op, _), q in zip(stored, qarrays, strict=True):
         setattr(layer, kernel_name, QuantizedWeight(q))

@@ -27,7 +27,7 @@ import enum
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import flax.nnx as nnx
 import jax
@@ -538,16 +538,20 @@ def install_op(layer: nnx.Module, op: QuantizedContraction) -> QuantizedContract
     return op
 
 
-def update_op(layer: nnx.Module, op: QuantizedContraction, **changes: Any) -> QuantizedContraction:
+Op = TypeVar("Op", bound=QuantizedContraction | nnx.Module)
+
+
+def update_op(layer: nnx.Module, op: Op, **changes: Any) -> Op:
     """The op of ``layer`` with ``changes`` to its fields (``mode``, ``rule``): set in place on a
-    :class:`QuantizedOp`; a :class:`FrozenQuantizedOp` is replaced by a new one, installed in
-    ``layer``. Returns the layer's op."""
-    if isinstance(op, QuantizedOp):
+    module (a :class:`QuantizedOp`, a :class:`QuantizedEmbedding`, an attention layer's op); a
+    :class:`FrozenQuantizedOp` is replaced by a new one, installed in ``layer``. Returns the
+    layer's op."""
+    if isinstance(op, nnx.Module):
         for name, value in changes.items():
             setattr(op, name, value)
         return op
     assert isinstance(op, FrozenQuantizedOp)
-    return install_op(layer, dataclasses.replace(op, **changes))
+    return cast(Op, install_op(layer, dataclasses.replace(op, **changes)))
 
 
 def stateful_op(layer: nnx.Module, op: QuantizedContraction) -> QuantizedOp:
