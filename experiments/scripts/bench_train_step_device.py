@@ -24,7 +24,9 @@ divides two medians of the same run. For each variant the script also records wh
 asks for and what the compiler made of it: the operand types of the lowered ``dot_general`` ops
 that contract more than one element (e.g. ``f8E5M2 x f8E4M3FN``; the outer products of scale
 vectors left out) and the custom calls of the compiled program whose target names a GEMM (cuBLAS /
-cuBLASLt on GPU), so that a ratio can be read against the contractions that ran.
+cuBLASLt on GPU), so that a ratio can be read against the contractions that ran, and the loss of
+one more step after the timed ones: a variant whose loss is not finite makes the run exit 1 (after
+writing its results), since the time of a step that computes NaN is no result.
 
 Run: ``python -m experiments.scripts.bench_train_step_device [--d 1024 --tokens 1024 --batch 8]
 [--time-budget-s 120] [--out results.json] [--md results.md]``; on a CPU it runs too (small
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import pathlib
 import re
 import sys
@@ -185,6 +188,7 @@ def run(
     steps = make_steps(d, heads, layers, variants, data)
     contractions = {name: step.contractions for name, step in steps.items()}
     medians, done = time_variants(steps, *data, rounds, deadline)
+    losses = {name: float(step(*data)) for name, step in steps.items()}  # after every timed step
     tokens_per_step = batch * tokens
     rows = [
         {
@@ -193,6 +197,7 @@ def run(
             "over_bf16": t / medians["bf16"],
             "tokens_per_s": tokens_per_step / t,
             "compile_s": steps[name].compile_s,
+            "loss": losses[name],
             "dots": ", ".join(f"{k}: {v}" for k, v in contractions[name]["dots"].items()),
             "gemms": ", ".join(f"{k}: {v}" for k, v in contractions[name]["gemms"].items()) or "-",
         }
@@ -214,6 +219,7 @@ COLUMNS = (
     ("/ bf16", "over_bf16", ".3f"),
     ("tokens / s", "tokens_per_s", ".0f"),
     ("compile s", "compile_s", ".1f"),
+    ("loss after", "loss", ".4f"),
     ("lowered dot_general operands (count)", "dots", "s"),
     ("compiled GEMM calls", "gemms", "s"),
 )
@@ -268,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.write_json(args.out, result)
     if args.md:
         records.write_atomic(args.md, table)
+    broken = [r["variant"] for r in result["results"] if not math.isfinite(r["loss"])]
+    if broken:  # the timings are written, but a step that trains to NaN / Inf is not a result
+        print(f"bench_train_step_device: the loss of {', '.join(broken)} is not finite", file=sys.stderr)
+        return 1
     return 0
 
 

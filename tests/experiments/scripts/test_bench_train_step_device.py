@@ -7,6 +7,7 @@ import shlex
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments.scripts import bench_train_step_device as bench
@@ -41,6 +42,7 @@ def test_a_tiny_run_writes_the_table_and_the_json(tmp_path, capsys):
     for r in rows.values():
         assert r["over_bf16"] == pytest.approx(r["ms"] / rows["bf16"]["ms"])
         assert r["tokens_per_s"] == pytest.approx(2 * 8 / (r["ms"] / 1e3))
+        assert 0 < r["loss"] < 2 * np.log(bench.CLASSES)  # trained steps, finite, near chance
     dots = {name: dict(p.split(": ") for p in r["dots"].split(", ")) for name, r in rows.items()}
     # 7 Linear layers (q, k, v, o, fc1, fc2, head), each with forward, dL/dx and dL/dW; the
     # attention products (2 forward, 4 backward) stay bf16; no f32 contraction but of scale vectors
@@ -79,9 +81,19 @@ def test_the_device_script_arguments_parse_within_its_limit(monkeypatch, tmp_pat
     (step,) = re.findall(r'timeout (\d+) "\$py" -m experiments\.scripts\.bench_train_step_device (.*)', text)
     args = shlex.split(step[1].split("2>&1")[0].replace("$out", str(tmp_path)))
     seen = {}
-    monkeypatch.setattr(bench, "run", lambda **kw: seen.update(kw) or {"device": "-"})
+    monkeypatch.setattr(bench, "run", lambda **kw: seen.update(kw) or {"device": "-", "results": []})
     monkeypatch.setattr(bench, "to_markdown", lambda result: "")
     assert bench.main(args) == 0
     assert seen["variants"] == list(bench.VARIANTS) and seen["d"] % 128 == 0
     assert seen["budget_s"] + 40 <= int(step[0]) <= 170  # 3 rounds and the warm-up after the budget
     assert re.search(rf"at most {step[0]} s", text)
+
+
+def test_a_non_finite_loss_fails_the_run_after_writing_it(monkeypatch, tmp_path, capsys):
+    rows = [{"variant": "bf16", "loss": 5.5}, {"variant": "fp8 current", "loss": float("nan")}]
+    monkeypatch.setattr(bench, "run", lambda **kw: {"device": "-", "results": rows})
+    monkeypatch.setattr(bench, "to_markdown", lambda result: "table\n")
+    out = tmp_path / "step.json"
+    assert bench.main(["--d", "128", "--heads", "4", "--out", str(out)]) == 1
+    assert "the loss of fp8 current is not finite" in capsys.readouterr().err
+    assert out.exists()
